@@ -1,0 +1,287 @@
+"""The ``modelfs`` command. Each verb parses its arguments, calls the store, prints.
+
+No logic that another front end would need lives here: that belongs to ``store`` (or
+``modelfs.daemon`` for the mount). User errors are ``StoreError``s; :func:`main` turns
+them into one line on stderr and the exit code the error class carries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from store.core import Store
+from store.errors import StoreError, UsageError
+from store.redact import redact_text
+
+from .output import human_size, info, print_json, progress_bar
+
+log = logging.getLogger("modelfs")
+
+
+class Ctx:
+    def __init__(self, root: str | None, verbose: int) -> None:
+        self.root = root
+        self.verbose = verbose
+        self._store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store.open(self.root)
+            rec = self._store.recovery
+            if rec.stale_temps:
+                info(f"recovered: removed {len(rec.stale_temps)} stale temp file(s) "
+                     f"({human_size(rec.freed_bytes)}) left by an interrupted import")
+        return self._store
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--store", "root", envvar="MODELFS_STORE", type=click.Path(file_okay=False),
+              help="Store directory (default: $MODELFS_STORE, else the XDG data dir).")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="modelfs")
+@click.pass_context
+def cli(ctx: click.Context, root: str | None, verbose: int) -> None:
+    """One verified copy of every model, shared by every app on this machine."""
+    setup_logging(verbose)
+    ctx.obj = Ctx(root, verbose)
+    ctx.call_on_close(lambda: ctx.obj._store and ctx.obj._store.close())
+
+
+class RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
+
+
+def setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # httpx logs every request with its full URL at INFO; signed URLs must not leak.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# -- import ---------------------------------------------------------------------
+@cli.command("import")
+@click.argument("name")
+@click.argument("weights", type=click.Path(dir_okay=False))
+@click.option("--mmproj", type=click.Path(dir_okay=False), help="Multimodal projector for these weights.")
+@click.option("--license", "license_", help="Licence of the model.")
+@click.option("--source-url", help="Upstream page of the model.")
+@click.option("--app", "owner_app", help="App that owns the model.")
+@json_option
+@pass_ctx
+def import_cmd(c: Ctx, name: str, weights: str, mmproj: str | None, license_: str | None,
+               source_url: str | None, owner_app: str | None, as_json: bool) -> None:
+    """Copy a local GGUF (and its mmproj) into the store as model NAME."""
+    total = Path(weights).stat().st_size if Path(weights).is_file() else None
+    if total is not None and mmproj and Path(mmproj).is_file():
+        total += Path(mmproj).stat().st_size
+    with progress_bar(total, f"importing {name}") as advance:
+        res = c.store.import_model(name, Path(weights), mmproj=Path(mmproj) if mmproj else None,
+                                   license=license_, source_url=source_url, owner_app=owner_app,
+                                   progress=advance)
+    if as_json:
+        print_json({"model": res.model, "version": res.version, "new_version": res.new_version,
+                    "new_bytes": res.new_bytes, "files": [f.__dict__ for f in res.files]})
+        return
+    what = f"version {res.version}" if res.new_version else f"version {res.version} (unchanged)"
+    click.echo(f"imported {res.model} {what}: {len(res.files)} file(s), "
+               f"{human_size(res.new_bytes)} new in the store")
+
+
+# -- list / show ------------------------------------------------------------------
+@cli.command("list")
+@json_option
+@pass_ctx
+def list_cmd(c: Ctx, as_json: bool) -> None:
+    """List the models in the store."""
+    models = c.store.list_models()
+    if as_json:
+        print_json(models)
+        return
+    if not models:
+        click.echo("no models")
+        return
+    rows = [("NAME", "VERSION", "ARCH", "QUANT", "CONTEXT", "SIZE", "STATE")]
+    for m in models:
+        states = {f["state"] for f in m.get("files", [])}
+        rows.append((m["name"], str(m["active_version"] or "-"), m.get("architecture") or "-",
+                     m.get("quantization") or "-", str(m.get("context_length") or "-"),
+                     human_size(m.get("size")), "local" if states == {"local"} else
+                     ("dehydrated" if states else "-")))
+    _table(rows)
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+
+@cli.command()
+@click.argument("name")
+@json_option
+@pass_ctx
+def show(c: Ctx, name: str, as_json: bool) -> None:
+    """Show a model's metadata card, versions and files."""
+    d = c.store.show(name)
+    if as_json:
+        print_json(d)
+        return
+    click.echo(f"{d['name']}  (active: {d['active_version']}, last-good: {d['last_good_version'] or '-'}"
+               f"{', pinned' if d['pinned'] else ''}, {d['visibility']})")
+    for key in ("architecture", "quantization", "context_length", "family", "license", "source_url",
+                "source", "owner_app"):
+        if d.get(key) is not None:
+            click.echo(f"  {key}: {d[key]}")
+    for v in d["versions"]:
+        click.echo(f"  version {v['version']}  {v['state']}  {'signed' if v['signed'] else 'unsigned'}"
+                   f"  {human_size(v['size'])}")
+        for f in v["files"]:
+            click.echo(f"    {f['filename']}  {f['role']}  {f['size']} bytes  sha256:{f['sha256']}  {f['state']}")
+
+
+# -- verify -------------------------------------------------------------------------
+@cli.command()
+@click.argument("name", required=False)
+@json_option
+@pass_ctx
+def verify(c: Ctx, name: str | None, as_json: bool) -> None:
+    """Re-hash every local blob (of NAME, or of all models); quarantine corrupt ones."""
+    results = c.store.verify(name)
+    bad = [r for r in results if r.status == "corrupt"]
+    if as_json:
+        print_json([r.__dict__ for r in results])
+    else:
+        for r in results:
+            click.echo(f"{r.status.upper():8} {r.model} v{r.version} {r.filename}")
+        if bad:
+            info(f"{len(bad)} corrupt file(s); their blobs were moved to quarantine")
+    if bad:
+        sys.exit(5)
+
+
+# -- removal ---------------------------------------------------------------------------
+def _print_plan(plan: Any, verb: str) -> None:
+    for model, version in plan.versions:
+        click.echo(f"{verb} {model} version {version}")
+    for sha, size in plan.blobs:
+        click.echo(f"  delete blob {sha[:16]}…  {human_size(size)}")
+    for sha, model in plan.kept_shared:
+        click.echo(f"  keep blob {sha[:16]}…  (still used by {model})")
+    for q in plan.quarantine:
+        click.echo(f"  delete quarantined {q}")
+    click.echo(f"frees {human_size(plan.freed_bytes)}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--version", "version", type=int, help="Remove only this (inactive) version.")
+@click.option("--dry-run", is_flag=True, help="Print the plan, change nothing.")
+@json_option
+@pass_ctx
+def rm(c: Ctx, name: str, version: int | None, dry_run: bool, as_json: bool) -> None:
+    """Remove a model (or one version). Blobs shared with other models stay."""
+    plan = c.store.plan_remove(name, version)
+    if as_json:
+        print_json({**plan.as_dict(), "dry_run": dry_run})
+    else:
+        _print_plan(plan, "remove")
+    if not dry_run:
+        c.store.execute(plan)
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Print the plan, change nothing.")
+@json_option
+@pass_ctx
+def prune(c: Ctx, dry_run: bool, as_json: bool) -> None:
+    """Remove old versions (not active, last-good or pinned), orphan blobs and quarantine."""
+    plan = c.store.plan_prune()
+    if as_json:
+        print_json({**plan.as_dict(), "dry_run": dry_run})
+    else:
+        _print_plan(plan, "prune")
+    if not dry_run:
+        c.store.execute(plan, action="prune")
+
+
+# -- versions -------------------------------------------------------------------------------
+@cli.command()
+@click.argument("name")
+@click.argument("version", type=int)
+@pass_ctx
+def activate(c: Ctx, name: str, version: int) -> None:
+    """Make VERSION the active version of NAME (atomic)."""
+    prev = c.store.activate(name, version)
+    click.echo(f"{name}: version {version} active (last-good: {prev if prev is not None else '-'})")
+
+
+@cli.command()
+@click.argument("name")
+@pass_ctx
+def rollback(c: Ctx, name: str) -> None:
+    """Go back to the last-good version of NAME (atomic)."""
+    v = c.store.rollback(name)
+    click.echo(f"{name}: rolled back to version {v}")
+
+
+# -- pins, apps, grants ----------------------------------------------------------------------------
+@cli.command()
+@click.argument("name")
+@click.option("--reason", help="Why it is pinned.")
+@pass_ctx
+def pin(c: Ctx, name: str, reason: str | None) -> None:
+    """Keep NAME and all its versions through prune."""
+    c.store.catalog.pin(name, reason)
+    click.echo(f"pinned {name}")
+
+
+@cli.command()
+@click.argument("name")
+@pass_ctx
+def unpin(c: Ctx, name: str) -> None:
+    """Let prune consider NAME again."""
+    if not c.store.catalog.unpin(name):
+        raise UsageError(f"{name!r} is not pinned")
+    click.echo(f"unpinned {name}")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except StoreError as exc:
+        click.echo(f"modelfs: error: {redact_text(str(exc))}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("modelfs: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("modelfs: interrupted", err=True)
+        sys.exit(130)
+    except OSError as exc:
+        # Environment problems (permissions, a missing directory) are user errors too.
+        click.echo(f"modelfs: error: {redact_text(str(exc))}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

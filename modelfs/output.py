@@ -1,0 +1,55 @@
+"""How the CLI talks to people and pipes: progress bars on a terminal, quiet in a pipe,
+JSON when asked, one-line errors.
+
+Progress goes to stderr, results to stdout, so ``modelfs list --json | jq`` works.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
+
+err_console = Console(stderr=True, highlight=False)
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")
+
+
+def info(msg: str) -> None:
+    err_console.print(msg, markup=False)
+
+
+@contextmanager
+def progress_bar(total: int | None, description: str, *, enabled: bool | None = None
+                 ) -> Iterator[Callable[[int], None]]:
+    """Yield a callback taking a byte count. Draws only when stderr is a terminal."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        yield lambda n: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True) as prog:
+        task = prog.add_task(description, total=total)
+        yield lambda n: prog.update(task, advance=n)

@@ -1,0 +1,293 @@
+"""Content-addressed blobs and the commit transaction that is the only way in.
+
+A blob is named by the SHA-256 of its bytes and is read-only (0444) once committed.
+Bytes reach ``blobs/`` only through :meth:`BlobStore.commit_temp`: private temp file,
+fsync, size and SHA-256 check, chmod, rename, fsync of the directory. A mismatch goes
+to ``quarantine/``; a temp whose fsync failed is discarded, never trusted.
+
+Temp files are held under an exclusive ``flock`` for as long as their writer lives, so
+:meth:`BlobStore.recover` can tell a stale temp (its writer died, e.g. ``kill -9``)
+from one still being written by another process, without trusting pids.
+
+This module owns files on disk only; it never touches the catalog.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from .crashpoints import crash_point
+from .errors import IntegrityError, NotFound, SpaceError, StoreError
+from .layout import Layout
+
+log = logging.getLogger(__name__)
+
+CHUNK = 4 << 20  # 4 MiB: large enough that per-call overhead vanishes beside hashing
+
+
+@dataclass(frozen=True)
+class Committed:
+    sha256: str
+    size: int
+    path: Path
+    new: bool  # False when identical bytes were already present (dedup)
+
+
+@dataclass
+class RecoveryReport:
+    stale_temps: list[str] = field(default_factory=list)  # names removed from tmp/
+    freed_bytes: int = 0
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> tuple[str, int]:
+    """SHA-256 and size of a file, read once."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+            if progress:
+                progress(n)
+    return h.hexdigest(), size
+
+
+class TempBlob:
+    """A private, locked temp file being filled; hashes what is written."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.size = 0
+        self._hash = hashlib.sha256()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._hash.update(data)
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise SpaceError("not enough free space in the store", path=str(self.path)) from exc
+                raise
+            view = view[n:]
+            self.size += n
+
+    def copy_from(self, src: BinaryIO, progress: Callable[[int], None] | None = None) -> None:
+        """Copy and hash in one pass over ``src``."""
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while n := src.readinto(buf):
+            self.write(view[:n])
+            crash_point("import-mid-copy")
+            if progress:
+                progress(n)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # also releases the flock
+            self.fd = -1
+
+
+class BlobStore:
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    # -- reading ---------------------------------------------------------------
+    def path(self, sha256: str) -> Path:
+        return self.layout.blob(sha256)
+
+    def has(self, sha256: str) -> bool:
+        return self.layout.blob(sha256).is_file()
+
+    def size(self, sha256: str) -> int:
+        try:
+            return self.layout.blob(sha256).stat().st_size
+        except FileNotFoundError:
+            raise NotFound(f"blob {sha256[:12]} is not in the store", sha256=sha256) from None
+
+    def iter_blobs(self) -> list[str]:
+        out = []
+        for sub in sorted(self.layout.blobs.iterdir()):
+            if sub.is_dir():
+                out.extend(sorted(p.name for p in sub.iterdir()))
+        return out
+
+    # -- writing ---------------------------------------------------------------
+    def new_temp(self) -> TempBlob:
+        """A fresh private temp file, flocked until closed."""
+        name = f"{os.getpid()}.{secrets.token_hex(8)}.tmp"
+        path = self.layout.tmp / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return TempBlob(path, fd)
+
+    def commit_temp(
+        self, temp: TempBlob, expected_sha256: str | None = None, expected_size: int | None = None
+    ) -> Committed:
+        """Make ``temp`` a blob, or quarantine it and raise IntegrityError."""
+        try:
+            os.fsync(temp.fd)
+        except OSError as exc:
+            # After a failed fsync the page cache may hold bytes the disk never got.
+            self.discard_temp(temp)
+            raise StoreError(f"could not flush temp file to disk: {exc.strerror}") from exc
+        return self._commit_path(temp.path, temp.sha256, temp.size, expected_sha256, expected_size,
+                                 on_done=temp.close)
+
+    def commit_file(self, path: Path, sha256: str, size: int,
+                    expected_sha256: str | None = None, expected_size: int | None = None) -> Committed:
+        """Commit a file already fsynced and hashed by its writer (a finished download).
+
+        ``path`` must be on the store's filesystem; it is renamed, not copied.
+        """
+        return self._commit_path(path, sha256, size, expected_sha256, expected_size)
+
+    def _commit_path(self, path: Path, sha256: str, size: int, expected_sha256: str | None,
+                     expected_size: int | None, on_done: Callable[[], None] | None = None) -> Committed:
+        try:
+            if expected_size is not None and size != expected_size:
+                q = self.quarantine_path(path, f"size-{size}-expected-{expected_size}")
+                raise IntegrityError(
+                    f"size mismatch: got {size} bytes, expected {expected_size}",
+                    got=size, expected=expected_size, quarantined=str(q))
+            if expected_sha256 is not None and sha256 != expected_sha256:
+                q = self.quarantine_path(path, f"sha256-{sha256}")
+                raise IntegrityError(
+                    f"SHA-256 mismatch: got {sha256[:16]}…, expected {expected_sha256[:16]}…",
+                    got=sha256, expected=expected_sha256, quarantined=str(q))
+            dest = self.layout.blob(sha256)
+            if dest.is_file():
+                path.unlink()
+                return Committed(sha256, size, dest, new=False)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(path, 0o444)
+            crash_point("commit-before-rename")
+            os.rename(path, dest)
+            fsync_dir(dest.parent)
+            return Committed(sha256, size, dest, new=True)
+        finally:
+            if on_done:
+                on_done()
+
+    def discard_temp(self, temp: TempBlob) -> None:
+        try:
+            temp.path.unlink()
+        except FileNotFoundError:
+            pass
+        temp.close()
+
+    def import_file(self, src: Path, progress: Callable[[int], None] | None = None,
+                    expected_sha256: str | None = None) -> Committed:
+        """Copy ``src`` into the store, hashing in the same pass."""
+        need = src.stat().st_size
+        self.check_space(need)
+        temp = self.new_temp()
+        try:
+            with open(src, "rb", buffering=0) as f:
+                temp.copy_from(f, progress)
+        except BaseException:
+            self.discard_temp(temp)
+            raise
+        return self.commit_temp(temp, expected_sha256=expected_sha256, expected_size=need)
+
+    def check_space(self, need: int, reserve: int = 64 << 20) -> None:
+        st = os.statvfs(self.layout.root)
+        free = st.f_bavail * st.f_frsize
+        if need + reserve > free:
+            raise SpaceError(
+                f"not enough free space: need {need} bytes, {free} available in {self.layout.root}",
+                need=need, free=free)
+
+    # -- verification and removal -----------------------------------------------
+    def quarantine_path(self, path: Path, why: str) -> Path:
+        dest = self.layout.quarantine / f"{int(time.time())}-{secrets.token_hex(4)}-{why}"
+        os.rename(path, dest)
+        log.warning("quarantined %s (%s)", path.name, why)
+        return dest
+
+    def verify(self, sha256: str, progress: Callable[[int], None] | None = None) -> bool:
+        """Re-hash a blob. A corrupt blob is moved to quarantine and False returned."""
+        path = self.layout.blob(sha256)
+        if not path.is_file():
+            raise NotFound(f"blob {sha256[:12]} is missing", sha256=sha256)
+        got, _ = hash_file(path, progress)
+        if got == sha256:
+            return True
+        self.quarantine_path(path, f"corrupt-{sha256}")
+        return False
+
+    def remove(self, sha256: str) -> int:
+        path = self.layout.blob(sha256)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def recover(self) -> RecoveryReport:
+        """Remove temp files whose writer is gone. Never touches partial downloads."""
+        report = RecoveryReport()
+        for entry in sorted(self.layout.tmp.iterdir()):
+            if entry.is_dir():
+                # An interrupted archive extraction: its writer held no lock on a dir,
+                # so it is stale only if its lock file is free.
+                lock = entry / ".lock"
+                if lock.exists() and not _lock_free(lock):
+                    continue
+                report.freed_bytes += sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+                shutil.rmtree(entry, ignore_errors=True)
+                report.stale_temps.append(entry.name)
+                continue
+            if not _lock_free(entry):
+                continue  # a live writer in another process
+            try:
+                report.freed_bytes += entry.stat().st_size
+                entry.unlink()
+                report.stale_temps.append(entry.name)
+            except FileNotFoundError:
+                pass
+        if report.stale_temps:
+            log.warning("removed %d stale temp file(s), %d bytes, left by an interrupted writer",
+                        len(report.stale_temps), report.freed_bytes)
+        return report
+
+
+def _lock_free(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)

@@ -1,0 +1,518 @@
+"""The catalog: every SQL statement of the project lives in this module.
+
+SQLite in WAL mode with ``synchronous=FULL`` (activation records must survive power
+loss), reached through sqlite-utils. The schema is written once, below, with a comment
+on every column; it grows only through the numbered ``MIGRATIONS`` list, and
+``PRAGMA user_version`` records how far a database has come.
+
+Writes happen in short ``BEGIN IMMEDIATE`` transactions (:meth:`Catalog.txn`). The
+mount watches ``PRAGMA data_version`` to notice writes made by other processes.
+
+The catalog never stores secrets: callers hand it redacted URLs only
+(``store.redact``). It never touches blob files.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from .errors import Conflict, NotFound, StoreError
+
+ROLES = ("weights", "mmproj", "shard", "aux")
+
+# Each entry moves a database from version i to i+1. Never edit a released entry:
+# append a new one, and extend tests/test_catalog.py's upgrade test.
+MIGRATIONS: list[str] = [
+    # 1: the foundation
+    """
+CREATE TABLE models (
+    name              TEXT PRIMARY KEY,  -- logical model name [A-Za-z0-9._-]; the mount's top-level directory
+    active_version    INTEGER,           -- version shown at /<name>/; NULL while none is active
+    last_good_version INTEGER,           -- version active before the current one; where rollback goes
+    owner_app         TEXT,              -- app that first brought the model in; NULL when the admin did
+    visibility        TEXT NOT NULL DEFAULT 'shared',  -- 'shared': every app sees it; 'private': owner and grantees
+    created_at        REAL NOT NULL,     -- unix time the name was first recorded
+    last_used_at      REAL               -- unix time of the last open through the mount or client API
+);
+CREATE TABLE versions (
+    model          TEXT NOT NULL REFERENCES models(name) ON DELETE CASCADE,  -- owning logical model
+    version        INTEGER NOT NULL,     -- positive; monotonic per model (manifest version, or import counter)
+    state          TEXT NOT NULL,        -- 'partial' (files not all recorded yet) or 'installed'
+    signed         INTEGER NOT NULL DEFAULT 0,  -- 1 when from a verified signed manifest; 0 for import, URL, hf://
+    key_id         TEXT,                 -- key that signed the manifest; NULL when unsigned
+    payload_sha256 TEXT,                 -- SHA-256 of the raw signed payload; NULL when unsigned
+    manifest       TEXT,                 -- the raw signed payload (JSON) for audit and re-verification
+    source         TEXT,                 -- where it came from, redacted (scheme://host/path, hf://org/repo, import:NAME)
+    license        TEXT,                 -- licence identifier or text as given by the publisher
+    source_url     TEXT,                 -- upstream project page, redacted
+    family         TEXT,                 -- model family (manifest 'family', else GGUF architecture)
+    architecture   TEXT,                 -- GGUF general.architecture of the weights
+    quantization   TEXT,                 -- label such as Q4_K_M, from GGUF general.file_type
+    context_length INTEGER,              -- <arch>.context_length from GGUF, or manifest context_len
+    min_device     TEXT,                 -- manifest min_device, free text
+    compat_notes   TEXT,                 -- compatibility notes, free text
+    runtime_params TEXT,                 -- JSON object of recommended runtime parameters
+    expires        TEXT,                 -- manifest expiry (ISO-8601 UTC); NULL when unsigned
+    created_at     REAL NOT NULL,        -- unix time the version was first recorded
+    installed_at   REAL,                 -- unix time every file of the version was recorded
+    PRIMARY KEY (model, version)
+);
+CREATE TABLE files (
+    model         TEXT NOT NULL,         -- logical model
+    version       INTEGER NOT NULL,      -- version the file belongs to
+    filename      TEXT NOT NULL,         -- path inside the model directory: safe components joined by '/'
+    role          TEXT NOT NULL,         -- 'weights', 'mmproj', 'shard' or 'aux'
+    size          INTEGER NOT NULL,      -- exact size in bytes, known before any byte is local
+    sha256        TEXT NOT NULL,         -- content hash; names the blob holding the bytes
+    url           TEXT,                  -- where the bytes can be fetched, redacted; NULL for imports
+    etag          TEXT,                  -- ETag the origin gave for the bytes
+    last_modified TEXT,                  -- Last-Modified the origin gave for the bytes
+    chunk_size    INTEGER,               -- bytes per chunk hash; NULL when there are none
+    chunks        TEXT,                  -- JSON list of per-chunk SHA-256 hex digests, or NULL
+    PRIMARY KEY (model, version, filename),
+    FOREIGN KEY (model, version) REFERENCES versions(model, version) ON DELETE CASCADE
+);
+CREATE INDEX files_by_sha256 ON files(sha256);
+CREATE TABLE apps (
+    app_id     TEXT PRIMARY KEY,         -- stable app identifier, e.g. 'org.example.chat'
+    uid        INTEGER,                  -- unix uid the app runs as; NULL when not bound to a uid
+    created_at REAL NOT NULL             -- unix time the app was registered
+);
+CREATE TABLE grants (
+    app_id     TEXT NOT NULL REFERENCES apps(app_id) ON DELETE CASCADE,    -- app given access
+    model      TEXT NOT NULL REFERENCES models(name) ON DELETE CASCADE,    -- model it may see
+    granted_at REAL NOT NULL,            -- unix time of the grant
+    PRIMARY KEY (app_id, model)
+);
+CREATE TABLE pins (
+    model     TEXT PRIMARY KEY REFERENCES models(name) ON DELETE CASCADE,  -- pinned model: prune keeps it
+    pinned_at REAL NOT NULL,             -- unix time of the pin
+    reason    TEXT                       -- why, as the admin said
+);
+CREATE TABLE keys (
+    key_id     TEXT PRIMARY KEY,         -- identifier publishers put in the envelope's key_id
+    public_key TEXT NOT NULL,            -- base64 of the raw 32-byte Ed25519 public key
+    source     TEXT NOT NULL,            -- 'user' (added with the CLI); system keys are read from disk
+    added_at   REAL NOT NULL,            -- unix time the key was trusted
+    revoked_at REAL                      -- unix time of revocation; a revoked key verifies nothing
+);
+CREATE TABLE version_floors (
+    model_id       TEXT PRIMARY KEY,     -- manifest model_id
+    version        INTEGER NOT NULL,     -- highest version ever accepted; lower ones are rollbacks
+    payload_sha256 TEXT NOT NULL,        -- payload hash of that version; same version, other bytes is refused
+    updated_at     REAL NOT NULL         -- unix time the floor last moved
+);
+CREATE TABLE audit (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,  -- order of events
+    ts      REAL NOT NULL,               -- unix time of the event
+    actor   TEXT NOT NULL,               -- who: 'cli:<user>', 'daemon', an app id
+    action  TEXT NOT NULL,               -- 'import', 'pull', 'accept', 'refuse', 'activate', 'rollback', 'rm', ...
+    model   TEXT,                        -- model concerned, when there is one
+    version INTEGER,                     -- version concerned, when there is one
+    outcome TEXT NOT NULL,               -- 'ok' or 'refused' or 'failed'
+    reason  TEXT,                        -- one-line reason, redacted
+    detail  TEXT                         -- JSON with structured fields, redacted
+);
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
+""",
+    # 2: trusted channels (signed-pack feeds), added for `modelfs update`
+    """
+CREATE TABLE channels (
+    url          TEXT PRIMARY KEY,       -- manifest URL, redacted form is the URL itself (no secrets allowed)
+    key_ids      TEXT NOT NULL,          -- JSON list of key_ids allowed to sign what this channel serves
+    last_checked REAL,                   -- unix time of the last fetch attempt
+    last_result  TEXT                    -- one-line outcome of that attempt
+);
+""",
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    filename: str
+    role: str
+    size: int
+    sha256: str
+    url: str | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+    chunk_size: int | None = None
+    chunks: list[str] | None = None
+
+    def row(self, model: str, version: int) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["chunks"] = json.dumps(self.chunks) if self.chunks is not None else None
+        return {"model": model, "version": version, **d}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> FileRecord:
+        chunks = json.loads(row["chunks"]) if row.get("chunks") else None
+        return cls(row["filename"], row["role"], row["size"], row["sha256"], row["url"],
+                   row["etag"], row["last_modified"], row["chunk_size"], chunks)
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    model: str
+    version: int
+    state: str
+    signed: bool
+    card: dict[str, Any]
+    files: tuple[FileRecord, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    name: str
+    active_version: int | None
+    last_good_version: int | None
+    owner_app: str | None
+    visibility: str
+    created_at: float
+    last_used_at: float | None
+
+
+CARD_FIELDS = ("key_id", "payload_sha256", "source", "license", "source_url", "family",
+               "architecture", "quantization", "context_length", "min_device", "compat_notes",
+               "runtime_params", "expires")
+
+
+def _model(row: dict[str, Any]) -> ModelRecord:
+    return ModelRecord(row["name"], row["active_version"], row["last_good_version"],
+                       row["owner_app"], row["visibility"], row["created_at"], row["last_used_at"])
+
+
+class Catalog:
+    """One connection to the catalog. Not shared between threads."""
+
+    def __init__(self, path: Path, *, clock=time.time) -> None:
+        self.path = path
+        self.clock = clock
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=30000")
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        self._migrate()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- schema ----------------------------------------------------------------
+    def schema_version(self) -> int:
+        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def _migrate(self) -> None:
+        current = self.schema_version()
+        if current > SCHEMA_VERSION:
+            raise StoreError(
+                f"catalog {self.path} has schema {current}, newer than this modelfs ({SCHEMA_VERSION}); upgrade modelfs")
+        for number in range(current, SCHEMA_VERSION):
+            with self.txn():
+                for stmt in _split_sql(MIGRATIONS[number]):
+                    self.conn.execute(stmt)
+                self.conn.execute(f"PRAGMA user_version={number + 1}")
+
+    @contextmanager
+    def txn(self) -> Iterator[None]:
+        """A write transaction; the write lock is taken at once so it cannot deadlock."""
+        if self.conn.in_transaction:
+            yield  # nested: the outer transaction commits
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits; cheap to poll."""
+        return self.conn.execute("PRAGMA data_version").fetchone()[0]
+
+    # -- models ----------------------------------------------------------------
+    def get_model(self, name: str) -> ModelRecord:
+        row = self.conn.execute("SELECT * FROM models WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no model named {name!r}", model=name)
+        return _model(dict(row))
+
+    def has_model(self, name: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM models WHERE name = ?", (name,)).fetchone() is not None
+
+    def list_models(self) -> list[ModelRecord]:
+        return [_model(dict(r)) for r in self.conn.execute("SELECT * FROM models ORDER BY name")]
+
+    def ensure_model(self, name: str, owner_app: str | None = None) -> None:
+        self.conn.execute(
+            "INSERT OR IGNORE INTO models (name, owner_app, created_at) VALUES (?, ?, ?)",
+            (name, owner_app, self.clock()))
+
+    def delete_model(self, name: str) -> None:
+        with self.txn():
+            self.conn.execute("DELETE FROM files WHERE model = ?", (name,))
+            self.conn.execute("DELETE FROM versions WHERE model = ?", (name,))
+            self.conn.execute("DELETE FROM models WHERE name = ?", (name,))
+
+    def touch(self, name: str) -> None:
+        self.conn.execute("UPDATE models SET last_used_at = ? WHERE name = ?", (self.clock(), name))
+
+    # -- versions and files -------------------------------------------------------
+    def versions(self, model: str) -> list[VersionRecord]:
+        rows = self.conn.execute(
+            "SELECT * FROM versions WHERE model = ? ORDER BY version", (model,)).fetchall()
+        return [self._version(dict(r)) for r in rows]
+
+    def get_version(self, model: str, version: int) -> VersionRecord:
+        row = self.conn.execute("SELECT * FROM versions WHERE model = ? AND version = ?",
+                                (model, version)).fetchone()
+        if row is None:
+            raise NotFound(f"model {model!r} has no version {version}", model=model, version=version)
+        return self._version(dict(row))
+
+    def _version(self, row: dict[str, Any]) -> VersionRecord:
+        files = tuple(FileRecord.from_row(dict(r)) for r in self.conn.execute(
+            "SELECT * FROM files WHERE model = ? AND version = ? ORDER BY filename",
+            (row["model"], row["version"])))
+        card = {k: row[k] for k in CARD_FIELDS}
+        if card["runtime_params"]:
+            card["runtime_params"] = json.loads(card["runtime_params"])
+        card["created_at"] = row["created_at"]
+        card["installed_at"] = row["installed_at"]
+        return VersionRecord(row["model"], row["version"], row["state"], bool(row["signed"]), card, files)
+
+    def next_version(self, model: str) -> int:
+        row = self.conn.execute("SELECT MAX(version) FROM versions WHERE model = ?", (model,)).fetchone()
+        return (row[0] or 0) + 1
+
+    def add_version(self, model: str, version: int, files: list[FileRecord], *, signed: bool,
+                    state: str = "installed", **card: Any) -> None:
+        """Record a version and all its files in one transaction."""
+        unknown = set(card) - set(CARD_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown card fields {sorted(unknown)}")
+        if card.get("runtime_params") is not None:
+            card["runtime_params"] = json.dumps(card["runtime_params"], sort_keys=True)
+        now = self.clock()
+        with self.txn():
+            self.ensure_model(model, card.pop("owner_app", None))
+            if self.conn.execute("SELECT 1 FROM versions WHERE model = ? AND version = ?",
+                                 (model, version)).fetchone():
+                raise Conflict(f"model {model!r} already has version {version}", model=model, version=version)
+            self.db["versions"].insert({
+                "model": model, "version": version, "state": state, "signed": int(signed),
+                "created_at": now, "installed_at": now if state == "installed" else None, **card})
+            self.db["files"].insert_all([f.row(model, version) for f in files])
+
+    def set_version_state(self, model: str, version: int, state: str) -> None:
+        installed_at = self.clock() if state == "installed" else None
+        self.conn.execute("UPDATE versions SET state = ?, installed_at = COALESCE(?, installed_at) "
+                          "WHERE model = ? AND version = ?", (state, installed_at, model, version))
+
+    def delete_version(self, model: str, version: int) -> None:
+        with self.txn():
+            self.conn.execute("DELETE FROM files WHERE model = ? AND version = ?", (model, version))
+            self.conn.execute("DELETE FROM versions WHERE model = ? AND version = ?", (model, version))
+
+    def all_files(self) -> list[tuple[str, int, FileRecord]]:
+        return [(r["model"], r["version"], FileRecord.from_row(dict(r)))
+                for r in self.conn.execute("SELECT * FROM files ORDER BY model, version, filename")]
+
+    def files_with_sha(self, sha256: str) -> list[tuple[str, int, str]]:
+        return [(r["model"], r["version"], r["filename"]) for r in self.conn.execute(
+            "SELECT model, version, filename FROM files WHERE sha256 = ? ORDER BY model, version, filename",
+            (sha256,))]
+
+    def referenced_shas(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT DISTINCT sha256 FROM files")}
+
+    def set_validators(self, sha256: str, etag: str | None, last_modified: str | None) -> None:
+        self.conn.execute("UPDATE files SET etag = ?, last_modified = ? WHERE sha256 = ?",
+                          (etag, last_modified, sha256))
+
+    # -- activation ------------------------------------------------------------
+    def activate(self, model: str, version: int, *, actor: str, action: str = "activate",
+                 reason: str | None = None) -> int | None:
+        """Make ``version`` active in one durable transaction; returns the previous active one,
+        which becomes last-good. Activating the active version changes nothing."""
+        with self.txn():
+            m = self.get_model(model)
+            v = self.get_version(model, version)
+            if v.state != "installed":
+                raise Conflict(f"version {version} of {model!r} is not fully installed ({v.state})",
+                               model=model, version=version)
+            if m.active_version == version:
+                return m.active_version
+            last_good = m.active_version if m.active_version is not None else m.last_good_version
+            self.conn.execute("UPDATE models SET active_version = ?, last_good_version = ? WHERE name = ?",
+                              (version, last_good, model))
+            self.audit(actor, action, model=model, version=version, reason=reason,
+                       detail={"previous": m.active_version})
+            return m.active_version
+
+    def rollback(self, model: str, *, actor: str) -> int:
+        with self.txn():
+            m = self.get_model(model)
+            if m.last_good_version is None:
+                raise Conflict(f"model {model!r} has no last-good version to roll back to", model=model)
+            target = m.last_good_version
+            self.get_version(model, target)
+            self.conn.execute("UPDATE models SET active_version = ?, last_good_version = ? WHERE name = ?",
+                              (target, m.active_version, model))
+            self.audit(actor, "rollback", model=model, version=target,
+                       detail={"from": m.active_version})
+            return target
+
+    def set_active(self, model: str, active: int | None, last_good: int | None) -> None:
+        self.conn.execute("UPDATE models SET active_version = ?, last_good_version = ? WHERE name = ?",
+                          (active, last_good, model))
+
+    # -- apps, grants, pins ---------------------------------------------------------
+    def pin(self, model: str, reason: str | None = None) -> None:
+        self.get_model(model)
+        self.conn.execute("INSERT OR REPLACE INTO pins (model, pinned_at, reason) VALUES (?, ?, ?)",
+                          (model, self.clock(), reason))
+
+    def unpin(self, model: str) -> bool:
+        return self.conn.execute("DELETE FROM pins WHERE model = ?", (model,)).rowcount > 0
+
+    def pinned(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT model FROM pins")}
+
+    def add_app(self, app_id: str, uid: int | None) -> None:
+        self.conn.execute("INSERT INTO apps (app_id, uid, created_at) VALUES (?, ?, ?) "
+                          "ON CONFLICT(app_id) DO UPDATE SET uid = excluded.uid",
+                          (app_id, uid, self.clock()))
+
+    def apps(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute("SELECT * FROM apps ORDER BY app_id")]
+
+    def grant(self, app_id: str, model: str) -> None:
+        self.get_model(model)
+        if not self.conn.execute("SELECT 1 FROM apps WHERE app_id = ?", (app_id,)).fetchone():
+            raise NotFound(f"no app named {app_id!r}", app=app_id)
+        self.conn.execute("INSERT OR IGNORE INTO grants (app_id, model, granted_at) VALUES (?, ?, ?)",
+                          (app_id, model, self.clock()))
+
+    def revoke(self, app_id: str, model: str) -> bool:
+        return self.conn.execute("DELETE FROM grants WHERE app_id = ? AND model = ?",
+                                 (app_id, model)).rowcount > 0
+
+    def grants(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute("SELECT * FROM grants ORDER BY app_id, model")]
+
+    def set_visibility(self, model: str, visibility: str) -> None:
+        if visibility not in ("shared", "private"):
+            raise ValueError(visibility)
+        self.conn.execute("UPDATE models SET visibility = ? WHERE name = ?", (visibility, model))
+
+    # -- keys and version floors --------------------------------------------------------
+    def add_key(self, key_id: str, public_key_b64: str) -> None:
+        row = self.conn.execute("SELECT public_key, revoked_at FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+        if row is not None:
+            if row["revoked_at"] is not None:
+                raise Conflict(f"key {key_id!r} was revoked; a revoked key_id cannot be trusted again", key_id=key_id)
+            if row["public_key"] != public_key_b64:
+                raise Conflict(f"key_id {key_id!r} is already trusted with a different key", key_id=key_id)
+            return
+        self.conn.execute("INSERT INTO keys (key_id, public_key, source, added_at) VALUES (?, ?, 'user', ?)",
+                          (key_id, public_key_b64, self.clock()))
+
+    def revoke_key(self, key_id: str) -> None:
+        if self.conn.execute("SELECT 1 FROM keys WHERE key_id = ?", (key_id,)).fetchone() is None:
+            raise NotFound(f"no key with key_id {key_id!r}", key_id=key_id)
+        self.conn.execute("UPDATE keys SET revoked_at = COALESCE(revoked_at, ?) WHERE key_id = ?",
+                          (self.clock(), key_id))
+
+    def record_revoked_key(self, key_id: str, public_key_b64: str) -> None:
+        """Revoke a key that was trusted from the system directory, not the catalog."""
+        self.conn.execute("INSERT INTO keys (key_id, public_key, source, added_at, revoked_at) "
+                          "VALUES (?, ?, 'system', ?, ?) ON CONFLICT(key_id) DO UPDATE SET "
+                          "revoked_at = COALESCE(keys.revoked_at, excluded.revoked_at)",
+                          (key_id, public_key_b64, self.clock(), self.clock()))
+
+    def keys(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute("SELECT * FROM keys ORDER BY key_id")]
+
+    def version_floor(self, model_id: str) -> tuple[int, str] | None:
+        row = self.conn.execute("SELECT version, payload_sha256 FROM version_floors WHERE model_id = ?",
+                                (model_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def raise_floor(self, model_id: str, version: int, payload_sha256: str) -> None:
+        self.conn.execute(
+            "INSERT INTO version_floors (model_id, version, payload_sha256, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(model_id) DO UPDATE SET version = excluded.version, "
+            "payload_sha256 = excluded.payload_sha256, updated_at = excluded.updated_at "
+            "WHERE excluded.version > version_floors.version",
+            (model_id, version, payload_sha256, self.clock()))
+
+    # -- channels ----------------------------------------------------------------------
+    def add_channel(self, url: str, key_ids: list[str]) -> None:
+        self.conn.execute("INSERT INTO channels (url, key_ids) VALUES (?, ?) "
+                          "ON CONFLICT(url) DO UPDATE SET key_ids = excluded.key_ids",
+                          (url, json.dumps(sorted(key_ids))))
+
+    def channels(self) -> list[dict[str, Any]]:
+        out = []
+        for r in self.conn.execute("SELECT * FROM channels ORDER BY url"):
+            d = dict(r)
+            d["key_ids"] = json.loads(d["key_ids"])
+            out.append(d)
+        return out
+
+    def channel_checked(self, url: str, result: str) -> None:
+        self.conn.execute("UPDATE channels SET last_checked = ?, last_result = ? WHERE url = ?",
+                          (self.clock(), result, url))
+
+    # -- audit -------------------------------------------------------------------------
+    def audit(self, actor: str, action: str, *, model: str | None = None, version: int | None = None,
+              outcome: str = "ok", reason: str | None = None, detail: dict[str, Any] | None = None) -> None:
+        self.conn.execute(
+            "INSERT INTO audit (ts, actor, action, model, version, outcome, reason, detail) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (self.clock(), actor, action, model, version, outcome, reason,
+             json.dumps(detail, sort_keys=True) if detail else None))
+
+    def audit_log(self, model: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        if model is None:
+            rows = self.conn.execute("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            rows = self.conn.execute("SELECT * FROM audit WHERE model = ? ORDER BY id DESC LIMIT ?",
+                                     (model, limit))
+        return [dict(r) for r in rows]
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements, keeping trigger bodies whole."""
+    out: list[str] = []
+    buf: list[str] = []
+    for line in script.splitlines():
+        buf.append(line)
+        candidate = "\n".join(buf)
+        if sqlite3.complete_statement(candidate):
+            if candidate.strip():
+                out.append(candidate.strip())
+            buf = []
+    rest = "\n".join(buf).strip()
+    if rest:
+        out.append(rest)
+    return out

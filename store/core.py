@@ -1,0 +1,305 @@
+"""The store as one object: blobs + catalog + the operations that need both.
+
+``Store.open(root)`` creates the layout, runs the recovery pass (stale temp files of
+dead writers are removed and reported; partial downloads are kept) and opens the
+catalog. Operations here keep the two halves consistent: a file row is only written
+for a blob that is committed or that has a known SHA-256 and size to fetch; a blob is
+only deleted after the rows that referenced it are gone.
+
+Destructive operations are planned first (a frozen plan with the bytes it frees) and
+executed second, so the CLI can print the plan or stop at ``--dry-run``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import gguf
+from .blobs import BlobStore, RecoveryReport
+from .catalog import Catalog, FileRecord, ModelRecord, VersionRecord
+from .errors import Conflict, NotFound, UsageError
+from .layout import Layout, default_root
+from .names import check_filename, check_model_name
+from .redact import redact_url
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+
+
+def default_actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no passwd entry (containers)
+        return f"cli:uid{os.getuid()}"
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    model: str
+    version: int
+    new_version: bool          # False when the active version already had these bytes
+    new_bytes: int             # bytes added to blobs/ (0 when everything was present)
+    files: tuple[FileRecord, ...]
+
+
+@dataclass(frozen=True)
+class RemovalPlan:
+    """What a removal will do, computed before anything is touched."""
+    models: tuple[str, ...]
+    versions: tuple[tuple[str, int], ...]
+    blobs: tuple[tuple[str, int], ...]        # (sha256, size) that will be deleted
+    kept_shared: tuple[tuple[str, str], ...]  # (sha256, other model) kept because still used
+    quarantine: tuple[str, ...] = ()          # quarantine entries removed (prune only)
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(size for _, size in self.blobs)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"models": list(self.models), "versions": [list(v) for v in self.versions],
+                "blobs": [{"sha256": s, "size": n} for s, n in self.blobs],
+                "kept_shared": [{"sha256": s, "model": m} for s, m in self.kept_shared],
+                "quarantine": list(self.quarantine), "freed_bytes": self.freed_bytes}
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    model: str
+    version: int
+    filename: str
+    sha256: str
+    status: str  # 'ok', 'corrupt' (now quarantined), 'missing' (dehydrated: not local yet)
+
+
+@dataclass
+class Store:
+    layout: Layout
+    blobs: BlobStore
+    catalog: Catalog
+    recovery: RecoveryReport = field(default_factory=RecoveryReport)
+    actor: str = field(default_factory=default_actor)
+
+    @classmethod
+    def open(cls, root: Path | str | None = None, *, recover: bool = True) -> Store:
+        layout = Layout(Path(root) if root is not None else default_root())
+        layout.ensure()
+        blobs = BlobStore(layout)
+        report = blobs.recover() if recover else RecoveryReport()
+        return cls(layout, blobs, Catalog(layout.catalog), report)
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    # -- import ------------------------------------------------------------------
+    def import_model(self, name: str, weights: Path, *, mmproj: Path | None = None,
+                     license: str | None = None, source_url: str | None = None,
+                     owner_app: str | None = None, progress: Progress | None = None) -> ImportResult:
+        check_model_name(name)
+        sources: list[tuple[Path, str]] = [(Path(weights), "weights")]
+        if mmproj is not None:
+            sources.append((Path(mmproj), "mmproj"))
+        for path, _ in sources:
+            if not path.is_file():
+                raise NotFound(f"no such file: {path}", path=str(path))
+            check_filename(path.name)
+        if len({p.name for p, _ in sources}) != len(sources):
+            raise UsageError("the weights and the mmproj file must have different file names")
+        # Refuse malformed files before a single byte is copied.
+        info = gguf.parse_gguf(sources[0][0])
+        if info.is_mmproj:
+            raise UsageError(f"{sources[0][0].name} is a multimodal projector; pass it with --mmproj")
+        if mmproj is not None and not gguf.parse_gguf(Path(mmproj)).is_mmproj:
+            raise UsageError(f"{Path(mmproj).name} is not a multimodal projector (mmproj) GGUF")
+        self.blobs.check_space(sum(p.stat().st_size for p, _ in sources))
+
+        records: list[FileRecord] = []
+        new_bytes = 0
+        for path, role in sources:
+            committed = self.blobs.import_file(path, progress)
+            new_bytes += committed.size if committed.new else 0
+            records.append(FileRecord(path.name, role, committed.size, committed.sha256))
+        records.sort(key=lambda r: r.filename)
+
+        cat = self.catalog
+        with cat.txn():
+            if cat.has_model(name):
+                m = cat.get_model(name)
+                if m.active_version is not None:
+                    active = cat.get_version(name, m.active_version)
+                    if _same_files(active.files, records):
+                        cat.audit(self.actor, "import", model=name, version=m.active_version,
+                                  reason="already present", detail={"new_bytes": new_bytes})
+                        return ImportResult(name, m.active_version, False, new_bytes, tuple(records))
+            version = cat.next_version(name)
+            cat.ensure_model(name, owner_app)
+            cat.add_version(
+                name, version, records, signed=False,
+                source=f"import:{sources[0][0].name}", license=license,
+                source_url=redact_url(source_url) if source_url else None,
+                family=info.architecture, architecture=info.architecture,
+                quantization=info.quantization, context_length=info.context_length)
+            cat.audit(self.actor, "import", model=name, version=version,
+                      detail={"new_bytes": new_bytes, "files": [r.filename for r in records]})
+            cat.activate(name, version, actor=self.actor)
+        return ImportResult(name, version, True, new_bytes, tuple(records))
+
+    # -- reading -------------------------------------------------------------------
+    def file_state(self, rec: FileRecord) -> str:
+        return "local" if self.blobs.has(rec.sha256) else "dehydrated"
+
+    def describe(self, m: ModelRecord, *, all_versions: bool = False) -> dict[str, Any]:
+        versions = self.catalog.versions(m.name)
+        pinned = m.name in self.catalog.pinned()
+        out: dict[str, Any] = {
+            "name": m.name, "active_version": m.active_version,
+            "last_good_version": m.last_good_version, "owner_app": m.owner_app,
+            "visibility": m.visibility, "pinned": pinned, "last_used_at": m.last_used_at,
+        }
+        active = next((v for v in versions if v.version == m.active_version), None)
+        if active is not None:
+            out.update(self._version_dict(active, m))
+        if all_versions:
+            out["versions"] = [self._version_dict(v, m) for v in versions]
+        return out
+
+    def _version_dict(self, v: VersionRecord, m: ModelRecord) -> dict[str, Any]:
+        if v.version == m.active_version:
+            state = "active"
+        elif v.version == m.last_good_version:
+            state = "last-good"
+        else:
+            state = v.state  # 'installed' or 'partial'
+        files = [{"filename": f.filename, "role": f.role, "size": f.size, "sha256": f.sha256,
+                  "state": self.file_state(f)} for f in v.files]
+        return {"version": v.version, "state": state, "signed": v.signed, **v.card,
+                "size": sum(f.size for f in v.files), "files": files}
+
+    def list_models(self) -> list[dict[str, Any]]:
+        return [self.describe(m) for m in self.catalog.list_models()]
+
+    def show(self, name: str) -> dict[str, Any]:
+        out = self.describe(self.catalog.get_model(name), all_versions=True)
+        out["grants"] = [g["app_id"] for g in self.catalog.grants() if g["model"] == name]
+        return out
+
+    # -- verification ------------------------------------------------------------------
+    def verify(self, name: str | None = None, progress: Progress | None = None) -> list[VerifyResult]:
+        rows = [(m, v, f) for m, v, f in self.catalog.all_files() if name is None or m == name]
+        if name is not None and not rows:
+            self.catalog.get_model(name)  # raises NotFound for an unknown name
+        results: list[VerifyResult] = []
+        checked: dict[str, str] = {}
+        for model, version, rec in rows:
+            status = checked.get(rec.sha256)
+            if status is None:
+                if not self.blobs.has(rec.sha256):
+                    status = "missing"
+                else:
+                    status = "ok" if self.blobs.verify(rec.sha256, progress) else "corrupt"
+                checked[rec.sha256] = status
+            results.append(VerifyResult(model, version, rec.filename, rec.sha256, status))
+            if status == "corrupt":
+                self.catalog.audit(self.actor, "verify", model=model, version=version, outcome="failed",
+                                   reason=f"{rec.filename}: SHA-256 mismatch, blob quarantined",
+                                   detail={"sha256": rec.sha256})
+        return results
+
+    # -- versions ----------------------------------------------------------------------
+    def activate(self, name: str, version: int) -> int | None:
+        v = self.catalog.get_version(name, version)
+        missing = [f.filename for f in v.files if not self.blobs.has(f.sha256) and not f.url]
+        if missing:
+            raise Conflict(f"version {version} of {name!r} cannot be activated: no bytes or source for "
+                           f"{', '.join(missing)}")
+        return self.catalog.activate(name, version, actor=self.actor)
+
+    def rollback(self, name: str) -> int:
+        return self.catalog.rollback(name, actor=self.actor)
+
+    # -- removal -------------------------------------------------------------------------
+    def plan_remove(self, name: str, version: int | None = None) -> RemovalPlan:
+        m = self.catalog.get_model(name)
+        if version is not None:
+            self.catalog.get_version(name, version)
+            if version == m.active_version:
+                raise Conflict(f"version {version} of {name!r} is active; activate another or remove the model")
+            doomed_versions = [(name, version)]
+            models: tuple[str, ...] = ()
+        else:
+            doomed_versions = [(name, v.version) for v in self.catalog.versions(name)]
+            models = (name,)
+        return self._plan_blob_removal(models, doomed_versions)
+
+    def _plan_blob_removal(self, models: tuple[str, ...], doomed: list[tuple[str, int]],
+                           quarantine: tuple[str, ...] = ()) -> RemovalPlan:
+        doomed_set = set(doomed)
+        users: dict[str, list[tuple[str, int]]] = {}
+        for model, version, rec in self.catalog.all_files():
+            users.setdefault(rec.sha256, []).append((model, version))
+        blobs: list[tuple[str, int]] = []
+        kept: list[tuple[str, str]] = []
+        for sha, refs in sorted(users.items()):
+            if not any(r in doomed_set for r in refs):
+                continue
+            others = [r for r in refs if r not in doomed_set]
+            if others:
+                kept.append((sha, others[0][0]))
+            elif self.blobs.has(sha):
+                blobs.append((sha, self.blobs.size(sha)))
+        return RemovalPlan(models, tuple(sorted(doomed)), tuple(blobs), tuple(sorted(set(kept))), quarantine)
+
+    def execute(self, plan: RemovalPlan, action: str = "rm") -> int:
+        """Carry out a plan. Rows go first, bytes second: a crash in between leaves an
+        unreferenced blob (prune finds it), never a row without its bytes.
+
+        A blob open in the mount is unlinked here but its bytes stay readable through
+        the daemon's open descriptor; the kernel frees them at the last close."""
+        cat = self.catalog
+        with cat.txn():
+            for model, version in plan.versions:
+                if model not in plan.models:
+                    cat.delete_version(model, version)
+            for model in plan.models:
+                cat.delete_model(model)
+            for model in sorted({m for m, _ in plan.versions}):
+                cat.audit(self.actor, action, model=model,
+                          detail={"versions": [v for m2, v in plan.versions if m2 == model],
+                                  "freed_bytes": plan.freed_bytes})
+        still_used = cat.referenced_shas()
+        freed = 0
+        for sha, _ in plan.blobs:
+            if sha not in still_used:  # a concurrent import may have claimed it again
+                freed += self.blobs.remove(sha)
+        for entry in plan.quarantine:
+            path = self.layout.quarantine / entry
+            if path.is_file():
+                freed += path.stat().st_size
+                path.unlink()
+        return freed
+
+    def plan_prune(self, *, keep_last_good: bool = True, include_quarantine: bool = True) -> RemovalPlan:
+        """Versions that are neither active, last-good nor pinned; blobs nothing references."""
+        pinned = self.catalog.pinned()
+        doomed: list[tuple[str, int]] = []
+        for m in self.catalog.list_models():
+            if m.name in pinned:
+                continue
+            keep = {m.active_version} | ({m.last_good_version} if keep_last_good else set())
+            doomed += [(m.name, v.version) for v in self.catalog.versions(m.name) if v.version not in keep]
+        plan = self._plan_blob_removal((), doomed)
+        referenced = self.catalog.referenced_shas()
+        orphans = [(sha, self.blobs.size(sha)) for sha in self.blobs.iter_blobs() if sha not in referenced]
+        quarantine = tuple(sorted(p.name for p in self.layout.quarantine.iterdir())) if include_quarantine else ()
+        return RemovalPlan((), plan.versions, tuple(sorted(set(plan.blobs) | set(orphans))),
+                           plan.kept_shared, quarantine)
+
+
+def _same_files(a: tuple[FileRecord, ...], b: list[FileRecord]) -> bool:
+    return sorted((f.filename, f.role, f.sha256) for f in a) == sorted((f.filename, f.role, f.sha256) for f in b)

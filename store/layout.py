@@ -1,0 +1,78 @@
+"""Where things live inside a store directory. Paths only: this module does no I/O
+beyond creating the directories.
+
+    <root>/
+      catalog.db            SQLite catalog (WAL); all metadata
+      blobs/sha256/ab/<hex> committed blobs, 0444, named by their SHA-256
+      tmp/                  private temp files of commits in flight (import, extract)
+      partial/<key>/        resumable downloads: data + state.json (kept across restarts)
+      quarantine/           bytes that failed verification, kept for inspection
+      run/                  daemon state: control socket, open-file table, locks
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UsageError
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def default_root() -> Path:
+    """``$MODELFS_STORE``, else ``$XDG_DATA_HOME/modelfs``, else ``~/.local/share/modelfs``."""
+    env = os.environ.get("MODELFS_STORE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(xdg) / "modelfs"
+
+
+def check_sha256(hexdigest: str) -> str:
+    if not _HEX64.fullmatch(hexdigest):
+        raise UsageError(f"not a SHA-256 hex digest: {hexdigest[:80]!r}")
+    return hexdigest
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def catalog(self) -> Path:
+        return self.root / "catalog.db"
+
+    @property
+    def blobs(self) -> Path:
+        return self.root / "blobs" / "sha256"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def partial(self) -> Path:
+        return self.root / "partial"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    def blob(self, sha256: str) -> Path:
+        check_sha256(sha256)
+        return self.blobs / sha256[:2] / sha256
+
+    def ensure(self) -> None:
+        for d in (self.root, self.blobs, self.tmp, self.partial, self.quarantine, self.run):
+            d.mkdir(parents=True, exist_ok=True)
+        # Private areas: temp and partial bytes are unverified and must not be read
+        # by other users; run/ holds the control socket.
+        for d in (self.tmp, self.partial, self.quarantine, self.run):
+            os.chmod(d, 0o700)

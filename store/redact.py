@@ -1,0 +1,56 @@
+"""Allowlist redaction of URLs and text, for everything that is written down.
+
+Keeps scheme, host, port and path. Drops userinfo, the fragment, and the value of
+every query parameter not on ``SAFE_QUERY_KEYS`` (names are kept so a reader can
+tell a signed URL from a plain one). Anything that reaches the catalog, the metadata
+card, a log line or an exception message goes through here first.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+
+# Query parameters known to carry no secret.
+SAFE_QUERY_KEYS = frozenset({"download", "revision", "ref", "format", "file", "filename"})
+REDACTED = "REDACTED"
+
+# Token shapes that must never be written even when they appear outside a URL.
+_TOKEN_PATTERNS = [
+    re.compile(r"hf_[A-Za-z0-9]{6,}"),
+    re.compile(r"(?i)(authorization|x-amz-signature|x-amz-credential|x-amz-security-token|signature|token|sig)"
+               r"(\s*[=:]\s*)([^\s&\"',;]+)"),
+    re.compile(r"(?i)bearer\s+[A-Za-z0-9._~+/=-]+"),
+]
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
+
+
+def redact_url(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return REDACTED
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port else host
+    query = ""
+    if parts.query:
+        pairs = []
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key.lower() in SAFE_QUERY_KEYS:
+                pairs.append(f"{quote(key)}={quote(value)}")
+            else:
+                pairs.append(f"{quote(key)}={REDACTED}")
+        query = "&".join(pairs)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def redact_text(text: str) -> str:
+    """Redact every URL and token-looking thing in free text (log lines, error messages)."""
+    text = _URL.sub(lambda m: redact_url(m.group(0)), text)
+    text = _TOKEN_PATTERNS[0].sub("hf_" + REDACTED, text)
+    text = _TOKEN_PATTERNS[1].sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
+    text = _TOKEN_PATTERNS[2].sub("Bearer " + REDACTED, text)
+    return text

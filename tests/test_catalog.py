@@ -1,0 +1,123 @@
+"""The catalog: schema, migrations, append-only audit, activation."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from store.catalog import MIGRATIONS, SCHEMA_VERSION, Catalog, FileRecord, _split_sql
+from store.errors import Conflict, NotFound
+
+SHA = "ab" * 32
+
+
+def test_every_column_has_a_comment():
+    for number, script in enumerate(MIGRATIONS, 1):
+        for stmt in _split_sql(script):
+            if not stmt.startswith("CREATE TABLE"):
+                continue
+            for line in stmt.splitlines()[1:]:
+                line = line.strip()
+                if not line or line.startswith(("PRIMARY KEY", "FOREIGN KEY", ")")):
+                    continue
+                assert "--" in line, f"migration {number}: column without a comment: {line}"
+
+
+def test_upgrade_from_schema_1_keeps_data(tmp_path):
+    path = tmp_path / "catalog.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for stmt in _split_sql(MIGRATIONS[0]):
+        conn.execute(stmt)
+    conn.execute("PRAGMA user_version=1")
+    conn.execute("INSERT INTO models (name, active_version, created_at) VALUES ('m', 1, 0)")
+    conn.execute("INSERT INTO versions (model, version, state, created_at) VALUES ('m', 1, 'installed', 0)")
+    conn.execute("INSERT INTO files (model, version, filename, role, size, sha256) "
+                 "VALUES ('m', 1, 'w.gguf', 'weights', 5, ?)", (SHA,))
+    conn.close()
+
+    cat = Catalog(path)
+    assert cat.schema_version() == SCHEMA_VERSION == 2
+    assert cat.get_model("m").active_version == 1
+    assert cat.get_version("m", 1).files[0].sha256 == SHA
+    cat.add_channel("https://example.test/chan.json", ["k1"])
+    assert cat.channels()[0]["key_ids"] == ["k1"]
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "catalog.db"
+    Catalog(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(Exception, match="newer than this modelfs"):
+        Catalog(path)
+
+
+def test_wal_and_full_sync(tmp_path):
+    cat = Catalog(tmp_path / "c.db")
+    assert cat.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert cat.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_audit_is_append_only(tmp_path):
+    cat = Catalog(tmp_path / "c.db")
+    cat.audit("test", "import", model="m", reason="first")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        cat.conn.execute("UPDATE audit SET reason = 'rewritten'")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        cat.conn.execute("DELETE FROM audit")
+    assert [r["reason"] for r in cat.audit_log()] == ["first"]
+
+
+def _add(cat: Catalog, version: int) -> None:
+    cat.add_version("m", version, [FileRecord("w.gguf", "weights", 1, SHA)], signed=False)
+
+
+def test_activation_records_last_good_and_rollback(tmp_path):
+    cat = Catalog(tmp_path / "c.db")
+    _add(cat, 1)
+    _add(cat, 2)
+    assert cat.activate("m", 1, actor="t") is None
+    assert cat.activate("m", 2, actor="t") == 1
+    m = cat.get_model("m")
+    assert (m.active_version, m.last_good_version) == (2, 1)
+    assert cat.rollback("m", actor="t") == 1
+    m = cat.get_model("m")
+    assert (m.active_version, m.last_good_version) == (1, 2)
+    actions = [r["action"] for r in cat.audit_log("m")]
+    assert actions == ["rollback", "activate", "activate"]
+
+
+def test_activate_needs_installed_version(tmp_path):
+    cat = Catalog(tmp_path / "c.db")
+    cat.add_version("m", 1, [FileRecord("w.gguf", "weights", 1, SHA)], signed=False, state="partial")
+    with pytest.raises(Conflict, match="not fully installed"):
+        cat.activate("m", 1, actor="t")
+    with pytest.raises(NotFound):
+        cat.activate("m", 7, actor="t")
+
+
+def test_duplicate_version_refused_and_nothing_half_written(tmp_path):
+    cat = Catalog(tmp_path / "c.db")
+    _add(cat, 1)
+    with pytest.raises(Conflict):
+        _add(cat, 1)
+    assert len(cat.get_version("m", 1).files) == 1
+
+
+def test_version_floor_only_rises(tmp_path):
+    cat = Catalog(tmp_path / "c.db")
+    cat.raise_floor("m", 3, SHA)
+    cat.raise_floor("m", 2, "cd" * 32)
+    assert cat.version_floor("m") == (3, SHA)
+    cat.raise_floor("m", 4, "cd" * 32)
+    assert cat.version_floor("m") == (4, "cd" * 32)
+
+
+def test_data_version_changes_on_foreign_commit(tmp_path):
+    a = Catalog(tmp_path / "c.db")
+    b = Catalog(tmp_path / "c.db")
+    before = a.data_version()
+    _add(b, 1)
+    assert a.data_version() != before
