@@ -12,11 +12,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
 
-err_console = Console(stderr=True, highlight=False)
+def _console():
+    from rich.console import Console  # rich costs ~100 ms to import; only bars need it
+    return Console(stderr=True, highlight=False)
 
 
 def human_size(n: int | None) -> str:
@@ -36,7 +35,8 @@ def print_json(obj: Any) -> None:
 
 
 def info(msg: str) -> None:
-    err_console.print(msg, markup=False)
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
 
 
 @contextmanager
@@ -48,8 +48,10 @@ def progress_bar(total: int | None, description: str, *, enabled: bool | None = 
     if not enabled:
         yield lambda n: None
         return
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True) as prog:
+    with Progress(*columns, console=_console(), transient=True) as prog:
         task = prog.add_task(description, total=total)
         yield lambda n: prog.update(task, advance=n)

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
 from .errors import Conflict, NotFound, StoreError
 
 ROLES = ("weights", "mmproj", "shard", "aux")
@@ -209,8 +207,16 @@ class Catalog:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=30000")
         self.conn = conn
-        self.db = sqlite_utils.Database(conn)
+        self._db = None
         self._migrate()
+
+    @property
+    def db(self):  # -> sqlite_utils.Database
+        # sqlite-utils imports numpy when it can (~250 ms); read-only commands skip it.
+        if self._db is None:
+            import sqlite_utils
+            self._db = sqlite_utils.Database(self.conn)
+        return self._db
 
     def close(self) -> None:
         self.conn.close()

@@ -196,3 +196,40 @@ def test_store_from_env_flag_and_xdg(tmp_path):
     subprocess.run([sys.executable, "-m", "modelfs", "--store", str(tmp_path / "flag"), "import", "m",
                     str(w)], env=env, check=True, capture_output=True)
     assert (tmp_path / "flag" / "catalog.db").exists()
+
+
+def test_apps_grants_pins_and_doctor(cli, tmp_path):
+    w = tmp_path / "w.gguf"
+    write_model(w, tensor_bytes=4096, seed=5)
+    cli.run("import", "m", str(w))
+    cli.run("apps", "add", "org.example.chat", "--uid", "1000")
+    cli.run("grant", "org.example.chat", "m")
+    assert cli.run("apps", "list", "--json").json()[0]["grants"] == ["m"]
+    r = cli.run("grant", "org.example.other", "m", check=False)
+    assert r.returncode == 3 and "no app named" in r.stderr
+    cli.run("revoke", "org.example.chat", "m")
+    assert cli.run("apps", "list", "--json").json()[0]["grants"] == []
+    cli.run("pin", "m")
+    assert cli.run("show", "m", "--json").json()["pinned"] is True
+    checks = {c["name"]: c for c in cli.run("doctor", "--json").json()}
+    assert checks["catalog integrity"]["ok"] and checks["/dev/fuse"]["ok"]
+
+
+def test_prune_keeps_active_last_good_and_pinned(cli, store_dir, tmp_path):
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"v{i}" / "w.gguf"
+        p.parent.mkdir()
+        write_model(p, tensor_bytes=64 * 1024, seed=100 + i)
+        paths.append(p)
+        cli.run("import", "m", str(p))
+    assert [v["version"] for v in cli.run("show", "m", "--json").json()["versions"]] == [1, 2, 3]
+    plan = cli.run("prune", "--dry-run", "--json").json()
+    assert plan["versions"] == [["m", 1]] and len(plan["blobs"]) == 1
+    cli.run("pin", "m")
+    assert cli.run("prune", "--dry-run", "--json").json()["versions"] == []
+    cli.run("unpin", "m")
+    cli.run("prune")
+    show = cli.run("show", "m", "--json").json()
+    assert [(v["version"], v["state"]) for v in show["versions"]] == [(2, "last-good"), (3, "active")]
+    assert cli.run("verify").returncode == 0
