@@ -1,0 +1,155 @@
+"""Tiny, valid GGUF files for tests: weights (``write_model``) and projectors
+(``write_mmproj``), written with the PyPI ``gguf`` package's ``GGUFWriter``.
+
+Tensor data is random bits from ``numpy.random.default_rng(seed)``: the same
+arguments give the same bytes (same SHA-256), a different seed gives different
+bytes. Tensors are generated and written one at a time (at most
+:data:`CHUNK_BYTES` each), so a 300 MB model costs about a second and little
+memory. Tests only; the store never imports the ``gguf`` package.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGUFValueType, GGUFWriter
+
+__all__ = ["CHUNK_BYTES", "ROW", "write_model", "write_mmproj"]
+
+#: Largest single tensor written; bigger ``tensor_bytes`` is split across tensors.
+CHUNK_BYTES = 64 * 1024 * 1024
+#: Elements per row of every generated tensor (float32, so 256 bytes a row).
+ROW = 64
+_ROW_BYTES = ROW * 4
+
+# GGUFWriter logs an INFO line per file; keep test output quiet.
+logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
+
+
+def _chunks(total: int) -> Iterator[int]:
+    """Split ``total`` bytes (a multiple of a row) into tensor sizes."""
+    while total > 0:
+        n = min(total, CHUNK_BYTES)
+        yield n
+        total -= n
+
+
+def _random_f32(rng: np.random.Generator, nbytes: int) -> np.ndarray[Any, Any]:
+    top = np.iinfo(np.uint64).max
+    bits = rng.integers(0, top, size=nbytes // 8, dtype=np.uint64, endpoint=True)
+    return bits.view(np.float32).reshape(-1, ROW)
+
+
+def _write(
+    path: str | os.PathLike[str],
+    arch: str,
+    kv: Mapping[str, tuple[Any, GGUFValueType]],
+    tensor_names: list[str],
+    tensor_bytes: int,
+    seed: int,
+    alignment: int | None,
+) -> Path:
+    """Write ``kv`` and one small 1-D tensor plus ``tensor_bytes`` of 2-D tensors."""
+    path = Path(path)
+    total = max(_ROW_BYTES, -(-tensor_bytes // _ROW_BYTES) * _ROW_BYTES)
+    sizes = list(_chunks(total))
+    names = [tensor_names[i % len(tensor_names)].format(i=i) for i in range(len(sizes))]
+
+    w = GGUFWriter(path, arch)
+    try:
+        if alignment is not None:
+            w.add_custom_alignment(alignment)
+        for key, (value, vtype) in kv.items():
+            if vtype == GGUFValueType.ARRAY:
+                w.add_array(key, value)
+            else:
+                w.add_key_value(key, value, vtype)
+        norm_name = "output_norm.weight" if arch != "clip" else "v.post_ln.weight"
+        w.add_tensor_info(norm_name, (ROW,), np.dtype(np.float32), _ROW_BYTES)
+        for name, size in zip(names, sizes):
+            w.add_tensor_info(name, (size // _ROW_BYTES, ROW), np.dtype(np.float32), size)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        rng = np.random.default_rng(seed)
+        w.write_tensor_data(_random_f32(rng, _ROW_BYTES).reshape(ROW))
+        for size in sizes:
+            w.write_tensor_data(_random_f32(rng, size))
+    finally:
+        w.close()
+    return path
+
+
+def write_model(
+    path: str | os.PathLike[str],
+    *,
+    arch: str = "llama",
+    name: str = "tiny",
+    file_type: int | None = 15,
+    context_length: int | None = 4096,
+    tensor_bytes: int = 64 * 1024,
+    seed: int = 0,
+    vocab_size: int = 32,
+    alignment: int | None = None,
+    extra_kv: Mapping[str, tuple[Any, GGUFValueType]] | None = None,
+) -> Path:
+    """A weights file: ``general.*``, ``<arch>.*`` hyperparameters, a tokenizer of
+    ``vocab_size`` tokens (0 for none), and about ``tensor_bytes`` of tensor data
+    (rounded up to 256 bytes). ``file_type`` is llama.cpp's ftype (15 = Q4_K_M; the
+    tensors themselves are F32). ``extra_kv`` maps key -> (value, GGUFValueType)."""
+    kv: dict[str, tuple[Any, GGUFValueType]] = {
+        "general.type": ("model", GGUFValueType.STRING),
+        "general.name": (name, GGUFValueType.STRING),
+        "general.quantization_version": (2, GGUFValueType.UINT32),
+    }
+    if file_type is not None:
+        kv["general.file_type"] = (file_type, GGUFValueType.UINT32)
+    if context_length is not None:
+        kv[f"{arch}.context_length"] = (context_length, GGUFValueType.UINT32)
+    kv[f"{arch}.embedding_length"] = (ROW, GGUFValueType.UINT32)
+    kv[f"{arch}.block_count"] = (1, GGUFValueType.UINT32)
+    kv[f"{arch}.attention.head_count"] = (4, GGUFValueType.UINT32)
+    kv[f"{arch}.rope.freq_base"] = (10000.0, GGUFValueType.FLOAT32)
+    if vocab_size:
+        kv["tokenizer.ggml.model"] = ("llama", GGUFValueType.STRING)
+        kv["tokenizer.ggml.tokens"] = ([f"<t{i}>" for i in range(vocab_size)], GGUFValueType.ARRAY)
+        kv["tokenizer.ggml.scores"] = ([float(-i) for i in range(vocab_size)], GGUFValueType.ARRAY)
+        kv["tokenizer.ggml.token_type"] = ([1] * vocab_size, GGUFValueType.ARRAY)
+        kv["tokenizer.ggml.bos_token_id"] = (1, GGUFValueType.UINT32)
+    kv.update(extra_kv or {})
+    return _write(path, arch, kv, ["blk.{i}.ffn_up.weight"], tensor_bytes, seed, alignment)
+
+
+def write_mmproj(
+    path: str | os.PathLike[str],
+    *,
+    name: str = "tiny-mmproj",
+    projector_type: str = "mlp",
+    file_type: int | None = 1,
+    tensor_bytes: int = 16 * 1024,
+    seed: int = 1,
+    alignment: int | None = None,
+) -> Path:
+    """A multimodal projector (``clip`` architecture, ``general.type = mmproj``),
+    the kind llama.cpp loads with ``--mmproj``."""
+    kv: dict[str, tuple[Any, GGUFValueType]] = {
+        "general.type": ("mmproj", GGUFValueType.STRING),
+        "general.name": (name, GGUFValueType.STRING),
+        "clip.has_vision_encoder": (True, GGUFValueType.BOOL),
+        "clip.has_text_encoder": (False, GGUFValueType.BOOL),
+        "clip.projector_type": (projector_type, GGUFValueType.STRING),
+        "clip.vision.image_size": (224, GGUFValueType.UINT32),
+        "clip.vision.patch_size": (14, GGUFValueType.UINT32),
+        "clip.vision.embedding_length": (ROW, GGUFValueType.UINT32),
+        "clip.vision.block_count": (1, GGUFValueType.UINT32),
+        "clip.vision.image_mean": ([0.5, 0.5, 0.5], GGUFValueType.ARRAY),
+        "clip.vision.image_std": ([0.5, 0.5, 0.5], GGUFValueType.ARRAY),
+    }
+    if file_type is not None:
+        kv["general.file_type"] = (file_type, GGUFValueType.UINT32)
+    return _write(path, "clip", kv, ["mm.{i}.weight"], tensor_bytes, seed, alignment)
