@@ -494,3 +494,19 @@ def test_giant_lengths_allocate_little(tmp_path: Path, case_id: str, data: bytes
     finally:
         tracemalloc.stop()
     assert peak < GIANT_PEAK_BYTES, f"{case_id}: peak {peak} bytes"
+
+
+def test_import_of_every_malformed_file_stores_nothing(tmp_path: Path) -> None:
+    """Issue 2, acceptance 3, at the store: a refused import leaves no blob, temp or row."""
+    from store.core import Store
+
+    store = Store.open(tmp_path / "store")
+    for case_id, data, _ in _CORPUS:
+        path = tmp_path / f"{case_id}.gguf"
+        path.write_bytes(data)
+        with pytest.raises(GGUFError):
+            store.import_model("m", path)
+    assert store.blobs.iter_blobs() == []
+    assert list(store.layout.tmp.iterdir()) == []
+    assert store.catalog.list_models() == []
+    assert store.catalog.audit_log() == []
