@@ -353,5 +353,10 @@ def main() -> None:
         sys.exit(1)
 
 
+from .cli_mount import mount, unmount  # noqa: E402 - registered last, after the group exists
+cli.add_command(mount)
+cli.add_command(unmount)
+
+
 if __name__ == "__main__":
     main()

@@ -305,6 +305,31 @@ class Catalog:
         card["installed_at"] = row["installed_at"]
         return VersionRecord(row["model"], row["version"], row["state"], bool(row["signed"]), card, files)
 
+    def snapshot(self) -> tuple[set[str], list[tuple[ModelRecord, list[VersionRecord]]]]:
+        """Pins and every model with its versions and files, from one read transaction
+        (the mount rebuilds its tree from this; four queries however many models)."""
+        self.conn.execute("BEGIN")  # deferred: a consistent read that blocks no writer
+        try:
+            pinned = {r[0] for r in self.conn.execute("SELECT model FROM pins")}
+            models = [_model(dict(r)) for r in self.conn.execute("SELECT * FROM models ORDER BY name")]
+            files: dict[tuple[str, int], list[FileRecord]] = {}
+            for r in self.conn.execute("SELECT * FROM files ORDER BY model, version, filename"):
+                files.setdefault((r["model"], r["version"]), []).append(FileRecord.from_row(dict(r)))
+            versions: dict[str, list[VersionRecord]] = {}
+            for r in self.conn.execute("SELECT * FROM versions ORDER BY model, version"):
+                row = dict(r)
+                card = {k: row[k] for k in CARD_FIELDS}
+                if card["runtime_params"]:
+                    card["runtime_params"] = json.loads(card["runtime_params"])
+                card["created_at"] = row["created_at"]
+                card["installed_at"] = row["installed_at"]
+                versions.setdefault(row["model"], []).append(VersionRecord(
+                    row["model"], row["version"], row["state"], bool(row["signed"]), card,
+                    tuple(files.get((row["model"], row["version"]), ()))))
+        finally:
+            self.conn.execute("COMMIT")
+        return pinned, [(m, versions.get(m.name, [])) for m in models]
+
     def next_version(self, model: str) -> int:
         row = self.conn.execute("SELECT MAX(version) FROM versions WHERE model = ?", (model,)).fetchone()
         return (row[0] or 0) + 1

@@ -1,0 +1,470 @@
+"""The mount daemon: one process that serves the FUSE file system and runs the downloads.
+
+Life of a mount::
+
+    prepare   take the store's daemon lock (one daemon per store); a mountpoint left
+              stale by a killed daemon ("Transport endpoint is not connected") is
+              lazily unmounted first; the first tree is built before mounting
+    mount     pyfuse3.init, then pyfuse3.main under trio with several worker tasks,
+              beside: the catalog poller, the signal handler, the announcer (sets the
+              bdi's read_ahead_kb, writes run/daemon.json, tells a waiting parent)
+    serve     every ~200 ms the poller checks ``PRAGMA data_version``; on a change it
+              rebuilds the tree (in a worker thread) and invalidates the kernel's
+              entries and attributes that changed, so CLI changes show within a second
+    stop      SIGTERM/SIGINT detach the mount (lazy unmount): nothing new can be
+              opened, files already open keep being served, and the daemon exits when
+              the kernel closes the session after the last release; a second signal
+              ends at once
+
+Never unmount after a crash: an unexpected error leaves the mountpoint dead
+(ENOTCONN) rather than an empty directory a consumer could mistake for "no models";
+the next ``modelfs mount`` recovers it.
+
+Runtime state goes to ``run/`` (atomic writes): ``daemon.json`` (pid, mountpoint,
+offline, last fetch errors with reasons) for ``modelfs status``, ``open.json`` (what is
+open, by whom) so the CLI can tell what is in use.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from store.catalog import Catalog
+from store.core import Store
+from store.errors import Conflict, StoreError, UsageError
+from store.layout import Layout
+
+from .openfiles import Materialiser, OpenFiles
+from .tree import Namespace, Visibility, build, load_snapshot
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.2          # seconds between catalog data_version checks
+READ_AHEAD_KB = 4096         # PERF-NOTES: 4 MiB beats the 128 KiB default 2-2.5x uncached
+DEFAULT_FETCH_TIMEOUT = 3600.0
+READY_ENV = "MODELFS_READY_FD"
+MIN_TASKS, MAX_TASKS = 4, 256  # opens waiting on a download each hold a worker task
+
+
+@dataclass
+class MountConfig:
+    mountpoint: Path
+    store_root: Path
+    offline: bool = False
+    fetch_timeout: float | None = DEFAULT_FETCH_TIMEOUT
+    read_mode: str = "inline"
+    verbose: int = 0
+    visibility: Visibility | None = field(default=None, repr=False)
+
+
+# -- run/ files ------------------------------------------------------------------------------
+def write_json_atomic(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _lock_path(layout: Layout) -> Path:
+    return layout.run / "daemon.lock"
+
+
+def daemon_alive(layout: Layout) -> bool:
+    """Whether a daemon holds this store's lock (immune to pid reuse)."""
+    try:
+        fd = os.open(_lock_path(layout), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def read_status(layout: Layout) -> dict[str, Any] | None:
+    """The running daemon's ``daemon.json`` plus ``open_files``; None when none runs.
+    For ``modelfs status`` and ``rm``'s in-use warning."""
+    if not daemon_alive(layout):
+        return None
+    try:
+        status = json.loads((layout.run / "daemon.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        status["open_files"] = json.loads((layout.run / "open.json").read_text())["files"]
+    except (FileNotFoundError, ValueError, KeyError):
+        status["open_files"] = []
+    return status
+
+
+# -- mountpoints ------------------------------------------------------------------------------------
+def lazy_unmount(mountpoint: Path) -> None:
+    """Detach a FUSE mount (stale or live) without waiting for its users."""
+    for argv in (["fusermount3", "-u", "-z", str(mountpoint)], ["umount", "-l", str(mountpoint)]):
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        except FileNotFoundError:
+            continue
+        if r.returncode == 0:
+            return
+        log.debug("%s failed: %s", argv[0], r.stderr.strip())
+    raise StoreError(f"could not unmount {mountpoint}; try: fusermount3 -u -z {mountpoint}")
+
+
+def is_stale(mountpoint: Path) -> bool:
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def prepare_mountpoint(mountpoint: Path) -> Path:
+    """Recover a stale mount, refuse a live one, create a missing directory."""
+    if is_stale(mountpoint):
+        log.warning("%s is a stale mount (its daemon died); unmounting it lazily", mountpoint)
+        lazy_unmount(mountpoint)
+    if not mountpoint.exists():
+        mountpoint.mkdir(parents=True)
+    mountpoint = mountpoint.resolve()
+    if not mountpoint.is_dir():
+        raise UsageError(f"{mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise Conflict(f"{mountpoint} is already a mount point", mountpoint=str(mountpoint))
+    return mountpoint
+
+
+def set_read_ahead(st_dev: int, kb: int = READ_AHEAD_KB) -> bool:
+    bdi = Path(f"/sys/class/bdi/{os.major(st_dev)}:{os.minor(st_dev)}/read_ahead_kb")
+    try:
+        bdi.write_text(f"{kb}\n")
+    except OSError as exc:
+        log.info("could not set %s to %d (%s); reads stay at the default readahead", bdi, kb, exc.strerror)
+        return False
+    return True
+
+
+def mount_options() -> set[str]:
+    import pyfuse3
+    opts = set(pyfuse3.default_options) | {"fsname=modelfs", "subtype=modelfs", "ro"}
+    # Apps run as other users; the kernel lets them in only with allow_other.
+    if os.geteuid() == 0 or _fuse_conf_allows_other():
+        opts.add("allow_other")
+    return opts
+
+
+def _fuse_conf_allows_other() -> bool:
+    try:
+        return any(line.strip() == "user_allow_other" for line in open("/etc/fuse.conf"))
+    except OSError:
+        return False
+
+
+# -- the daemon --------------------------------------------------------------------------------
+class Daemon:
+    def __init__(self, cfg: MountConfig) -> None:
+        self.cfg = cfg
+        self.store = Store.open(cfg.store_root)
+        self.layout = self.store.layout
+        self.mountpoint = cfg.mountpoint
+        self.ns = Namespace(cfg.visibility)
+        self.poll_catalog = Catalog(self.layout.catalog)  # used only in worker threads, one at a time
+        self.db_limiter = trio.CapacityLimiter(1)
+        self.materialiser = Materialiser(self.layout, None, offline=cfg.offline,
+                                         fetch_timeout=cfg.fetch_timeout, on_failure=self.publish_status)
+        self.files = OpenFiles(self.materialiser, read_mode=cfg.read_mode, on_change=self.publish_open)
+        self.started_at = time.time()
+        self.detached = False
+        self._lock_fd = -1
+        self._data_version: int | None = None
+
+    # -- state files ----------------------------------------------------------------------
+    def publish_status(self) -> None:
+        if self.detached:
+            return  # a newer daemon may own run/ now
+        write_json_atomic(self.layout.run / "daemon.json", {
+            "pid": os.getpid(), "mountpoint": str(self.mountpoint), "store": str(self.layout.root),
+            "offline": self.cfg.offline, "fetch_timeout": self.cfg.fetch_timeout,
+            "read_mode": self.cfg.read_mode, "started_at": self.started_at,
+            "fetch_errors": [f.as_dict() for f in self.materialiser.failures],
+        })
+
+    def publish_open(self) -> None:
+        if self.detached:
+            return
+        write_json_atomic(self.layout.run / "open.json", {"pid": os.getpid(), "files": self.files.table()})
+
+    def _lock(self) -> None:
+        fd = os.open(_lock_path(self.layout), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            where = (read_status_unlocked(self.layout) or {}).get("mountpoint", "?")
+            raise Conflict(f"this store is already mounted (at {where}); run `modelfs unmount {where}` first",
+                           mountpoint=where) from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    # -- catalog → tree --------------------------------------------------------------------
+    def _load(self):  # runs in a worker thread, one at a time (db_limiter)
+        cat = self.poll_catalog
+        for name in list(self.files.pending_touch):
+            self.files.pending_touch.discard(name)
+            cat.touch(name)
+        version = cat.data_version()
+        if version == self._data_version:
+            return None
+        self._data_version = version
+        return build(load_snapshot(cat), self.ns.inodes, self.ns.tree)
+
+    async def refresh(self) -> bool:
+        new = await trio.to_thread.run_sync(self._load, limiter=self.db_limiter)
+        if new is None:
+            return False
+        change = self.ns.swap(new)
+        if change:
+            await self._invalidate(change)
+        return True
+
+    async def _invalidate(self, change) -> None:
+        import pyfuse3
+        for parent, name, deleted in change.entries:
+            pyfuse3.invalidate_entry_async(parent, os.fsencode(name), deleted=deleted, ignore_enoent=True)
+        if change.inodes:
+            await trio.to_thread.run_sync(_invalidate_inodes, change.inodes)
+        log.debug("tree rebuilt: %d entries and %d inodes invalidated", len(change.entries), len(change.inodes))
+
+    async def _poller(self) -> None:
+        while True:
+            await trio.sleep(POLL_INTERVAL)
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - the mount keeps serving the last good tree
+                log.exception("catalog refresh failed; serving the previous tree")
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def _signals(self) -> None:
+        import pyfuse3
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if self.detached:
+                    log.warning("second %s: stopping now", signal.Signals(signum).name)
+                    pyfuse3.terminate()
+                    return
+                log.info("%s: unmounting %s", signal.Signals(signum).name, self.mountpoint)
+                await trio.to_thread.run_sync(lazy_unmount, self.mountpoint)
+                self.detached = True
+                self._unlock()
+                if len(self.files):
+                    log.info("%d file(s) still open; serving them until they are closed", len(self.files))
+
+    async def _announce(self) -> None:
+        # A stat through the mount proves the kernel and pyfuse3.main are talking.
+        st = await trio.to_thread.run_sync(os.stat, self.mountpoint)
+        await trio.to_thread.run_sync(set_read_ahead, st.st_dev)
+        self.publish_status()
+        self.publish_open()
+        log.info("mounted %s at %s (pid %d%s)", self.layout.root, self.mountpoint, os.getpid(),
+                 ", offline" if self.cfg.offline else "")
+        ready = os.environ.pop(READY_ENV, None)
+        if ready:
+            with os.fdopen(int(ready), "w") as f:
+                f.write(f"ready {os.getpid()}\n")
+
+    async def _fetcher(self):
+        try:
+            from store.download import Downloader
+        except ImportError:
+            log.warning("store.download is not available: dehydrated files cannot be fetched")
+            return None
+        return Downloader(self.store, offline=self.cfg.offline)
+
+    async def serve(self) -> None:
+        import pyfuse3
+
+        from .fuse_ops import ModelOps
+
+        self._lock()
+        self.mountpoint = prepare_mountpoint(self.mountpoint)
+        self.ns.swap(await trio.to_thread.run_sync(self._load))
+        blobs = self.store.blobs
+        ops = ModelOps(self.ns, self.files, lambda sha: "local" if blobs.has(sha) else "dehydrated")
+        fetcher = self.materialiser.fetcher = await self._fetcher()
+        pyfuse3.init(ops, str(self.mountpoint), mount_options())
+        clean = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._poller, name="catalog-poller")
+                nursery.start_soon(self._signals, name="signals")
+                nursery.start_soon(self._announce, name="announce")
+                await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)
+                nursery.cancel_scope.cancel()
+            clean = True
+        finally:
+            if not clean:
+                log.critical("the daemon failed; leaving %s mounted but disconnected (never an empty "
+                             "directory); `modelfs mount` recovers it", self.mountpoint)
+            self.files.close_all()
+            with trio.CancelScope(shield=True):
+                if fetcher is not None:
+                    await fetcher.aclose()
+            # After a detach the kernel has already let go; after a crash, never unmount.
+            pyfuse3.close(unmount=clean and not self.detached)
+            if clean:
+                log.info("session with the kernel closed; %s unmounted", self.mountpoint)
+            self._cleanup_run_files()
+
+    def _cleanup_run_files(self) -> None:
+        if self.detached or self._lock_fd < 0:
+            return
+        for name in ("daemon.json", "open.json"):
+            try:
+                (self.layout.run / name).unlink()
+            except FileNotFoundError:
+                pass
+        self._unlock()
+
+    def close(self) -> None:
+        self._unlock()
+        self.poll_catalog.close()
+        self.store.close()
+
+
+def _invalidate_inodes(inodes) -> None:
+    import pyfuse3
+    for ino in inodes:
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # the kernel never saw it: nothing to forget
+                log.warning("could not invalidate inode %d: %s", ino, exc)
+
+
+def read_status_unlocked(layout: Layout) -> dict[str, Any] | None:
+    try:
+        return json.loads((layout.run / "daemon.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def run_foreground(cfg: MountConfig) -> int:
+    """Mount and serve until unmounted or signalled. Returns the exit status."""
+    daemon = Daemon(cfg)
+    try:
+        trio.run(daemon.serve)
+    finally:
+        daemon.close()
+    return 0
+
+
+# -- background start and unmount (the CLI side) --------------------------------------------------------
+def start_background(cfg: MountConfig, argv_prefix: list[str], timeout: float = 60.0) -> int:
+    """Re-exec ``modelfs mount --foreground`` detached; return its pid once the mount is live."""
+    layout = Layout(cfg.store_root)
+    layout.ensure()
+    log_path = layout.run / "daemon.log"
+    r, w = os.pipe()
+    argv = [*argv_prefix, "mount", str(cfg.mountpoint), "--foreground",
+            "--fetch-timeout", str(cfg.fetch_timeout or 0), "--read-mode", cfg.read_mode]
+    if cfg.offline:
+        argv.append("--offline")
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
+                                env={**os.environ, READY_ENV: str(w)}, start_new_session=True)
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], timeout)
+        line = os.read(r, 256).decode(errors="replace") if ready else ""
+    finally:
+        os.close(r)
+    if line.startswith("ready"):
+        return proc.pid
+    if proc.poll() is None:
+        proc.terminate()
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+    reason = tail[-1] if tail else "no output"
+    raise StoreError(f"the mount daemon did not start: {reason} (log: {log_path})")
+
+
+def unmount(mountpoint: Path, layout: Layout, timeout: float = 30.0) -> str:
+    """Stop the daemon serving ``mountpoint``; returns what happened, in words."""
+    if is_stale(mountpoint):
+        lazy_unmount(mountpoint)
+        return f"cleaned up stale mount {mountpoint}"
+    mountpoint = mountpoint.resolve()
+    if not os.path.ismount(mountpoint):
+        raise UsageError(f"{mountpoint} is not mounted")
+    status = read_status(layout)
+    if status is None or Path(status["mountpoint"]) != mountpoint:
+        # Not this store's daemon (or another store): a plain unmount, refused while busy.
+        r = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise Conflict(f"could not unmount {mountpoint}: {r.stderr.strip() or 'busy'}")
+        return f"unmounted {mountpoint}"
+    pid = int(status["pid"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while os.path.ismount(mountpoint) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if os.path.ismount(mountpoint):
+        raise StoreError(f"daemon {pid} did not unmount {mountpoint} within {timeout:g}s")
+    busy = len(status["open_files"])
+    if busy:
+        return (f"unmounted {mountpoint}; {busy} file(s) still open, daemon {pid} exits when they are closed")
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return f"unmounted {mountpoint}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def log_to_stderr(verbose: int) -> None:
+    """The daemon logs its own events at INFO (journald picks stderr up under systemd)."""
+    level = logging.INFO if verbose <= 1 else logging.DEBUG
+    for name in ("modelfs", "store"):
+        logging.getLogger(name).setLevel(level)
+
+

@@ -1,0 +1,223 @@
+"""Files open through the mount: materialise on open, serve reads, pin blobs until release.
+
+``open`` returns only with a descriptor on a verified blob: a local blob is opened at
+once; a dehydrated one is fetched (or joined) through the downloader under a deadline,
+and any failure is a store error that ``errnos`` turns into EIO / ENETUNREACH /
+ETIMEDOUT. No byte is served before the whole file is verified, and no partial file is
+ever opened.
+
+The descriptor is held from ``open`` to ``release``. That is what pins a blob: ``rm``
+and ``prune`` unlink it, but its bytes stay readable through the descriptor for every
+reader (FUSE sends ``release`` only after the last ``munmap``), and the kernel frees
+them at our ``close``. What is open is published (``run/open.json``) on every change,
+so the CLI can say what is in use.
+
+Reads are ``os.pread`` on the event-loop thread: a thread hop costs more than it saves
+for the request sizes FUSE sends (see docs/performance.md). ``read_mode`` keeps the
+alternatives for the benchmark. No pyfuse3 here; ``fuse_ops`` adapts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import mmap
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from store.catalog import FileRecord
+from store.errors import FetchError, FetchTimeout, NotFound, OfflineError, StoreError
+from store.layout import Layout
+from store.redact import redact_text
+
+from .tree import Caller, Node
+
+log = logging.getLogger(__name__)
+
+READ_MODES = ("inline", "thread", "mmap")
+THREAD_MIN = 256 << 10       # in 'thread' mode, smaller requests stay on the loop thread
+TOUCH_EVERY = 60.0           # seconds between last-used updates of one model
+
+
+class Fetcher(Protocol):
+    """What the mount needs of ``store.download.Downloader``."""
+
+    async def ensure(self, rec: FileRecord, progress: Callable[[int], None] | None = None) -> Path: ...
+
+
+@dataclass
+class FetchFailure:
+    at: float
+    model: str | None
+    filename: str
+    sha256: str
+    error: str      # exception class name
+    reason: str     # one line, redacted
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Materialiser:
+    """A verified local blob for a file record, fetching it when it is not local yet."""
+
+    def __init__(self, layout: Layout, fetcher: Fetcher | None, *, offline: bool = False,
+                 fetch_timeout: float | None = None, on_failure: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.layout = layout
+        self.fetcher = fetcher
+        self.offline = offline
+        self.fetch_timeout = fetch_timeout
+        self.failures: deque[FetchFailure] = deque(maxlen=20)
+        self._on_failure = on_failure
+        self._clock = clock
+
+    async def open_fd(self, node: Node) -> int:
+        rec = node.file
+        assert rec is not None
+        try:
+            return _open_ro(self.layout.blob(rec.sha256))
+        except FileNotFoundError:
+            pass
+        try:
+            path = await self._fetch(rec)
+        except StoreError as exc:
+            self._record(node, exc)
+            raise
+        return _open_ro(path)
+
+    async def _fetch(self, rec: FileRecord) -> Path:
+        if self.offline:
+            raise OfflineError(f"{rec.filename} is not local and the store is offline", sha256=rec.sha256)
+        if self.fetcher is None:
+            raise FetchError(f"{rec.filename} is not local and this daemon cannot download", sha256=rec.sha256)
+        deadline = self.fetch_timeout if self.fetch_timeout else math.inf
+        try:
+            with trio.fail_after(deadline):
+                return await self.fetcher.ensure(rec)
+        except trio.TooSlowError:
+            raise FetchTimeout(f"{rec.filename} was not fetched within {deadline:g}s",
+                               sha256=rec.sha256, timeout=deadline) from None
+
+    def _record(self, node: Node, exc: StoreError) -> None:
+        rec = node.file
+        assert rec is not None
+        reason = redact_text(str(exc))
+        self.failures.append(FetchFailure(self._clock(), node.model, rec.filename, rec.sha256,
+                                          type(exc).__name__, reason))
+        log.warning("open of %s/%s failed: %s: %s", node.model, rec.filename, type(exc).__name__, reason)
+        if self._on_failure:
+            self._on_failure()
+
+
+def _open_ro(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+@dataclass(eq=False)
+class Handle:
+    fh: int
+    node: Node
+    fd: int                          # blob descriptor; -1 for generated files
+    caller: Caller
+    opened_at: float
+    map: mmap.mmap | None = None     # 'mmap' read mode only
+    view: memoryview | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        f = self.node.file
+        return {"fh": self.fh, "pid": self.caller.pid, "uid": self.caller.uid, "model": self.node.model,
+                "version": self.node.version, "filename": f.filename if f else "model.json",
+                "sha256": self.node.sha256, "size": self.node.size, "opened_at": self.opened_at}
+
+
+class OpenFiles:
+    """The open-file table. Mutated only on the event-loop thread."""
+
+    def __init__(self, materialiser: Materialiser, *, read_mode: str = "inline",
+                 on_change: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        if read_mode not in READ_MODES:
+            raise ValueError(f"read_mode must be one of {READ_MODES}")
+        self.materialiser = materialiser
+        self.read_mode = read_mode
+        self._handles: dict[int, Handle] = {}
+        self._fh = itertools.count(1)
+        self._on_change = on_change
+        self._clock = clock
+        self._touched: dict[str, float] = {}
+        self.pending_touch: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    async def open(self, node: Node, caller: Caller) -> int:
+        if node.kind == "file":
+            fd = await self.materialiser.open_fd(node)
+        elif node.kind == "card":
+            fd = -1
+        else:
+            raise NotFound("not a file")
+        h = Handle(next(self._fh), node, fd, caller, self._clock())
+        if self.read_mode == "mmap" and fd >= 0 and node.size > 0:
+            h.map = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+            h.view = memoryview(h.map)
+        self._handles[h.fh] = h
+        self._note_use(node)
+        self._changed()
+        return h.fh
+
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        h = self._handles[fh]
+        if h.fd < 0:
+            assert h.node.data is not None
+            return h.node.data[off:off + size]
+        if h.view is not None:
+            return h.view[off:off + size]
+        if self.read_mode == "thread" and size >= THREAD_MIN:
+            return await trio.to_thread.run_sync(os.pread, h.fd, size, off)
+        return os.pread(h.fd, size, off)
+
+    def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is None:
+            return
+        if h.view is not None:
+            h.view.release()
+            assert h.map is not None
+            try:
+                h.map.close()
+            except BufferError:  # a reply still holds a slice; unmapped when it is dropped
+                pass
+        if h.fd >= 0:
+            os.close(h.fd)
+        self._changed()
+
+    def close_all(self) -> None:
+        for fh in list(self._handles):
+            self.release(fh)
+
+    def table(self) -> list[dict[str, Any]]:
+        return [h.as_dict() for h in self._handles.values()]
+
+    def _note_use(self, node: Node) -> None:
+        """Last-used time goes to the catalog in batches (a write per open would cost
+        an fsync on the open path)."""
+        if node.model is None:
+            return
+        now = self._clock()
+        if now - self._touched.get(node.model, -math.inf) >= TOUCH_EVERY:
+            self._touched[node.model] = now
+            self.pending_touch.add(node.model)
+
+    def _changed(self) -> None:
+        if self._on_change:
+            self._on_change()

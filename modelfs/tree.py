@@ -1,0 +1,511 @@
+"""What the mount looks like: the tree of directories and files, here and only here.
+
+Built from a catalog snapshot, with no kernel and no pyfuse3 (a test enforces it)::
+
+    /                                   root: one directory per logical model, sorted
+    /<model>/                           the active version's files, under their manifest names
+    /<model>/model.json                 generated, redacted metadata card
+    /<model>/.versions/<N>/             every installed version, each at a stable path
+    /<model>/<dir>/<file>               archive members ('/' in a filename) become nested dirs
+
+Inode numbers. An :class:`InodeMap` gives every node a key and remembers key -> inode
+across rebuilds, so an unchanged file keeps its number (and the kernel keeps its page
+cache). A file's key holds its model, version, path *and SHA-256*: different bytes
+always get a new inode, so cached pages of old bytes are never served for new ones.
+The active path and ``.versions/<active>/`` name the same file, so they share one
+inode (a hard link, nlink 2) and one page cache. Numbers are never reused.
+
+Timeouts. Everything below a model directory is immutable for a given inode, so its
+entries and attributes are cached for long (:data:`LONG_TIMEOUT`) and invalidated
+explicitly when a rebuild changes them (:func:`diff`). Top-level model entries are
+the only caller-dependent ones (per-app visibility), so their entry timeout is 0: the
+kernel asks ``lookup`` again on every path walk and never serves one caller's answer
+to another.
+
+Lookup counts. The kernel holds on to inodes it was told about (lookup, readdirplus)
+until it sends ``forget``. :class:`Namespace` counts them, so a node that left the tree
+(``rm`` while a reader still has the file open) stays answerable until forgotten.
+
+This module decides; it never touches the kernel, blobs on disk, or the catalog's SQL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import stat
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NewType, Protocol
+
+from store.catalog import Catalog, FileRecord, ModelRecord, VersionRecord
+from store.errors import NotFound, StoreError
+from store.redact import redact_text, redact_url
+
+Inode = NewType("Inode", int)
+
+ROOT_INODE = Inode(1)
+#: Seconds the kernel may cache entries and attributes that only change through an
+#: explicit invalidation (everything whose inode number pins its content).
+LONG_TIMEOUT = 3600.0
+#: Entry timeout of caller-dependent entries (top-level models): never cached.
+CALLER_TIMEOUT = 0.0
+#: Attribute timeout of directories whose listing changes (root, model dirs); they are
+#: invalidated too, this only bounds the damage if an invalidation is lost.
+DIR_ATTR_TIMEOUT = 1.0
+
+CARD_NAME = "model.json"
+VERSIONS_DIR = ".versions"
+XATTR_PREFIX = "user.modelfs."
+XATTRS = ("sha256", "state", "version", "source")
+
+DIR_MODE = stat.S_IFDIR | 0o555
+FILE_MODE = stat.S_IFREG | 0o444
+
+
+class NoAttribute(StoreError):
+    """The node has no such extended attribute (ENODATA, not ENOENT)."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: the kernel's request context, without pyfuse3."""
+    uid: int
+    gid: int
+    pid: int
+
+
+class Visibility(Protocol):
+    """Decides whether ``caller`` may see ``model``; asked on lookup, opendir and open
+    of anything inside a model. Per-app rules plug in here (a later issue)."""
+
+    def allows(self, caller: Caller, model: ModelRecord) -> bool: ...
+
+
+class AllowAll:
+    """Every caller sees every model (the default until per-app rules exist)."""
+
+    def allows(self, caller: Caller, model: ModelRecord) -> bool:
+        return True
+
+
+# -- snapshot -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model as the catalog had it: the input of one model's subtree."""
+    model: ModelRecord
+    versions: tuple[VersionRecord, ...]
+    pinned: bool = False
+
+    def same_tree(self, other: ModelEntry | None) -> bool:
+        """Whether ``other`` yields the same subtree (``last_used_at`` never shows)."""
+        if other is None:
+            return False
+        a, b = self.model, other.model
+        return (a.name, a.active_version, a.last_good_version, a.owner_app, a.visibility,
+                a.created_at, self.pinned, self.versions) == (
+                b.name, b.active_version, b.last_good_version, b.owner_app, b.visibility,
+                b.created_at, other.pinned, other.versions)
+
+
+Snapshot = tuple[ModelEntry, ...]
+
+
+def load_snapshot(catalog: Catalog) -> Snapshot:
+    """Everything the tree needs, read in one consistent catalog transaction."""
+    pinned, rows = catalog.snapshot()
+    return tuple(ModelEntry(m, tuple(vs), m.name in pinned) for m, vs in rows)
+
+
+# -- nodes --------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Node:
+    ino: Inode
+    parent: Inode
+    kind: str                       # 'dir', 'file' (a blob) or 'card' (generated bytes)
+    size: int
+    mtime_ns: int
+    nlink: int = 1
+    model: str | None = None        # owning model; None for the root
+    version: int | None = None      # version the bytes belong to
+    file: FileRecord | None = None  # for 'file'
+    data: bytes | None = None       # for 'card'
+    source: str | None = None       # redacted source of the version
+    children: Mapping[str, Inode] = field(default_factory=dict)  # sorted by name
+    top_level: bool = False         # a model directory: visibility differs by caller
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "dir"
+
+    @property
+    def sha256(self) -> str | None:
+        if self.file is not None:
+            return self.file.sha256
+        if self.data is not None:
+            return hashlib.sha256(self.data).hexdigest()
+        return None
+
+    def same_attrs(self, other: Node) -> bool:
+        return (self.kind, self.size, self.mtime_ns, self.nlink) == (
+            other.kind, other.size, other.mtime_ns, other.nlink)
+
+
+@dataclass(frozen=True)
+class Attr:
+    """What ``stat`` shows, plus how long the kernel may cache it."""
+    ino: Inode
+    mode: int
+    nlink: int
+    size: int
+    mtime_ns: int
+    entry_timeout: float
+    attr_timeout: float
+
+    @property
+    def blocks(self) -> int:
+        return (self.size + 511) // 512
+
+
+def attr(node: Node) -> Attr:
+    if node.is_dir:
+        entry = CALLER_TIMEOUT if node.top_level else LONG_TIMEOUT
+        # Root and model dirs change listing (nlink, mtime) on activate/import/rm.
+        changing = node.ino == ROOT_INODE or node.top_level
+        return Attr(node.ino, DIR_MODE, node.nlink, 0, node.mtime_ns, entry,
+                    DIR_ATTR_TIMEOUT if changing else LONG_TIMEOUT)
+    return Attr(node.ino, FILE_MODE, node.nlink, node.size, node.mtime_ns, LONG_TIMEOUT, LONG_TIMEOUT)
+
+
+def xattrs(node: Node, state: Callable[[str], str]) -> dict[str, bytes]:
+    """``user.modelfs.*`` of a file; ``state(sha256)`` says 'local' or 'dehydrated'."""
+    if node.is_dir:
+        return {}
+    sha = node.sha256 or ""
+    values = {
+        "sha256": sha,
+        "state": "generated" if node.kind == "card" else state(sha),
+        "version": "" if node.version is None else str(node.version),
+        "source": node.source or "",
+    }
+    return {XATTR_PREFIX + k: v.encode() for k, v in values.items()}
+
+
+def xattr(node: Node, name: str, state: Callable[[str], str]) -> bytes:
+    try:
+        return xattrs(node, state)[name]
+    except KeyError:
+        raise NoAttribute(f"no extended attribute {name[:80]!r}") from None
+
+
+# -- inode numbers ----------------------------------------------------------------------------
+class InodeMap:
+    """Key -> inode number, kept across rebuilds; numbers are handed out once."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[Any, ...], Inode] = {("root",): ROOT_INODE}
+        self._next = ROOT_INODE + 1
+
+    def __call__(self, *key: Any) -> Inode:
+        ino = self._by_key.get(key)
+        if ino is None:
+            ino = self._by_key[key] = Inode(self._next)
+            self._next += 1
+        return ino
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+
+# -- building -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tree:
+    nodes: Mapping[Inode, Node]
+    entries: Mapping[str, ModelEntry]                    # by model name
+    subtrees: Mapping[str, tuple[Node, ...]]            # every node of one model
+    total_bytes: int = 0
+
+    @property
+    def root(self) -> Node:
+        return self.nodes[ROOT_INODE]
+
+
+EMPTY = Tree({ROOT_INODE: Node(ROOT_INODE, ROOT_INODE, "dir", 0, 0, nlink=2)}, {}, {})
+
+
+def build(snapshot: Snapshot, inodes: InodeMap, previous: Tree = EMPTY, *,
+          now: float | None = None) -> Tree:
+    """The tree for ``snapshot``. Models whose catalog rows did not change since
+    ``previous`` keep their node objects (cheap rebuilds of large stores)."""
+    nodes: dict[Inode, Node] = {}
+    entries: dict[str, ModelEntry] = {}
+    subtrees: dict[str, tuple[Node, ...]] = {}
+    top: dict[str, Inode] = {}
+    mtime = 0
+    total = 0
+    for entry in sorted(snapshot, key=lambda e: e.model.name):
+        name = entry.model.name
+        sub = previous.subtrees.get(name)
+        if sub is None or not entry.same_tree(previous.entries.get(name)):
+            sub = _model_subtree(entry, inodes)
+        entries[name] = entry
+        subtrees[name] = sub
+        for n in sub:
+            nodes[n.ino] = n
+        top[name] = sub[0].ino
+        mtime = max(mtime, sub[0].mtime_ns)
+        total += sum(n.size for n in sub if n.kind == "file")
+    if not snapshot:
+        mtime = int((now if now is not None else time.time()) * 1e9) if previous is EMPTY \
+            else previous.root.mtime_ns
+    nodes[ROOT_INODE] = Node(ROOT_INODE, ROOT_INODE, "dir", 0, mtime, nlink=2 + len(top), children=top)
+    return Tree(nodes, entries, subtrees, total)
+
+
+def _ns(t: float | None) -> int:
+    return int((t or 0) * 1e9)
+
+
+def _model_subtree(entry: ModelEntry, ino: InodeMap) -> tuple[Node, ...]:
+    """Nodes of one model; the first is the model directory itself."""
+    m = entry.model
+    name = m.name
+    installed = [v for v in entry.versions if v.state == "installed"]
+    active = next((v for v in installed if v.version == m.active_version), None)
+    out: list[Node] = []
+    links: dict[Inode, int] = {}      # file inode -> number of names
+    files: dict[Inode, tuple[FileRecord, VersionRecord]] = {}
+
+    def file_ino(v: VersionRecord, rec: FileRecord) -> Inode:
+        i = ino("file", name, v.version, rec.filename, rec.sha256)
+        links[i] = links.get(i, 0) + 1
+        files[i] = (rec, v)
+        return i
+
+    # A directory is described as {name: child inode or nested dict}; nodes made later.
+    def layout(v: VersionRecord) -> dict[str, Any]:
+        tree: dict[str, Any] = {}
+        for rec in v.files:
+            *dirs, leaf = rec.filename.split("/")
+            d = tree
+            for part in dirs:
+                d = d.setdefault(part, {})
+                if not isinstance(d, dict):
+                    break  # a file and a dir of the same name: the file wins
+            else:
+                d.setdefault(leaf, file_ino(v, rec))
+        return tree
+
+    model_ino = ino("model", name)
+    version_dirs: dict[str, Any] = {str(v.version): layout(v) for v in installed}
+    top: dict[str, Any] = layout(active) if active is not None else {}
+    card = render_card(entry)
+    card_ino = ino("card", name, hashlib.sha256(card).hexdigest())
+    card_mtime = _ns(active.card.get("installed_at") if active else m.created_at) or _ns(m.created_at)
+
+    def make_dirs(tree: dict[str, Any], key: tuple[Any, ...], parent: Inode, d_ino: Inode,
+                  mtime: int, extra: dict[str, Inode] | None = None, is_top: bool = False) -> Node:
+        children: dict[str, Inode] = dict(extra or {})
+        subdirs = 0
+        for child, value in tree.items():
+            if isinstance(value, dict):
+                c_ino = ino("dir", *key, child)
+                make_dirs(value, (*key, child), d_ino, c_ino, mtime)
+                children[child] = c_ino
+                subdirs += 1
+            else:
+                children[child] = value
+                parents.setdefault(value, d_ino)
+        subdirs += sum(1 for c in (extra or {}).values() if c in dir_inos)
+        node = Node(d_ino, parent, "dir", 0, mtime, nlink=2 + subdirs, model=name,
+                    children=dict(sorted(children.items())), top_level=is_top)
+        out.append(node)
+        dir_inos.add(d_ino)
+        return node
+
+    dir_inos: set[Inode] = set()
+    parents: dict[Inode, Inode] = {}
+    vmtimes = {str(v.version): _ns(v.card.get("installed_at") or v.card.get("created_at")) for v in installed}
+    versions_ino = ino("versions", name)
+    version_children: dict[str, Inode] = {}
+    for vname, vtree in version_dirs.items():
+        v_ino = ino("vdir", name, int(vname))
+        make_dirs(vtree, ("v", name, int(vname)), versions_ino, v_ino, vmtimes[vname])
+        version_children[vname] = v_ino
+    newest = max([*vmtimes.values(), _ns(m.created_at)])
+    make_dirs({}, ("versions", name), model_ino, versions_ino, newest, extra=version_children)
+    model_node = make_dirs(top, ("a", name, m.active_version), ROOT_INODE, model_ino,
+                           max(newest, card_mtime), extra={CARD_NAME: card_ino, VERSIONS_DIR: versions_ino},
+                           is_top=True)
+    for i, (rec, v) in files.items():
+        mtime = _ns(v.card.get("installed_at") or v.card.get("created_at"))
+        out.append(Node(i, parents[i], "file", rec.size, mtime, nlink=links[i], model=name,
+                        version=v.version, file=rec, source=_redacted(v.card.get("source"))))
+    out.append(Node(card_ino, model_ino, "card", len(card), card_mtime, model=name,
+                    version=m.active_version, data=card,
+                    source=_redacted(active.card.get("source")) if active else None))
+    out.remove(model_node)
+    return (model_node, *out)
+
+
+def _redacted(text: Any) -> str | None:
+    if text is None:
+        return None
+    text = str(text)
+    return redact_url(text) if "://" in text and " " not in text else redact_text(text)
+
+
+def render_card(entry: ModelEntry) -> bytes:
+    """The generated ``model.json``: metadata of the active version, redacted.
+
+    Only catalog facts that change through a catalog write appear, so the card's bytes
+    (and its inode) change exactly when the catalog does; nothing volatile such as
+    last-used time or whether a blob is local yet."""
+    m = entry.model
+    active = next((v for v in entry.versions if v.version == m.active_version), None)
+    card: dict[str, Any] = {
+        "name": m.name, "active_version": m.active_version, "last_good_version": m.last_good_version,
+        "owner_app": m.owner_app, "visibility": m.visibility, "pinned": entry.pinned,
+        "versions": [{"version": v.version, "state": v.state, "signed": v.signed,
+                      "installed_at": v.card.get("installed_at")} for v in entry.versions],
+    }
+    if active is not None:
+        meta = {k: val for k, val in active.card.items() if k not in ("created_at",)}
+        for k in ("source", "source_url", "license", "compat_notes", "min_device"):
+            if meta.get(k) is not None:
+                meta[k] = _redacted(meta[k])
+        card.update(meta)
+        card["signed"] = active.signed
+        card["size"] = sum(f.size for f in active.files)
+        card["files"] = [{"filename": f.filename, "role": f.role, "size": f.size, "sha256": f.sha256,
+                          **({"url": redact_url(f.url)} if f.url else {})} for f in active.files]
+        mmproj = [f.filename for f in active.files if f.role == "mmproj"]
+        weights = [f.filename for f in active.files if f.role in ("weights", "shard")]
+        if mmproj:
+            card["mmproj"] = {"files": mmproj, "for": weights}
+    return (json.dumps(card, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
+# -- changes ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Invalidation:
+    """What the kernel must forget after a rebuild."""
+    entries: tuple[tuple[Inode, str, Inode], ...]  # (parent, name, deleted inode or 0)
+    inodes: tuple[Inode, ...]                       # attributes changed (attr-only)
+
+    def __bool__(self) -> bool:
+        return bool(self.entries or self.inodes)
+
+
+def diff(old: Tree, new: Tree) -> Invalidation:
+    """Entries whose name now means another inode (or nothing), and inodes whose
+    attributes changed. Entries below a vanished directory are not listed: the
+    kernel drops them with the directory's own entry."""
+    entries: list[tuple[Inode, str, Inode]] = []
+    inodes: list[Inode] = []
+    for ino, before in old.nodes.items():
+        after = new.nodes.get(ino)
+        if after is None or after is before:
+            continue
+        if not after.same_attrs(before):
+            inodes.append(ino)
+        if before.is_dir:
+            for name, child in before.children.items():
+                now = after.children.get(name)
+                if now != child:
+                    entries.append((ino, name, Inode(0) if now is not None else child))
+    return Invalidation(tuple(entries), tuple(inodes))
+
+
+# -- the live namespace -------------------------------------------------------------------------------
+class Namespace:
+    """The current tree plus what the kernel still remembers of earlier ones.
+
+    Mutated only from the daemon's event loop (no locks): ``replace`` swaps the tree,
+    lookups and forgets keep the kernel's counts."""
+
+    def __init__(self, visibility: Visibility | None = None) -> None:
+        self.visibility: Visibility = visibility or AllowAll()
+        self.inodes = InodeMap()
+        self.tree = EMPTY
+        self._lookups: dict[Inode, int] = {}
+        self._retired: dict[Inode, Node] = {}
+
+    # building
+    def replace(self, snapshot: Snapshot, now: float | None = None) -> Invalidation:
+        new = build(snapshot, self.inodes, self.tree, now=now)
+        return self.swap(new)
+
+    def swap(self, new: Tree) -> Invalidation:
+        old, self.tree = self.tree, new
+        change = diff(old, new)
+        for ino, node in old.nodes.items():
+            if ino not in new.nodes and self._lookups.get(ino):
+                self._retired[ino] = node
+        for ino in list(self._retired):
+            if ino in new.nodes:
+                del self._retired[ino]
+        return change
+
+    # reading
+    def get(self, ino: int) -> Node:
+        node = self.tree.nodes.get(Inode(ino)) or self._retired.get(Inode(ino))
+        if node is None:
+            raise NotFound(f"no inode {ino}", inode=ino)
+        return node
+
+    def lookup(self, parent: int, name: str, caller: Caller) -> Node:
+        """The child ``name`` of ``parent``, counted as known to the kernel."""
+        p = self.get(parent)
+        if name == ".":
+            child = p
+        elif name == "..":
+            child = self.get(p.parent)
+        else:
+            ino = p.children.get(name)
+            if ino is None:
+                raise NotFound(f"no entry {name[:80]!r}", name=name)
+            child = self.get(ino)
+        self.check_visible(child, caller)
+        self.remember(child.ino)
+        return child
+
+    def listing(self, ino: int, caller: Caller) -> list[tuple[str, Node]]:
+        """Sorted entries of a directory as ``caller`` may see them."""
+        d = self.get(ino)
+        if not d.is_dir:
+            raise NotFound("not a directory", inode=ino)
+        self.check_visible(d, caller)
+        out = [(name, self.tree.nodes.get(c) or self.get(c)) for name, c in d.children.items()]
+        if d.ino == ROOT_INODE:
+            out = [(n, c) for n, c in out if self._allows(caller, c)]
+        return out
+
+    def check_visible(self, node: Node, caller: Caller) -> None:
+        if node.model is not None and not self._allows(caller, node):
+            raise NotFound(f"no model {node.model!r}")  # ENOENT: existence must not leak
+
+    def _allows(self, caller: Caller, node: Node) -> bool:
+        entry = self.tree.entries.get(node.model or "")
+        if entry is None:
+            return True  # a retired node: only reachable by someone who already had it
+        return self.visibility.allows(caller, entry.model)
+
+    # the kernel's references
+    def remember(self, ino: int) -> None:
+        if ino != ROOT_INODE:
+            self._lookups[Inode(ino)] = self._lookups.get(Inode(ino), 0) + 1
+
+    def forget(self, pairs: Iterable[tuple[int, int]]) -> None:
+        for ino, n in pairs:
+            left = self._lookups.get(Inode(ino), 0) - n
+            if left > 0:
+                self._lookups[Inode(ino)] = left
+                continue
+            self._lookups.pop(Inode(ino), None)
+            self._retired.pop(Inode(ino), None)
+
+    @property
+    def retired(self) -> Mapping[Inode, Node]:
+        return self._retired
