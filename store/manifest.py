@@ -30,9 +30,10 @@ ManifestError reasons: ``too-large``, ``html``, ``not-utf8``, ``bad-json``,
 ``bad-url``, ``bad-sha256``, ``bad-chunks``, ``bad-filename``, ``reserved-filename``,
 ``duplicate-filename``.
 
-TrustError reasons: ``unknown-key``, ``revoked-key``, ``keyring-mismatch``,
-``bad-key``, ``bad-signature``, ``expired``, ``rollback``,
-``version-content-mismatch``, ``insecure-key-file``.
+TrustError reasons: ``unknown-key``, ``revoked-key``, ``unusable-key``,
+``keyring-mismatch``, ``bad-key``, ``bad-signature``, ``expired``, ``rollback``,
+``version-content-mismatch``. Keys, signing and the keyring live in ``store.keys``;
+file-name rules in ``store.names``.
 
 Schema ``modelfs.manifest/1`` (decisions):
 
@@ -71,36 +72,28 @@ import binascii
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import stat
 import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any, Union
 from urllib.parse import urlsplit
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from store.errors import ManifestError, NotFound, TrustError, UsageError
+from store.errors import ManifestError, TrustError, UsageError
+from store.keys import ED25519_SIG_BYTES, ENVELOPE_FIELDS, MAX_ENVELOPE_BYTES, TrustedKey, key_id_problem
+from store.names import filename_problem, reserved_problem
 
 SCHEMA = "modelfs.manifest/1"
 KNOWN_SCHEMAS = frozenset({SCHEMA})
-MAX_ENVELOPE_BYTES = 1024 * 1024
 
 ROLES = frozenset({"weights", "mmproj", "shard", "aux", "archive"})
 PLATFORMS = frozenset({"any", "linux", "macos", "windows"})
-RESERVED_FILENAMES = frozenset({"model.json", ".versions"})
 ARCHIVE_SUFFIX = ".zip"
 
-ENVELOPE_FIELDS = ("key_id", "payload_b64", "sig_b64")
 _REQUIRED = frozenset(
     {
         "schema", "model_id", "version", "family", "context_len", "min_device",
@@ -120,10 +113,7 @@ _MAX_INT = 2**63 - 1  # what the catalog's INTEGER columns hold
 _MAX_TEXT = 1024
 _MAX_NOTES = 16 * 1024
 _MAX_URL = 8192
-_MAX_KEY_ID = 128
 _MAX_RUNTIME_PARAMS = 64
-_ED25519_SIG_BYTES = 64
-_ED25519_KEY_BYTES = 32
 
 RuntimeValue = Union[str, int, float, bool]
 
@@ -138,19 +128,6 @@ class Envelope:
     key_id: str
     payload: bytes
     signature: bytes
-
-
-@dataclass(frozen=True)
-class TrustedKey:
-    """One keyring entry. Revoked keys stay in the keyring so refusals can say so."""
-
-    key_id: str
-    public_key_b64: str
-    revoked: bool = False
-    source: str = ""
-
-    def public_key(self) -> Ed25519PublicKey:
-        return public_key_from_b64(self.public_key_b64, key_id=self.key_id)
 
 
 @dataclass(frozen=True)
@@ -291,33 +268,6 @@ def _caseless(name: str) -> str:
     return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
 
 
-def filename_problem(name: str) -> str | None:
-    """Why ``name`` is not one safe path component, or None if it is.
-
-    Shared with anything else that turns a remote name into a path (imports, the
-    archive extractor's destination name).
-    """
-    if not isinstance(name, str):
-        return "is not a string"
-    if name == "":
-        return "is empty"
-    if name in (".", ".."):
-        return "is a relative path component"
-    if "/" in name or "\\" in name:
-        return "is not a single path component"
-    if "\x00" in name:
-        return "contains a NUL byte"
-    if _has_control(name):
-        return "contains a control character"
-    try:
-        encoded = name.encode("utf-8")
-    except UnicodeEncodeError:
-        return "is not valid Unicode"
-    if len(encoded) > 255:
-        return f"is {len(encoded)} bytes long (at most 255)"
-    return None
-
-
 # --------------------------------------------------------------------------- envelope
 
 
@@ -347,17 +297,17 @@ def parse_envelope(data: bytes, *, checks: list[str] | None = None) -> Envelope:
         if not isinstance(obj[name], str):
             raise _refuse("bad-field", f"envelope field {name!r} is not a string", field=name)
     key_id = obj["key_id"]
-    if not key_id or len(key_id) > _MAX_KEY_ID or _has_control(key_id):
+    if key_id_problem(key_id) is not None:
         raise _refuse("bad-field", f"envelope key_id {_short(key_id)} is not a valid key id", field="key_id")
     _note(checks, "envelope is strict UTF-8 JSON: no duplicate keys, exactly key_id/payload_b64/sig_b64")
     payload = _strict_b64(obj["payload_b64"], "payload_b64")
     signature = _strict_b64(obj["sig_b64"], "sig_b64")
     if not payload:
         raise _refuse("bad-field", "payload_b64 is empty", field="payload_b64")
-    if len(signature) != _ED25519_SIG_BYTES:
+    if len(signature) != ED25519_SIG_BYTES:
         raise _refuse(
             "bad-field",
-            f"sig_b64 decodes to {len(signature)} bytes (an Ed25519 signature is {_ED25519_SIG_BYTES})",
+            f"sig_b64 decodes to {len(signature)} bytes (an Ed25519 signature is {ED25519_SIG_BYTES})",
             field="sig_b64",
         )
     _note(checks, "payload_b64 and sig_b64 are canonical base64")
@@ -380,6 +330,8 @@ def _resolve_key(key_id: str, keyring: Keyring) -> tuple[Ed25519PublicKey, str]:
         )
     if entry.revoked:
         raise _distrust("revoked-key", f"key {key_id!r} is revoked", key_id=key_id)
+    if entry.problem:
+        raise _distrust("unusable-key", f"key {key_id!r} is not usable: {entry.problem}", key_id=key_id)
     source = f" (source: {entry.source})" if entry.source else ""
     return entry.public_key(), f"trusted, not revoked{source}"
 
@@ -533,7 +485,7 @@ def _filename(value: Any, field: str) -> str:
     if problem is not None:
         shown = _short(value) if isinstance(value, str) else type(value).__name__
         raise _refuse("bad-filename", f"{field} {shown} {problem}", field=field)
-    if value.casefold() in RESERVED_FILENAMES:
+    if reserved_problem(value) is not None:
         raise _refuse("reserved-filename", f"{field} {value!r} is reserved by the mount", field=field)
     return value
 
@@ -591,8 +543,8 @@ def _artifact(art: Any, index: int, default_chunk_size: int | None) -> Artifact:
             )
         extract = filename[: -len(ARCHIVE_SUFFIX)]
         problem = filename_problem(extract)
-        if problem is None and extract.casefold() in RESERVED_FILENAMES:
-            problem = "is reserved by the mount"
+        if problem is None:
+            problem = reserved_problem(extract)
         if problem is not None:
             raise _refuse(
                 "bad-filename",
@@ -763,110 +715,3 @@ def check_version_floor(
         floor=floor,
         **fields,
     )
-
-
-# --------------------------------------------------------------------------- publisher keys
-
-
-def generate_keypair() -> tuple[bytes, str]:
-    """A new Ed25519 key: (unencrypted PKCS8 PEM private key, base64 raw public key)."""
-    private = Ed25519PrivateKey.generate()
-    pem = private.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return pem, public_key_b64(private.public_key())
-
-
-def public_key_b64(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return base64.b64encode(raw).decode("ascii")
-
-
-def public_key_from_b64(value: str, *, key_id: str | None = None) -> Ed25519PublicKey:
-    """A raw 32-byte Ed25519 public key from canonical base64."""
-    label = f"key {key_id!r}" if key_id is not None else "public key"
-    fields = {"key_id": key_id} if key_id is not None else {}
-    try:
-        raw = base64.b64decode(value, validate=True)
-        canonical = base64.b64encode(raw).decode("ascii") == value
-    except (binascii.Error, ValueError, TypeError):
-        canonical = False
-    if not canonical:
-        raise TrustError(f"key refused: {label} is not canonical base64", reason="bad-key", **fields)
-    if len(raw) != _ED25519_KEY_BYTES:
-        raise TrustError(
-            f"key refused: {label} is {len(raw)} bytes (an Ed25519 public key is {_ED25519_KEY_BYTES})",
-            reason="bad-key",
-            **fields,
-        )
-    return Ed25519PublicKey.from_public_bytes(raw)
-
-
-def private_key_from_pem(pem: bytes) -> Ed25519PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError):
-        raise TrustError(
-            "key refused: not an unencrypted PEM private key", reason="bad-key"
-        ) from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise TrustError(
-            f"key refused: private key is {type(key).__name__}, not Ed25519", reason="bad-key"
-        )
-    return key
-
-
-def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
-    """Read a publisher's private key; refuse one that group or others can read."""
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError:
-        raise NotFound(f"no private key file at {path}", reason="no-key-file") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise TrustError(f"key refused: {path} is not a regular file", reason="bad-key")
-        if mode & 0o077:
-            raise TrustError(
-                f"key refused: {path} is readable by others (mode {stat.S_IMODE(mode):04o}, want 0600)",
-                reason="insecure-key-file",
-            )
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            pem = f.read(64 * 1024)
-    finally:
-        os.close(fd)
-    return private_key_from_pem(pem)
-
-
-def write_private_key(path: str | os.PathLike[str], pem: bytes) -> None:
-    """Create ``path`` mode 0600 (never overwriting) and write the PEM key, durably."""
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(pem)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sign_payload(payload: bytes, private_key: Ed25519PrivateKey, key_id: str) -> bytes:
-    """The envelope, byte for byte as publisher tooling emits it, signing raw payload bytes."""
-    if not key_id or len(key_id) > _MAX_KEY_ID or _has_control(key_id):
-        raise UsageError(f"invalid key id {_short(key_id)}", reason="bad-key-id")
-    if not payload:
-        raise UsageError("refusing to sign an empty payload", reason="empty-payload")
-    envelope = {
-        "key_id": key_id,
-        "payload_b64": base64.b64encode(payload).decode("ascii"),
-        "sig_b64": base64.b64encode(private_key.sign(payload)).decode("ascii"),
-    }
-    data = json.dumps(envelope).encode("utf-8")
-    if len(data) > MAX_ENVELOPE_BYTES:
-        raise UsageError(
-            f"envelope would be {len(data)} bytes (limit {MAX_ENVELOPE_BYTES})", reason="too-large"
-        )
-    return data

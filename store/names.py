@@ -3,17 +3,23 @@
 A model name is a directory at the top of the mount; a file name is a component
 inside it. Both come from users and from remote manifests, so both are checked here
 before they touch a path. Refuse, never sanitise.
+
+:func:`filename_problem` is the one rule for "a single safe path component"; the
+manifest parser (``store.manifest``), imports and archive-member paths all use it.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from .errors import UsageError
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
-# Names the mount itself puts inside a model directory.
+# Names the mount itself puts inside a model directory. Compared case-insensitively so
+# a pack is portable to case-insensitive file systems (macOS).
 RESERVED_FILENAMES = frozenset({"model.json", ".versions"})
+MAX_NAME_BYTES = 255
 
 
 def check_model_name(name: str) -> str:
@@ -24,15 +30,55 @@ def check_model_name(name: str) -> str:
     return name
 
 
+def filename_problem(name: object) -> str | None:
+    """Why ``name`` is not one safe path component, or None if it is.
+
+    Not a string, empty, ``.`` or ``..``; contains ``/``, ``\\``, NUL or any other
+    control character (C0, DEL, C1); not encodable as UTF-8 (lone surrogates); longer
+    than 255 UTF-8 bytes. Reserved names are a separate question
+    (:func:`reserved_problem`), since archive members deeper in a tree may use them.
+    """
+    if not isinstance(name, str):
+        return "is not a string"
+    if name == "":
+        return "is empty"
+    if name in (".", ".."):
+        return "is a relative path component"
+    if "/" in name or "\\" in name:
+        return "is not a single path component"
+    if "\x00" in name:
+        return "contains a NUL byte"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "contains a control character"
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode"
+    if len(encoded) > MAX_NAME_BYTES:
+        return f"is {len(encoded)} bytes long (at most {MAX_NAME_BYTES})"
+    return None
+
+
+def reserved_problem(name: str) -> str | None:
+    """Why ``name`` may not sit at the top of a model directory, or None."""
+    if name.casefold() in RESERVED_FILENAMES:
+        return "is reserved by the mount"
+    return None
+
+
+def _shown(name: object) -> str:
+    if not isinstance(name, str):
+        return type(name).__name__
+    return repr(name if len(name) <= 80 else name[:80] + "...")
+
+
 def check_filename(name: str, *, reserved: bool = True) -> str:
-    """A single safe path component."""
-    bad = (not name or name in (".", "..") or "/" in name or "\\" in name
-           or any(ord(c) < 32 or ord(c) == 127 for c in name)
-           or len(name.encode("utf-8", "surrogatepass")) > 255)
-    if bad:
-        raise UsageError(f"invalid file name {name[:80]!r}: must be one safe path component", filename=name)
-    if reserved and name in RESERVED_FILENAMES:
-        raise UsageError(f"file name {name!r} is reserved by the mount", filename=name)
+    """A single safe path component (and, unless ``reserved=False``, not a reserved name)."""
+    problem = filename_problem(name)
+    if problem is not None:
+        raise UsageError(f"invalid file name {_shown(name)}: it {problem}", filename=name)
+    if reserved and (problem := reserved_problem(name)) is not None:
+        raise UsageError(f"file name {name!r} {problem}", filename=name)
     return name
 
 

@@ -17,24 +17,26 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from store.errors import ManifestError, NotFound, StoreError, TrustError
-from store.manifest import (
+from store.keys import (
     MAX_ENVELOPE_BYTES,
-    SCHEMA,
-    Envelope,
-    Manifest,
     TrustedKey,
-    check_version_floor,
-    filename_problem,
     generate_keypair,
-    load_manifest,
     load_private_key,
-    parse_envelope,
     private_key_from_pem,
     public_key_from_b64,
     sign_payload,
-    verify_envelope,
     write_private_key,
 )
+from store.manifest import (
+    SCHEMA,
+    Envelope,
+    Manifest,
+    check_version_floor,
+    load_manifest,
+    parse_envelope,
+    verify_envelope,
+)
+from store.names import filename_problem
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 SHA_A = "a" * 64
