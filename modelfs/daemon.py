@@ -137,8 +137,12 @@ def lazy_unmount(mountpoint: Path) -> None:
 
 
 def is_stale(mountpoint: Path) -> bool:
+    """A FUSE mount whose daemon is gone. ``stat`` is not enough (the kernel may answer
+    it from cached attributes); ``statvfs`` always reaches the daemon."""
     try:
         os.stat(mountpoint)
+        if os.path.ismount(mountpoint):
+            os.statvfs(mountpoint)
     except OSError as exc:
         return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False

