@@ -357,6 +357,9 @@ from .cli_mount import mount, unmount  # noqa: E402 - registered last, after the
 cli.add_command(mount)
 cli.add_command(unmount)
 
+from .cli_trust import register as _register_trust  # noqa: E402 - keys, manifest, channels, update
+_register_trust(cli)
+
 
 if __name__ == "__main__":
     main()

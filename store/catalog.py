@@ -353,6 +353,11 @@ class Catalog:
                 "created_at": now, "installed_at": now if state == "installed" else None, **card})
             self.db["files"].insert_all([f.row(model, version) for f in files])
 
+    def set_version_manifest(self, model: str, version: int, payload: str) -> None:
+        """Keep the raw signed payload of a version, for audit and re-verification."""
+        self.conn.execute("UPDATE versions SET manifest = ? WHERE model = ? AND version = ?",
+                          (payload, model, version))
+
     def set_version_state(self, model: str, version: int, state: str) -> None:
         installed_at = self.clock() if state == "installed" else None
         self.conn.execute("UPDATE versions SET state = ?, installed_at = COALESCE(?, installed_at) "

@@ -1,0 +1,561 @@
+"""Signed model packs: from an envelope to an active, verified version.
+
+This module owns the trusted install path. It must never fetch an artifact byte
+before the envelope has passed every check, never make a version visible (installed,
+activatable, listed by the mount) before every one of its files is verified, and
+never add anything but an audit record when it refuses a pack.
+
+The checks, in order (:func:`check_pack`; each refusal is one line with a stable
+``reason`` field):
+
+1. size cap (1 MiB), before any parsing;                     ``parse_envelope``
+2. strict envelope JSON (duplicate keys refused) and canonical base64;
+   (for a channel: the envelope's key_id is one the channel allows);
+3. signature by a trusted, unrevoked key, over the raw payload bytes;
+4. strict payload JSON, known schema, field types, and file names that are one
+   safe component (``../x``, ``a/b``, ``/abs``, ``x\\0y``, ``..`` refused);
+5. expiry;                                                   ``verify_envelope``
+6. version floor: older than the highest accepted version refused (unless that
+   exact payload is already installed), same version with other content refused;
+7. at least one artifact for this platform; the model name is not held by
+   unsigned (imported) versions.
+
+Only then are artifacts fetched (``platform`` absent/``any``, or this platform).
+
+Deliberate difference from the order listed in issue 5: the payload is parsed (and
+its schema and file names checked) only *after* its signature verifies. Nothing
+unauthenticated beyond the three-field envelope is parsed, which is the rule
+``store.manifest`` is built and tested on. Every check still runs before any
+download; only which reason is reported for a pack with several faults differs.
+
+Install (:func:`install_pack`), decisions:
+
+* One version = one logical model named by ``model_id``. Files keep their manifest
+  filenames and roles; each row records size, SHA-256, the redacted URL, ETag and
+  Last-Modified, and the chunk hashes.
+* Nothing is recorded in the catalog until every file is verified: artifacts are
+  fetched into blobs (each commit checks size and SHA-256; a mismatch, e.g. an
+  artifact from another release, is quarantined by the downloader), then ONE
+  transaction records the version as installed with all its files and the raw
+  payload, raises the version floor, and activates it (the previous active version
+  becomes last-good). A crash before that transaction leaves only verified blobs
+  that nothing references yet: the rerun finds them and downloads nothing again
+  (``crash_point("pack-before-activate")`` sits right before it); ``prune`` removes
+  them if the pack is abandoned.
+* A version that is already installed is never downloaded again (missing blobs of
+  it are re-fetched, nothing else), and pulling it does not change which version
+  is active: a pull never undoes ``rollback`` or ``activate``. A newly installed
+  version is activated unless a newer one is active.
+* Archive artifacts (role ``archive``, a ``.zip``): the zip is fetched as a blob and
+  extracted by ``store.archive.extract_zip`` (reject, never sanitise) into a private,
+  flocked directory under ``tmp/``; each extracted file becomes a blob (so dedup
+  works) and a file row ``<name without .zip>/<relative path>`` with role ``aux``.
+  The zip itself is not exposed: its blob is removed once the version is recorded
+  (kept until then so a rerun after a crash extracts again without downloading).
+  Extracted files have no URL of their own, so a lost one comes back only by
+  pulling the pack again.
+* A pack refused after download (an archive the extractor rejects, a SHA-256
+  mismatch) has the blobs this call added removed again; a network failure keeps
+  them, verified, for the next attempt.
+
+Every accept, refusal, install and activation is in the audit log with its reason.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from .archive import extract_zip
+from .catalog import FileRecord
+from .crashpoints import crash_point
+from .errors import (ArchiveError, Conflict, FetchError, IntegrityError, ManifestError, NotFound, OfflineError,
+                     StoreError, TrustError, UsageError)
+from .keys import MAX_ENVELOPE_BYTES, load_keyring
+from .manifest import PLATFORMS, Artifact, Manifest, check_version_floor, parse_envelope, verify_envelope
+from .names import check_relpath
+from .redact import redact_text, redact_url
+
+if TYPE_CHECKING:
+    from .core import Store
+
+log = logging.getLogger(__name__)
+
+CRASH_BEFORE_ACTIVATE = "pack-before-activate"
+Progress = Callable[[int], None]
+# Refusals of the pack's content, as opposed to failures to get it.
+_CONTENT_REFUSALS = (ManifestError, TrustError, ArchiveError, IntegrityError)
+
+
+def current_platform() -> str:
+    if sys.platform == "darwin":
+        return "macos"
+    if sys.platform.startswith("win"):
+        return "windows"
+    return "linux"
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    model: str
+    version: int
+    outcome: str                  # 'installed', 'already-active' or 'already-installed'
+    activated: bool               # this call made ``version`` active
+    previous_active: int | None   # the active version before this call
+    active_version: int | None    # the active version after it
+    key_id: str
+    payload_sha256: str
+    files: tuple[FileRecord, ...]
+    bytes_downloaded: int         # body bytes received over the network by this call
+    new_bytes: int                # bytes added to blobs/ by this call
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["files"] = [{k: v for k, v in f.__dict__.items()} for f in self.files]
+        return d
+
+
+@dataclass(frozen=True)
+class ChannelResult:
+    url: str                      # as configured (channels hold no secrets)
+    outcome: str                  # 'installed', 'up-to-date', 'refused' or 'failed'
+    message: str                  # the one line recorded as the channel's last_result
+    install: InstallResult | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "outcome": self.outcome, "message": self.message,
+                "install": self.install.as_dict() if self.install else None}
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_pack(store: Store, data: bytes, *, now: datetime, platform: str,
+               allowed_keys: Collection[str] | None = None, checks: list[str] | None = None,
+               keyring: Any = None) -> Manifest:
+    """Every check before a download (see the module docstring). Reads the catalog,
+    writes nothing. ``checks`` collects one line per check that passed."""
+    env = parse_envelope(data, checks=checks)
+    if allowed_keys is not None:
+        if env.key_id not in allowed_keys:
+            raise TrustError(
+                f"manifest refused: key {env.key_id!r} may not sign packs from this channel "
+                f"(allowed: {', '.join(sorted(allowed_keys)) or 'none'})",
+                reason="key-not-allowed", key_id=env.key_id)
+        _note(checks, f"key {env.key_id!r} is allowed for this channel")
+    if keyring is None:
+        keyring = load_keyring(store.catalog)
+    manifest = verify_envelope(env, keyring, now=now, checks=checks)
+    cat = store.catalog
+    floor = cat.version_floor(manifest.model_id)
+    check_version_floor(manifest, floor[0] if floor else None, floor[1] if floor else None,
+                        _signed_versions(store, manifest.model_id), checks=checks)
+    arts = manifest.artifacts_for_platform(platform)
+    if not arts:
+        raise ManifestError(f"manifest refused: no artifact of {manifest.model_id!r} version "
+                            f"{manifest.version} is for platform {platform}", reason="no-artifacts",
+                            model_id=manifest.model_id, version=manifest.version)
+    _note(checks, f"{len(arts)} artifact(s) for platform {platform}: "
+                  + ", ".join(a.filename for a in arts))
+    if cat.has_model(manifest.model_id):
+        unsigned = [v.version for v in cat.versions(manifest.model_id) if not v.signed]
+        if unsigned:
+            raise Conflict(f"model {manifest.model_id!r} holds unsigned (imported) version(s) "
+                           f"{', '.join(map(str, unsigned))}; a signed pack cannot share its name "
+                           "(remove them first)", reason="unsigned-model", model_id=manifest.model_id)
+    return manifest
+
+
+def _note(checks: list[str] | None, line: str) -> None:
+    if checks is not None:
+        checks.append(line)
+
+
+def _signed_versions(store: Store, model: str) -> dict[int, str]:
+    """Installed signed versions -> payload hash, for the floor check."""
+    if not store.catalog.has_model(model):
+        return {}
+    return {v.version: v.card["payload_sha256"] for v in store.catalog.versions(model)
+            if v.signed and v.card.get("payload_sha256")}
+
+
+# --------------------------------------------------------------------------- install
+
+
+async def install_pack(store: Store, downloader: Any, envelope: bytes, *, platform: str | None = None,
+                       now: datetime | None = None, actor: str | None = None, source: str = "pack",
+                       allowed_keys: Collection[str] | None = None,
+                       progress: Progress | None = None) -> InstallResult:
+    """Verify ``envelope`` and install (and activate) its version; see the module docstring.
+
+    ``source`` says where the envelope came from (a URL is redacted before it is
+    written anywhere). ``allowed_keys`` restricts the signer (trusted channels).
+    """
+    platform = platform or current_platform()
+    if platform not in PLATFORMS:
+        raise UsageError(f"unknown platform {platform!r}")
+    now = now or datetime.now(timezone.utc)
+    actor = actor or store.actor
+    source = redact_text(source)
+    cat = store.catalog
+    try:
+        manifest = check_pack(store, envelope, now=now, platform=platform, allowed_keys=allowed_keys)
+    except StoreError as exc:
+        _audit_refusal(store, actor, exc, source)
+        raise
+    installer = _Installer(store, downloader, manifest, platform, actor, source, progress)
+    try:
+        return await installer.run()
+    except StoreError as exc:
+        if isinstance(exc, _CONTENT_REFUSALS):
+            installer.discard_new_blobs()
+            _audit_refusal(store, actor, exc, source, manifest)
+        else:
+            cat.audit(actor, "pull", model=manifest.model_id, version=manifest.version, outcome="failed",
+                      reason=redact_text(str(exc)), detail=_detail(exc, source, manifest))
+        raise
+
+
+def _detail(exc: StoreError | None, source: str, manifest: Manifest | None) -> dict[str, Any]:
+    d: dict[str, Any] = {"source": source}
+    if exc is not None and exc.fields.get("reason"):
+        d["reason"] = exc.fields["reason"]
+    if exc is not None and exc.fields.get("key_id"):
+        d["key_id"] = exc.fields["key_id"]
+    if manifest is not None:
+        d["key_id"] = manifest.key_id
+        d["payload_sha256"] = manifest.payload_sha256
+    return d
+
+
+def _audit_refusal(store: Store, actor: str, exc: StoreError, source: str,
+                   manifest: Manifest | None = None) -> None:
+    # The model and version of a payload that did not verify are not trustworthy
+    # enough to file the event under; they stay in the one-line reason if relevant.
+    model = manifest.model_id if manifest else None
+    version = manifest.version if manifest else None
+    store.catalog.audit(actor, "refuse", model=model, version=version, outcome="refused",
+                        reason=redact_text(str(exc)), detail=_detail(exc, source, manifest))
+
+
+@dataclass
+class _Installer:
+    store: Store
+    downloader: Any
+    manifest: Manifest
+    platform: str
+    actor: str
+    source: str
+    progress: Progress | None
+    downloaded: int = 0
+    new_bytes: int = 0
+    added: set[str] = field(default_factory=set)      # blobs this call committed
+    zips: dict[str, int] = field(default_factory=dict)  # archive blobs (-> size) dropped after recording
+
+    async def run(self) -> InstallResult:
+        m, cat = self.manifest, self.store.catalog
+        existing = _signed_versions(self.store, m.model_id).get(m.version)
+        if existing is not None:
+            return await self._already_installed()
+        files = await self._materialise(self.manifest.artifacts_for_platform(self.platform), {})
+        crash_point(CRASH_BEFORE_ACTIVATE)
+        with cat.txn():
+            # Re-check under the write lock: another process may have accepted this
+            # version (other content) or a newer one while we were downloading.
+            floor = cat.version_floor(m.model_id)
+            check_version_floor(m, floor[0] if floor else None, floor[1] if floor else None,
+                                _signed_versions(self.store, m.model_id))
+            if m.version in _signed_versions(self.store, m.model_id):
+                raise Conflict(f"version {m.version} of {m.model_id!r} was installed meanwhile", reason="race")
+            missing = [f.filename for f in files if not self.store.blobs.has(f.sha256)]
+            if missing:
+                raise IntegrityError(f"{m.model_id} version {m.version}: verified bytes of "
+                                     f"{', '.join(missing)} vanished before activation (concurrent prune?)",
+                                     reason="vanished")
+            cat.add_version(m.model_id, m.version, list(files), signed=True, **_card(m, self.source))
+            cat.set_version_manifest(m.model_id, m.version, m.raw_payload.decode("utf-8"))
+            cat.raise_floor(m.model_id, m.version, m.payload_sha256)
+            cat.audit(self.actor, "accept", model=m.model_id, version=m.version,
+                      reason=f"signed by {m.key_id}; {len(files)} file(s) verified",
+                      detail={**_detail(None, self.source, m), "bytes_downloaded": self.downloaded,
+                              "new_bytes": self.new_bytes - sum(n for z, n in self.zips.items()
+                                                                if z in self.added)})
+            previous = cat.get_model(m.model_id).active_version
+            activated = previous is None or m.version > previous
+            if activated:
+                cat.activate(m.model_id, m.version, actor=self.actor,
+                             reason=f"signed pack from {self.source}")
+        self._drop_zips()
+        return self._result("installed", activated, previous, files)
+
+    async def _already_installed(self) -> InstallResult:
+        """The version is installed: download only blobs that went missing since."""
+        m, cat = self.manifest, self.store.catalog
+        v = cat.get_version(m.model_id, m.version)
+        files = await self._materialise(m.artifacts_for_platform(self.platform),
+                                        {f.filename: f for f in v.files})
+        self._drop_zips()
+        active = cat.get_model(m.model_id).active_version
+        outcome = "already-active" if active == m.version else "already-installed"
+        cat.audit(self.actor, "accept", model=m.model_id, version=m.version,
+                  reason=f"{outcome.replace('-', ' ')}; {self.downloaded} bytes downloaded",
+                  detail={**_detail(None, self.source, m), "bytes_downloaded": self.downloaded})
+        return self._result(outcome, False, active, files)
+
+    def _result(self, outcome: str, activated: bool, previous: int | None,
+                files: tuple[FileRecord, ...]) -> InstallResult:
+        m = self.manifest
+        return InstallResult(m.model_id, m.version, outcome, activated, previous,
+                             self.store.catalog.get_model(m.model_id).active_version, m.key_id,
+                             m.payload_sha256, files, self.downloaded, self.new_bytes)
+
+    # -- bytes ---------------------------------------------------------------------
+    async def _materialise(self, arts: list[Artifact], recorded: dict[str, FileRecord]) -> tuple[FileRecord, ...]:
+        """Make every artifact's bytes local and verified; returns the file rows."""
+        out: list[FileRecord] = []
+        for art in arts:
+            if art.is_archive:
+                prefix = f"{art.extract_name}/"
+                have = [f for f in recorded.values() if f.filename.startswith(prefix)]
+                if have and all(self.store.blobs.has(f.sha256) for f in have):
+                    out += have
+                else:
+                    out += await self._archive(art)
+                continue
+            etag = last_modified = None
+            if not self.store.blobs.has(art.sha256):
+                res = await self.downloader.fetch(art.url, sha256=art.sha256, size=art.size,
+                                                  progress=self.progress)
+                self._count(res.sha256, res.size, res.new, res.bytes_transferred)
+                etag, last_modified = res.etag, res.last_modified
+            old = recorded.get(art.filename)
+            if old is not None:
+                out.append(old)
+            else:
+                out.append(FileRecord(art.filename, art.role, art.size, art.sha256, url=redact_url(art.url),
+                                      etag=etag, last_modified=last_modified,
+                                      chunk_size=art.chunk_size if art.chunks else None,
+                                      chunks=list(art.chunks) if art.chunks else None))
+        return tuple(sorted(out, key=lambda f: f.filename))
+
+    def _count(self, sha256: str, size: int, new: bool, transferred: int) -> None:
+        self.downloaded += transferred
+        if new:
+            self.added.add(sha256)
+            self.new_bytes += size
+
+    async def _archive(self, art: Artifact) -> list[FileRecord]:
+        res = await self.downloader.fetch(art.url, sha256=art.sha256, size=art.size, progress=self.progress)
+        self._count(res.sha256, res.size, res.new, res.bytes_transferred)
+        self.zips[art.sha256] = res.size
+        blobs = self.store.blobs
+        work = Path(tempfile.mkdtemp(dir=self.store.layout.tmp, prefix="pack-"))
+        # A held flock on .lock tells the store's recovery pass this directory is live.
+        lock_fd = os.open(work / ".lock", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            extracted = extract_zip(blobs.path(art.sha256), work, art.extract_name)
+            records = []
+            for f in extracted.files:
+                name = check_relpath(f"{art.extract_name}/{f.path}")
+                committed = blobs.commit_file(extracted.path / f.path, f.sha256, f.size)
+                self._count(committed.sha256, committed.size, committed.new, 0)
+                records.append(FileRecord(name, "aux", f.size, f.sha256))
+            return records
+        except UsageError as exc:  # check_relpath: a name the mount could not show
+            raise ArchiveError(f"archive {art.filename!r} refused: {exc}", reason="bad-name") from None
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            os.close(lock_fd)
+
+    def _drop_zips(self) -> None:
+        """Archive blobs are not exposed once their contents are recorded."""
+        if not self.zips:
+            return
+        referenced = self.store.catalog.referenced_shas()
+        for sha in set(self.zips) - referenced:
+            freed = self.store.blobs.remove(sha)
+            if sha in self.added:  # new_bytes counts what stays in the store
+                self.added.discard(sha)
+                self.new_bytes -= freed
+
+    def discard_new_blobs(self) -> None:
+        """After a refusal: remove the blobs this call added that nothing references."""
+        referenced = self.store.catalog.referenced_shas()
+        for sha in (self.added | set(self.zips)) - referenced:
+            self.store.blobs.remove(sha)
+
+
+def _card(m: Manifest, source: str) -> dict[str, Any]:
+    return {
+        "key_id": m.key_id, "payload_sha256": m.payload_sha256, "source": source,
+        "license": m.license, "source_url": redact_url(m.source_url), "family": m.family,
+        "architecture": m.architecture, "quantization": m.quantization,
+        "context_length": m.context_len, "min_device": m.min_device, "compat_notes": m.notes,
+        "runtime_params": dict(m.runtime) or None,
+        "expires": m.expires.isoformat().replace("+00:00", "Z"),
+    }
+
+
+# --------------------------------------------------------------------------- envelopes over HTTP
+
+
+async def fetch_envelope(downloader: Any, url: str, *, limit: int = MAX_ENVELOPE_BYTES) -> bytes:
+    """GET a (small) envelope with the downloader's client and redirect rules: at most
+    ``MAX_REDIRECTS`` hops, never https -> http, credentials only for their own origin
+    (the downloader's ``auth`` is asked per URL). Refuses a body over ``limit``
+    without reading it past the limit."""
+    from .download import MAX_REDIRECTS
+
+    shown = redact_url(url)
+    if getattr(downloader, "offline", False):
+        raise OfflineError(f"{shown}: the store is offline")
+    client: httpx.AsyncClient = downloader.client
+    current = httpx.URL(url)
+    if current.scheme not in ("http", "https"):
+        raise UsageError(f"{shown}: not an http(s) URL")
+    for _ in range(MAX_REDIRECTS + 1):
+        headers = {"Accept": "application/json", "Accept-Encoding": "identity", **downloader.auth(str(current))}
+        request = client.build_request("GET", current, headers=headers)
+        try:
+            response = await client.send(request, stream=True)
+        except httpx.ConnectError:
+            raise OfflineError(f"{shown}: cannot reach {current.host}", host=current.host) from None
+        except httpx.TimeoutException:
+            raise FetchError(f"{shown}: {current.host} did not answer in time") from None
+        except httpx.HTTPError as exc:
+            raise FetchError(f"{shown}: request to {current.host} failed ({type(exc).__name__})") from None
+        try:
+            if response.status_code in (301, 302, 303, 307, 308) and "location" in response.headers:
+                try:
+                    target = current.join(response.headers["location"])
+                except httpx.InvalidURL:
+                    raise FetchError(f"{shown}: the server redirected to an invalid address") from None
+                if target.scheme not in ("http", "https"):
+                    raise FetchError(f"{shown}: refusing a redirect to a non-http URL")
+                if current.scheme == "https" and target.scheme != "https":
+                    raise FetchError(f"{shown}: refusing a redirect from https to plain http")
+                current = target
+                continue
+            if response.status_code != 200:
+                raise FetchError(f"{shown}: HTTP {response.status_code} from {current.host}",
+                                 status=response.status_code)
+            if response.headers.get("content-encoding", "identity").lower() != "identity":
+                raise ManifestError("manifest refused: the envelope was sent compressed", reason="encoded")
+            declared = response.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise _too_large(limit)
+            body = bytearray()
+            try:
+                async for chunk in response.aiter_raw():
+                    body += chunk
+                    if len(body) > limit:
+                        raise _too_large(limit)
+            except httpx.HTTPError as exc:
+                raise FetchError(f"{shown}: connection to {current.host} failed ({type(exc).__name__})") from None
+            return bytes(body)
+        finally:
+            await response.aclose()
+    raise FetchError(f"{shown}: too many redirects (more than {MAX_REDIRECTS})")
+
+
+def _too_large(limit: int) -> ManifestError:
+    return ManifestError(f"manifest refused: envelope is larger than {limit} bytes", reason="too-large")
+
+
+def looks_like_envelope(data: bytes) -> bool:
+    """Cheap sniff for ``pull``: a JSON object mentioning payload_b64 (not proof of anything)."""
+    head = data.lstrip()[:1]
+    return head == b"{" and b'"payload_b64"' in data[:MAX_ENVELOPE_BYTES]
+
+
+async def pull_pack_url(store: Store, downloader: Any, url: str, **kw: Any) -> InstallResult:
+    """Fetch an envelope from ``url`` and install it. A refused or failed fetch is audited."""
+    actor = kw.get("actor") or store.actor
+    try:
+        data = await fetch_envelope(downloader, url)
+    except StoreError as exc:
+        if isinstance(exc, ManifestError):
+            _audit_refusal(store, actor, exc, redact_url(url))
+        else:
+            store.catalog.audit(actor, "pull", outcome="failed", reason=redact_text(str(exc)),
+                                detail={"source": redact_url(url)})
+        raise
+    return await install_pack(store, downloader, data, source=redact_url(url), **kw)
+
+
+def read_envelope_file(path: str | os.PathLike[str]) -> bytes:
+    """A local envelope, read with the same size cap (never more than cap + 1 bytes)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_ENVELOPE_BYTES + 1)
+    except FileNotFoundError:
+        raise NotFound(f"no such file: {path}", path=str(path)) from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory, not an envelope") from None
+    return data
+
+
+# --------------------------------------------------------------------------- channels
+
+
+def add_channel(store: Store, url: str, key_ids: Collection[str], *, actor: str | None = None) -> None:
+    """Trust ``url`` as a feed of packs signed by one of ``key_ids``."""
+    from .keys import check_key_id
+
+    try:
+        parts = httpx.URL(url)
+    except httpx.InvalidURL:
+        raise UsageError("channel URL is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.host:
+        raise UsageError(f"channel URL {redact_url(url)} is not an http(s) URL")
+    if redact_url(url) != url:
+        # Channels are stored as given; a credential would end up in the catalog.
+        raise UsageError(f"channel URL {redact_url(url)} carries credentials, a signed query or a "
+                         "fragment; give the credentials through the environment instead")
+    if not key_ids:
+        raise UsageError("a channel needs at least one key allowed to sign it (--key KEY_ID)")
+    for k in key_ids:
+        check_key_id(k)
+    with store.catalog.txn():
+        store.catalog.add_channel(url, list(key_ids))
+        store.catalog.audit(actor or store.actor, "channel-add", reason=f"channel {url}",
+                            detail={"url": url, "key_ids": sorted(key_ids)})
+
+
+async def update_channels(store: Store, downloader: Any, *, platform: str | None = None,
+                          now: datetime | None = None, actor: str | None = None,
+                          progress: Progress | None = None) -> list[ChannelResult]:
+    """Fetch each channel once, install what is newer, record when and how it went."""
+    out: list[ChannelResult] = []
+    for ch in store.catalog.channels():
+        url = ch["url"]
+        try:
+            res = await pull_pack_url(store, downloader, url, platform=platform, now=now, actor=actor,
+                                      allowed_keys=ch["key_ids"], progress=progress)
+        except StoreError as exc:
+            outcome = "refused" if isinstance(exc, _CONTENT_REFUSALS) or exc.fields.get("reason") == \
+                "unsigned-model" else "failed"
+            result = ChannelResult(url, outcome, f"{outcome}: {redact_text(str(exc))}")
+        else:
+            if res.outcome == "installed":
+                msg = f"installed {res.model} version {res.version}" + (" (active)" if res.activated else "")
+                result = ChannelResult(url, "installed", msg, res)
+            else:
+                result = ChannelResult(url, "up-to-date",
+                                       f"up to date: {res.model} version {res.version} is installed", res)
+        store.catalog.channel_checked(url, result.message)
+        out.append(result)
+    return out
