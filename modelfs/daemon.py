@@ -201,7 +201,8 @@ class Daemon:
         self.db_limiter = trio.CapacityLimiter(1)
         self.materialiser = Materialiser(self.layout, None, offline=cfg.offline,
                                          fetch_timeout=cfg.fetch_timeout, on_failure=self.publish_status)
-        self.files = OpenFiles(self.materialiser, read_mode=cfg.read_mode, on_change=self.publish_open)
+        self.files = OpenFiles(self.materialiser, read_mode=cfg.read_mode, on_change=self._open_changed)
+        self._open_dirty = trio.Event()
         self.started_at = time.time()
         self.detached = False
         self._lock_fd = -1
@@ -218,10 +219,27 @@ class Daemon:
             "fetch_errors": [f.as_dict() for f in self.materialiser.failures],
         })
 
-    def publish_open(self) -> None:
+    def publish_open(self, table: list[dict[str, Any]] | None = None) -> None:
         if self.detached:
             return
-        write_json_atomic(self.layout.run / "open.json", {"pid": os.getpid(), "files": self.files.table()})
+        write_json_atomic(self.layout.run / "open.json",
+                          {"pid": os.getpid(), "files": self.files.table() if table is None else table})
+
+    def _open_changed(self) -> None:
+        self._open_dirty.set()
+
+    async def _open_publisher(self) -> None:
+        """Writes open.json after changes, coalesced: an atomic write costs ~1 ms here,
+        which must not sit on the open/release path."""
+        while True:
+            await self._open_dirty.wait()
+            self._open_dirty = trio.Event()
+            table = self.files.table()  # taken on the loop thread
+            try:
+                await trio.to_thread.run_sync(self.publish_open, table)
+            except OSError as exc:
+                log.warning("could not write open.json: %s", exc)
+            await trio.sleep(0.02)
 
     def _lock(self) -> None:
         fd = os.open(_lock_path(self.layout), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -249,7 +267,7 @@ class Daemon:
         if version == self._data_version:
             return None
         self._data_version = version
-        return build(load_snapshot(cat), self.ns.inodes, self.ns.tree)
+        return build(load_snapshot(cat), self.ns.inodes, self.ns.tree, visibility=self.ns.visibility)
 
     async def refresh(self) -> bool:
         new = await trio.to_thread.run_sync(self._load, limiter=self.db_limiter)
@@ -331,6 +349,7 @@ class Daemon:
                 nursery.start_soon(self._poller, name="catalog-poller")
                 nursery.start_soon(self._signals, name="signals")
                 nursery.start_soon(self._announce, name="announce")
+                nursery.start_soon(self._open_publisher, name="open-publisher")
                 await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)
                 nursery.cancel_scope.cancel()
             clean = True

@@ -20,13 +20,14 @@ import trio
 from store.errors import (ArchiveError, Conflict, FetchError, FetchTimeout, FormatError, IntegrityError,
                           NotFound, OfflineError, SpaceError, StoreError, TrustError, UsageError)
 
-from .tree import NoAttribute
+from .tree import NoAttribute, UnsupportedAttribute
 
 log = logging.getLogger(__name__)
 
 ERRNO: dict[type[BaseException], int] = {
     NotFound: errno.ENOENT,
     NoAttribute: errno.ENODATA,      # what getxattr must say for a missing attribute
+    UnsupportedAttribute: errno.EOPNOTSUPP,
     OfflineError: errno.ENETUNREACH,
     FetchTimeout: errno.ETIMEDOUT,
     trio.TooSlowError: errno.ETIMEDOUT,

@@ -69,8 +69,12 @@ class ModelOps(pyfuse3.Operations):
         self.uid, self.gid = os.getuid(), os.getgid()
         self._dirs: dict[int, list[tuple[str, Node]]] = {}
         self._dir_fh = itertools.count(1)
+        self._attrs: dict[int, tuple[Node, pyfuse3.EntryAttributes]] = {}
 
     def entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        cached = self._attrs.get(node.ino)
+        if cached is not None and cached[0] is node:  # nodes are immutable: so is this
+            return cached[1]
         a = tree.attr(node)
         e = pyfuse3.EntryAttributes()
         e.st_ino = a.ino
@@ -78,6 +82,7 @@ class ModelOps(pyfuse3.Operations):
         e.st_mode, e.st_nlink, e.st_size, e.st_blocks = a.mode, a.nlink, a.size, a.blocks
         e.st_uid, e.st_gid, e.st_blksize = self.uid, self.gid, BLKSIZE
         e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = a.mtime_ns
+        self._attrs[node.ino] = (node, e)
         return e
 
     # -- metadata ----------------------------------------------------------------

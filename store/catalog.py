@@ -307,27 +307,45 @@ class Catalog:
 
     def snapshot(self) -> tuple[set[str], list[tuple[ModelRecord, list[VersionRecord]]]]:
         """Pins and every model with its versions and files, from one read transaction
-        (the mount rebuilds its tree from this; four queries however many models)."""
-        self.conn.execute("BEGIN")  # deferred: a consistent read that blocks no writer
+        (the mount rebuilds its tree from this; four queries however many models).
+        Plain tuples, not Row objects: this runs on every catalog change."""
+        cur = self.conn.cursor()
+        cur.row_factory = None
+
+        def rows(sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+            cur.execute(sql)
+            return [d[0] for d in cur.description], cur.fetchall()
+
+        cur.execute("BEGIN")  # deferred: a consistent read that blocks no writer
         try:
-            pinned = {r[0] for r in self.conn.execute("SELECT model FROM pins")}
-            models = [_model(dict(r)) for r in self.conn.execute("SELECT * FROM models ORDER BY name")]
-            files: dict[tuple[str, int], list[FileRecord]] = {}
-            for r in self.conn.execute("SELECT * FROM files ORDER BY model, version, filename"):
-                files.setdefault((r["model"], r["version"]), []).append(FileRecord.from_row(dict(r)))
-            versions: dict[str, list[VersionRecord]] = {}
-            for r in self.conn.execute("SELECT * FROM versions ORDER BY model, version"):
-                row = dict(r)
-                card = {k: row[k] for k in CARD_FIELDS}
-                if card["runtime_params"]:
-                    card["runtime_params"] = json.loads(card["runtime_params"])
-                card["created_at"] = row["created_at"]
-                card["installed_at"] = row["installed_at"]
-                versions.setdefault(row["model"], []).append(VersionRecord(
-                    row["model"], row["version"], row["state"], bool(row["signed"]), card,
-                    tuple(files.get((row["model"], row["version"]), ()))))
+            pinned = {r[0] for r in cur.execute("SELECT model FROM pins").fetchall()}
+            mcols, mrows = rows("SELECT * FROM models ORDER BY name")
+            fcols, frows = rows("SELECT * FROM files ORDER BY model, version, filename")
+            vcols, vrows = rows("SELECT * FROM versions ORDER BY model, version")
         finally:
-            self.conn.execute("COMMIT")
+            cur.execute("COMMIT")
+        files: dict[tuple[str, int], list[FileRecord]] = {}
+        fi = [fcols.index(c) for c in ("model", "version", "filename", "role", "size", "sha256", "url",
+                                       "etag", "last_modified", "chunk_size", "chunks")]
+        for r in frows:
+            m, v, *rest = (r[i] for i in fi)
+            if rest[-1]:
+                rest[-1] = json.loads(rest[-1])
+            files.setdefault((m, v), []).append(FileRecord(*rest))
+        vi = {c: i for i, c in enumerate(vcols)}
+        versions: dict[str, list[VersionRecord]] = {}
+        for r in vrows:
+            card = {k: r[vi[k]] for k in CARD_FIELDS}
+            if card["runtime_params"]:
+                card["runtime_params"] = json.loads(card["runtime_params"])
+            card["created_at"] = r[vi["created_at"]]
+            card["installed_at"] = r[vi["installed_at"]]
+            model, version = r[vi["model"]], r[vi["version"]]
+            versions.setdefault(model, []).append(VersionRecord(
+                model, version, r[vi["state"]], bool(r[vi["signed"]]), card, tuple(files.get((model, version), ()))))
+        mi = [mcols.index(c) for c in ("name", "active_version", "last_good_version", "owner_app", "visibility",
+                                       "created_at", "last_used_at")]
+        models = [ModelRecord(*(r[i] for i in mi)) for r in mrows]
         return pinned, [(m, versions.get(m.name, [])) for m in models]
 
     def next_version(self, model: str) -> int:

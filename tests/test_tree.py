@@ -139,7 +139,15 @@ def test_exact_sizes_modes_and_mtimes(ns):
 
 
 def test_caller_dependent_entries_are_never_cached_and_immutable_ones_are(ns):
-    assert tree.attr(walk(ns, "llama")).entry_timeout == 0
+    assert tree.attr(walk(ns, "llama")).entry_timeout == LONG_TIMEOUT  # AllowAll: same for everyone
+    ns.visibility = OnlyOwnUid()
+    change = ns.replace(tuple(ns.tree.entries.values()))
+    assert tree.attr(ns.lookup(ROOT_INODE, "llama", Caller(0, 0, 1))).entry_timeout == 0
+    assert tree.attr(walk(ns, "Alpha")).entry_timeout == LONG_TIMEOUT  # uniform under the policy
+    ns.visibility = tree.AllowAll()
+    # the kernel may hold 'llama' with the old long timeout: it must be told to forget it
+    assert [(p, n) for p, n, _ in change.entries] == [(ROOT_INODE, "llama")]
+    ns.replace(tuple(ns.tree.entries.values()))
     for path in ("llama/llama.gguf", f"llama/{CARD_NAME}", f"llama/{VERSIONS_DIR}", f"llama/{VERSIONS_DIR}/1",
                  "coreml/enc.mlmodelc", "coreml/enc.mlmodelc/model.mil"):
         a = tree.attr(walk(ns, path))
@@ -181,7 +189,7 @@ def test_unchanged_models_keep_their_node_objects():
     e1, e2 = entry("a", [version("a", 1, [fr("a.gguf", 1)])]), entry("b", [version("b", 1, [fr("b.gguf", 2)])])
     t1 = build((e1, e2), inodes)
     # last_used_at changes on every open: it must not rebuild (or re-card) a model
-    t2 = build((replace(e1, model=replace(e1.model, last_used_at=5.0)), e2), inodes, t1)
+    t2 = build((e1._replace(model=replace(e1.model, last_used_at=5.0)), e2), inodes, t1)
     assert t2.subtrees["a"] is t1.subtrees["a"]
     assert not diff(t1, t2)
 
@@ -192,7 +200,7 @@ def test_activate_invalidates_the_swapped_names(ns):
     model_ino = walk(ns, "llama").ino
     llama = ns.tree.entries["llama"]
     change = ns.replace(tuple(e if e.model.name != "llama" else
-                              replace(llama, model=replace(llama.model, active_version=1, last_good_version=2))
+                              llama._replace(model=replace(llama.model, active_version=1, last_good_version=2))
                               for e in old.entries.values()))
     inval = {(p, n) for p, n, _ in change.entries}
     assert (model_ino, "llama.gguf") in inval          # other bytes now
@@ -245,7 +253,10 @@ def test_xattrs_of_a_file(ns):
     assert tree.xattr(walk(ns, f"llama/{VERSIONS_DIR}/1/llama.gguf"), "user.modelfs.state",
                       lambda s: "dehydrated") == b"dehydrated"
     with pytest.raises(NoAttribute):
-        tree.xattr(f, "security.selinux", lambda s: "local")
+        tree.xattr(f, "user.other", lambda s: "local")
+    for name in ("security.selinux", "system.posix_acl_access", "trusted.x"):
+        with pytest.raises(tree.UnsupportedAttribute):  # EOPNOTSUPP: ls -l stops asking
+            tree.xattr(f, name, lambda s: "local")
     assert tree.xattrs(walk(ns, "llama"), lambda s: "local") == {}
 
 
@@ -273,6 +284,9 @@ class OnlyOwnUid:
 
     def allows(self, caller: Caller, model: ModelRecord) -> bool:
         return not (caller.uid == 1000 and model.name == "llama")
+
+    def uniform(self, model: ModelRecord) -> bool:
+        return model.name != "llama"
 
 
 def test_visibility_hides_a_model_from_one_caller_only(ns):
@@ -319,6 +333,7 @@ def test_load_snapshot_reads_the_catalog(tmp_path):
     (FetchError("x"), errno.EIO), (IntegrityError("x"), errno.EIO), (SpaceError("x"), errno.ENOSPC),
     (TrustError("x"), errno.EACCES), (Conflict("x"), errno.EBUSY), (UsageError("x"), errno.EINVAL),
     (StoreError("x"), errno.EIO), (NoAttribute("x"), errno.ENODATA),
+    (tree.UnsupportedAttribute("x"), errno.EOPNOTSUPP),
     (FileNotFoundError(errno.ENOENT, "gone"), errno.ENOENT), (OSError(errno.EIO, "disk"), errno.EIO),
 ])
 def test_errno_table(exc, number):

@@ -1,0 +1,360 @@
+"""Reads through the mount against the same blob read directly, in one run.
+
+    sudo python bench/read.py                   # 2 GiB model, 3 rounds, 10,000 models
+    sudo python bench/read.py --write-doc       # also update docs/performance.md
+
+Needs root (``echo 3 > /proc/sys/vm/drop_caches`` before every cold run) and /dev/fuse.
+What it does:
+
+* builds one store with a 2 GiB GGUF (tests/ggufgen.py) and, for each read mode of the
+  daemon (``inline`` pread on the trio thread, ``thread`` = trio.to_thread for
+  requests >= 256 KiB, ``mmap`` = memoryview of a mapping of the blob), a sibling
+  store whose blob is a hard link to the same file, so every daemon serves the same
+  bytes and all mounts are up at once;
+* cold sequential: A/B/C/D alternating (native, then each mount), caches dropped
+  before every run; warm sequential and warm mmap scan (numpy sum of uint64), also
+  alternating; time to first byte after ``open()`` (open + 1-byte read), warm and cold;
+* page-cache growth of one cold pass through the mount (double caching);
+* ``ls -l`` of 10,000 models (a store built through the catalog API, one shared
+  blob), against a native directory of 10,000 directories; the mount's start-up
+  time and how long a change takes to show at that size.
+
+Medians of ``--rounds`` runs; ratios are mount / native (higher is better; for TTFB
+and ls, native / mount is not printed: the absolute times are).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+import numpy as np  # noqa: E402
+
+from store.catalog import FileRecord  # noqa: E402
+from store.core import Store  # noqa: E402
+
+MODES = ("inline", "thread", "mmap")
+CHUNK = 1 << 20
+DOC = REPO / "docs" / "performance.md"
+SECTION = "## Reads through the mount"
+
+
+# -- helpers -----------------------------------------------------------------------------
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def page_cache_kib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Cached:"):
+            return int(line.split()[1])
+    return 0
+
+
+def read_all(path: Path) -> float:
+    """Seconds to read the whole file sequentially with 1 MiB reads."""
+    buf = bytearray(CHUNK)
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+    return time.perf_counter() - t0
+
+
+def mmap_sum(path: Path) -> float:
+    size = path.stat().st_size // 8
+    t0 = time.perf_counter()
+    m = np.memmap(path, dtype=np.uint64, mode="r", shape=(size,))
+    m.sum()
+    m._mmap.close()
+    return time.perf_counter() - t0
+
+
+def ttfb(path: Path) -> float:
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    os.read(fd, 1)
+    dt = time.perf_counter() - t0
+    os.close(fd)
+    return dt
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+class Daemon:
+    def __init__(self, store: Path, mnt: Path, *args: str) -> None:
+        mnt.mkdir(parents=True, exist_ok=True)
+        self.mnt = mnt
+        env = {**os.environ, "PYTHONPATH": str(REPO), "MODELFS_STORE": str(store)}
+        self.log = open(mnt.parent / f"{mnt.name}.log", "ab")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "-m", "modelfs", "mount", str(mnt), "--foreground",
+                                      *args], env=env, stdout=self.log, stderr=self.log)
+        status = store / "run" / "daemon.json"
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"daemon failed, see {self.log.name}")
+            try:
+                if json.loads(status.read_text())["pid"] == self.proc.pid:
+                    break
+            except (FileNotFoundError, ValueError, KeyError):
+                pass
+            time.sleep(0.01)
+        self.startup = time.perf_counter() - t0
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+        self.log.close()
+
+
+# -- the 2 GiB model ------------------------------------------------------------------------------
+def build_big(work: Path, size: int) -> tuple[dict[str, Path], Path, str]:
+    """Stores (one per read mode) sharing one blob; returns {mode: store}, blob, filename."""
+    from ggufgen import write_model
+
+    src = work / "src" / "big-q4.gguf"
+    src.parent.mkdir(parents=True)
+    print(f"writing a {size / 2**30:.1f} GiB GGUF ...", flush=True)
+    write_model(src, name="bench", tensor_bytes=size, seed=7)
+    stores: dict[str, Path] = {}
+    first = Store.open(work / f"store-{MODES[0]}")
+    res = first.import_model("big", src)
+    rec = res.files[0]
+    blob = first.blobs.path(rec.sha256)
+    first.close()
+    src.unlink()
+    stores[MODES[0]] = work / f"store-{MODES[0]}"
+    for mode in MODES[1:]:
+        s = Store.open(work / f"store-{mode}")
+        dest = s.blobs.path(rec.sha256)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.link(blob, dest)
+        s.catalog.add_version("big", 1, [FileRecord(rec.filename, "weights", rec.size, rec.sha256)], signed=False)
+        s.catalog.activate("big", 1, actor="bench")
+        s.close()
+        stores[mode] = work / f"store-{mode}"
+    return stores, blob, rec.filename
+
+
+def bench_reads(work: Path, size: int, rounds: int, modes: tuple[str, ...]) -> dict:
+    stores, blob, filename = build_big(work, size)
+    daemons = {m: Daemon(stores[m], work / f"mnt-{m}", "--read-mode", m) for m in modes}
+    paths: dict[str, Path] = {"native": blob, **{m: d.mnt / "big" / filename for m, d in daemons.items()}}
+    out: dict = {"size": size, "modes": list(modes)}
+    try:
+        for p in paths.values():  # first open of each path (lookups), not timed
+            os.stat(p)
+
+        def alternate(fn: Callable[[Path], float], labels: list[str], before: Callable[[], None] | None,
+                      n: int) -> dict[str, float]:
+            runs: dict[str, list[float]] = {k: [] for k in labels}
+            for _ in range(n):
+                for k in labels:
+                    if before:
+                        before()
+                    runs[k].append(fn(paths[k]))
+            return {k: median(v) for k, v in runs.items()}
+
+        print("cold sequential ...", flush=True)
+        cold = alternate(read_all, ["native", *modes], drop_caches, rounds)
+        out["cold_seq_gbps"] = {k: size / v / 1e9 for k, v in cold.items()}
+
+        main = modes[0]
+        pair = ["native", main]
+        print("page cache growth of one cold pass ...", flush=True)
+        drop_caches()
+        before = page_cache_kib()
+        read_all(paths[main])
+        out["cold_pass_cache_growth_gib"] = (page_cache_kib() - before) / 2**20
+
+        print("warm sequential ...", flush=True)
+        for k in pair:
+            read_all(paths[k])
+        warm = alternate(read_all, pair, None, rounds + 2)
+        out["warm_seq_gbps"] = {k: size / v / 1e9 for k, v in warm.items()}
+
+        print("warm mmap scan ...", flush=True)
+        for k in pair:
+            mmap_sum(paths[k])
+        scan = alternate(mmap_sum, pair, None, rounds + 2)
+        out["warm_mmap_gbps"] = {k: size / v / 1e9 for k, v in scan.items()}
+
+        print("time to first byte ...", flush=True)
+        out["ttfb_warm_ms"] = {k: v * 1e3 for k, v in alternate(ttfb, pair, None, 51).items()}
+        out["ttfb_cold_ms"] = {k: v * 1e3 for k, v in alternate(ttfb, pair, drop_caches, 5).items()}
+    finally:
+        for d in daemons.values():
+            d.stop()
+    return out
+
+
+# -- 10,000 models ------------------------------------------------------------------------------------
+def bench_listing(work: Path, models: int, rounds: int) -> dict:
+    print(f"building a store of {models} models through the catalog ...", flush=True)
+    root = work / "store-many"
+    s = Store.open(root)
+    data = b"GGUF" + bytes(252)
+    sha = hashlib.sha256(data).hexdigest()
+    t = s.blobs.new_temp()
+    t.write(data)
+    s.blobs.commit_temp(t, expected_sha256=sha)
+    with s.catalog.txn():
+        for i in range(models):
+            name = f"model-{i:05d}"
+            s.catalog.add_version(name, 1, [FileRecord(f"{name}.gguf", "weights", len(data), sha)], signed=False,
+                                  source=f"import:{name}.gguf")
+            s.catalog.activate(name, 1, actor="bench")
+    native = work / "native-many"
+    native.mkdir()
+    for i in range(models):
+        (native / f"model-{i:05d}").mkdir()
+    out: dict = {"models": models}
+    d = Daemon(root, work / "mnt-many")
+    out["mount_startup_s"] = d.startup
+
+    def ls(path: Path) -> float:
+        t0 = time.perf_counter()
+        subprocess.run(["ls", "-l", str(path)], stdout=subprocess.DEVNULL, check=True)
+        return time.perf_counter() - t0
+
+    try:
+        first = ls(d.mnt)
+        runs: dict[str, list[float]] = {"native": [], "mount": []}
+        for _ in range(rounds):
+            runs["native"].append(ls(native))
+            runs["mount"].append(ls(d.mnt))
+        out["ls_l_first_s"] = first
+        out["ls_l_s"] = {k: median(v) for k, v in runs.items()}
+        t0 = time.perf_counter()
+        os.listdir(d.mnt)
+        out["listdir_s"] = time.perf_counter() - t0
+        # A change at this size: one more model, seen through the mount.
+        t0 = time.perf_counter()
+        s.catalog.add_version("zz-new", 1, [FileRecord("zz.gguf", "weights", len(data), sha)], signed=False)
+        s.catalog.activate("zz-new", 1, actor="bench")
+        while not (d.mnt / "zz-new").exists():
+            time.sleep(0.005)
+        out["change_visible_s"] = time.perf_counter() - t0
+    finally:
+        d.stop()
+        s.close()
+    return out
+
+
+# -- report ---------------------------------------------------------------------------------------------
+def report(r: dict, l: dict | None, command: str) -> str:
+    modes = r["modes"]
+    main = modes[0]
+    cold, warm, scan = r["cold_seq_gbps"], r["warm_seq_gbps"], r["warm_mmap_gbps"]
+    ratio = {
+        "cold sequential": (cold[main] / cold["native"], 0.8),
+        "warm sequential": (warm[main] / warm["native"], 0.9),
+        "warm mmap scan": (scan[main] / scan["native"], 0.7),
+    }
+    lines = [
+        SECTION, "",
+        f"Measured by `{command}` on {platform.node() and 'this machine'}: "
+        f"{os.cpu_count()} CPUs, kernel {platform.release()}, Python {platform.python_version()}, "
+        f"a {r['size'] / 2**30:.1f} GiB model; medians, runs alternating native / mount, caches dropped "
+        "(`sync; echo 3 > /proc/sys/vm/drop_caches`) before every cold run. "
+        f"The daemon's default read mode is `{main}`.", "",
+        "| Measure | Native | Mount | Ratio | Target |", "|---|---|---|---|---|",
+    ]
+    for name, (value, target) in ratio.items():
+        src = {"cold sequential": cold, "warm sequential": warm, "warm mmap scan": scan}[name]
+        ok = "met" if value >= target else "MISSED"
+        lines.append(f"| {name} | {src['native']:.2f} GB/s | {src[main]:.2f} GB/s | {value:.2f}x | "
+                     f">= {target}x ({ok}) |")
+    tw, tc = r["ttfb_warm_ms"], r["ttfb_cold_ms"]
+    lines.append(f"| time to first byte, warm (open + read 1 byte) | {tw['native']:.3f} ms | {tw[main]:.3f} ms "
+                 f"| | < 5 ms ({'met' if tw[main] < 5 else 'MISSED'}) |")
+    lines.append(f"| time to first byte, cold | {tc['native']:.2f} ms | {tc[main]:.2f} ms | | |")
+    lines += ["", "Cold sequential by read mode of the daemon (same run, same blob):", "",
+              "| Read mode | GB/s | Ratio to native |", "|---|---|---|"]
+    for m in modes:
+        lines.append(f"| `{m}` | {cold[m]:.2f} | {cold[m] / cold['native']:.2f}x |")
+    lines += ["", f"One cold pass through the mount grew the page cache by "
+                  f"{r['cold_pass_cache_growth_gib']:.2f} GiB for a {r['size'] / 2**30:.1f} GiB file "
+                  "(the blob's pages and the mount's pages: double caching)."]
+    if l:
+        lines += ["", f"Listing {l['models']:,} models (`ls -l` of the mount root):", "",
+                  "| Measure | Time |", "|---|---|",
+                  f"| mount start-up (tree of {l['models']:,} models built) | {l['mount_startup_s']:.2f} s |",
+                  f"| `ls -l`, first after mounting | {l['ls_l_first_s']:.3f} s |",
+                  f"| `ls -l`, mount (median) | {l['ls_l_s']['mount']:.3f} s |",
+                  f"| `ls -l`, native directory of {l['models']:,} dirs (median) | {l['ls_l_s']['native']:.3f} s |",
+                  f"| `os.listdir` of the mount | {l['listdir_s'] * 1e3:.1f} ms |",
+                  f"| a new model visible in the mount after its catalog commit | {l['change_visible_s']:.2f} s |"]
+    return "\n".join(lines) + "\n"
+
+
+def write_doc(section: str) -> None:
+    """Replace our section of docs/performance.md, leaving every other section alone."""
+    text = DOC.read_text() if DOC.exists() else "# Performance\n"
+    start = text.find(SECTION)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+        if end >= 0:
+            text = text[:start] + section + "\n" + text[end + 1:]
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size-gib", type=float, default=2.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--models", type=int, default=10_000, help="0 skips the listing benchmark")
+    ap.add_argument("--modes", default=",".join(MODES), help="read modes, the first is the one reported")
+    ap.add_argument("--workdir", type=Path, help="default: a temp dir in /var/tmp (must not be tmpfs)")
+    ap.add_argument("--write-doc", action="store_true", help=f"update the section in {DOC.relative_to(REPO)}")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench/read.py needs root (it drops the page cache before cold runs)")
+    command = "sudo python " + " ".join(shlex.quote(a) for a in ["bench/read.py", *sys.argv[1:]])
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="modelfs-bench-", dir="/var/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    size = int(args.size_gib * 2**30)
+    modes = tuple(m for m in args.modes.split(",") if m)
+    try:
+        reads = bench_reads(work, size, args.rounds, modes)
+        listing = bench_listing(work, args.models, args.rounds) if args.models else None
+    finally:
+        subprocess.run(["rm", "-rf", str(work)])
+    print(json.dumps({"reads": reads, "listing": listing}, indent=2))
+    section = report(reads, listing, command)
+    print()
+    print(section)
+    if args.write_doc:
+        write_doc(section)
+        print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()
