@@ -13,8 +13,8 @@ Life of a mount::
               entries and attributes that changed, so CLI changes show within a second
     stop      SIGTERM/SIGINT detach the mount (lazy unmount): nothing new can be
               opened, files already open keep being served, and the daemon exits when
-              the kernel closes the session after the last release; a second signal
-              ends at once
+              the kernel closes the session after the last release; a second SIGINT
+              ends at once (a second SIGTERM does not: systemd sends one after ExecStop)
 
 Never unmount after a crash: an unexpected error leaves the mountpoint dead
 (ENOTCONN) rather than an empty directory a consumer could mistake for "no models";
@@ -49,7 +49,7 @@ from store.errors import Conflict, StoreError, UsageError
 from store.layout import Layout
 
 from .openfiles import Materialiser, OpenFiles
-from .tree import Namespace, Visibility, build, load_snapshot
+from .tree import Namespace, SnapshotReader, Visibility, build
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,7 @@ class Daemon:
         self.mountpoint = cfg.mountpoint
         self.ns = Namespace(cfg.visibility)
         self.poll_catalog = Catalog(self.layout.catalog)  # used only in worker threads, one at a time
+        self.snapshots = SnapshotReader(self.poll_catalog)
         self.db_limiter = trio.CapacityLimiter(1)
         self.materialiser = Materialiser(self.layout, None, offline=cfg.offline,
                                          fetch_timeout=cfg.fetch_timeout, on_failure=self.publish_status)
@@ -267,15 +268,18 @@ class Daemon:
         if version == self._data_version:
             return None
         self._data_version = version
-        return build(load_snapshot(cat), self.ns.inodes, self.ns.tree, visibility=self.ns.visibility)
+        return build(self.snapshots.read(), self.ns.inodes, self.ns.tree, visibility=self.ns.visibility)
 
     async def refresh(self) -> bool:
+        t0 = time.perf_counter()
         new = await trio.to_thread.run_sync(self._load, limiter=self.db_limiter)
         if new is None:
             return False
         change = self.ns.swap(new)
         if change:
             await self._invalidate(change)
+        log.debug("catalog changed: tree of %d models rebuilt in %.0f ms", len(new.entries),
+                  (time.perf_counter() - t0) * 1e3)
         return True
 
     async def _invalidate(self, change) -> None:
@@ -300,9 +304,15 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 if self.detached:
-                    log.warning("second %s: stopping now", signal.Signals(signum).name)
-                    pyfuse3.terminate()
-                    return
+                    # systemd sends SIGTERM after ExecStop=modelfs unmount: repeated
+                    # SIGTERMs must not cut off readers that still map a file.
+                    if signum == signal.SIGINT:
+                        log.warning("second SIGINT: stopping now; %d open file(s) lose the mount",
+                                    len(self.files))
+                        pyfuse3.terminate()
+                        return
+                    log.info("already unmounted; %d file(s) still open", len(self.files))
+                    continue
                 log.info("%s: unmounting %s", signal.Signals(signum).name, self.mountpoint)
                 await trio.to_thread.run_sync(lazy_unmount, self.mountpoint)
                 self.detached = True

@@ -305,48 +305,54 @@ class Catalog:
         card["installed_at"] = row["installed_at"]
         return VersionRecord(row["model"], row["version"], row["state"], bool(row["signed"]), card, files)
 
-    def snapshot(self) -> tuple[set[str], list[tuple[ModelRecord, list[VersionRecord]]]]:
-        """Pins and every model with its versions and files, from one read transaction
-        (the mount rebuilds its tree from this; four queries however many models).
-        Plain tuples, not Row objects: this runs on every catalog change."""
+    def snapshot_rows(self) -> tuple[set[str], dict[str, tuple[Any, ...]]]:
+        """Pins, and per model its raw rows ``(model_row, version_rows, file_rows)`` as
+        plain tuples, from one read transaction (four queries however many models).
+
+        The mount polls this on every catalog change: comparing raw tuples with the
+        previous read is cheap, so only changed models are turned into records
+        (:meth:`model_from_rows`)."""
         cur = self.conn.cursor()
         cur.row_factory = None
-
-        def rows(sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-            cur.execute(sql)
-            return [d[0] for d in cur.description], cur.fetchall()
-
         cur.execute("BEGIN")  # deferred: a consistent read that blocks no writer
         try:
             pinned = {r[0] for r in cur.execute("SELECT model FROM pins").fetchall()}
-            mcols, mrows = rows("SELECT * FROM models ORDER BY name")
-            fcols, frows = rows("SELECT * FROM files ORDER BY model, version, filename")
-            vcols, vrows = rows("SELECT * FROM versions ORDER BY model, version")
+            models = cur.execute("SELECT * FROM models ORDER BY name").fetchall()
+            self._mcols = [d[0] for d in cur.description]
+            versions = cur.execute("SELECT * FROM versions ORDER BY model, version").fetchall()
+            self._vcols = [d[0] for d in cur.description]
+            files = cur.execute("SELECT * FROM files ORDER BY model, version, filename").fetchall()
+            self._fcols = [d[0] for d in cur.description]
         finally:
             cur.execute("COMMIT")
-        files: dict[tuple[str, int], list[FileRecord]] = {}
-        fi = [fcols.index(c) for c in ("model", "version", "filename", "role", "size", "sha256", "url",
-                                       "etag", "last_modified", "chunk_size", "chunks")]
+        by_model_v: dict[str, list[tuple[Any, ...]]] = {}
+        for r in versions:
+            by_model_v.setdefault(r[0], []).append(r)  # column 0 of versions is model
+        by_model_f: dict[str, list[tuple[Any, ...]]] = {}
+        for r in files:
+            by_model_f.setdefault(r[0], []).append(r)  # column 0 of files is model
+        return pinned, {m[0]: (m, tuple(by_model_v.get(m[0], ())), tuple(by_model_f.get(m[0], ())))
+                        for m in models}
+
+    def model_from_rows(self, rows: tuple[Any, ...]) -> tuple[ModelRecord, list[VersionRecord]]:
+        """Records from one model's raw rows, as returned by :meth:`snapshot_rows`."""
+        mrow, vrows, frows = rows
+        m = _model(dict(zip(self._mcols, mrow)))
+        files: dict[int, list[FileRecord]] = {}
         for r in frows:
-            m, v, *rest = (r[i] for i in fi)
-            if rest[-1]:
-                rest[-1] = json.loads(rest[-1])
-            files.setdefault((m, v), []).append(FileRecord(*rest))
-        vi = {c: i for i, c in enumerate(vcols)}
-        versions: dict[str, list[VersionRecord]] = {}
+            d = dict(zip(self._fcols, r))
+            files.setdefault(d["version"], []).append(FileRecord.from_row(d))
+        out = []
         for r in vrows:
-            card = {k: r[vi[k]] for k in CARD_FIELDS}
+            d = dict(zip(self._vcols, r))
+            card = {k: d[k] for k in CARD_FIELDS}
             if card["runtime_params"]:
                 card["runtime_params"] = json.loads(card["runtime_params"])
-            card["created_at"] = r[vi["created_at"]]
-            card["installed_at"] = r[vi["installed_at"]]
-            model, version = r[vi["model"]], r[vi["version"]]
-            versions.setdefault(model, []).append(VersionRecord(
-                model, version, r[vi["state"]], bool(r[vi["signed"]]), card, tuple(files.get((model, version), ()))))
-        mi = [mcols.index(c) for c in ("name", "active_version", "last_good_version", "owner_app", "visibility",
-                                       "created_at", "last_used_at")]
-        models = [ModelRecord(*(r[i] for i in mi)) for r in mrows]
-        return pinned, [(m, versions.get(m.name, [])) for m in models]
+            card["created_at"] = d["created_at"]
+            card["installed_at"] = d["installed_at"]
+            out.append(VersionRecord(d["model"], d["version"], d["state"], bool(d["signed"]), card,
+                                     tuple(files.get(d["version"], ()))))
+        return m, out
 
     def next_version(self, model: str) -> int:
         row = self.conn.execute("SELECT MAX(version) FROM versions WHERE model = ?", (model,)).fetchone()

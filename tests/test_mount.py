@@ -81,8 +81,8 @@ class Mount:
         return json.loads((self.run / "open.json").read_text())["files"]
 
     def stop(self) -> None:
-        # SIGTERM detaches and serves open files until closed; a second one stops now.
-        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
+        # SIGTERM detaches and serves open files until closed; a second SIGINT stops now.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
             if self.proc.poll() is not None:
                 break
             self.proc.send_signal(sig)
