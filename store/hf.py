@@ -1,0 +1,161 @@
+"""Hugging Face hub sources: ``hf://org/repo[@revision]/path/file.gguf``.
+
+A file is fetched from ``{endpoint}/{org}/{repo}/resolve/{revision}/{path}``; the
+endpoint is ``$MODELFS_HF_ENDPOINT`` (else ``$HF_ENDPOINT``, else the public hub), so
+mirrors and tests can stand in for it. As ``huggingface_hub`` does, the metadata comes
+from a HEAD of that URL that follows same-origin redirects only: for an LFS file the
+hub answers 302 (to its CDN) with ``X-Linked-Etag`` (the SHA-256, quoted) and
+``X-Linked-Size``; ``X-Repo-Commit`` names the commit, which pins the recorded URL so a
+later lazy fetch gets the same bytes.
+
+The token comes from ``$HF_TOKEN`` (or the legacy ``$HUGGING_FACE_HUB_TOKEN``), else
+the token file (``$HF_TOKEN_PATH``, else ``$HF_HOME/token``, default
+``~/.cache/huggingface/token``), read at request time and sent only to the endpoint's
+origin: :func:`auth_headers` is the downloader's per-request credential hook, so a
+redirect to the CDN carries no token. The token is never stored, logged or put in argv.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+import httpx
+
+from .errors import FetchError, UsageError
+from .names import check_filename
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+_REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class HFRef:
+    repo: str          # "org/name"
+    revision: str      # branch, tag or commit; "main" by default
+    path: str          # file path inside the repo
+
+    @property
+    def filename(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    def display(self) -> str:
+        rev = "" if self.revision == "main" else "@" + quote(self.revision, safe="")
+        return f"hf://{self.repo}{rev}/{self.path}"
+
+
+@dataclass(frozen=True)
+class HFFile:
+    ref: HFRef
+    url: str           # resolve URL pinned to the commit when the hub named one
+    sha256: str
+    size: int
+    commit: str | None
+    etag: str | None
+
+
+def endpoint() -> str:
+    value = os.environ.get("MODELFS_HF_ENDPOINT") or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
+    return value.rstrip("/")
+
+
+def parse_hf_url(url: str) -> HFRef:
+    """``hf://org/repo[@revision]/path/to/file`` -> :class:`HFRef`. A revision with a
+    slash (``refs/pr/1``) is written percent-encoded (``refs%2Fpr%2F1``)."""
+    if not url.startswith("hf://"):
+        raise UsageError(f"not an hf:// URL: {url[:80]!r}")
+    parts = url[5:].split("/")
+    if len(parts) < 3:
+        raise UsageError("an hf:// URL needs org/repo/path: hf://org/repo[@revision]/file.gguf")
+    org, name = parts[0], parts[1]
+    revision = "main"
+    if "@" in name:
+        name, revision = name.split("@", 1)
+        revision = unquote(revision)
+    for part in (org, name):
+        if not _REPO_PART.fullmatch(part) or ".." in part:
+            raise UsageError(f"invalid hub repository name {org}/{name}"[:120])
+    if not revision or any(c in revision for c in "\0\n\r") or ".." in revision:
+        raise UsageError("invalid revision in hf:// URL")
+    path_parts = parts[2:]
+    for p in path_parts:
+        check_filename(p, reserved=False)
+    return HFRef(f"{org}/{name}", revision, "/".join(path_parts))
+
+
+def resolve_url(ref: HFRef, revision: str | None = None, base: str | None = None) -> str:
+    rev = quote(revision or ref.revision, safe="")
+    return f"{base or endpoint()}/{ref.repo}/resolve/{rev}/{quote(ref.path)}"
+
+
+def token() -> str | None:
+    """The user's hub token, read now (never cached, never logged)."""
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            return value
+    path = os.environ.get("HF_TOKEN_PATH")
+    if not path:
+        home = os.environ.get("HF_HOME") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "huggingface")
+        path = os.path.join(home, "token")
+    try:
+        value = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return value or None
+
+
+def auth_headers(url: str) -> dict[str, str]:
+    """Credentials for one request: the hub token, only for the endpoint's origin."""
+    try:
+        target, hub = httpx.URL(url), httpx.URL(endpoint())
+    except httpx.InvalidURL:
+        return {}
+    if (target.scheme, target.host, target.port) != (hub.scheme, hub.host, hub.port):
+        return {}
+    tok = token()
+    return {"Authorization": f"Bearer {tok}"} if tok else {}
+
+
+def _normalize_etag(value: str | None) -> str | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    return value.strip('"')
+
+
+async def file_metadata(downloader: Any, ref: HFRef) -> HFFile:
+    """HEAD the resolve URL; the expected SHA-256 and size of an LFS file."""
+    url = resolve_url(ref)
+    response = await downloader.head(url)
+    shown = ref.display()
+    status = response.status_code
+    if status in (401, 403):
+        raise FetchError(f"{shown}: access denied by the hub (HTTP {status}); a gated or private repo needs "
+                         "HF_TOKEN or a token file", status=status)
+    if status == 404:
+        raise FetchError(f"{shown}: no such repository, revision or file on the hub", status=status)
+    if status >= 400:
+        raise FetchError(f"{shown}: the hub answered HTTP {status}", status=status)
+    headers = response.headers
+    # As huggingface_hub: X-Linked-Etag for LFS files, else the ETag (a SHA-256 only for LFS).
+    linked = _normalize_etag(headers.get("x-linked-etag")) or _normalize_etag(headers.get("etag"))
+    if not linked or not _SHA256.fullmatch(linked.lower()):
+        raise FetchError(f"{shown}: the hub gave no SHA-256 for this file (not an LFS file?); "
+                         "pass --sha256 and a plain https URL instead")
+    size_text = headers.get("x-linked-size") or headers.get("content-length")
+    if not size_text or not size_text.isdigit():
+        raise FetchError(f"{shown}: the hub did not say how large the file is")
+    commit = headers.get("x-repo-commit")
+    if commit and not re.fullmatch(r"[0-9a-f]{40}", commit):
+        commit = None
+    url = resolve_url(ref, revision=commit) if commit else url
+    return HFFile(ref, url, linked.lower(), int(size_text), commit, _normalize_etag(headers.get("etag")))

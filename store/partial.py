@@ -1,0 +1,195 @@
+"""Partial downloads on disk: their format, their lock, listing and discarding them.
+
+    partial/<expected sha256>/
+        data         the bytes received so far, unverified, 0600 in a 0700 directory
+        state.json   redacted URL, validators, bytes present, expected size
+
+``state.json`` is replaced atomically (write, fsync, rename, fsync dir) only after the
+data it describes was fsynced, so after ``kill -9`` or a power cut ``state.json`` never
+claims bytes the disk does not hold. The writer (:mod:`store.sink`) rewrites it at least
+every :data:`CHECKPOINT_BYTES`. Bytes beyond what ``state.json`` claims are not trusted
+and are cut off on resume. Nothing here runs at start-up: a partial stays until it is
+resumed to completion or discarded with :func:`discard_partial`.
+
+The directory itself is the lock: a writer holds an exclusive ``flock`` on it for its
+whole life, so two processes never fill the same partial, and :func:`discard_partial`
+refuses one that is in use.
+
+No trio, no network here, so ``modelfs status`` stays cheap. This module never touches
+the catalog and never sees a URL with secrets: callers pass the redacted form.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .blobs import fsync_dir
+from .errors import Conflict, NotFound
+from .layout import Layout, check_sha256
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_BYTES = 64 << 20  # the most a crash may lose
+STATE_VERSION = 1
+
+DATA = "data"
+STATE = "state.json"
+
+
+@dataclass(frozen=True)
+class PartialInfo:
+    """One partial download, as ``modelfs status`` shows it."""
+    sha256: str
+    url: str | None            # redacted
+    bytes_present: int
+    expected_size: int | None
+    etag: str | None
+    last_modified: str | None
+    updated_at: float | None
+    active: bool               # a live writer holds it right now
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PartialState:
+    sha256: str
+    url: str | None = None
+    size: int | None = None
+    bytes: int = 0
+    etag: str | None = None
+    last_modified: str | None = None
+    updated_at: float | None = None
+
+    @classmethod
+    def load(cls, path: Path, sha256: str) -> PartialState | None:
+        try:
+            raw = json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION or raw.get("sha256") != sha256:
+            return None
+        try:
+            return cls(sha256, raw.get("url"), raw.get("size"), int(raw.get("bytes", 0)),
+                       raw.get("etag"), raw.get("last_modified"), raw.get("updated_at"))
+        except (TypeError, ValueError):
+            return None
+
+    def save(self, path: Path) -> None:
+        """Atomic, durable replace of ``state.json``."""
+        self.updated_at = time.time()
+        doc = {"version": STATE_VERSION, "sha256": self.sha256, "url": self.url, "size": self.size,
+               "bytes": self.bytes, "etag": self.etag, "last_modified": self.last_modified,
+               "updated_at": self.updated_at}
+        tmp = path.with_name(STATE + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, json.dumps(doc, sort_keys=True).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+
+
+# -- the directory lock ------------------------------------------------------------
+class PartialLock:
+    """An exclusive flock on ``partial/<sha256>/``, held by the one writer of that partial."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+
+    @classmethod
+    def try_acquire(cls, path: Path) -> PartialLock | None:
+        path.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            # Discarded (and maybe recreated) between our open and our lock: try again.
+            os.close(fd)
+            return cls.try_acquire(path)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _partial_dir(layout: Layout, sha256: str) -> Path:
+    return layout.partial / check_sha256(sha256)
+
+
+def list_partials(store: Any) -> list[PartialInfo]:
+    """Every partial download of ``store``, sorted by SHA-256."""
+    out = []
+    for entry in sorted(store.layout.partial.iterdir()):
+        if not entry.is_dir() or len(entry.name) != 64:
+            continue
+        st = PartialState.load(entry / STATE, entry.name)
+        lock = PartialLock.try_acquire(entry) if entry.exists() else None
+        active = lock is None
+        if lock is not None:
+            lock.release()
+        if st is None and not (entry / DATA).exists():
+            if not active:
+                remove_empty(entry)  # an empty directory left by a writer that never wrote
+            continue
+        out.append(PartialInfo(entry.name, st.url if st else None, st.bytes if st else 0,
+                               st.size if st else None, st.etag if st else None,
+                               st.last_modified if st else None, st.updated_at if st else None, active))
+    return out
+
+
+def discard_partial(store: Any, sha256: str) -> int:
+    """Delete one partial download; returns the bytes freed. Refuses one in use."""
+    path = _partial_dir(store.layout, sha256)
+    if not path.is_dir():
+        raise NotFound(f"no partial download for sha256 {sha256[:16]}…", sha256=sha256)
+    lock = PartialLock.try_acquire(path)
+    if lock is None:
+        raise Conflict(f"the download of {sha256[:16]}… is in progress; stop it first", sha256=sha256)
+    try:
+        freed = 0
+        for name in (DATA, STATE, STATE + ".tmp"):
+            try:
+                freed += (path / name).stat().st_size
+                (path / name).unlink()
+            except FileNotFoundError:
+                pass
+        path.rmdir()
+        fsync_dir(path.parent)
+        return freed
+    finally:
+        lock.release()
+
+
+def remove_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def unlink_quiet(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

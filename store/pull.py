@@ -1,0 +1,189 @@
+"""Pull an unsigned source (an https URL with a known SHA-256, or ``hf://``) into a model.
+
+The steps mirror :meth:`Store.import_model`: resolve each source to a URL with an
+expected SHA-256 (given, or the hub's LFS hash) and size; fetch every blob through the
+:class:`~store.download.Downloader` (resumable, verified, deduplicated); read the GGUF
+header of the committed blobs; then record one version in one transaction, marked
+unsigned, and activate it. A pull of bytes the active version already has records
+nothing new.
+
+What reaches the catalog is redacted: file URLs keep scheme, host and path (the hub's
+resolve URL pinned to a commit; a signed URL loses its query values), and the source
+names no credentials. The full URL lives only in memory for the transfer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from . import gguf, hf
+from .catalog import FileRecord
+from .download import Downloader, FetchResult
+from .errors import UsageError
+from .layout import check_sha256
+from .names import check_filename, check_model_name
+from .redact import redact_url
+
+log = logging.getLogger(__name__)
+
+ProgressFactory = Callable[["PullSource"], Callable[[int], None] | None]
+
+
+@dataclass(frozen=True)
+class PullSource:
+    url: str                   # full URL for the transfer; may hold secrets, never stored
+    filename: str
+    role: str                  # 'weights' or 'mmproj'
+    sha256: str
+    size: int | None
+    source: str                # redacted identity for the card: hf://org/repo or scheme://host/path
+    source_url: str | None = None
+
+    @property
+    def shown(self) -> str:
+        return redact_url(self.url)
+
+
+@dataclass(frozen=True)
+class PullResult:
+    model: str
+    version: int
+    new_version: bool
+    new_bytes: int             # bytes added to blobs/
+    bytes_transferred: int     # body bytes received over the network
+    files: tuple[FileRecord, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "version": self.version, "new_version": self.new_version,
+                "new_bytes": self.new_bytes, "bytes_transferred": self.bytes_transferred,
+                "signed": False, "files": [f.__dict__ for f in self.files]}
+
+
+def default_name(filename: str) -> str:
+    """A model name from a file name: ``Qwen2-7B.Q4_K_M.gguf`` -> ``Qwen2-7B.Q4_K_M``."""
+    stem = filename[:-5] if filename.lower().endswith(".gguf") else filename
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip(".-") or "model"
+    return name[:128]
+
+
+def _url_filename(url: str) -> str:
+    path = urlsplit(url).path
+    name = unquote(path.rsplit("/", 1)[-1])
+    if not name:
+        raise UsageError(f"cannot tell the file name from {redact_url(url)}; the URL must end in a file name")
+    return check_filename(name)
+
+
+async def resolve(downloader: Downloader, spec: str, *, role: str, sha256: str | None = None,
+                  size: int | None = None, base: hf.HFRef | None = None) -> PullSource:
+    """Turn a command-line source into a :class:`PullSource`.
+
+    ``spec`` is an ``https://``/``http://`` URL (``sha256`` required), an ``hf://`` URL,
+    or, when ``base`` is an hf:// reference, a path in the same repository (``--mmproj``)."""
+    if sha256 is not None:
+        sha256 = check_sha256(sha256.lower())
+    if base is not None and "://" not in spec:
+        spec = f"hf://{base.repo}@{base.revision.replace('/', '%2F')}/{spec.lstrip('/')}"
+    if spec.startswith("hf://"):
+        ref = hf.parse_hf_url(spec)
+        meta = await hf.file_metadata(downloader, ref)
+        if sha256 is not None and sha256 != meta.sha256:
+            raise UsageError(f"{ref.display()}: the hub says SHA-256 {meta.sha256[:16]}…, not {sha256[:16]}…")
+        if size is not None and size != meta.size:
+            raise UsageError(f"{ref.display()}: the hub says {meta.size} bytes, not {size}")
+        return PullSource(meta.url, check_filename(ref.filename), role, meta.sha256, meta.size,
+                          source=f"hf://{ref.repo}", source_url=f"{hf.endpoint()}/{ref.repo}")
+    scheme = urlsplit(spec).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise UsageError(f"unsupported source {spec[:20]!r}…: use https://… or hf://org/repo/file.gguf"
+                         if len(spec) > 20 else f"unsupported source {spec!r}: use https://… or hf://…")
+    if sha256 is None:
+        raise UsageError("an unsigned https source needs its SHA-256: pass --sha256 HEX "
+                         f"(for {role})")
+    return PullSource(spec, _url_filename(spec), role, sha256, size, source=redact_url(spec))
+
+
+async def pull(store: Any, downloader: Downloader, sources: list[PullSource], *, name: str | None = None,
+               owner_app: str | None = None, license: str | None = None,
+               progress: ProgressFactory | None = None) -> PullResult:
+    """Fetch every source, check the GGUF headers, record and activate an unsigned version."""
+    if not sources or sources[0].role != "weights":
+        raise UsageError("a pull needs the weights file first")
+    name = check_model_name(name or default_name(sources[0].filename))
+    if len({s.filename for s in sources}) != len(sources):
+        raise UsageError("the weights and the mmproj file must have different file names")
+
+    fetched: list[tuple[PullSource, FetchResult]] = []
+    for src in sources:
+        cb = progress(src) if progress else None
+        log.info("pulling %s (%s) from %s", src.filename, src.role, src.shown)
+        res = await downloader.fetch(src.url, sha256=src.sha256, size=src.size, progress=cb)
+        fetched.append((src, res))
+
+    # Only verified blobs are parsed; a malformed header refuses the pull, the blob stays
+    # (unreferenced, so prune reclaims it).
+    info = gguf.parse_gguf(fetched[0][1].path, name=sources[0].filename)
+    if info.is_mmproj:
+        raise UsageError(f"{sources[0].filename} is a multimodal projector; pass it with --mmproj")
+    for src, res in fetched[1:]:
+        if src.role == "mmproj" and not gguf.parse_gguf(res.path, name=src.filename).is_mmproj:
+            raise UsageError(f"{src.filename} is not a multimodal projector (mmproj) GGUF")
+
+    records = sorted((FileRecord(src.filename, src.role, res.size, res.sha256, url=redact_url(src.url),
+                                 etag=res.etag, last_modified=res.last_modified)
+                      for src, res in fetched), key=lambda r: r.filename)
+    new_bytes = sum(res.size for _, res in fetched if res.new)
+    transferred = sum(res.bytes_transferred for _, res in fetched)
+    weights = sources[0]
+
+    cat = store.catalog
+    with cat.txn():
+        if cat.has_model(name):
+            m = cat.get_model(name)
+            if m.active_version is not None:
+                active = cat.get_version(name, m.active_version)
+                if sorted((f.filename, f.role, f.sha256) for f in active.files) == \
+                        sorted((f.filename, f.role, f.sha256) for f in records):
+                    cat.audit(store.actor, "pull", model=name, version=m.active_version,
+                              reason="already present", detail={"new_bytes": new_bytes})
+                    return PullResult(name, m.active_version, False, new_bytes, transferred, tuple(records))
+        version = cat.next_version(name)
+        cat.ensure_model(name, owner_app)
+        cat.add_version(
+            name, version, records, signed=False, source=weights.source, license=license,
+            source_url=redact_url(weights.source_url) if weights.source_url else None,
+            family=info.architecture, architecture=info.architecture,
+            quantization=info.quantization, context_length=info.context_length)
+        cat.audit(store.actor, "pull", model=name, version=version,
+                  detail={"new_bytes": new_bytes, "source": weights.source,
+                          "files": [r.filename for r in records]})
+        cat.activate(name, version, actor=store.actor)
+    return PullResult(name, version, True, new_bytes, transferred, tuple(records))
+
+
+def downloader_options_from_env() -> dict[str, Any]:
+    """Tuning knobs for tests and unusual networks (all optional):
+    ``MODELFS_STALL_TIMEOUT`` seconds, ``MODELFS_MIN_SPEED`` ``BYTES/SECONDS``,
+    ``MODELFS_MAX_RETRIES``, ``MODELFS_BACKOFF`` ``BASE/CAP`` seconds."""
+    opts: dict[str, Any] = {}
+    try:
+        if v := os.environ.get("MODELFS_STALL_TIMEOUT"):
+            opts["stall_timeout"] = float(v)
+        if v := os.environ.get("MODELFS_MIN_SPEED"):
+            amount, seconds = v.split("/")
+            opts["min_speed"] = (int(amount), float(seconds))
+        if v := os.environ.get("MODELFS_MAX_RETRIES"):
+            opts["max_retries"] = int(v)
+        if v := os.environ.get("MODELFS_BACKOFF"):
+            base, cap = v.split("/")
+            opts["backoff"] = (float(base), float(cap))
+    except ValueError:
+        raise UsageError("malformed MODELFS_STALL_TIMEOUT, MODELFS_MIN_SPEED, MODELFS_MAX_RETRIES "
+                         "or MODELFS_BACKOFF") from None
+    return opts

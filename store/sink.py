@@ -1,0 +1,426 @@
+"""The write side of a download: network chunks into ``partial/<sha256>/data``, hashed inline.
+
+The trio side only collects references to the chunks the HTTP client produced, into
+batches of about :data:`BATCH_BYTES`. Each batch goes to two consumers that run side by
+side in worker threads, both in file order: the hasher feeds the SHA-256; the writer
+copies into a page-aligned staging buffer (``ctypes.memmove``, which drops the GIL) and
+writes whole aligned blocks with ``O_DIRECT`` where the filesystem allows it, so a
+large download leaves no dirty page cache behind. The event loop never copies a byte;
+hashing, copying and disk I/O overlap with the network. A resumed prefix is re-hashed
+once when the sink opens; there is no other pass over the file.
+
+Every ``CHECKPOINT_BYTES`` the writer fsyncs and replaces ``state.json`` (see
+:mod:`store.partial`). Cancellation at any await leaves the counters, the file and
+``state.json`` consistent: a batch taken by a consumer is processed whole, and
+:meth:`Sink.close` (called shielded) writes what was received and checkpoints it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import logging
+import mmap
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .blobs import BlobStore, Committed
+from .crashpoints import crash_point
+from .errors import SpaceError, StoreError
+from .partial import CHECKPOINT_BYTES, DATA, STATE, PartialState, unlink_quiet as _unlink
+
+log = logging.getLogger(__name__)
+
+BATCH_BYTES = 4 << 20        # chunks handed to the hasher and the writer together
+N_BATCHES = 4                # queued per consumer before the network side waits
+STAGE_BYTES = 8 << 20        # the writer's aligned staging buffer
+CHUNK_READ = 4 << 20         # read size when re-hashing a resumed prefix
+ALIGN = 4096                 # O_DIRECT offset and length alignment
+
+
+Chunk = Any  # bytes, bytearray or memoryview handed over by the HTTP client; never mutated after
+
+
+def _address(buf: Any) -> int | None:
+    """Address of a writable buffer's first byte, or None (read-only or empty)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    except (TypeError, ValueError):
+        return None
+
+
+class Sink:
+    """Fills ``partial/<sha256>/data`` from network chunks; owns the running hash.
+
+    The trio side only collects references to the chunks the HTTP client produced,
+    into batches of about :data:`BATCH_BYTES`. Each batch goes to two consumers that
+    run side by side in worker threads, both in file order: the hasher feeds the
+    SHA-256, the writer copies into a page-aligned staging buffer (``ctypes.memmove``,
+    which drops the GIL) and writes whole aligned blocks with ``O_DIRECT``. So the
+    event loop never copies a byte, and hashing, copying and disk I/O overlap with the
+    network. Invariants: bytes before ``written`` are in ``data``; bytes before
+    ``hashed`` are in the hash; ``stage`` holds ``stage_fill`` bytes for offset
+    ``stage_off`` (aligned) == ``written``; ``state.json`` claims ``durable`` bytes, all
+    fsynced. The caller holds the directory's :class:`PartialLock` for the sink's life.
+    """
+
+    def __init__(self, blobs: BlobStore, directory: Path, sha256: str, url: str | None,
+                 size: int | None) -> None:
+        self.blobs = blobs
+        self.dir = directory
+        self.data_path = directory / DATA
+        self.state_path = directory / STATE
+        self.state = PartialState(sha256, url, size)
+        self.hasher = hashlib.sha256()
+        self.written = 0
+        self.hashed = 0
+        self.durable = 0
+        self.resumed_from = 0
+        self.fd = -1          # buffered descriptor: unaligned tails, and filesystems without O_DIRECT
+        self.dfd = -1         # O_DIRECT descriptor, when the filesystem allows it
+        # producer side (trio thread)
+        self.batch: list[Chunk] = []
+        self.batch_bytes = 0
+        self.batch_start = 0
+        # writer side (one worker thread at a time, in order)
+        self.stage = mmap.mmap(-1, STAGE_BYTES)  # anonymous maps are page-aligned, as O_DIRECT wants
+        self._stage_ref = ctypes.c_char.from_buffer(self.stage)  # pins the map; never closed
+        self._stage_addr = ctypes.addressof(self._stage_ref)
+        self.stage_fill = 0
+        # the pipeline
+        self._hash_send, self._hash_recv = trio.open_memory_channel(N_BATCHES)
+        self._write_send, self._write_recv = trio.open_memory_channel(N_BATCHES)
+        self._hash_done = trio.Event()
+        self._write_done = trio.Event()
+        self._pending = 0     # batch deliveries not yet processed by a consumer
+        self._started = False
+        self._error: StoreError | None = None
+        self.committed = False
+
+    # -- opening and resuming ---------------------------------------------------
+    @classmethod
+    async def open(cls, blobs: BlobStore, directory: Path, sha256: str, url: str | None,
+                   size: int | None) -> Sink:
+        sink = cls(blobs, directory, sha256, url, size)
+        prev = PartialState.load(sink.state_path, sha256)
+        sink._open_files()
+        try:
+            usable = prev is not None and (size is None or prev.size in (None, size))
+            present = min(prev.bytes, os.fstat(sink.fd).st_size) if usable and prev else 0
+            if usable and prev and prev.size is not None and present > prev.size:
+                present = 0
+            if present:
+                assert prev is not None
+                sink.state = PartialState(sha256, url or prev.url, size if size is not None else prev.size,
+                                          present, prev.etag, prev.last_modified, prev.updated_at)
+                await sink._load_prefix(present)
+            else:
+                os.ftruncate(sink.fd, 0)
+        except BaseException:
+            sink._close_files()
+            raise
+        return sink
+
+    def _open_files(self) -> None:
+        flags = os.O_CREAT | os.O_CLOEXEC
+        self.fd = os.open(self.data_path, os.O_RDWR | flags, 0o600)
+        try:
+            self.dfd = os.open(self.data_path, os.O_WRONLY | os.O_DIRECT | flags, 0o600)
+        except OSError:
+            self.dfd = -1  # tmpfs and some FUSE filesystems refuse O_DIRECT
+
+    async def _load_prefix(self, present: int) -> None:
+        """Resume at ``present``: re-hash what is there once; keep the unaligned tail staged."""
+        aligned = present - present % ALIGN
+        os.ftruncate(self.fd, present)
+
+        def rehash() -> None:
+            buf = bytearray(CHUNK_READ)
+            view = memoryview(buf)
+            pos = 0
+            while pos < present:
+                n = os.preadv(self.fd, [view[:min(CHUNK_READ, present - pos)]], pos)
+                if n <= 0:
+                    raise StoreError("a partial download shrank while it was being resumed")
+                self.hasher.update(view[:n])
+                pos += n
+            try:
+                os.posix_fadvise(self.fd, 0, present, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+            tail = os.pread(self.fd, present - aligned, aligned)
+            self.stage[:len(tail)] = tail
+            self.stage_fill = len(tail)
+
+        await trio.to_thread.run_sync(rehash)
+        self.written = aligned
+        self.hashed = self.batch_start = present
+        self.durable = present
+        self.resumed_from = present
+        log.info("resuming %s… at %d bytes", self.sha256[:12], present)
+
+    # -- properties ------------------------------------------------------------------
+    @property
+    def total(self) -> int:
+        """Bytes received so far (written, queued or batched)."""
+        return self.batch_start + self.batch_bytes
+
+    @property
+    def sha256(self) -> str:
+        return self.state.sha256
+
+    def if_range(self) -> str | None:
+        """The validator for If-Range: a strong ETag, else Last-Modified."""
+        etag = self.state.etag
+        if etag and not etag.startswith("W/"):
+            return etag
+        return self.state.last_modified
+
+    def set_validators(self, etag: str | None, last_modified: str | None) -> None:
+        self.state.etag = etag
+        self.state.last_modified = last_modified
+
+    def check_space(self, remaining: int) -> None:
+        self.blobs.check_space(max(0, remaining))
+
+    # -- the pipeline ---------------------------------------------------------------------
+    def start(self, nursery: trio.Nursery) -> None:
+        self._started = True
+        nursery.start_soon(self._consume, self._hash_recv, self._hash_batch, self._hash_done,
+                           name=f"hash-{self.sha256[:12]}")
+        nursery.start_soon(self._consume, self._write_recv, self._write_batch, self._write_done,
+                           name=f"write-{self.sha256[:12]}")
+
+    async def write(self, chunk: Chunk) -> None:
+        """Take ``chunk`` (the caller must not modify it afterwards)."""
+        n = len(chunk)
+        if not n:
+            return
+        self.batch.append(chunk)
+        self.batch_bytes += n
+        if self.batch_bytes >= BATCH_BYTES:
+            await self._submit()
+
+    async def _submit(self) -> None:
+        if self._error is not None:
+            raise self._error
+        item = (tuple(self.batch), self.batch_start, self.batch_bytes)
+        self.batch = []
+        self.batch_start += self.batch_bytes
+        self.batch_bytes = 0
+        try:
+            self._pending += 2
+            await self._hash_send.send(item)
+            await self._write_send.send(item)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise self._error or StoreError("the download's writer stopped") from None
+
+    async def _consume(self, recv: trio.MemoryReceiveChannel, work: Callable[..., Awaitable[None]],
+                       done: trio.Event) -> None:
+        try:
+            async for item in recv:
+                # Shielded: a batch taken off the queue is always processed whole, so the
+                # counters agree with the file and the hash whatever gets cancelled.
+                with trio.CancelScope(shield=True):
+                    await work(*item)
+                self._pending -= 1
+        except Exception as exc:
+            self._error = _as_store_error(exc)
+            # Wake the producer wherever it waits; what is still queued is dropped.
+            await self._hash_recv.aclose()
+            await self._write_recv.aclose()
+        finally:
+            done.set()
+
+    async def _hash_batch(self, chunks: tuple[Chunk, ...], start: int, n: int) -> None:
+        def run() -> None:
+            for c in chunks:
+                self.hasher.update(c)
+        await trio.to_thread.run_sync(run)
+        self.hashed = start + n
+
+    async def _write_batch(self, chunks: tuple[Chunk, ...], start: int, n: int) -> None:
+        checkpointed = await trio.to_thread.run_sync(self._stage_and_write, chunks)
+        if checkpointed:
+            crash_point("download-after-checkpoint")
+
+    # -- writer thread ----------------------------------------------------------------------
+    def _stage_and_write(self, chunks: tuple[Chunk, ...]) -> bool:
+        """Copy chunks into the aligned stage, write whole blocks; True after a checkpoint."""
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            src = _address(chunk)
+            pos = 0
+            while pos < len(view):
+                k = min(len(view) - pos, STAGE_BYTES - self.stage_fill)
+                if src is not None:
+                    ctypes.memmove(self._stage_addr + self.stage_fill, src + pos, k)
+                else:
+                    self.stage[self.stage_fill:self.stage_fill + k] = view[pos:pos + k]
+                self.stage_fill += k
+                pos += k
+                if self.stage_fill == STAGE_BYTES:
+                    self._write_stage()
+        self._write_stage()
+        if self.written - self.durable >= CHECKPOINT_BYTES:
+            self._checkpoint()
+            return True
+        return False
+
+    def _write_stage(self, *, all_of_it: bool = False) -> None:
+        """Write the stage's whole aligned blocks (or everything, at the end)."""
+        n = self.stage_fill if all_of_it else self.stage_fill - self.stage_fill % ALIGN
+        if not n:
+            return
+        view = memoryview(self.stage)[:n]
+        try:
+            self._pwrite(view, self.written, direct=n % ALIGN == 0)
+        finally:
+            view.release()
+        rest = self.stage_fill - n
+        if rest:
+            ctypes.memmove(self._stage_addr, self._stage_addr + n, rest)
+        self.stage_fill = rest
+        self.written += n
+
+    def _pwrite(self, view: memoryview, off: int, *, direct: bool) -> None:
+        fd = self.dfd if direct and self.dfd >= 0 and off % ALIGN == 0 else self.fd
+        try:
+            while view:
+                try:
+                    w = os.pwrite(fd, view, off)
+                except OSError as exc:
+                    if exc.errno == errno.EINVAL and fd == self.dfd:
+                        fd = self.fd  # O_DIRECT refused this write after all
+                        continue
+                    raise
+                view = view[w:]
+                off += w
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpaceError("not enough free space in the store for this download") from exc
+            raise
+
+    def _checkpoint(self) -> None:
+        """Make ``written`` bytes durable, then say so in state.json. Worker thread."""
+        upto = self.written
+        os.fsync(self.fd)
+        self.state.bytes = upto
+        self.state.save(self.state_path)
+        self.durable = upto
+
+    # -- stopping -------------------------------------------------------------------------------
+    async def _stop_consumers(self, *, hash_too: bool) -> None:
+        """Close the queues, wait for both consumers, then do by hand what a cancelled
+        consumer left queued and the current batch, in order. Safe to call shielded."""
+        self._hash_send.close()
+        self._write_send.close()
+        if self._started:
+            await self._hash_done.wait()
+            await self._write_done.wait()
+        if self._error is not None:
+            raise self._error
+        work = [(self._write_recv, self._write_batch)]
+        if hash_too:
+            work.append((self._hash_recv, self._hash_batch))
+        for recv, fn in work:
+            while True:
+                try:
+                    item = recv.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                await fn(*item)
+        if self.batch:
+            item = (tuple(self.batch), self.batch_start, self.batch_bytes)
+            await self._write_batch(*item)
+            if hash_too:
+                await self._hash_batch(*item)
+            self.batch, self.batch_start, self.batch_bytes = [], self.batch_start + self.batch_bytes, 0
+        await trio.to_thread.run_sync(lambda: self._write_stage(all_of_it=True))
+
+    async def quiesce(self) -> None:
+        """Wait until every submitted batch is hashed and written (between attempts)."""
+        while self._pending:
+            if self._error is not None:
+                raise self._error
+            await trio.sleep(0.001)
+
+    # -- restarting ---------------------------------------------------------------------
+    async def reset(self, reason: str) -> int:
+        """Throw away everything received; a body from byte zero follows. Returns the bytes
+        dropped. Called between attempts, with the pipeline running."""
+        dropped = self.total
+        log.info("discarding %d partial bytes of %s…: %s", dropped, self.sha256[:12], reason)
+        await self.quiesce()
+        os.ftruncate(self.fd, 0)
+        self.hasher = hashlib.sha256()
+        self.batch, self.batch_bytes, self.batch_start = [], 0, 0
+        self.written = self.hashed = self.stage_fill = self.durable = 0
+        self.state.bytes = 0
+        self.state.etag = self.state.last_modified = None
+        _unlink(self.state_path)
+        return dropped
+
+    # -- finishing ------------------------------------------------------------------------
+    async def commit(self, expected_size: int | None) -> Committed:
+        """All bytes are in: flush, fsync, check size and SHA-256, rename into blobs/.
+        On a mismatch the data goes to quarantine and IntegrityError is raised."""
+        await self._stop_consumers(hash_too=True)
+        if self.hashed != self.written:
+            raise StoreError(f"internal error: hashed {self.hashed} bytes but wrote {self.written}")
+        await trio.to_thread.run_sync(os.fsync, self.fd)
+        size, digest = self.written, self.hasher.hexdigest()
+        self._close_files()
+        crash_point("download-before-commit")
+        try:
+            committed = self.blobs.commit_file(self.data_path, digest, size,
+                                               expected_sha256=self.sha256, expected_size=expected_size)
+        finally:
+            self._forget()
+        self.committed = True
+        return committed
+
+    async def close(self) -> None:
+        """End of the transfer, however it ended: leave a consistent partial (or none).
+        Call shielded."""
+        try:
+            if not self.committed and self.fd >= 0:
+                try:
+                    await self._stop_consumers(hash_too=False)
+                except StoreError as exc:
+                    log.warning("could not write the last bytes of %s…: %s", self.sha256[:12], exc)
+                # Only what is written is trusted; anything past it goes.
+                os.ftruncate(self.fd, self.written)
+                if self.written and (self.written != self.durable or not self.state_path.exists()):
+                    await trio.to_thread.run_sync(self._checkpoint)
+        finally:
+            self._close_files()
+            if not self.committed and self.written == 0:
+                self._forget()
+
+    def _forget(self) -> None:
+        for name in (STATE, STATE + ".tmp", DATA):
+            _unlink(self.dir / name)
+
+    def _close_files(self) -> None:
+        for attr in ("dfd", "fd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, attr, -1)
+
+
+def _as_store_error(exc: BaseException) -> StoreError:
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, OSError):
+        err = StoreError(f"writing the download failed: {exc.strerror or exc}")
+    else:
+        err = StoreError(f"writing the download failed: {type(exc).__name__}")
+    err.__cause__ = exc
+    return err
