@@ -190,13 +190,19 @@ def _print_plan(plan: Any, verb: str) -> None:
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", required=False)
 @click.option("--version", "version", type=int, help="Remove only this (inactive) version.")
+@click.option("--partial", "partial", metavar="SHA256", help="Discard this partial download instead.")
 @click.option("--dry-run", is_flag=True, help="Print the plan, change nothing.")
 @json_option
 @pass_ctx
-def rm(c: Ctx, name: str, version: int | None, dry_run: bool, as_json: bool) -> None:
+def rm(c: Ctx, name: str | None, version: int | None, partial: str | None, dry_run: bool, as_json: bool) -> None:
     """Remove a model (or one version). Blobs shared with other models stay."""
+    if partial is not None:
+        from .cli_pull import discard
+        return discard(c, partial, as_json)
+    if name is None:
+        raise UsageError("rm needs a model NAME (or --partial SHA256)")
     plan = c.store.plan_remove(name, version)
     if as_json:
         print_json({**plan.as_dict(), "dry_run": dry_run})
@@ -330,6 +336,12 @@ def doctor(c: Ctx, as_json: bool) -> None:
             click.echo(f"{'ok  ' if ch.ok else 'FAIL'}  {ch.name}: {ch.detail}")
     if not all(ch.ok for ch in checks):
         sys.exit(1)
+
+
+from .cli_pull import pull, status  # noqa: E402 - registered after cli is defined
+
+cli.add_command(pull)
+cli.add_command(status)
 
 
 def main() -> None:
