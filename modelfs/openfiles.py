@@ -42,7 +42,8 @@ from .tree import Caller, Node
 
 log = logging.getLogger(__name__)
 
-READ_MODES = ("inline", "thread", "mmap")
+READ_MODES = ("inline", "inline-keep", "direct", "thread", "mmap")
+ALIGN = 4096                 # O_DIRECT alignment of offset, length and buffer
 THREAD_MIN = 256 << 10       # in 'thread' mode, smaller requests stay on the loop thread
 TOUCH_EVERY = 60.0           # seconds between last-used updates of one model
 
@@ -122,6 +123,54 @@ def _open_ro(path: Path) -> int:
     return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
+DROP_LAG = 4 << 20            # bytes behind a read whose blob pages are dropped too
+FOLIO = 2 << 20               # largest page-cache folio the blob may be read into
+
+
+def _drop_behind(fd: int, off: int, n: int, size: int) -> None:
+    """Drop the blob's page-cache copy of bytes just served: they now live in the
+    mount's page cache (kept across opens), and would otherwise sit in memory twice.
+
+    DONTNEED frees only folios wholly inside the range, and readahead fills the blob's
+    cache with large folios that straddle request boundaries, so the range reaches
+    back over the previous requests (an exact range freed ~10% of the pages)."""
+    lo = max(0, (off - DROP_LAG) & ~(FOLIO - 1))
+    end = off + n
+    os.posix_fadvise(fd, lo, 0 if end >= size else end - lo, os.POSIX_FADV_DONTNEED)
+
+
+def _open_direct(fd: int) -> int:
+    """An O_DIRECT descriptor on the same blob, or -1 where the file system has none."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+    except OSError:
+        return -1
+
+
+class DirectReads:
+    """O_DIRECT reads into reused page-aligned buffers (thread-safe).
+
+    The blob's bytes then live in one page cache only, the mount's: a buffered read
+    would cache them twice (4 GiB of page cache for one pass over a 2 GiB model).
+    The reply is a copy, so a buffer goes back to the pool before the thread returns."""
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[mmap.mmap]] = {}
+
+    def read(self, fd: int, off: int, size: int) -> bytes:
+        length = -(-size // ALIGN) * ALIGN
+        pool = self._free.setdefault(length, [])
+        try:
+            buf = pool.pop()
+        except IndexError:
+            buf = mmap.mmap(-1, length)
+        try:
+            n = os.preadv(fd, [buf], off)
+            return buf[:min(n, size)]
+        finally:
+            pool.append(buf)
+
+
 @dataclass(eq=False)
 class Handle:
     fh: int
@@ -130,6 +179,7 @@ class Handle:
     caller: Caller
     opened_at: float
     map: mmap.mmap | None = None     # 'mmap' read mode only
+    dfd: int = -1                    # O_DIRECT descriptor ('direct' mode, where supported)
     view: memoryview | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -155,6 +205,8 @@ class OpenFiles:
         self._clock = clock
         self._touched: dict[str, float] = {}
         self.pending_touch: set[str] = set()
+        self._direct = DirectReads()
+        self._drop = read_mode == "inline"
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -167,6 +219,8 @@ class OpenFiles:
         else:
             raise NotFound("not a file")
         h = Handle(next(self._fh), node, fd, caller, self._clock())
+        if self.read_mode == "direct" and fd >= 0:
+            h.dfd = _open_direct(fd)
         if self.read_mode == "mmap" and fd >= 0 and node.size > 0:
             h.map = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
             h.view = memoryview(h.map)
@@ -180,11 +234,16 @@ class OpenFiles:
         if h.fd < 0:
             assert h.node.data is not None
             return h.node.data[off:off + size]
+        if h.dfd >= 0 and size >= THREAD_MIN and off % ALIGN == 0:
+            return await trio.to_thread.run_sync(self._direct.read, h.dfd, off, size)
         if h.view is not None:
             return h.view[off:off + size]
         if self.read_mode == "thread" and size >= THREAD_MIN:
             return await trio.to_thread.run_sync(os.pread, h.fd, size, off)
-        return os.pread(h.fd, size, off)
+        data = os.pread(h.fd, size, off)
+        if self._drop and data:
+            _drop_behind(h.fd, off, len(data), h.node.size)
+        return data
 
     def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
@@ -197,6 +256,8 @@ class OpenFiles:
                 h.map.close()
             except BufferError:  # a reply still holds a slice; unmapped when it is dropped
                 pass
+        if h.dfd >= 0:
+            os.close(h.dfd)
         if h.fd >= 0:
             os.close(h.fd)
         self._changed()

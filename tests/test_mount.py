@@ -155,6 +155,19 @@ def test_cat_and_cmp_against_the_blob(tiny, mount_at):
                    check=True)
 
 
+@pytest.mark.parametrize("mode", ["inline-keep", "direct", "thread", "mmap"])
+def test_every_read_mode_serves_the_same_bytes(tiny, mount_at, mode):
+    """The default ('inline') is covered by every other test; the benchmark's others too."""
+    m = mount_at("--read-mode", mode)
+    f = m.path / "tiny" / "tiny-q4.gguf"
+    subprocess.run(["cmp", str(f), str(tiny["blob"])], check=True)
+    mapped = np.memmap(f, dtype=np.uint8, mode="r")
+    try:
+        assert hashlib.sha256(mapped).hexdigest() == sha256_of(tiny["weights"])
+    finally:
+        mapped._mmap.close()
+
+
 def test_numpy_memmap_of_the_mounted_path(tiny, mount_at):
     m = mount_at()
     mapped = np.memmap(m.path / "tiny" / "tiny-q4.gguf", dtype=np.uint8, mode="r")
