@@ -8,6 +8,7 @@ cryptography are imported inside the commands, so ``modelfs --help`` stays fast.
 
 from __future__ import annotations
 
+import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +31,17 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _downloader(store: Any) -> Any:
+    """A Downloader configured like ``modelfs pull``'s (MODELFS_OFFLINE and the tuning knobs)."""
+    import os
+
+    from store.download import Downloader
+    from store.pull import downloader_options_from_env
+
+    offline = os.environ.get("MODELFS_OFFLINE", "") not in ("", "0")
+    return Downloader(store, offline=offline, **downloader_options_from_env())
+
+
 def _read_source(c: Ctx, source: str) -> tuple[bytes, str]:
     """An envelope from a file, '-' (stdin) or an http(s) URL: (bytes, redacted source)."""
     from store.keys import MAX_ENVELOPE_BYTES
@@ -41,10 +53,8 @@ def _read_source(c: Ctx, source: str) -> tuple[bytes, str]:
     if source.startswith(("http://", "https://")):
         import trio
 
-        from store.download import Downloader
-
         async def get() -> bytes:
-            async with Downloader(c.store) as dl:
+            async with _downloader(c.store) as dl:
                 return await fetch_envelope(dl, source)
 
         return trio.run(get), redact_url(source)
@@ -250,7 +260,6 @@ def update(c: Ctx, platform: str | None, as_json: bool) -> None:
     """Fetch every channel once and install newer signed versions."""
     import trio
 
-    from store.download import Downloader
     from store.packs import update_channels
 
     store = c.store
@@ -258,7 +267,7 @@ def update(c: Ctx, platform: str | None, as_json: bool) -> None:
         raise UsageError("no channels configured (add one with 'modelfs channels add URL --key KEY_ID')")
 
     async def run(advance: Any) -> list[Any]:
-        async with Downloader(store) as dl:
+        async with _downloader(store) as dl:
             return await update_channels(store, dl, platform=platform, progress=advance)
 
     with progress_bar(None, "updating") as advance:
@@ -272,30 +281,61 @@ def update(c: Ctx, platform: str | None, as_json: bool) -> None:
         sys.exit(1)
 
 
-# -- pull of a pack (called from cli_pull) ------------------------------------------------------
+# -- pull of a pack (the hook in cli_pull) ---------------------------------------------------------
+def maybe_pull_pack(c: Ctx, source: str, *, force: bool, probe_url: bool = True, as_json: bool = False) -> bool:
+    """``modelfs pull SOURCE`` for a signed pack. Returns False when SOURCE is not one, so
+    the unsigned pull goes on. A pack is: ``--pack``; an existing local file (weights are
+    brought in with ``import``); or an http(s) URL whose body is a JSON envelope (only
+    asked for (``probe_url``) when no --sha256 was given, so an unsigned pull could not work)."""
+    import os
+
+    is_url = source.startswith(("http://", "https://"))
+    if force or (not is_url and os.path.isfile(source)):
+        pull_pack(c, source, as_json=as_json)
+        return True
+    if not is_url or not probe_url:
+        return False
+    import trio
+
+    from store.packs import fetch_envelope, looks_like_envelope
+
+    async def probe() -> bytes | None:
+        async with _downloader(c.store) as dl:
+            try:
+                return await fetch_envelope(dl, source)
+            except StoreError:
+                return None  # not a small document: let the unsigned path say what is wrong
+
+    data = trio.run(probe)
+    if data is None or not looks_like_envelope(data):
+        return False
+    pull_pack(c, source, data=data, as_json=as_json)
+    return True
+
+
 def pull_pack(c: Ctx, source: str, *, data: bytes | None = None, platform: str | None = None,
               as_json: bool = False) -> None:
     """Install the pack whose envelope is ``source`` (file or URL), or ``data`` already read."""
     import trio
 
-    from store.download import Downloader
     from store.packs import install_pack, pull_pack_url, read_envelope_file
+    from store.redact import redact_url
 
     store = c.store
     is_url = source.startswith(("http://", "https://"))
 
     async def run(advance: Any) -> Any:
-        async with Downloader(store) as dl:
+        async with _downloader(store) as dl:
             if data is not None or not is_url:
                 envelope = data if data is not None else read_envelope_file(source)
-                origin = source if is_url else f"file:{Path(source).name}"
+                origin = redact_url(source) if is_url else f"file:{Path(source).name}"
                 return await install_pack(store, dl, envelope, platform=platform, source=origin, progress=advance)
             return await pull_pack_url(store, dl, source, platform=platform, progress=advance)
 
-    with progress_bar(None, "pulling signed pack") as advance:
+    with progress_bar(None, "pulling signed pack", enabled=False if as_json else None) as advance:
         res = trio.run(run, advance)
-    if as_json:
-        print_json(res.as_dict())
+    if as_json:  # one JSON line, like the unsigned pull's final event
+        click.echo(json.dumps({"event": "result", "signed": True, **res.as_dict()}, sort_keys=True))
         return
     if res.outcome == "installed":
         state = "active" if res.activated else f"installed; version {res.active_version} stays active"

@@ -80,8 +80,10 @@ import httpx
 from .archive import extract_zip
 from .catalog import FileRecord
 from .crashpoints import crash_point
-from .errors import (ArchiveError, Conflict, FetchError, IntegrityError, ManifestError, NotFound, OfflineError,
-                     StoreError, TrustError, UsageError)
+from .download import MAX_REDIRECTS
+from .errors import (ArchiveError, Conflict, FetchError, GGUFError, IntegrityError, ManifestError, NotFound,
+                     OfflineError, StoreError, TrustError, UsageError)
+from .gguf import GGUFInfo, parse_gguf
 from .keys import MAX_ENVELOPE_BYTES, load_keyring
 from .manifest import PLATFORMS, Artifact, Manifest, check_version_floor, parse_envelope, verify_envelope
 from .names import check_relpath
@@ -265,39 +267,58 @@ class _Installer:
 
     async def run(self) -> InstallResult:
         m, cat = self.manifest, self.store.catalog
-        existing = _signed_versions(self.store, m.model_id).get(m.version)
-        if existing is not None:
+        if m.version in _signed_versions(self.store, m.model_id):
             return await self._already_installed()
-        files = await self._materialise(self.manifest.artifacts_for_platform(self.platform), {})
+        files = await self._materialise(m.artifacts_for_platform(self.platform), {})
         crash_point(CRASH_BEFORE_ACTIVATE)
         with cat.txn():
             # Re-check under the write lock: another process may have accepted this
-            # version (other content) or a newer one while we were downloading.
+            # version (other content: refused here) or a newer one while we downloaded.
             floor = cat.version_floor(m.model_id)
-            check_version_floor(m, floor[0] if floor else None, floor[1] if floor else None,
-                                _signed_versions(self.store, m.model_id))
-            if m.version in _signed_versions(self.store, m.model_id):
-                raise Conflict(f"version {m.version} of {m.model_id!r} was installed meanwhile", reason="race")
-            missing = [f.filename for f in files if not self.store.blobs.has(f.sha256)]
-            if missing:
-                raise IntegrityError(f"{m.model_id} version {m.version}: verified bytes of "
-                                     f"{', '.join(missing)} vanished before activation (concurrent prune?)",
-                                     reason="vanished")
-            cat.add_version(m.model_id, m.version, list(files), signed=True, **_card(m, self.source))
-            cat.set_version_manifest(m.model_id, m.version, m.raw_payload.decode("utf-8"))
-            cat.raise_floor(m.model_id, m.version, m.payload_sha256)
-            cat.audit(self.actor, "accept", model=m.model_id, version=m.version,
-                      reason=f"signed by {m.key_id}; {len(files)} file(s) verified",
-                      detail={**_detail(None, self.source, m), "bytes_downloaded": self.downloaded,
-                              "new_bytes": self.new_bytes - sum(n for z, n in self.zips.items()
-                                                                if z in self.added)})
-            previous = cat.get_model(m.model_id).active_version
-            activated = previous is None or m.version > previous
-            if activated:
-                cat.activate(m.model_id, m.version, actor=self.actor,
-                             reason=f"signed pack from {self.source}")
+            installed = _signed_versions(self.store, m.model_id)
+            check_version_floor(m, floor[0] if floor else None, floor[1] if floor else None, installed)
+            raced = m.version in installed  # the same payload, installed by a concurrent pull
+            if not raced:
+                previous, activated = self._record(files)
+        if raced:
+            return await self._already_installed()
         self._drop_zips()
         return self._result("installed", activated, previous, files)
+
+    def _record(self, files: tuple[FileRecord, ...]) -> tuple[int | None, bool]:
+        """Inside the caller's transaction: the version, its files, the floor, activation."""
+        m, cat = self.manifest, self.store.catalog
+        missing = [f.filename for f in files if not self.store.blobs.has(f.sha256)]
+        if missing:
+            raise Conflict(f"{m.model_id} version {m.version}: verified bytes of {', '.join(missing)} "
+                           "vanished before activation (a concurrent prune?); pull again", reason="vanished")
+        cat.add_version(m.model_id, m.version, list(files), signed=True,
+                        **_card(m, self.source, self._gguf_header(files)))
+        cat.set_version_manifest(m.model_id, m.version, m.raw_payload.decode("utf-8"))
+        cat.raise_floor(m.model_id, m.version, m.payload_sha256)
+        cat.audit(self.actor, "accept", model=m.model_id, version=m.version,
+                  reason=f"signed by {m.key_id}; {len(files)} file(s) verified",
+                  detail={**_detail(None, self.source, m), "bytes_downloaded": self.downloaded,
+                          "new_bytes": self.new_bytes - sum(n for z, n in self.zips.items()
+                                                            if z in self.added)})
+        previous = cat.get_model(m.model_id).active_version
+        activated = previous is None or m.version > previous
+        if activated:
+            cat.activate(m.model_id, m.version, actor=self.actor,
+                         reason=f"signed pack from {self.source}")
+        return previous, activated
+
+    def _gguf_header(self, files: tuple[FileRecord, ...]) -> GGUFInfo | None:
+        """The weights' GGUF header, to fill what the payload leaves out of the card. The
+        bytes are verified; a pack whose weights are not GGUF (CoreML) is fine too."""
+        weights = next((f for f in files if f.role == "weights"), None)
+        if weights is None:
+            return None
+        try:
+            return parse_gguf(self.store.blobs.path(weights.sha256), name=weights.filename)
+        except GGUFError as exc:
+            log.debug("no GGUF card from %s: %s", weights.filename, exc)
+            return None
 
     async def _already_installed(self) -> InstallResult:
         """The version is installed: download only blobs that went missing since."""
@@ -397,11 +418,13 @@ class _Installer:
             self.store.blobs.remove(sha)
 
 
-def _card(m: Manifest, source: str) -> dict[str, Any]:
+def _card(m: Manifest, source: str, header: GGUFInfo | None) -> dict[str, Any]:
+    """The metadata card: the signed payload's fields, then the GGUF header's for the rest."""
     return {
         "key_id": m.key_id, "payload_sha256": m.payload_sha256, "source": source,
         "license": m.license, "source_url": redact_url(m.source_url), "family": m.family,
-        "architecture": m.architecture, "quantization": m.quantization,
+        "architecture": m.architecture or (header.architecture if header else None),
+        "quantization": m.quantization or (header.quantization if header else None),
         "context_length": m.context_len, "min_device": m.min_device, "compat_notes": m.notes,
         "runtime_params": dict(m.runtime) or None,
         "expires": m.expires.isoformat().replace("+00:00", "Z"),
@@ -416,8 +439,6 @@ async def fetch_envelope(downloader: Any, url: str, *, limit: int = MAX_ENVELOPE
     ``MAX_REDIRECTS`` hops, never https -> http, credentials only for their own origin
     (the downloader's ``auth`` is asked per URL). Refuses a body over ``limit``
     without reading it past the limit."""
-    from .download import MAX_REDIRECTS
-
     shown = redact_url(url)
     if getattr(downloader, "offline", False):
         raise OfflineError(f"{shown}: the store is offline")
