@@ -1,20 +1,35 @@
-"""The README's demo: a store, a model, and a look at it. Offline, about a minute.
+"""The README's demo: a store, a model, a signed pack, and a look at them. Offline,
+about a minute.
 
 Run with ``python -m modelfs.demo [--keep DIR]``. Needs the ``test`` extra (the
-``gguf`` writer and numpy) to generate a small but real GGUF model and projector.
-Everything happens in a temporary directory through the real ``modelfs`` command.
+``gguf`` writer and numpy) to generate small but real GGUF models and projectors.
+Everything happens in a temporary directory through the real ``modelfs`` command;
+the "publisher" serves its signed pack from an HTTP origin on 127.0.0.1 that the
+demo starts itself.
+
+The demo is a list of steps (:data:`STEPS`), each a function of one shared
+:class:`Demo`; a new step (mounting, reading through the mount) is one more function
+in that list.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
+import http.server
+import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 MB = 1 << 20
+PUBLISHER_KEY_ID = "demo-publisher-2026"
 
 
 def step(msg: str) -> None:
@@ -50,27 +65,130 @@ def write_gguf(path: Path, *, arch: str, name: str, nbytes: int, seed: int, mmpr
     w.close()
 
 
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - keep the demo's output readable
+        pass
+
+
+@dataclass
+class Origin:
+    """A publisher's web server: a directory served on 127.0.0.1 by a thread."""
+
+    root: Path
+    server: http.server.ThreadingHTTPServer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        handler = functools.partial(_QuietHandler, directory=str(self.root))
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=self.server.serve_forever, name="demo-origin", daemon=True).start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/{name}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class Demo:
+    work: Path
+    store: Path
+    origin: Origin | None = None
+    pack_url: str = ""
+    t0: float = field(default_factory=time.monotonic)
+
+    def modelfs(self, *args: str, capture: bool = False) -> str:
+        return modelfs(self.store, *args, capture=capture)
+
+
+# -- steps ----------------------------------------------------------------------------------
+def import_local_model(d: Demo) -> None:
+    step("generating a 64 MiB GGUF model and its multimodal projector")
+    weights, proj = d.work / "demo-llama-Q4_K_M.gguf", d.work / "mmproj-demo-f16.gguf"
+    write_gguf(weights, arch="llama", name="demo", nbytes=64 * MB, seed=1)
+    write_gguf(proj, arch="clip", name="demo-proj", nbytes=8 * MB, seed=2, mmproj=True)
+
+    step("importing it into a fresh store (hash and copy in one pass)")
+    d.modelfs("import", "demo", str(weights), "--mmproj", str(proj), "--license", "apache-2.0")
+    step("a second app importing the same bytes stores nothing new")
+    d.modelfs("import", "demo-copy", str(weights))
+    d.modelfs("list")
+    d.modelfs("verify")
+
+
+def publish_signed_pack(d: Demo) -> None:
+    step("a publisher generates an Ed25519 key (the private half stays 0600 on their side)")
+    keys = d.work / "publisher"
+    d.modelfs("keys", "generate", "--out", str(keys), "--key-id", PUBLISHER_KEY_ID)
+
+    step("... builds a pack (a 32 MiB model and its projector) and serves it from http://127.0.0.1")
+    d.origin = Origin(d.work / "origin")
+    weights, proj = d.origin.root / "vision-Q4_K_M.gguf", d.origin.root / "mmproj-vision-f16.gguf"
+    write_gguf(weights, arch="llama", name="vision", nbytes=32 * MB, seed=3)
+    write_gguf(proj, arch="clip", name="vision-proj", nbytes=4 * MB, seed=4, mmproj=True)
+    payload = {
+        "schema": "modelfs.manifest/1", "model_id": "vision", "version": 1, "family": "llama",
+        "context_len": 4096, "min_device": "cpu", "license": "apache-2.0",
+        "source_url": "https://example.org/vision", "expires": "2099-01-01T00:00:00Z",
+        "quantization": "Q4_K_M",
+        "artifacts": [
+            {"filename": p.name, "url": d.origin.url(p.name), "sha256": sha256_of(p),
+             "size": p.stat().st_size, "role": role}
+            for p, role in ((weights, "weights"), (proj, "mmproj"))
+        ],
+    }
+    payload_file = d.work / "vision-payload.json"
+    payload_file.write_text(json.dumps(payload, indent=2) + "\n")
+
+    step("... and signs it: the envelope is {key_id, payload_b64, sig_b64}")
+    envelope = d.modelfs("manifest", "sign", str(payload_file), "--key", str(keys / f"{PUBLISHER_KEY_ID}.pem"),
+                         "--key-id", PUBLISHER_KEY_ID, capture=True)
+    (d.origin.root / "vision.pack.json").write_text(envelope)
+    d.pack_url = d.origin.url("vision.pack.json")
+
+
+def pull_signed_pack(d: Demo) -> None:
+    step("this machine trusts the publisher's public key")
+    d.modelfs("keys", "add", PUBLISHER_KEY_ID, "--from", str(d.work / "publisher" / f"{PUBLISHER_KEY_ID}.pub"))
+    d.modelfs("keys", "list")
+
+    step("every check happens before a single artifact byte is fetched")
+    d.modelfs("manifest", "verify", d.pack_url)
+
+    step("pulling the pack: download, verify every file, activate atomically")
+    d.modelfs("pull", d.pack_url)
+    d.modelfs("show", "vision")
+    step("pulling it again downloads nothing")
+    d.modelfs("pull", d.pack_url)
+
+
+STEPS: list[Callable[[Demo], None]] = [import_local_model, publish_signed_pack, pull_signed_pack]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--keep", type=Path, help="Work in DIR and keep it afterwards.")
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="modelfs-demo-"))
     work.mkdir(parents=True, exist_ok=True)
-    store = work / "store"
-    t0 = time.monotonic()
-
-    step("generating a 64 MiB GGUF model and its multimodal projector")
-    weights, proj = work / "demo-llama-Q4_K_M.gguf", work / "mmproj-demo-f16.gguf"
-    write_gguf(weights, arch="llama", name="demo", nbytes=64 * MB, seed=1)
-    write_gguf(proj, arch="clip", name="demo-proj", nbytes=8 * MB, seed=2, mmproj=True)
-
-    step("importing it into a fresh store (hash and copy in one pass)")
-    modelfs(store, "import", "demo", str(weights), "--mmproj", str(proj), "--license", "apache-2.0")
-    step("a second app importing the same bytes stores nothing new")
-    modelfs(store, "import", "demo-copy", str(weights))
-    modelfs(store, "list")
-    modelfs(store, "verify")
-    step(f"done in {time.monotonic() - t0:.1f}s; the store is in {store}")
+    d = Demo(work, work / "store")
+    try:
+        for run_step in STEPS:
+            run_step(d)
+    finally:
+        if d.origin is not None:
+            d.origin.close()
+    step(f"done in {time.monotonic() - d.t0:.1f}s; the store is in {d.store}")
 
 
 if __name__ == "__main__":
