@@ -150,8 +150,8 @@ def show(c: Ctx, name: str, as_json: bool) -> None:
         if d.get(key) is not None:
             click.echo(f"  {key}: {d[key]}")
     for v in d["versions"]:
-        click.echo(f"  version {v['version']}  {v['state']}  {'signed' if v['signed'] else 'unsigned'}"
-                   f"  {human_size(v['size'])}")
+        signed = f"signed by {v.get('key_id')}" if v["signed"] else "unsigned"
+        click.echo(f"  version {v['version']}  {v['state']}  {signed}  {human_size(v['size'])}")
         for f in v["files"]:
             click.echo(f"    {f['filename']}  {f['role']}  {f['size']} bytes  sha256:{f['sha256']}  {f['state']}")
 

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import sqlite3
+import ssl
 import stat
 import zipfile
 from collections.abc import Callable
@@ -621,3 +622,59 @@ def test_acceptance4_kill_before_activation_then_rerun(trusted_cli: CLI, pub: Pu
     assert pub.artifact_bytes() == served, "the rerun downloaded again"
     assert states(cli) == {1: "last-good", 2: "active"}
     assert all(v["status"] == "ok" for v in cli.run("verify", "--json").json())
+
+
+def test_channels_and_update_through_the_cli(trusted_cli: CLI, pub: Publisher) -> None:
+    cli = trusted_cli
+    assert cli.run("update", check=False).returncode == 2  # no channels yet
+    url = pub.serve("feed.json", release(pub, 1, mmproj=True))
+    r = cli.run("channels", "add", url, "--key", "k1", "--key", "k-next")
+    assert "k-next not trusted yet" in r.stderr
+    [res] = cli.run("update", "--json").json()
+    assert res["outcome"] == "installed" and res["install"]["model"] == "demo"
+    [res] = cli.run("update", "--json").json()
+    assert res["outcome"] == "up-to-date" and res["install"]["bytes_downloaded"] == 0
+    [ch] = cli.run("channels", "list", "--json").json()
+    assert ch["key_ids"] == ["k-next", "k1"] and ch["last_result"].startswith("up to date")
+    assert states(cli) == {1: "active"}
+    d = show(cli)
+    assert d["source"] == url and d["signed"] and d["key_id"] == "k1"
+
+    pub.serve("feed.json", b"<html><body>captive portal</body></html>", content_type="text/html")
+    r = cli.run("update", check=False)
+    assert r.returncode == 1 and "refused: manifest refused: not a manifest envelope (looks like HTML)" in r.stdout
+    assert "checked: " in cli.run("channels", "list").stdout
+
+
+def test_envelope_redirects_follow_the_downloader_rules(store: Store, pub: Publisher) -> None:
+    from faultserver import FaultServer as Server
+    from store.errors import FetchError
+
+    with Server() as cdn:
+        cdn.add("/packs/v1.json", release(pub, 1), content_type="application/json")
+        pub.server.add_redirect("/latest.json", cdn.url("/packs/v1.json"))
+        res = run_install(store, pub.server.url("/latest.json"))
+        assert res.outcome == "installed"
+        assert store.catalog.get_version("demo", 1).card["source"] == pub.server.url("/latest.json")
+
+    with Server(tls=True) as secure:
+        secure.add_redirect("/pack.json", pub.serve("plain.json", release(pub, 2)))
+
+        async def main() -> InstallResult:
+            ctx = ssl.create_default_context(cafile=secure.ca_file)
+            async with Downloader(store, verify=ctx, backoff=(0.0, 0.0)) as dl:
+                return await pull_pack_url(store, dl, secure.url("/pack.json"))
+
+        with pytest.raises(FetchError, match="refusing a redirect from https to plain http"):
+            trio.run(main)
+    rec = last_audit(store)
+    assert (rec["action"], rec["outcome"]) == ("pull", "failed")
+    assert store.catalog.get_model("demo").active_version == 1
+
+
+def test_show_names_the_signing_key_and_the_version_states(trusted_cli: CLI, pub: Publisher) -> None:
+    cli = trusted_cli
+    cli.run("pull", pub.serve("1.json", release(pub, 1)))
+    cli.run("pull", pub.serve("2.json", release(pub, 2)))
+    out = cli.run("show", "demo").stdout
+    assert "version 1  last-good  signed by k1" in out and "version 2  active  signed by k1" in out
