@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 10
 READ_BYTES = 1 << 20  # socket read size; httpcore's 64 KiB default halves throughput
+LOWAT_BYTES = 256 << 10  # wake the event loop per 256 KiB of body, not per segment
 # Headers that may follow a redirect to another origin. Everything else (Authorization,
 # cookies, custom tokens) stays with the origin it was meant for.
 CROSS_ORIGIN_SAFE_HEADERS = frozenset({"accept", "accept-encoding", "user-agent", "range", "if-range"})
@@ -93,6 +94,7 @@ class _BigReadStream(httpcore.AsyncNetworkStream):
         self._inner = inner
         self._sock: Any = None
         self._view: memoryview | None = None
+        self._lowat = 1
         if inner.get_extra_info("ssl_object") is None:
             try:
                 sock = inner.get_extra_info("socket")
@@ -101,6 +103,23 @@ class _BigReadStream(httpcore.AsyncNetworkStream):
             if isinstance(sock, trio.socket.SocketType):
                 self._sock = sock
                 self._view = memoryview(bytearray(READ_BYTES))
+
+    def expect(self, remaining: int | None) -> None:
+        """Body bytes still to come on this connection (None: unknown or done).
+
+        Sets ``SO_RCVLOWAT`` so the event loop wakes once a useful amount has arrived
+        instead of for every segment: a fast reader otherwise spends its time on
+        per-read overhead. Never above ``remaining``, so the last read cannot wait for
+        bytes that will not come (the caller knows h11 holds no body bytes by then)."""
+        if self._sock is None:
+            return
+        want = 1 if remaining is None or remaining <= 0 else min(LOWAT_BYTES, remaining)
+        if want != self._lowat:
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+                self._lowat = want
+            except OSError:
+                pass  # an optimisation only
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         if self._sock is None or self._view is None:
@@ -242,7 +261,7 @@ class Downloader:
                  backoff: tuple[float, float] = (0.5, 30.0), retry_after_cap: float = 60.0,
                  auth: Callable[[str], Mapping[str, str]] | None = None,
                  verify: Any = True, user_agent: str = "modelfs/0.1",
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, direct_io: bool = False) -> None:
         self.store = store
         self.offline = offline
         self.stall_timeout = stall_timeout
@@ -252,6 +271,7 @@ class Downloader:
         self.sleep = sleep
         self.backoff = backoff
         self.retry_after_cap = retry_after_cap
+        self.direct_io = direct_io
         if auth is None:
             from .hf import auth_headers
             auth = auth_headers
@@ -371,34 +391,33 @@ class Downloader:
         shown = redact_url(url)
         counters: dict[str, int] = {"received": 0, "html": 0}
         integrity_restarts = 0
-        async with trio.open_nursery() as nursery:
-            while True:
-                sink = await Sink.open(self.store.blobs, directory, sha256, shown, size)
-                sink.start(nursery)
+        while True:
+            sink = await Sink.open(self.store.blobs, directory, sha256, shown, size, direct_io=self.direct_io)
+            sink.start()
+            try:
+                if sink.resumed_from:
+                    transfer.progress(sink.resumed_from)
+                await self._attempts(url, sink, size, headers, transfer, counters)
+                expected = size if size is not None else sink.state.size
                 try:
-                    if sink.resumed_from:
-                        transfer.progress(sink.resumed_from)
-                    await self._attempts(url, sink, size, headers, transfer, counters)
-                    expected = size if size is not None else sink.state.size
-                    try:
-                        committed = await sink.commit(expected)
-                    except IntegrityError as exc:
-                        transfer.progress(-sink.written)
-                        if integrity_restarts:
-                            hint = (" (the server sent an HTML page: a captive portal or login page?)"
-                                    if counters.get("html") else "")
-                            raise IntegrityError(
-                                f"download of {shown} failed verification twice ({exc}){hint}; the bytes are "
-                                "in quarantine", **exc.fields) from exc
-                        integrity_restarts += 1
-                        log.warning("download of %s failed verification (%s); quarantined, fetching again "
-                                    "from zero", shown, exc)
-                        continue
-                    return FetchResult(committed.sha256, committed.size, committed.path, committed.new,
-                                       sink.state.etag, sink.state.last_modified, counters["received"])
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await sink.close()
+                    committed = await sink.commit(expected)
+                except IntegrityError as exc:
+                    transfer.progress(-sink.written)
+                    if integrity_restarts:
+                        hint = (" (the server sent an HTML page: a captive portal or login page?)"
+                                if counters.get("html") else "")
+                        raise IntegrityError(
+                            f"download of {shown} failed verification twice ({exc}){hint}; the bytes are "
+                            "in quarantine", **exc.fields) from exc
+                    integrity_restarts += 1
+                    log.warning("download of %s failed verification (%s); quarantined, fetching again "
+                                "from zero", shown, exc)
+                    continue
+                return FetchResult(committed.sha256, committed.size, committed.path, committed.new,
+                                   sink.state.etag, sink.state.last_modified, counters["received"])
+            finally:
+                with trio.CancelScope(shield=True):
+                    await sink.close()
 
     async def _attempts(self, url: str, sink: Sink, size: int | None, headers: Mapping[str, str],
                         transfer: _Transfer, counters: dict[str, int]) -> None:
@@ -568,11 +587,12 @@ class Downloader:
         """Copy the body into the sink, watching for stalls and a too-low rate."""
         host = response.url.host
         begun = sink.total
-        now = self.clock()
-        window_start, window_bytes = now, 0
-        with trio.CancelScope() as watch:
-            watch.deadline = self._deadline(now, now, window_start)
-            try:
+        stream = response.extensions.get("network_stream")
+        stream = stream if isinstance(stream, _BigReadStream) else None
+        watch = _Watch(self, self.clock())
+        try:
+            with trio.CancelScope() as watch.scope:
+                watch.arm()
                 async for chunk in response.aiter_raw():
                     n = len(chunk)
                     if expected is not None and sink.total + n > expected:
@@ -580,36 +600,29 @@ class Downloader:
                         raise FetchError(f"{shown}: the server sent more than the expected {expected} bytes",
                                          expected=expected)
                     await sink.write(chunk)
+                    if stream is not None and expected is not None:
+                        # Every byte read from the socket so far has been delivered (h11
+                        # hands over its buffer before it reads again), so this is exact.
+                        stream.expect(expected - sink.total)
                     counters["received"] += n
                     transfer.progress(n)
-                    now = self.clock()
-                    window_bytes += n
-                    if self.min_speed is not None and window_bytes >= self.min_speed[0]:
-                        window_start, window_bytes = now, 0
-                    watch.deadline = self._deadline(now, now, window_start)
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ReadTimeout) as exc:
-                got = sink.total - begun
-                raise _Retry(FetchError(f"{shown}: connection to {host} lost after {sink.total} bytes "
-                                        f"({type(exc).__name__})"), progressed=got >= (1 << 20)) from None
-        if watch.cancelled_caught:
-            now = self.clock()
-            if self.min_speed is not None and now >= window_start + self.min_speed[1]:
-                amount, seconds = self.min_speed
+                    watch.got(n)
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ReadTimeout) as exc:
+            raise _Retry(FetchError(f"{shown}: connection to {host} lost after {sink.total} bytes "
+                                    f"({type(exc).__name__})"), progressed=sink.total - begun >= (1 << 20)) from None
+        finally:
+            if stream is not None:
+                stream.expect(None)  # the connection may carry another response next
+        if watch.scope.cancelled_caught:
+            if watch.too_slow():
+                amount, seconds = self.min_speed or (0, 0)
                 raise _Retry(FetchError(f"{shown}: download from {host} too slow (under {amount} bytes in "
                                         f"{seconds:g}s)"))
             raise _Retry(FetchError(f"{shown}: download from {host} stalled (no data for "
                                     f"{self.stall_timeout:g}s)"))
         if expected is not None and sink.total < expected:
-            got = sink.total - begun
             raise _Retry(FetchError(f"{shown}: connection to {host} closed after {sink.total} of {expected} "
-                                    "bytes"), progressed=got >= (1 << 20))
-
-    def _deadline(self, now: float, last_byte: float, window_start: float) -> float:
-        deadline = last_byte + self.stall_timeout
-        if self.min_speed is not None:
-            deadline = min(deadline, window_start + self.min_speed[1])
-        # The watchdog runs on trio's clock; ``clock`` may be a different (injected) one.
-        return trio.current_time() + (deadline - now)
+                                    "bytes"), progressed=sink.total - begun >= (1 << 20))
 
     # -- HEAD (metadata of hub files) -----------------------------------------------------------
     async def head(self, url: str, *, follow_cross_origin: bool = False) -> httpx.Response:
@@ -649,6 +662,35 @@ class Downloader:
                 continue
             return response
         raise FetchError(f"{shown}: too many redirects (more than {MAX_REDIRECTS})")
+
+
+class _Watch:
+    """The body watchdog: a cancel scope whose deadline is the earlier of "no byte for
+    ``stall_timeout``" and "fewer than ``min_speed`` bytes in the current window"."""
+
+    def __init__(self, dl: Downloader, now: float) -> None:
+        self.dl = dl
+        self.scope = trio.CancelScope()
+        self.window_start = now
+        self.window_bytes = 0
+
+    def arm(self, now: float | None = None) -> None:
+        now = self.dl.clock() if now is None else now
+        deadline = now + self.dl.stall_timeout
+        if self.dl.min_speed is not None:
+            deadline = min(deadline, self.window_start + self.dl.min_speed[1])
+        # The scope runs on trio's clock; ``clock`` may be another (injected) one.
+        self.scope.deadline = trio.current_time() + (deadline - now)
+
+    def got(self, n: int) -> None:
+        now = self.dl.clock()
+        self.window_bytes += n
+        if self.dl.min_speed is not None and self.window_bytes >= self.dl.min_speed[0]:
+            self.window_start, self.window_bytes = now, 0
+        self.arm(now)
+
+    def too_slow(self) -> bool:
+        return self.dl.min_speed is not None and self.dl.clock() >= self.window_start + self.dl.min_speed[1]
 
 
 def _connect_reason(exc: httpx.ConnectError) -> str:

@@ -1,13 +1,17 @@
 """The write side of a download: network chunks into ``partial/<sha256>/data``, hashed inline.
 
 The trio side only collects references to the chunks the HTTP client produced, into
-batches of about :data:`BATCH_BYTES`. Each batch goes to two consumers that run side by
-side in worker threads, both in file order: the hasher feeds the SHA-256; the writer
-copies into a page-aligned staging buffer (``ctypes.memmove``, which drops the GIL) and
-writes whole aligned blocks with ``O_DIRECT`` where the filesystem allows it, so a
-large download leaves no dirty page cache behind. The event loop never copies a byte;
-hashing, copying and disk I/O overlap with the network. A resumed prefix is re-hashed
-once when the sink opens; there is no other pass over the file.
+batches of about :data:`BATCH_BYTES`. Each batch goes to two long-lived worker threads
+that run side by side, both in file order: the hasher feeds the SHA-256; the writer
+hands the chunks to the kernel with one ``pwritev`` (no copy of ours) and uses
+``POSIX_FADV_DONTNEED`` to start writeback early and drop pages once clean, so a large
+download leaves no second copy in the page cache. With ``direct_io`` the writer instead
+copies into a page-aligned staging buffer (``ctypes.memmove``, which drops the GIL)
+and writes whole blocks with ``O_DIRECT``; on this project's VMs that waits on the
+disk for every block and measured slower (docs/performance.md). The event loop never
+copies a byte, and no batch costs a hop through trio: the threads hand a slot back
+with ``run_sync_soon``. A resumed prefix is re-hashed once when the sink opens; there
+is no other pass over the file.
 
 Every ``CHECKPOINT_BYTES`` the writer fsyncs and replaces ``state.json`` (see
 :mod:`store.partial`). Cancellation at any await leaves the counters, the file and
@@ -23,7 +27,10 @@ import hashlib
 import logging
 import mmap
 import os
-from collections.abc import Awaitable, Callable
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +44,10 @@ from .partial import CHECKPOINT_BYTES, DATA, STATE, PartialState, unlink_quiet a
 log = logging.getLogger(__name__)
 
 BATCH_BYTES = 4 << 20        # chunks handed to the hasher and the writer together
-N_BATCHES = 4                # queued per consumer before the network side waits
+N_BATCHES = 6                # in flight (queued or being processed) before the network side waits
 STAGE_BYTES = 8 << 20        # the writer's aligned staging buffer
 CHUNK_READ = 4 << 20         # read size when re-hashing a resumed prefix
+WRITEBACK_WINDOW = 32 << 20  # buffered path: pages older than this are dropped once clean
 ALIGN = 4096                 # O_DIRECT offset and length alignment
 
 
@@ -52,6 +60,39 @@ def _address(buf: Any) -> int | None:
         return ctypes.addressof(ctypes.c_char.from_buffer(buf))
     except (TypeError, ValueError):
         return None
+
+
+@dataclass(eq=False)
+class _Batch:
+    chunks: tuple[Chunk, ...]
+    start: int
+    size: int
+    users: int                 # worker threads still to process it
+    slot: bool = True          # holds one of the producer's slots until both are done
+
+    def __post_init__(self) -> None:
+        self.slot = self.users == 2
+
+
+class _Worker(threading.Thread):
+    """One long-lived thread taking batches from a queue, in order. No trio hop per batch:
+    the producer's slot is released with ``run_sync_soon``, which never blocks."""
+
+    def __init__(self, name: str, work: Callable[[_Batch], None], sink: Sink) -> None:
+        super().__init__(name=name, daemon=True)
+        self.queue: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        self.work = work
+        self.sink = sink
+
+    def run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            try:
+                if self.sink._error is None:  # after a failure, drain without working
+                    self.work(item)
+            except BaseException as exc:  # noqa: BLE001 - reported to the producer
+                self.sink._fail(exc)
+            finally:
+                self.sink._finished(item)
 
 
 class Sink:
@@ -70,8 +111,9 @@ class Sink:
     """
 
     def __init__(self, blobs: BlobStore, directory: Path, sha256: str, url: str | None,
-                 size: int | None) -> None:
+                 size: int | None, *, direct_io: bool = False) -> None:
         self.blobs = blobs
+        self.direct_io = direct_io
         self.dir = directory
         self.data_path = directory / DATA
         self.state_path = directory / STATE
@@ -93,20 +135,21 @@ class Sink:
         self._stage_addr = ctypes.addressof(self._stage_ref)
         self.stage_fill = 0
         # the pipeline
-        self._hash_send, self._hash_recv = trio.open_memory_channel(N_BATCHES)
-        self._write_send, self._write_recv = trio.open_memory_channel(N_BATCHES)
-        self._hash_done = trio.Event()
-        self._write_done = trio.Event()
-        self._pending = 0     # batch deliveries not yet processed by a consumer
+        self._slots = trio.Semaphore(N_BATCHES)
+        self._lock = threading.Lock()
+        self._pending = 0     # batch deliveries not yet processed by a worker thread
         self._started = False
+        self._token: Any = None
+        self._hasher_thread: _Worker
+        self._writer_thread: _Worker
         self._error: StoreError | None = None
         self.committed = False
 
     # -- opening and resuming ---------------------------------------------------
     @classmethod
     async def open(cls, blobs: BlobStore, directory: Path, sha256: str, url: str | None,
-                   size: int | None) -> Sink:
-        sink = cls(blobs, directory, sha256, url, size)
+                   size: int | None, *, direct_io: bool = False) -> Sink:
+        sink = cls(blobs, directory, sha256, url, size, direct_io=direct_io)
         prev = PartialState.load(sink.state_path, sha256)
         sink._open_files()
         try:
@@ -135,8 +178,9 @@ class Sink:
             self.dfd = -1  # tmpfs and some FUSE filesystems refuse O_DIRECT
 
     async def _load_prefix(self, present: int) -> None:
-        """Resume at ``present``: re-hash what is there once; keep the unaligned tail staged."""
-        aligned = present - present % ALIGN
+        """Resume at ``present``: re-hash what is there once. The O_DIRECT writer goes on
+        from the aligned offset below, with the unaligned tail staged in front of it."""
+        aligned = present - present % ALIGN if self.direct_io else present
         os.ftruncate(self.fd, present)
 
         def rehash() -> None:
@@ -189,12 +233,14 @@ class Sink:
         self.blobs.check_space(max(0, remaining))
 
     # -- the pipeline ---------------------------------------------------------------------
-    def start(self, nursery: trio.Nursery) -> None:
+    def start(self) -> None:
+        """Start the hasher and writer threads (they live until :meth:`commit` or :meth:`close`)."""
+        self._token = trio.lowlevel.current_trio_token()
+        self._hasher_thread = _Worker(f"hash-{self.sha256[:12]}", self._hash_batch, self)
+        self._writer_thread = _Worker(f"write-{self.sha256[:12]}", self._write_batch, self)
+        self._hasher_thread.start()
+        self._writer_thread.start()
         self._started = True
-        nursery.start_soon(self._consume, self._hash_recv, self._hash_batch, self._hash_done,
-                           name=f"hash-{self.sha256[:12]}")
-        nursery.start_soon(self._consume, self._write_recv, self._write_batch, self._write_done,
-                           name=f"write-{self.sha256[:12]}")
 
     async def write(self, chunk: Chunk) -> None:
         """Take ``chunk`` (the caller must not modify it afterwards)."""
@@ -209,43 +255,47 @@ class Sink:
     async def _submit(self) -> None:
         if self._error is not None:
             raise self._error
-        item = (tuple(self.batch), self.batch_start, self.batch_bytes)
+        await self._slots.acquire()  # backpressure: at most N_BATCHES batches in flight
+        if self._error is not None:
+            self._slots.release()
+            raise self._error
+        self._enqueue(hash_too=True)
+
+    def _enqueue(self, *, hash_too: bool) -> None:
+        item = _Batch(tuple(self.batch), self.batch_start, self.batch_bytes, 2 if hash_too else 1)
         self.batch = []
         self.batch_start += self.batch_bytes
         self.batch_bytes = 0
-        try:
-            self._pending += 2
-            await self._hash_send.send(item)
-            await self._write_send.send(item)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise self._error or StoreError("the download's writer stopped") from None
+        with self._lock:
+            self._pending += item.users
+        self._writer_thread.queue.put(item)
+        if hash_too:
+            self._hasher_thread.queue.put(item)
 
-    async def _consume(self, recv: trio.MemoryReceiveChannel, work: Callable[..., Awaitable[None]],
-                       done: trio.Event) -> None:
-        try:
-            async for item in recv:
-                # Shielded: a batch taken off the queue is always processed whole, so the
-                # counters agree with the file and the hash whatever gets cancelled.
-                with trio.CancelScope(shield=True):
-                    await work(*item)
-                self._pending -= 1
-        except Exception as exc:
-            self._error = _as_store_error(exc)
-            # Wake the producer wherever it waits; what is still queued is dropped.
-            await self._hash_recv.aclose()
-            await self._write_recv.aclose()
-        finally:
-            done.set()
+    # Called in worker threads --------------------------------------------------------------
+    def _finished(self, item: _Batch) -> None:
+        with self._lock:
+            item.users -= 1
+            self._pending -= 1
+            last = item.users == 0
+        if last and item.users == 0 and item.slot:
+            self._token.run_sync_soon(self._slots.release)
 
-    async def _hash_batch(self, chunks: tuple[Chunk, ...], start: int, n: int) -> None:
-        def run() -> None:
-            for c in chunks:
-                self.hasher.update(c)
-        await trio.to_thread.run_sync(run)
-        self.hashed = start + n
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = _as_store_error(exc)
 
-    async def _write_batch(self, chunks: tuple[Chunk, ...], start: int, n: int) -> None:
-        checkpointed = await trio.to_thread.run_sync(self._stage_and_write, chunks)
+    def _hash_batch(self, item: _Batch) -> None:
+        for c in item.chunks:
+            self.hasher.update(c)
+        self.hashed = item.start + item.size
+
+    def _write_batch(self, item: _Batch) -> None:
+        if self.direct_io:
+            checkpointed = self._stage_and_write(item.chunks)
+        else:
+            checkpointed = self._writev(item.chunks)
         if checkpointed:
             crash_point("download-after-checkpoint")
 
@@ -267,6 +317,35 @@ class Sink:
                 if self.stage_fill == STAGE_BYTES:
                     self._write_stage()
         self._write_stage()
+        if self.written - self.durable >= CHECKPOINT_BYTES:
+            self._checkpoint()
+            return True
+        return False
+
+    def _writev(self, chunks: tuple[Chunk, ...]) -> bool:
+        """Buffered path: the kernel copies straight from the chunks (no copy of ours);
+        ``POSIX_FADV_DONTNEED`` starts writeback of what was just written and drops the
+        pages written a window ago (clean by then), so the download neither leaves a
+        second copy in the page cache nor makes the checkpoint fsync wait long."""
+        views = [memoryview(c).cast("B") for c in chunks]
+        while views:
+            try:
+                n = os.pwritev(self.fd, views[:1024], self.written)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise SpaceError("not enough free space in the store for this download") from exc
+                raise
+            self.written += n
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
+        start = max(0, self.written - WRITEBACK_WINDOW)
+        try:
+            os.posix_fadvise(self.fd, start, self.written - start, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
         if self.written - self.durable >= CHECKPOINT_BYTES:
             self._checkpoint()
             return True
@@ -316,38 +395,29 @@ class Sink:
 
     # -- stopping -------------------------------------------------------------------------------
     async def _stop_consumers(self, *, hash_too: bool) -> None:
-        """Close the queues, wait for both consumers, then do by hand what a cancelled
-        consumer left queued and the current batch, in order. Safe to call shielded."""
-        self._hash_send.close()
-        self._write_send.close()
-        if self._started:
-            await self._hash_done.wait()
-            await self._write_done.wait()
+        """Hand over the current batch, let both threads finish everything queued, stop
+        them, and write the stage's unaligned tail. Safe to call shielded, once."""
+        if not self._started:
+            self.start()
+        if self.batch:
+            self._enqueue(hash_too=hash_too)
+        for worker in (self._writer_thread, self._hasher_thread):
+            worker.queue.put(None)
+        for worker in (self._writer_thread, self._hasher_thread):
+            await trio.to_thread.run_sync(worker.join)
         if self._error is not None:
             raise self._error
-        work = [(self._write_recv, self._write_batch)]
-        if hash_too:
-            work.append((self._hash_recv, self._hash_batch))
-        for recv, fn in work:
-            while True:
-                try:
-                    item = recv.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                    break
-                await fn(*item)
-        if self.batch:
-            item = (tuple(self.batch), self.batch_start, self.batch_bytes)
-            await self._write_batch(*item)
-            if hash_too:
-                await self._hash_batch(*item)
-            self.batch, self.batch_start, self.batch_bytes = [], self.batch_start + self.batch_bytes, 0
         await trio.to_thread.run_sync(lambda: self._write_stage(all_of_it=True))
 
     async def quiesce(self) -> None:
         """Wait until every submitted batch is hashed and written (between attempts)."""
-        while self._pending:
+        while True:
+            with self._lock:
+                idle = self._pending == 0
             if self._error is not None:
                 raise self._error
+            if idle:
+                return
             await trio.sleep(0.001)
 
     # -- restarting ---------------------------------------------------------------------
@@ -375,6 +445,8 @@ class Sink:
             raise StoreError(f"internal error: hashed {self.hashed} bytes but wrote {self.written}")
         await trio.to_thread.run_sync(os.fsync, self.fd)
         size, digest = self.written, self.hasher.hexdigest()
+        if os.fstat(self.fd).st_size != size:
+            raise StoreError(f"internal error: wrote {size} bytes but the file has {os.fstat(self.fd).st_size}")
         self._close_files()
         crash_point("download-before-commit")
         try:

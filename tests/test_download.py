@@ -123,17 +123,35 @@ def test_ensure_refuses_a_redacted_signed_url(store):
 
 
 # -- resume rules ---------------------------------------------------------------------
-def test_dropped_connection_resumes_with_range_and_if_range(store, origin):
+@pytest.mark.parametrize("direct_io", [False, True])
+def test_dropped_connection_resumes_with_range_and_if_range(store, origin, direct_io):
     data = blob_data(6 * MB + 77, seed=1)
     cut = 2 * MB + 5
     origin.add("/d", data, drop_after=cut)
-    r = fetch(store, origin.url("/d"), data)
+    r = fetch(store, origin.url("/d"), data, direct_io=direct_io)
     assert r.new and r.bytes_transferred == len(data)
     first, second = origin.requests("/d")
     assert "range" not in first.headers
     assert second.headers["range"] == f"bytes={cut}-"
     assert second.headers["if-range"] == r.etag and second.status == 206
     assert origin.bytes_sent("/d") == len(data)
+    assert_clean(store)
+
+
+@pytest.mark.parametrize("direct_io", [False, True])
+def test_resume_from_an_unaligned_partial_on_disk(store, origin, direct_io):
+    data = blob_data(9 * MB + 4321, seed=26)
+    digest = sha(data)
+    present = 5 * MB + 123  # what a crashed run left: not a multiple of any block size
+    d = store.layout.partial / digest
+    d.mkdir(mode=0o700)
+    (d / "data").write_bytes(data[:present] + b"garbage past the checkpoint")
+    PartialState(digest, "http://old", len(data), present, '"e1"', None).save(d / "state.json")
+    origin.add("/u", data, etag='"e1"')
+    r = fetch(store, origin.url("/u"), data, direct_io=direct_io)
+    assert r.bytes_transferred == len(data) - present
+    assert origin.requests("/u")[0].headers["range"] == f"bytes={present}-"
+    assert r.path.read_bytes() == data
     assert_clean(store)
 
 

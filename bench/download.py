@@ -1,0 +1,231 @@
+"""Benchmark: ``modelfs pull`` against ``curl -o`` for the same 1 GiB file, same server.
+
+    python bench/download.py [--size-mib 1024] [--runs 3] [--no-record]
+
+Serves one GGUF file from nginx on 127.0.0.1 (installed with apt-get when missing and
+allowed: ``--install-nginx``), else from a threaded Python server using ``sendfile``.
+Runs ``curl -s -o FILE URL`` and ``python -m modelfs --store DIR pull URL --sha256 HEX``
+alternately (A B A B ...), each into a fresh target on the same filesystem, and reports
+the median throughput of each and the ratio. ``modelfs pull`` is measured end to end:
+process start-up, streaming, SHA-256, fsync, commit, GGUF header parse and the catalog
+write; curl only writes the bytes (no hash, no fsync).
+
+The result is appended to the "Downloads" section of docs/performance.md (unless
+``--no-record``), with the exact command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.server
+import os
+import platform
+import shutil
+import socketserver
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "performance.md"
+MIB = 1 << 20
+
+
+def make_gguf(path: Path, size_mib: int) -> str:
+    """A valid GGUF of about ``size_mib`` MiB; returns its SHA-256."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from ggufgen import write_model  # the test helper: random tensor data, valid header
+
+    write_model(path, arch="llama", name="bench", tensor_bytes=size_mib * MIB, seed=7)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * MIB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- servers ---------------------------------------------------------------------------
+class Nginx:
+    def __init__(self, root: Path, workdir: Path) -> None:
+        self.port = _free_port()
+        conf = workdir / "nginx.conf"
+        (workdir / "tmp").mkdir(exist_ok=True)
+        conf.write_text(f"""
+daemon off; worker_processes 1; pid {workdir}/nginx.pid; error_log {workdir}/error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log off; sendfile on; tcp_nopush on;
+  client_body_temp_path {workdir}/tmp; proxy_temp_path {workdir}/tmp; fastcgi_temp_path {workdir}/tmp;
+  uwsgi_temp_path {workdir}/tmp; scgi_temp_path {workdir}/tmp;
+  server {{ listen 127.0.0.1:{self.port}; root {root}; }}
+}}
+""")
+        self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(workdir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(self.port)
+        self.name = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+class PythonServer:
+    """Fallback: stdlib server, ``sendfile`` for the body (Range not needed here)."""
+
+    def __init__(self, root: Path, workdir: Path) -> None:
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def __init__(self, *a, **kw):
+                super().__init__(*a, directory=str(root), **kw)
+
+            def log_message(self, *a):
+                pass
+
+            def copyfile(self, source, outputfile):
+                self.wfile.flush()
+                self.connection.sendfile(source)
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.name = "Python http.server with sendfile"
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int) -> None:
+    import socket
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"server on port {port} did not start")
+
+
+def start_server(root: Path, workdir: Path, install: bool) -> Nginx | PythonServer:
+    if shutil.which("nginx") is None and install:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "nginx-light"], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if shutil.which("nginx"):
+        return Nginx(root, workdir)
+    return PythonServer(root, workdir)
+
+
+# -- runs --------------------------------------------------------------------------------
+def run_curl(url: str, out: Path) -> float:
+    t = time.monotonic()
+    subprocess.run(["curl", "-s", "-f", "-o", str(out), url], check=True)
+    return time.monotonic() - t
+
+
+def run_modelfs(url: str, digest: str, store: Path) -> float:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    t = time.monotonic()
+    subprocess.run([sys.executable, "-m", "modelfs", "--store", str(store), "pull", url, "--sha256", digest,
+                    "--name", "bench"], check=True, env=env, stdout=subprocess.DEVNULL)
+    return time.monotonic() - t
+
+
+def record(lines: list[str]) -> None:
+    DOC.parent.mkdir(exist_ok=True)
+    text = DOC.read_text() if DOC.exists() else "# Performance\n"
+    heading = "## Downloads"
+    block = "\n".join(lines) + "\n"
+    if heading not in text:
+        text = text.rstrip() + f"\n\n{heading}\n\n{block}"
+    else:
+        # Append at the end of the Downloads section, before the next "## " heading.
+        start = text.index(heading) + len(heading)
+        nxt = text.find("\n## ", start)
+        end = len(text) if nxt < 0 else nxt + 1
+        section = text[start:end].rstrip() + "\n\n" + block
+        text = text[:start] + section + ("\n" if nxt >= 0 else "") + text[end:]
+    DOC.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir under /var/tmp)")
+    ap.add_argument("--install-nginx", action="store_true", help="apt-get install nginx-light if missing")
+    ap.add_argument("--no-record", action="store_true", help="do not append to docs/performance.md")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="modelfs-bench-", dir=args.dir or "/var/tmp"))
+    try:
+        os.chmod(work, 0o755)  # nginx workers run as an unprivileged user
+        www = work / "www"
+        www.mkdir(mode=0o755)
+        src = www / "bench-Q4_K_M.gguf"
+        print(f"writing a {args.size_mib} MiB GGUF ...", flush=True)
+        digest = make_gguf(src, args.size_mib)
+        os.chmod(src, 0o644)
+        size = src.stat().st_size
+        server = start_server(www, work, args.install_nginx)
+        url = f"http://127.0.0.1:{server.port}/{src.name}"
+        curl_s, modelfs_s = [], []
+        try:
+            run_curl(url, work / "warm.out")  # warm the server's page cache for the source
+            (work / "warm.out").unlink()
+            for i in range(args.runs):
+                out = work / "curl.out"
+                curl_s.append(run_curl(url, out))
+                out.unlink()
+                store = work / f"store{i}"
+                modelfs_s.append(run_modelfs(url, digest, store))
+                shutil.rmtree(store)
+                subprocess.run(["sync"])
+                print(f"run {i + 1}: curl {size / curl_s[-1] / 1e6:7.0f} MB/s   "
+                      f"modelfs pull {size / modelfs_s[-1] / 1e6:7.0f} MB/s", flush=True)
+        finally:
+            server.close()
+        c = size / statistics.median(curl_s) / 1e6
+        m = size / statistics.median(modelfs_s) / 1e6
+        ratio = m / c
+        print(f"median: curl -o {c:.0f} MB/s, modelfs pull {m:.0f} MB/s, ratio {ratio:.2f}x")
+        if not args.no_record:
+            cmd = "python bench/download.py " + " ".join(sys.argv[1:])
+            record([
+                f"### {time.strftime('%Y-%m-%d')}: `{cmd.strip()}`",
+                "",
+                f"{size / MIB:.0f} MiB GGUF from {server.name} on 127.0.0.1; {platform.node() and 'this machine'}: "
+                f"{os.cpu_count()} CPUs, Linux {platform.release()}, Python {platform.python_version()}. "
+                f"Alternating runs, median of {args.runs}.",
+                "",
+                "| Client | Runs (MB/s) | Median |",
+                "|---|---|---|",
+                f"| `curl -s -o FILE` | {', '.join(f'{size / s / 1e6:.0f}' for s in curl_s)} | {c:.0f} MB/s |",
+                f"| `modelfs pull` (SHA-256, fsync, commit, catalog) | "
+                f"{', '.join(f'{size / s / 1e6:.0f}' for s in modelfs_s)} | {m:.0f} MB/s |",
+                "",
+                f"Ratio modelfs/curl: **{ratio:.2f}x**.",
+            ])
+            print(f"recorded in {DOC.relative_to(REPO)}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
