@@ -147,6 +147,29 @@ def run_modelfs(url: str, digest: str, store: Path) -> float:
     return time.monotonic() - t
 
 
+_FETCH = """
+import sys, time, trio
+from store.core import Store
+from store.download import Downloader
+url, digest, size, root = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+async def main():
+    store = Store.open(root)
+    async with Downloader(store) as dl:
+        t = time.monotonic()
+        await dl.fetch(url, sha256=digest, size=size)
+        print(time.monotonic() - t)
+trio.run(main)
+"""
+
+
+def run_fetch(url: str, digest: str, size: int, store: Path) -> float:
+    """``Downloader.fetch`` alone, timed inside a fresh process: the mount daemon's cost."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", _FETCH, url, digest, str(size), str(store)],
+                         check=True, env=env, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def record(lines: list[str]) -> None:
     DOC.parent.mkdir(exist_ok=True)
     text = DOC.read_text() if DOC.exists() else "# Performance\n"
@@ -185,26 +208,37 @@ def main() -> None:
         size = src.stat().st_size
         server = start_server(www, work, args.install_nginx)
         url = f"http://127.0.0.1:{server.port}/{src.name}"
-        curl_s, modelfs_s = [], []
+        curl_s, modelfs_s, fetch_s = [], [], []
         try:
             run_curl(url, work / "warm.out")  # warm the server's page cache for the source
             (work / "warm.out").unlink()
             for i in range(args.runs):
+                # Every run starts with no dirty pages (sync, untimed): otherwise each client's
+                # writes would be flushed on the next one's time.
                 out = work / "curl.out"
+                subprocess.run(["sync"])
                 curl_s.append(run_curl(url, out))
                 out.unlink()
+                subprocess.run(["sync"])
                 store = work / f"store{i}"
                 modelfs_s.append(run_modelfs(url, digest, store))
                 shutil.rmtree(store)
                 subprocess.run(["sync"])
-                print(f"run {i + 1}: curl {size / curl_s[-1] / 1e6:7.0f} MB/s   "
-                      f"modelfs pull {size / modelfs_s[-1] / 1e6:7.0f} MB/s", flush=True)
+                fetch_s.append(run_fetch(url, digest, size, store))
+                shutil.rmtree(store)
+                subprocess.run(["sync"])
+                print(f"run {i + 1}: curl {size / curl_s[-1] / 1e6:5.0f} MB/s   "
+                      f"modelfs pull {size / modelfs_s[-1] / 1e6:5.0f} MB/s   "
+                      f"Downloader.fetch {size / fetch_s[-1] / 1e6:5.0f} MB/s   "
+                      f"load {os.getloadavg()[0]:.1f}", flush=True)
         finally:
             server.close()
         c = size / statistics.median(curl_s) / 1e6
         m = size / statistics.median(modelfs_s) / 1e6
+        f = size / statistics.median(fetch_s) / 1e6
         ratio = m / c
-        print(f"median: curl -o {c:.0f} MB/s, modelfs pull {m:.0f} MB/s, ratio {ratio:.2f}x")
+        print(f"median: curl -o {c:.0f} MB/s, modelfs pull {m:.0f} MB/s (ratio {ratio:.2f}x), "
+              f"Downloader.fetch {f:.0f} MB/s (ratio {f / c:.2f}x)")
         if not args.no_record:
             cmd = "python bench/download.py " + " ".join(sys.argv[1:])
             record([
@@ -217,10 +251,13 @@ def main() -> None:
                 "| Client | Runs (MB/s) | Median |",
                 "|---|---|---|",
                 f"| `curl -s -o FILE` | {', '.join(f'{size / s / 1e6:.0f}' for s in curl_s)} | {c:.0f} MB/s |",
-                f"| `modelfs pull` (SHA-256, fsync, commit, catalog) | "
+                f"| `modelfs pull` end to end (start-up, SHA-256, fsync, commit, GGUF, catalog) | "
                 f"{', '.join(f'{size / s / 1e6:.0f}' for s in modelfs_s)} | {m:.0f} MB/s |",
+                f"| `Downloader.fetch` alone (the daemon's path: SHA-256, fsync, commit) | "
+                f"{', '.join(f'{size / s / 1e6:.0f}' for s in fetch_s)} | {f:.0f} MB/s |",
                 "",
-                f"Ratio modelfs/curl: **{ratio:.2f}x**.",
+                f"Ratio `modelfs pull`/curl: **{ratio:.2f}x**; `Downloader.fetch`/curl: **{f / c:.2f}x**. "
+                f"Load average during the runs: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.",
             ])
             print(f"recorded in {DOC.relative_to(REPO)}")
     finally:
