@@ -48,8 +48,8 @@ from store.core import Store
 from store.errors import Conflict, StoreError, UsageError
 from store.layout import Layout
 
-from .openfiles import Materialiser, OpenFiles
-from .tree import Namespace, SnapshotReader, Visibility, build
+from .openfiles import Fetcher, Materialiser, OpenFiles
+from .tree import Invalidation, Namespace, SnapshotReader, Tree, Visibility, build
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class Daemon:
             self._lock_fd = -1
 
     # -- catalog → tree --------------------------------------------------------------------
-    def _load(self):  # runs in a worker thread, one at a time (db_limiter)
+    def _load(self) -> Tree | None:  # runs in a worker thread, one at a time (db_limiter)
         cat = self.poll_catalog
         for name in list(self.files.pending_touch):
             self.files.pending_touch.discard(name)
@@ -282,7 +282,7 @@ class Daemon:
                   (time.perf_counter() - t0) * 1e3)
         return True
 
-    async def _invalidate(self, change) -> None:
+    async def _invalidate(self, change: Invalidation) -> None:
         import pyfuse3
         for parent, name, deleted in change.entries:
             pyfuse3.invalidate_entry_async(parent, os.fsencode(name), deleted=deleted, ignore_enoent=True)
@@ -333,7 +333,7 @@ class Daemon:
             with os.fdopen(int(ready), "w") as f:
                 f.write(f"ready {os.getpid()}\n")
 
-    async def _fetcher(self):
+    async def _fetcher(self) -> Fetcher | None:
         try:
             from store.download import Downloader
         except ImportError:
@@ -393,7 +393,7 @@ class Daemon:
         self.store.close()
 
 
-def _invalidate_inodes(inodes) -> None:
+def _invalidate_inodes(inodes: tuple[int, ...]) -> None:
     import pyfuse3
     for ino in inodes:
         try:

@@ -104,6 +104,8 @@ class Materialiser:
         try:
             with trio.fail_after(deadline):
                 return await self.fetcher.ensure(rec)
+        except NotFound as exc:  # listed, but no bytes and no source: a failed fetch (EIO)
+            raise FetchError(str(exc), sha256=rec.sha256) from exc
         except trio.TooSlowError:
             raise FetchTimeout(f"{rec.filename} was not fetched within {deadline:g}s",
                                sha256=rec.sha256, timeout=deadline) from None
@@ -137,6 +139,17 @@ def _drop_behind(fd: int, off: int, n: int, size: int) -> None:
     lo = max(0, (off - DROP_LAG) & ~(FOLIO - 1))
     end = off + n
     os.posix_fadvise(fd, lo, 0 if end >= size else end - lo, os.POSIX_FADV_DONTNEED)
+
+
+def _unmap_behind(h: Handle, off: int) -> None:
+    """The mmap-mode twin of :func:`_drop_behind`: pages before ``off`` were replied
+    already; unmap them from the daemon, then drop them from the blob's cache."""
+    assert h.map is not None
+    lo = max(0, (off - DROP_LAG) & ~(FOLIO - 1))
+    hi = off & ~(mmap.PAGESIZE - 1)
+    if hi > lo:
+        h.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        os.posix_fadvise(h.fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
 
 
 def _open_direct(fd: int) -> int:
@@ -206,7 +219,7 @@ class OpenFiles:
         self._touched: dict[str, float] = {}
         self.pending_touch: set[str] = set()
         self._direct = DirectReads()
-        self._drop = read_mode == "inline"
+        self._drop = read_mode in ("inline", "mmap")
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -221,6 +234,8 @@ class OpenFiles:
         h = Handle(next(self._fh), node, fd, caller, self._clock())
         if self.read_mode == "direct" and fd >= 0:
             h.dfd = _open_direct(fd)
+        if self._drop and fd >= 0:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # twice the blob's readahead
         if self.read_mode == "mmap" and fd >= 0 and node.size > 0:
             h.map = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
             h.view = memoryview(h.map)
@@ -237,6 +252,8 @@ class OpenFiles:
         if h.dfd >= 0 and size >= THREAD_MIN and off % ALIGN == 0:
             return await trio.to_thread.run_sync(self._direct.read, h.dfd, off, size)
         if h.view is not None:
+            if self._drop:
+                _unmap_behind(h, off)
             return h.view[off:off + size]
         if self.read_mode == "thread" and size >= THREAD_MIN:
             return await trio.to_thread.run_sync(os.pread, h.fd, size, off)
@@ -256,6 +273,8 @@ class OpenFiles:
                 h.map.close()
             except BufferError:  # a reply still holds a slice; unmapped when it is dropped
                 pass
+            if self._drop:
+                os.posix_fadvise(h.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         if h.dfd >= 0:
             os.close(h.dfd)
         if h.fd >= 0:
