@@ -267,8 +267,9 @@ class Daemon:
         version = cat.data_version()
         if version == self._data_version:
             return None
-        self._data_version = version
-        return build(self.snapshots.read(), self.ns.inodes, self.ns.tree, visibility=self.ns.visibility)
+        tree = build(self.snapshots.read(), self.ns.inodes, self.ns.tree, visibility=self.ns.visibility)
+        self._data_version = version  # only now: a failed build is retried at the next poll
+        return tree
 
     async def refresh(self) -> bool:
         t0 = time.perf_counter()
