@@ -345,7 +345,10 @@ class Downloader:
             if joined.error is not None:
                 err = joined.error
                 raise type(err)(str(err), **err.fields)
-            # The owner was cancelled (its deadline, not ours): take over from its partial.
+            # The owner was cancelled (its deadline, not ours): take over from its partial,
+            # whose bytes our own transfer reports again.
+            if progress is not None:
+                progress(-joined.received)
 
         transfer = _Transfer()
         if progress is not None:
@@ -460,7 +463,9 @@ class Downloader:
                        transfer: _Transfer, counters: dict[str, int]) -> None:
         shown = redact_url(url)
         start = sink.total
-        req = {k: v for k, v in headers.items()}
+        # Ours to set: the bytes must arrive exactly as stored (no content coding), and
+        # the range is the partial's.
+        req = {k: v for k, v in headers.items() if k.lower() not in ("range", "if-range", "accept-encoding")}
         req["Accept-Encoding"] = "identity"
         if start:
             req["Range"] = f"bytes={start}-"
