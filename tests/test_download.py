@@ -686,7 +686,16 @@ def test_acceptance_4_canary_never_persists(cli, store_dir, origin, cdn, small_g
         r = cli.run("-vv", *args, check=False, env={**env, "MODELFS_MAX_RETRIES": "1", "MODELFS_BACKOFF": "0.01/0.01"})
         assert r.returncode != 0
         outputs += [r.stdout, r.stderr]
-    outputs += [cli.run("-vv", "status", "--json").stdout, cli.run("show", "canary", "--json").stdout]
+    # An interrupted pull leaves partial/<sha>/state.json behind: it must hold no secret either.
+    cdn.add("/cdn/drop", w, drop_after=MB)
+    origin.add_redirect("/dl2/tiny-Q4_K_M.gguf", cdn.url("/cdn/drop?X-Amz-Signature=CANARYcdnsig2"))
+    r = cli.run("-vv", "pull", url.replace("/dl/", "/dl2/"), "--sha256", "9" * 64, check=False,
+                env={**env, "MODELFS_MAX_RETRIES": "0"})
+    assert r.returncode == 9
+    outputs += [r.stdout, r.stderr]
+    status = cli.run("-vv", "status", "--json")
+    assert [p["bytes_present"] for p in status.json()["partials"]] == [MB]
+    outputs += [status.stdout, status.stderr, cli.run("show", "canary", "--json").stdout]
     assert "Authorization" not in "".join(outputs)
     for text in outputs:
         assert "CANARY" not in text, text
