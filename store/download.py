@@ -121,6 +121,11 @@ class _BigReadStream(httpcore.AsyncNetworkStream):
             except OSError:
                 pass  # an optimisation only
 
+    @property
+    def raw_socket(self) -> Any:
+        """The plain TCP trio socket, or None (TLS, or an unknown backend)."""
+        return self._sock
+
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         if self._sock is None or self._view is None:
             return await self._inner.read(max(max_bytes, READ_BYTES), timeout)
@@ -594,6 +599,12 @@ class Downloader:
         begun = sink.total
         stream = response.extensions.get("network_stream")
         stream = stream if isinstance(stream, _BigReadStream) else None
+        # A plain-TCP body of known length is read straight off the socket once h11 has
+        # handed over what it buffered with the headers: no h11 copies, no per-read
+        # layers. The connection is closed afterwards (h11 never saw the end).
+        direct = (stream is not None and stream.raw_socket is not None and expected is not None
+                  and "content-length" in response.headers and "transfer-encoding" not in response.headers
+                  and int(response.headers["content-length"]) == expected - sink.total)
         watch = _Watch(self, self.clock())
         try:
             with trio.CancelScope() as watch.scope:
@@ -612,6 +623,10 @@ class Downloader:
                     counters["received"] += n
                     transfer.progress(n)
                     watch.got(n)
+                    if direct and expected is not None and sink.total < expected:
+                        assert stream is not None
+                        await self._read_direct(stream, sink, expected, transfer, counters, watch, shown)
+                        break
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ReadTimeout) as exc:
             raise _Retry(FetchError(f"{shown}: connection to {host} lost after {sink.total} bytes "
                                     f"({type(exc).__name__})"), progressed=sink.total - begun >= (1 << 20)) from None
@@ -628,6 +643,31 @@ class Downloader:
         if expected is not None and sink.total < expected:
             raise _Retry(FetchError(f"{shown}: connection to {host} closed after {sink.total} of {expected} "
                                     "bytes"), progressed=sink.total - begun >= (1 << 20))
+
+    async def _read_direct(self, stream: _BigReadStream, sink: Sink, expected: int, transfer: _Transfer,
+                           counters: dict[str, int], watch: _Watch, shown: str) -> None:
+        """The rest of the body, from the socket into pooled buffers handed to the sink."""
+        sock = stream.raw_socket
+        while sink.total < expected:
+            buf = sink.take_buffer()
+            view = memoryview(buf)
+            want = min(len(buf), expected - sink.total)
+            fill = 0
+            try:
+                while fill < want:
+                    stream.expect(want - fill)
+                    try:
+                        n = await sock.recv_into(view[fill:want])
+                    except OSError as exc:
+                        raise httpx.ReadError(str(exc)) from exc
+                    if n == 0:
+                        raise httpx.RemoteProtocolError("peer closed connection before the end of the body")
+                    fill += n
+                    counters["received"] += n
+                    transfer.progress(n)
+                    watch.got(n)
+            finally:
+                await sink.write(view[:fill], owned=buf)
 
     # -- HEAD (metadata of hub files) -----------------------------------------------------------
     async def head(self, url: str, *, follow_cross_origin: bool = False) -> httpx.Response:

@@ -21,6 +21,7 @@ Every ``CHECKPOINT_BYTES`` the writer fsyncs and replaces ``state.json`` (see
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import hashlib
@@ -48,6 +49,7 @@ N_BATCHES = 6                # in flight (queued or being processed) before the 
 STAGE_BYTES = 8 << 20        # the writer's aligned staging buffer
 CHUNK_READ = 4 << 20         # read size when re-hashing a resumed prefix
 WRITEBACK_WINDOW = 32 << 20  # buffered path: pages older than this are dropped once clean
+POOL_BUFFER = 1 << 20        # receive buffers read straight from the socket
 ALIGN = 4096                 # O_DIRECT offset and length alignment
 
 
@@ -69,6 +71,7 @@ class _Batch:
     size: int
     users: int                 # worker threads still to process it
     slot: bool = True          # holds one of the producer's slots until both are done
+    owned: tuple[bytearray, ...] = ()  # pooled buffers to give back once both are done
 
     def __post_init__(self) -> None:
         self.slot = self.users == 2
@@ -127,6 +130,8 @@ class Sink:
         self.dfd = -1         # O_DIRECT descriptor, when the filesystem allows it
         # producer side (trio thread)
         self.batch: list[Chunk] = []
+        self.batch_owned: list[bytearray] = []
+        self._pool: collections.deque[bytearray] = collections.deque()
         self.batch_bytes = 0
         self.batch_start = 0
         # writer side (one worker thread at a time, in order)
@@ -242,9 +247,19 @@ class Sink:
         self._writer_thread.start()
         self._started = True
 
-    async def write(self, chunk: Chunk) -> None:
+    def take_buffer(self) -> bytearray:
+        """A reusable receive buffer of :data:`POOL_BUFFER` bytes; hand it back through
+        :meth:`write` (``owned=``), and it returns to the pool once hashed and written."""
+        try:
+            return self._pool.pop()
+        except IndexError:
+            return bytearray(POOL_BUFFER)
+
+    async def write(self, chunk: Chunk, *, owned: bytearray | None = None) -> None:
         """Take ``chunk`` (the caller must not modify it afterwards)."""
         n = len(chunk)
+        if owned is not None:
+            self.batch_owned.append(owned)
         if not n:
             return
         self.batch.append(chunk)
@@ -262,8 +277,10 @@ class Sink:
         self._enqueue(hash_too=True)
 
     def _enqueue(self, *, hash_too: bool) -> None:
-        item = _Batch(tuple(self.batch), self.batch_start, self.batch_bytes, 2 if hash_too else 1)
+        item = _Batch(tuple(self.batch), self.batch_start, self.batch_bytes, 2 if hash_too else 1,
+                      owned=tuple(self.batch_owned))
         self.batch = []
+        self.batch_owned = []
         self.batch_start += self.batch_bytes
         self.batch_bytes = 0
         with self._lock:
@@ -278,8 +295,10 @@ class Sink:
             item.users -= 1
             self._pending -= 1
             last = item.users == 0
-        if last and item.users == 0 and item.slot:
-            self._token.run_sync_soon(self._slots.release)
+        if last:
+            self._pool.extend(item.owned)  # deque.extend is atomic
+            if item.slot:
+                self._token.run_sync_soon(self._slots.release)
 
     def _fail(self, exc: BaseException) -> None:
         with self._lock:

@@ -411,6 +411,18 @@ def test_https_to_http_downgrade_is_refused(store, origin):
         assert fetch(store, secure.url("/ok"), data, verify=ctx).new  # TLS itself works
 
 
+def test_tls_body_path_resumes_too(store):
+    # Over TLS the body goes through h11 (no direct socket reads): same rules, same result.
+    data = blob_data(5 * MB + 999, seed=27)
+    with FaultServer(tls=True) as secure:
+        secure.add("/t", data, drop_after=2 * MB + 1)
+        ctx = ssl.create_default_context(cafile=secure.ca_file)
+        r = fetch(store, secure.url("/t"), data, verify=ctx)
+        assert r.new and r.bytes_transferred == len(data)
+        assert secure.requests("/t")[1].headers["range"] == f"bytes={2 * MB + 1}-"
+    assert_clean(store)
+
+
 # -- one transfer per blob, cancellation, partial state ------------------------------------------
 def test_concurrent_fetches_in_one_process_join_one_transfer(store, origin):
     data = blob_data(4 * MB, seed=22)
