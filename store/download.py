@@ -50,7 +50,7 @@ from .catalog import FileRecord
 from .errors import FetchError, IntegrityError, NotFound, OfflineError, StoreError, UsageError
 from .layout import check_sha256
 from .partial import PartialInfo, PartialLock, discard_partial, list_partials
-from .sink import Sink
+from .sink import ALIGN, Sink
 from .redact import REDACTED, redact_url
 
 __all__ = ["CROSS_ORIGIN_SAFE_HEADERS", "Downloader", "FetchResult", "MAX_REDIRECTS", "PartialInfo",
@@ -266,7 +266,7 @@ class Downloader:
                  backoff: tuple[float, float] = (0.5, 30.0), retry_after_cap: float = 60.0,
                  auth: Callable[[str], Mapping[str, str]] | None = None,
                  verify: Any = True, user_agent: str = "modelfs/0.1",
-                 rng: random.Random | None = None, direct_io: bool = False) -> None:
+                 rng: random.Random | None = None, direct_io: bool = True) -> None:
         self.store = store
         self.offline = offline
         self.stall_timeout = stall_timeout
@@ -652,6 +652,9 @@ class Downloader:
             buf = sink.take_buffer()
             view = memoryview(buf)
             want = min(len(buf), expected - sink.total)
+            if want < expected - sink.total:
+                # End on a block boundary, so every later buffer starts aligned (O_DIRECT).
+                want -= (sink.total + want) % ALIGN or 0
             fill = 0
             try:
                 while fill < want:

@@ -170,7 +170,7 @@ async def pull(store: Any, downloader: Downloader, sources: list[PullSource], *,
 def downloader_options_from_env() -> dict[str, Any]:
     """Tuning knobs for tests and unusual networks (all optional):
     ``MODELFS_STALL_TIMEOUT`` seconds, ``MODELFS_MIN_SPEED`` ``BYTES/SECONDS``,
-    ``MODELFS_MAX_RETRIES``, ``MODELFS_BACKOFF`` ``BASE/CAP`` seconds, ``MODELFS_DIRECT_IO=1``."""
+    ``MODELFS_MAX_RETRIES``, ``MODELFS_BACKOFF`` ``BASE/CAP`` seconds, ``MODELFS_DIRECT_IO=0`` (page-cache writes)."""
     opts: dict[str, Any] = {}
     try:
         if v := os.environ.get("MODELFS_STALL_TIMEOUT"):
@@ -183,8 +183,8 @@ def downloader_options_from_env() -> dict[str, Any]:
         if v := os.environ.get("MODELFS_BACKOFF"):
             base, cap = v.split("/")
             opts["backoff"] = (float(base), float(cap))
-        if os.environ.get("MODELFS_DIRECT_IO", "") not in ("", "0"):
-            opts["direct_io"] = True
+        if os.environ.get("MODELFS_DIRECT_IO", "") == "0":
+            opts["direct_io"] = False
     except ValueError:
         raise UsageError("malformed MODELFS_STALL_TIMEOUT, MODELFS_MIN_SPEED, MODELFS_MAX_RETRIES "
                          "or MODELFS_BACKOFF") from None

@@ -1,17 +1,21 @@
 """The write side of a download: network chunks into ``partial/<sha256>/data``, hashed inline.
 
-The trio side only collects references to the chunks the HTTP client produced, into
-batches of about :data:`BATCH_BYTES`. Each batch goes to two long-lived worker threads
-that run side by side, both in file order: the hasher feeds the SHA-256; the writer
-hands the chunks to the kernel with one ``pwritev`` (no copy of ours) and uses
-``POSIX_FADV_DONTNEED`` to start writeback early and drop pages once clean, so a large
-download leaves no second copy in the page cache. With ``direct_io`` the writer instead
-copies into a page-aligned staging buffer (``ctypes.memmove``, which drops the GIL)
-and writes whole blocks with ``O_DIRECT``; on this project's VMs that waits on the
-disk for every block and measured slower (docs/performance.md). The event loop never
-copies a byte, and no batch costs a hop through trio: the threads hand a slot back
-with ``run_sync_soon``. A resumed prefix is re-hashed once when the sink opens; there
-is no other pass over the file.
+The trio side only collects references to the chunks it received, into batches of
+about :data:`BATCH_BYTES`. Each batch goes to two long-lived worker threads that run
+side by side, both in file order: the hasher feeds the SHA-256; the writer puts the
+chunks on disk. No batch costs a hop through trio: the threads hand the producer's slot
+back with ``run_sync_soon``. Chunks read straight from the socket live in pooled,
+page-aligned 1 MiB buffers (:meth:`Sink.take_buffer`), returned when both threads are
+done with them.
+
+The writer has two modes. ``direct_io`` (default): runs of pooled buffers at aligned
+offsets go to an ``O_DIRECT`` descriptor, DMA from that memory with no copy and no
+page cache at all; anything unaligned (h11's first chunk, the tail, TLS bodies) takes
+the buffered path. Buffered (``direct_io=False``, or a filesystem that refuses
+O_DIRECT): one ``pwritev`` straight from the chunks (no copy of ours), and
+``POSIX_FADV_DONTNEED`` to start writeback early and drop pages once clean, so a
+download leaves no second copy in the page cache either way. A resumed prefix is re-hashed once when the sink
+opens; there is no other pass over the file.
 
 Every ``CHECKPOINT_BYTES`` the writer fsyncs and replaces ``state.json`` (see
 :mod:`store.partial`). Cancellation at any await leaves the counters, the file and
@@ -46,7 +50,6 @@ log = logging.getLogger(__name__)
 
 BATCH_BYTES = 4 << 20        # chunks handed to the hasher and the writer together
 N_BATCHES = 6                # in flight (queued or being processed) before the network side waits
-STAGE_BYTES = 8 << 20        # the writer's aligned staging buffer
 CHUNK_READ = 4 << 20         # read size when re-hashing a resumed prefix
 WRITEBACK_WINDOW = 32 << 20  # buffered path: pages older than this are dropped once clean
 POOL_BUFFER = 1 << 20        # receive buffers read straight from the socket
@@ -56,12 +59,15 @@ ALIGN = 4096                 # O_DIRECT offset and length alignment
 Chunk = Any  # bytes, bytearray or memoryview handed over by the HTTP client; never mutated after
 
 
-def _address(buf: Any) -> int | None:
-    """Address of a writable buffer's first byte, or None (read-only or empty)."""
+def _aligned(view: memoryview) -> bool:
+    """Page-aligned address and a whole number of blocks: what O_DIRECT accepts."""
+    if len(view) == 0 or len(view) % ALIGN:
+        return False
     try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    except (TypeError, ValueError):
-        return None
+        address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError):  # read-only memory: never one of our pooled buffers
+        return False
+    return address % ALIGN == 0
 
 
 @dataclass(eq=False)
@@ -71,7 +77,7 @@ class _Batch:
     size: int
     users: int                 # worker threads still to process it
     slot: bool = True          # holds one of the producer's slots until both are done
-    owned: tuple[bytearray, ...] = ()  # pooled buffers to give back once both are done
+    owned: tuple[Any, ...] = ()  # pooled buffers to give back once both are done
 
     def __post_init__(self) -> None:
         self.slot = self.users == 2
@@ -101,20 +107,14 @@ class _Worker(threading.Thread):
 class Sink:
     """Fills ``partial/<sha256>/data`` from network chunks; owns the running hash.
 
-    The trio side only collects references to the chunks the HTTP client produced,
-    into batches of about :data:`BATCH_BYTES`. Each batch goes to two consumers that
-    run side by side in worker threads, both in file order: the hasher feeds the
-    SHA-256, the writer copies into a page-aligned staging buffer (``ctypes.memmove``,
-    which drops the GIL) and writes whole aligned blocks with ``O_DIRECT``. So the
-    event loop never copies a byte, and hashing, copying and disk I/O overlap with the
-    network. Invariants: bytes before ``written`` are in ``data``; bytes before
-    ``hashed`` are in the hash; ``stage`` holds ``stage_fill`` bytes for offset
-    ``stage_off`` (aligned) == ``written``; ``state.json`` claims ``durable`` bytes, all
-    fsynced. The caller holds the directory's :class:`PartialLock` for the sink's life.
+    Invariants: bytes before ``written`` are in ``data``, in order; bytes before
+    ``hashed`` are in the hash; ``batch`` holds what was received after the last batch
+    handed to the threads; ``state.json`` claims ``durable`` bytes, all fsynced. The
+    caller holds the directory's :class:`PartialLock` for the sink's whole life.
     """
 
     def __init__(self, blobs: BlobStore, directory: Path, sha256: str, url: str | None,
-                 size: int | None, *, direct_io: bool = False) -> None:
+                 size: int | None, *, direct_io: bool = True) -> None:
         self.blobs = blobs
         self.direct_io = direct_io
         self.dir = directory
@@ -130,15 +130,10 @@ class Sink:
         self.dfd = -1         # O_DIRECT descriptor, when the filesystem allows it
         # producer side (trio thread)
         self.batch: list[Chunk] = []
-        self.batch_owned: list[bytearray] = []
-        self._pool: collections.deque[bytearray] = collections.deque()
+        self.batch_owned: list[Any] = []
+        self._pool: collections.deque[mmap.mmap] = collections.deque()
         self.batch_bytes = 0
         self.batch_start = 0
-        # writer side (one worker thread at a time, in order)
-        self.stage = mmap.mmap(-1, STAGE_BYTES)  # anonymous maps are page-aligned, as O_DIRECT wants
-        self._stage_ref = ctypes.c_char.from_buffer(self.stage)  # pins the map; never closed
-        self._stage_addr = ctypes.addressof(self._stage_ref)
-        self.stage_fill = 0
         # the pipeline
         self._slots = trio.Semaphore(N_BATCHES)
         self._lock = threading.Lock()
@@ -153,7 +148,7 @@ class Sink:
     # -- opening and resuming ---------------------------------------------------
     @classmethod
     async def open(cls, blobs: BlobStore, directory: Path, sha256: str, url: str | None,
-                   size: int | None, *, direct_io: bool = False) -> Sink:
+                   size: int | None, *, direct_io: bool = True) -> Sink:
         sink = cls(blobs, directory, sha256, url, size, direct_io=direct_io)
         prev = PartialState.load(sink.state_path, sha256)
         sink._open_files()
@@ -183,9 +178,7 @@ class Sink:
             self.dfd = -1  # tmpfs and some FUSE filesystems refuse O_DIRECT
 
     async def _load_prefix(self, present: int) -> None:
-        """Resume at ``present``: re-hash what is there once. The O_DIRECT writer goes on
-        from the aligned offset below, with the unaligned tail staged in front of it."""
-        aligned = present - present % ALIGN if self.direct_io else present
+        """Resume at ``present``: re-hash what is there once."""
         os.ftruncate(self.fd, present)
 
         def rehash() -> None:
@@ -202,13 +195,9 @@ class Sink:
                 os.posix_fadvise(self.fd, 0, present, os.POSIX_FADV_DONTNEED)
             except OSError:
                 pass
-            tail = os.pread(self.fd, present - aligned, aligned)
-            self.stage[:len(tail)] = tail
-            self.stage_fill = len(tail)
 
         await trio.to_thread.run_sync(rehash)
-        self.written = aligned
-        self.hashed = self.batch_start = present
+        self.written = self.hashed = self.batch_start = present
         self.durable = present
         self.resumed_from = present
         log.info("resuming %s… at %d bytes", self.sha256[:12], present)
@@ -247,15 +236,17 @@ class Sink:
         self._writer_thread.start()
         self._started = True
 
-    def take_buffer(self) -> bytearray:
-        """A reusable receive buffer of :data:`POOL_BUFFER` bytes; hand it back through
-        :meth:`write` (``owned=``), and it returns to the pool once hashed and written."""
+    def take_buffer(self) -> mmap.mmap:
+        """A reusable, page-aligned receive buffer of :data:`POOL_BUFFER` bytes; hand it
+        back through :meth:`write` (``owned=``): it returns to the pool once hashed and
+        written. Filled whole at an aligned offset, it goes to disk with ``O_DIRECT``
+        straight from this memory."""
         try:
             return self._pool.pop()
         except IndexError:
-            return bytearray(POOL_BUFFER)
+            return mmap.mmap(-1, POOL_BUFFER)  # never closed: views may be in flight
 
-    async def write(self, chunk: Chunk, *, owned: bytearray | None = None) -> None:
+    async def write(self, chunk: Chunk, *, owned: Any = None) -> None:
         """Take ``chunk`` (the caller must not modify it afterwards)."""
         n = len(chunk)
         if owned is not None:
@@ -311,37 +302,56 @@ class Sink:
         self.hashed = item.start + item.size
 
     def _write_batch(self, item: _Batch) -> None:
-        if self.direct_io:
-            checkpointed = self._stage_and_write(item.chunks)
+        if self.direct_io and self.dfd >= 0:
+            self._write_direct(item.chunks)
         else:
-            checkpointed = self._writev(item.chunks)
-        if checkpointed:
+            self._writev(item.chunks)
+        if self.written - self.durable >= CHECKPOINT_BYTES:
+            self._checkpoint()
             crash_point("download-after-checkpoint")
 
     # -- writer thread ----------------------------------------------------------------------
-    def _stage_and_write(self, chunks: tuple[Chunk, ...]) -> bool:
-        """Copy chunks into the aligned stage, write whole blocks; True after a checkpoint."""
+    def _write_direct(self, chunks: tuple[Chunk, ...]) -> None:
+        """O_DIRECT for every run of page-aligned chunks at an aligned offset (the pooled
+        socket buffers: DMA from that memory, no copy, no page cache), the buffered path
+        for the rest (h11's first chunk, the tail)."""
+        run: list[memoryview] = []
+        run_start = self.written
         for chunk in chunks:
             view = memoryview(chunk).cast("B")
-            src = _address(chunk)
-            pos = 0
-            while pos < len(view):
-                k = min(len(view) - pos, STAGE_BYTES - self.stage_fill)
-                if src is not None:
-                    ctypes.memmove(self._stage_addr + self.stage_fill, src + pos, k)
-                else:
-                    self.stage[self.stage_fill:self.stage_fill + k] = view[pos:pos + k]
-                self.stage_fill += k
-                pos += k
-                if self.stage_fill == STAGE_BYTES:
-                    self._write_stage()
-        self._write_stage()
-        if self.written - self.durable >= CHECKPOINT_BYTES:
-            self._checkpoint()
-            return True
-        return False
+            if _aligned(view) and (run_start + sum(len(v) for v in run)) % ALIGN == 0:
+                run.append(view)
+                continue
+            self._flush_direct(run)
+            run = []
+            self._writev((chunk,))
+            run_start = self.written
+        self._flush_direct(run)
 
-    def _writev(self, chunks: tuple[Chunk, ...]) -> bool:
+    def _flush_direct(self, run: list[memoryview]) -> None:
+        while run:
+            try:
+                n = os.pwritev(self.dfd, run[:1024], self.written)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:  # this filesystem refuses O_DIRECT after all
+                    self.dfd_refused()
+                    self._writev(tuple(run))
+                    return
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise SpaceError("not enough free space in the store for this download") from exc
+                raise
+            self.written += n
+            while run and n >= len(run[0]):
+                n -= len(run[0])
+                run.pop(0)
+            if n:  # a short direct write: finish this piece through the page cache
+                self._writev((run.pop(0)[n:],))
+
+    def dfd_refused(self) -> None:
+        os.close(self.dfd)
+        self.dfd = -1
+
+    def _writev(self, chunks: tuple[Chunk, ...]) -> None:
         """Buffered path: the kernel copies straight from the chunks (no copy of ours);
         ``POSIX_FADV_DONTNEED`` starts writeback of what was just written and drops the
         pages written a window ago (clean by then), so the download neither leaves a
@@ -365,44 +375,6 @@ class Sink:
             os.posix_fadvise(self.fd, start, self.written - start, os.POSIX_FADV_DONTNEED)
         except OSError:
             pass
-        if self.written - self.durable >= CHECKPOINT_BYTES:
-            self._checkpoint()
-            return True
-        return False
-
-    def _write_stage(self, *, all_of_it: bool = False) -> None:
-        """Write the stage's whole aligned blocks (or everything, at the end)."""
-        n = self.stage_fill if all_of_it else self.stage_fill - self.stage_fill % ALIGN
-        if not n:
-            return
-        view = memoryview(self.stage)[:n]
-        try:
-            self._pwrite(view, self.written, direct=n % ALIGN == 0)
-        finally:
-            view.release()
-        rest = self.stage_fill - n
-        if rest:
-            ctypes.memmove(self._stage_addr, self._stage_addr + n, rest)
-        self.stage_fill = rest
-        self.written += n
-
-    def _pwrite(self, view: memoryview, off: int, *, direct: bool) -> None:
-        fd = self.dfd if direct and self.dfd >= 0 and off % ALIGN == 0 else self.fd
-        try:
-            while view:
-                try:
-                    w = os.pwrite(fd, view, off)
-                except OSError as exc:
-                    if exc.errno == errno.EINVAL and fd == self.dfd:
-                        fd = self.fd  # O_DIRECT refused this write after all
-                        continue
-                    raise
-                view = view[w:]
-                off += w
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SpaceError("not enough free space in the store for this download") from exc
-            raise
 
     def _checkpoint(self) -> None:
         """Make ``written`` bytes durable, then say so in state.json. Worker thread."""
@@ -414,8 +386,8 @@ class Sink:
 
     # -- stopping -------------------------------------------------------------------------------
     async def _stop_consumers(self, *, hash_too: bool) -> None:
-        """Hand over the current batch, let both threads finish everything queued, stop
-        them, and write the stage's unaligned tail. Safe to call shielded, once."""
+        """Hand over the current batch, let both threads finish everything queued, and
+        stop them. Safe to call shielded."""
         if not self._started:
             self.start()
         if self.batch:
@@ -426,7 +398,6 @@ class Sink:
             await trio.to_thread.run_sync(worker.join)
         if self._error is not None:
             raise self._error
-        await trio.to_thread.run_sync(lambda: self._write_stage(all_of_it=True))
 
     async def quiesce(self) -> None:
         """Wait until every submitted batch is hashed and written (between attempts)."""
@@ -449,7 +420,7 @@ class Sink:
         os.ftruncate(self.fd, 0)
         self.hasher = hashlib.sha256()
         self.batch, self.batch_bytes, self.batch_start = [], 0, 0
-        self.written = self.hashed = self.stage_fill = self.durable = 0
+        self.written = self.hashed = self.durable = 0
         self.state.bytes = 0
         self.state.etag = self.state.last_modified = None
         _unlink(self.state_path)
