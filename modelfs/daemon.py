@@ -27,6 +27,7 @@ open, by whom) so the CLI can tell what is in use.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -35,8 +36,10 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -448,6 +451,18 @@ def start_background(cfg: MountConfig, argv_prefix: list[str], timeout: float = 
     tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
     reason = tail[-1] if tail else "no output"
     raise StoreError(f"the mount daemon did not start: {reason} (log: {log_path})")
+
+
+@contextlib.contextmanager
+def mounted(store_root: Path, mountpoint: Path, *, offline: bool = True) -> Iterator[Path]:
+    """Mount ``store_root`` at ``mountpoint`` in a background daemon for the duration of a
+    ``with`` block (the demo, scripts); always unmounts. Offline by default."""
+    cfg = MountConfig(Path(mountpoint).absolute(), Path(store_root).absolute(), offline=offline)
+    start_background(cfg, [sys.executable, "-m", "modelfs", "--store", str(cfg.store_root)])
+    try:
+        yield cfg.mountpoint
+    finally:
+        unmount(cfg.mountpoint, Layout(cfg.store_root))
 
 
 def unmount(mountpoint: Path, layout: Layout, timeout: float = 30.0) -> str:

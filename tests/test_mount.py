@@ -359,6 +359,17 @@ def test_unmount_command_stops_the_daemon_and_background_mount(tiny, cli, tmp_pa
              Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z", 10, "the daemon to exit")
 
 
+def test_mounted_context_manager_for_scripts(tiny, store_dir, tmp_path):
+    from modelfs.daemon import mounted
+
+    with mounted(store_dir, tmp_path / "demo") as mnt:
+        data = np.memmap(mnt / "tiny" / "tiny-q4.gguf", dtype=np.uint8, mode="r")
+        assert hashlib.sha256(data).hexdigest() == sha256_of(tiny["weights"])
+        data._mmap.close()
+        del data
+    assert not os.path.ismount(tmp_path / "demo")
+
+
 def test_sigterm_detaches_but_serves_open_files_until_closed(tiny, mount_at):
     m = mount_at()
     f = open(m.path / "tiny" / "tiny-q4.gguf", "rb")
