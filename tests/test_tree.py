@@ -1,10 +1,12 @@
-"""The mount's tree as pure logic: no kernel, no pyfuse3 (DESIGN §7, layer 1)."""
+"""The mount's tree as pure logic, and the adapter's error translation, with no kernel
+(DESIGN §7, layer 1)."""
 
 from __future__ import annotations
 
 import errno
 import json
 import logging
+import os
 import stat
 from dataclasses import replace
 
@@ -347,3 +349,40 @@ def test_unknown_errors_are_logged_with_traceback_and_become_eio(caplog):
         with caplog.at_level(logging.ERROR, logger="modelfs.errnos"):
             assert errno_for(exc) == errno.EIO
     assert caplog.records and caplog.records[0].exc_info is not None
+
+
+# -- the adapter, without a kernel ------------------------------------------------------------------------------------
+def test_adapter_handlers_only_ever_raise_fuse_errors(ns, caplog):
+    """pyfuse3's loop dies on any other exception; every handler translates."""
+    pyfuse3 = pytest.importorskip("pyfuse3")
+    from modelfs.fuse_ops import ModelOps
+
+    class Ctx:
+        uid, gid, pid, umask = 1000, 1000, 1, 0o22
+
+    class Broken:
+        async def open(self, node, caller):
+            raise KeyError("a bug")
+
+    ops = ModelOps(ns, Broken(), lambda sha: "local")
+
+    async def main():
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.lookup(ROOT_INODE, b"nope", Ctx())
+        assert e.value.errno == errno.ENOENT
+        f = walk(ns, "Alpha/a.gguf")
+        with caplog.at_level(logging.ERROR):
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                await ops.open(f.ino, os.O_RDONLY, Ctx())
+        assert e.value.errno == errno.EIO and "a bug" in caplog.text
+        for call in (ops.open(f.ino, os.O_WRONLY, Ctx()), ops.unlink(ROOT_INODE, b"Alpha", Ctx()),
+                     ops.setxattr(f.ino, b"user.x", b"1", Ctx())):
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                await call
+            assert e.value.errno == errno.EROFS
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.getxattr(f.ino, b"security.selinux", Ctx())
+        assert e.value.errno == errno.EOPNOTSUPP
+        assert (await ops.lookup(ROOT_INODE, b"Alpha", Ctx())).st_ino == walk(ns, "Alpha").ino
+
+    trio.run(main)
