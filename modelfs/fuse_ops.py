@@ -113,7 +113,7 @@ class ModelOps(pyfuse3.Operations):
             name, node = listing[i]
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self.entry(node), i + 1):
                 return
-            self.ns.remember(node.ino)  # readdirplus: the kernel now holds the inode
+            self.ns.remember(node)  # readdirplus: the kernel now holds the inode
 
     @handler
     async def releasedir(self, fh: int) -> None:

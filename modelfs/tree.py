@@ -526,7 +526,7 @@ class Namespace:
                 raise NotFound(f"no entry {name[:80]!r}", name=name)
             child = self.get(ino)
         self.check_visible(child, caller)
-        self.remember(child.ino)
+        self.remember(child)
         return child
 
     def listing(self, ino: int, caller: Caller) -> list[tuple[str, Node]]:
@@ -551,9 +551,16 @@ class Namespace:
         return self.visibility.allows(caller, entry.model)
 
     # the kernel's references
-    def remember(self, ino: int) -> None:
-        if ino != ROOT_INODE:
-            self._lookups[Inode(ino)] = self._lookups.get(Inode(ino), 0) + 1
+    def remember(self, node: Node) -> None:
+        """The kernel now holds ``node`` (lookup, or an entry of readdirplus). A listing
+        taken before a rebuild may name nodes that already left the tree: they stay
+        answerable until forgotten."""
+        ino = node.ino
+        if ino == ROOT_INODE:
+            return
+        self._lookups[ino] = self._lookups.get(ino, 0) + 1
+        if ino not in self.tree.nodes:
+            self._retired[ino] = node
 
     def forget(self, pairs: Iterable[tuple[int, int]]) -> None:
         for ino, n in pairs:

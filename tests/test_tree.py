@@ -238,6 +238,17 @@ def test_a_removed_file_stays_answerable_until_the_kernel_forgets_it(ns):
         ns.get(f.ino)
 
 
+def test_a_listing_replied_after_a_rebuild_keeps_its_nodes_answerable(ns):
+    alpha = walk(ns, "Alpha")
+    listing = ns.listing(alpha.ino, ME)              # opendir
+    ns.replace(tuple(e for e in ns.tree.entries.values() if e.model.name != "Alpha"))
+    for _, node in listing:                          # readdirplus replies after the rebuild
+        ns.remember(node)
+    assert all(ns.get(n.ino) is n for _, n in listing)
+    ns.forget([(n.ino, 1) for _, n in listing] + [(alpha.ino, 1)])
+    assert not ns.retired
+
+
 def test_a_never_looked_up_node_is_dropped_at_once(ns):
     ino = walk(ns, "llama").children["llama.gguf"]  # listed, never looked up
     ns.replace(tuple(e for e in ns.tree.entries.values() if e.model.name != "llama"))
