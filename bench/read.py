@@ -322,7 +322,11 @@ How the mount gets there, and where it falls short:
   attributes below a model are cached for an hour, invalidated explicitly when the
   catalog changes. Warm sequential reads run at native speed.
 - **Warm mmap scan** is the kernel's page-fault path on a FUSE inode against ext4's;
-  the daemon is not involved. It sits at about 0.7x, as a bare passthrough did.
+  the daemon is not involved. It sits at 0.6-0.73x across runs, as a bare passthrough
+  did. The difference is in the page cache: ext4 holds the blob in 2 MiB folios that
+  are mapped with one PMD entry each (`FilePmdMapped` in smaps: 164 of 256 MiB), while
+  the FUSE file's pages are never PMD-mapped (0 of 256 MiB): FUSE requests are capped
+  at 1 MiB (libfuse 3.14 negotiates max_pages 256), below the PMD size.
 - **Time to first byte** is one OPEN round trip (~0.2 ms). Publishing `run/open.json`
   costs ~0.8 ms here, so it is coalesced in a worker thread, off the open path.
 - **Cold sequential** is the short one. The kernel sends 1 MiB READs (readahead set to
