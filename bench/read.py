@@ -362,9 +362,7 @@ def write_doc(section: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     else:
         end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-        if end >= 0:
-            text = text[:start] + section + "\n" + text[end + 1:]
+        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
     DOC.parent.mkdir(exist_ok=True)
     DOC.write_text(text)
 
