@@ -151,8 +151,9 @@ def run_py(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedPr
 
 
 # -- real readers -------------------------------------------------------------------------------
-def test_cat_and_cmp_against_the_blob(tiny, mount_at):
+def test_cat_and_cmp_against_the_blob(tiny, store, mount_at):
     m = mount_at()
+    assert store.catalog.get_model("tiny").last_used_at is None
     f = m.path / "tiny" / "tiny-q4.gguf"
     out = subprocess.run(["cat", str(f)], capture_output=True, check=True).stdout
     assert out == tiny["weights"].read_bytes()
@@ -160,6 +161,8 @@ def test_cat_and_cmp_against_the_blob(tiny, mount_at):
     subprocess.run(["cmp", str(m.path / "tiny" / "mmproj-tiny.gguf"), str(tiny["mmproj"])], check=True)
     subprocess.run(["cmp", str(m.path / "tiny" / ".versions" / "1" / "tiny-q4.gguf"), str(tiny["blob"])],
                    check=True)
+    # last-used time reaches the catalog in the background (never an fsync per open)
+    wait_for(lambda: store.catalog.get_model("tiny").last_used_at, 5, "last_used_at to be recorded")
 
 
 @pytest.mark.parametrize("mode", ["inline-keep", "direct", "thread", "mmap"])
