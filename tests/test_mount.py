@@ -65,7 +65,7 @@ class Mount:
     def start(self) -> None:
         self.logf = open(self.log, "ab")
         self.proc = self.cli.popen("-v", "mount", str(self.path), "--foreground", *self.args,
-                                   stdout=self.logf, stderr=self.logf)
+                                   stdout=self.logf, stderr=self.logf, preexec_fn=_die_with_parent)
         wait_for(lambda: self.proc.poll() is not None or self._announced(), 30, "the mount to come up")
         if self.proc.poll() is not None:
             self.logf.close()
@@ -100,6 +100,13 @@ class Mount:
         if os.path.ismount(self.path) or _stale(self.path):
             subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
         self.logf.close()
+
+
+def _die_with_parent() -> None:
+    """SIGTERM the daemon if the test process dies without its teardown (a reader
+    crashing the interpreter), so no mount outlives the test run."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _stale(path: Path) -> bool:
