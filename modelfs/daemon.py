@@ -46,6 +46,7 @@ from typing import Any
 
 import trio
 
+from store.blobs import lock_free
 from store.catalog import Catalog
 from store.core import Store
 from store.errors import Conflict, StoreError, UsageError
@@ -96,17 +97,8 @@ def _lock_path(layout: Layout) -> Path:
 
 def daemon_alive(layout: Layout) -> bool:
     """Whether a daemon holds this store's lock (immune to pid reuse)."""
-    try:
-        fd = os.open(_lock_path(layout), os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    path = _lock_path(layout)
+    return path.exists() and not lock_free(path)
 
 
 def read_status(layout: Layout) -> dict[str, Any] | None:

@@ -259,13 +259,13 @@ class BlobStore:
                 # An interrupted archive extraction: its writer held no lock on a dir,
                 # so it is stale only if its lock file is free.
                 lock = entry / ".lock"
-                if lock.exists() and not _lock_free(lock):
+                if lock.exists() and not lock_free(lock):
                     continue
                 report.freed_bytes += sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
                 shutil.rmtree(entry, ignore_errors=True)
                 report.stale_temps.append(entry.name)
                 continue
-            if not _lock_free(entry):
+            if not lock_free(entry):
                 continue  # a live writer in another process
             try:
                 report.freed_bytes += entry.stat().st_size
@@ -279,7 +279,8 @@ class BlobStore:
         return report
 
 
-def _lock_free(path: Path) -> bool:
+def lock_free(path: Path) -> bool:
+    """Whether no live process holds an flock on ``path`` (False when it is missing)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
