@@ -344,9 +344,25 @@ cli.add_command(pull)
 cli.add_command(status)
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    """The one error inside nested exception groups, or the group itself.
+
+    trio >= 0.25 wraps whatever leaves a nursery in an ExceptionGroup; a user error
+    raised under ``trio.run`` must still become one line and its exit code."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
+        try:
+            cli.main(standalone_mode=False)
+        except BaseExceptionGroup as group:
+            leaf = _leaf(group)
+            if leaf is group:
+                raise
+            raise leaf from None
     except StoreError as exc:
         click.echo(f"modelfs: error: {redact_text(str(exc))}", err=True)
         sys.exit(exc.exit_code)

@@ -233,3 +233,14 @@ def test_prune_keeps_active_last_good_and_pinned(cli, store_dir, tmp_path):
     show = cli.run("show", "m", "--json").json()
     assert [(v["version"], v["state"]) for v in show["versions"]] == [(2, "last-good"), (3, "active")]
     assert cli.run("verify").returncode == 0
+
+
+def test_user_error_inside_exception_groups_is_unwrapped():
+    """trio >= 0.25 wraps nursery errors in ExceptionGroup; main() must still see the StoreError."""
+    from modelfs.cli import _leaf
+    from store.errors import UsageError
+
+    err = UsageError("bad source")
+    assert _leaf(ExceptionGroup("outer", [ExceptionGroup("inner", [err])])) is err
+    two = ExceptionGroup("two", [err, ValueError("other")])
+    assert _leaf(two) is two
