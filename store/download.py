@@ -220,6 +220,21 @@ class _Transfer:
                 hook(size)
 
 
+def redirect_target(current: httpx.URL, location: str, shown: str) -> httpx.URL:
+    """Where a redirect from ``current`` leads; FetchError for an unsafe hop
+    (invalid address, a scheme other than http(s), https downgraded to http).
+    Every redirect the store follows, downloads and envelopes alike, passes here."""
+    try:
+        target = current.join(location)
+    except httpx.InvalidURL:
+        raise FetchError(f"{shown}: the server redirected to an invalid address") from None
+    if target.scheme not in ("http", "https"):
+        raise FetchError(f"{shown}: refusing a redirect to a {target.scheme or 'relative'} URL")
+    if current.scheme == "https" and target.scheme != "https":
+        raise FetchError(f"{shown}: refusing a redirect from https to plain http")
+    return target
+
+
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     port = url.port or {"http": 80, "https": 443}.get(url.scheme)
     return url.scheme, url.host, port
@@ -563,14 +578,7 @@ class Downloader:
                 return response
             location = response.headers["location"]
             await response.aclose()
-            try:
-                target = current.join(location)
-            except httpx.InvalidURL:
-                raise FetchError(f"{shown}: the server redirected to an invalid address") from None
-            if target.scheme not in ("http", "https"):
-                raise FetchError(f"{shown}: refusing a redirect to a {target.scheme or 'relative'} URL")
-            if current.scheme == "https" and target.scheme != "https":
-                raise FetchError(f"{shown}: refusing a redirect from https to plain http")
+            target = redirect_target(current, location, shown)
             cross = _origin(target) != _origin(current)
             if cross:
                 hdrs = {k: v for k, v in hdrs.items() if k.lower() in CROSS_ORIGIN_SAFE_HEADERS}
@@ -701,11 +709,9 @@ class Downloader:
                 raise _Retry(FetchError(f"{shown}: HTTP {status} from {current.host}", status=status),
                              retry_after=_parse_retry_after(response.headers.get("retry-after"), time.time()))
             if status in _REDIRECTS and "location" in response.headers:
-                target = current.join(response.headers["location"])
+                target = redirect_target(current, response.headers["location"], shown)
                 if _origin(target) != _origin(current) and not follow_cross_origin:
                     return response
-                if current.scheme == "https" and target.scheme != "https":
-                    raise FetchError(f"{shown}: refusing a redirect from https to plain http")
                 current = target
                 continue
             return response

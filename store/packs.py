@@ -80,7 +80,7 @@ import httpx
 from .archive import extract_zip
 from .catalog import FileRecord
 from .crashpoints import crash_point
-from .download import MAX_REDIRECTS
+from .download import MAX_REDIRECTS, redirect_target
 from .errors import (ArchiveError, Conflict, FetchError, GGUFError, IntegrityError, ManifestError, NotFound,
                      OfflineError, StoreError, TrustError, UsageError)
 from .gguf import GGUFInfo, parse_gguf
@@ -459,15 +459,7 @@ async def fetch_envelope(downloader: Any, url: str, *, limit: int = MAX_ENVELOPE
             raise FetchError(f"{shown}: request to {current.host} failed ({type(exc).__name__})") from None
         try:
             if response.status_code in (301, 302, 303, 307, 308) and "location" in response.headers:
-                try:
-                    target = current.join(response.headers["location"])
-                except httpx.InvalidURL:
-                    raise FetchError(f"{shown}: the server redirected to an invalid address") from None
-                if target.scheme not in ("http", "https"):
-                    raise FetchError(f"{shown}: refusing a redirect to a non-http URL")
-                if current.scheme == "https" and target.scheme != "https":
-                    raise FetchError(f"{shown}: refusing a redirect from https to plain http")
-                current = target
+                current = redirect_target(current, response.headers["location"], shown)
                 continue
             if response.status_code != 200:
                 raise FetchError(f"{shown}: HTTP {response.status_code} from {current.host}",
