@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from store.errors import StoreError
+from store.errors import StoreError, UsageError
 from store.partial import list_partials
 
 from .output import human_size, info, print_json, progress_bar
@@ -129,18 +129,24 @@ async def _cancel_on_signal(scope: Any) -> None:
 @click.option("--app", "owner_app", help="App that owns the model.")
 @click.option("--json", "as_json", is_flag=True, help="Progress events and the result as JSON lines.")
 @click.option("--pack", is_flag=True, help="SOURCE is a signed pack envelope (a file or an http(s) URL).")
+@click.option("--lazy", is_flag=True,
+              help="Signed packs only: record the model now, fetch each file on first open through the mount.")
 @click.pass_obj
 def pull(c: Any, source: str, sha256: str | None, size: int | None, name: str | None, mmproj: str | None,
          mmproj_sha256: str | None, license_: str | None, owner_app: str | None, as_json: bool,
-         pack: bool) -> None:
+         pack: bool, lazy: bool) -> None:
     """Download a model from SOURCE (https://… with --sha256, or hf://org/repo[@rev]/file.gguf),
     verify it, and make it the active version of NAME. Interrupted pulls resume.
-    A signed pack (an envelope file or URL) is verified and installed as its model_id."""
+    A signed pack (an envelope file or URL) is verified and installed as its model_id;
+    with --lazy its files are listed at once and downloaded when first opened."""
     import trio
 
     from .cli_trust import maybe_pull_pack  # signed packs (issue 5): a file, --pack, or a URL serving one
-    if maybe_pull_pack(c, source, force=pack, probe_url=sha256 is None, as_json=as_json):
+    if maybe_pull_pack(c, source, force=pack, probe_url=sha256 is None, as_json=as_json, lazy=lazy):
         return
+    if lazy:
+        raise UsageError("--lazy needs a signed pack: only its manifest vouches for every file's size and "
+                         "SHA-256 before a byte is local")
     store = c.store
     with ExitStack() as stack:
         reporter = _Reporter(as_json, stack)

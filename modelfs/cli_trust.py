@@ -282,7 +282,8 @@ def update(c: Ctx, platform: str | None, as_json: bool) -> None:
 
 
 # -- pull of a pack (the hook in cli_pull) ---------------------------------------------------------
-def maybe_pull_pack(c: Ctx, source: str, *, force: bool, probe_url: bool = True, as_json: bool = False) -> bool:
+def maybe_pull_pack(c: Ctx, source: str, *, force: bool, probe_url: bool = True, as_json: bool = False,
+                    lazy: bool = False) -> bool:
     """``modelfs pull SOURCE`` for a signed pack. Returns False when SOURCE is not one, so
     the unsigned pull goes on. A pack is: ``--pack``; an existing local file (weights are
     brought in with ``import``); or an http(s) URL whose body is a JSON envelope (only
@@ -291,7 +292,7 @@ def maybe_pull_pack(c: Ctx, source: str, *, force: bool, probe_url: bool = True,
 
     is_url = source.startswith(("http://", "https://"))
     if force or (not is_url and os.path.isfile(source)):
-        pull_pack(c, source, as_json=as_json)
+        pull_pack(c, source, as_json=as_json, lazy=lazy)
         return True
     if not is_url or not probe_url:
         return False
@@ -309,13 +310,14 @@ def maybe_pull_pack(c: Ctx, source: str, *, force: bool, probe_url: bool = True,
     data = trio.run(probe)
     if data is None or not looks_like_envelope(data):
         return False
-    pull_pack(c, source, data=data, as_json=as_json)
+    pull_pack(c, source, data=data, as_json=as_json, lazy=lazy)
     return True
 
 
 def pull_pack(c: Ctx, source: str, *, data: bytes | None = None, platform: str | None = None,
-              as_json: bool = False) -> None:
-    """Install the pack whose envelope is ``source`` (file or URL), or ``data`` already read."""
+              as_json: bool = False, lazy: bool = False) -> None:
+    """Install the pack whose envelope is ``source`` (file or URL), or ``data`` already read.
+    ``lazy``: record it without fetching; the mount fetches each file on first open."""
     import trio
 
     from store.packs import install_pack, pull_pack_url, read_envelope_file
@@ -329,8 +331,9 @@ def pull_pack(c: Ctx, source: str, *, data: bytes | None = None, platform: str |
             if data is not None or not is_url:
                 envelope = data if data is not None else read_envelope_file(source)
                 origin = redact_url(source) if is_url else f"file:{Path(source).name}"
-                return await install_pack(store, dl, envelope, platform=platform, source=origin, progress=advance)
-            return await pull_pack_url(store, dl, source, platform=platform, progress=advance)
+                return await install_pack(store, dl, envelope, platform=platform, source=origin,
+                                          progress=advance, lazy=lazy)
+            return await pull_pack_url(store, dl, source, platform=platform, progress=advance, lazy=lazy)
 
     with progress_bar(None, "pulling signed pack", enabled=False if as_json else None) as advance:
         res = trio.run(run, advance)
@@ -339,8 +342,13 @@ def pull_pack(c: Ctx, source: str, *, data: bytes | None = None, platform: str |
         return
     if res.outcome == "installed":
         state = "active" if res.activated else f"installed; version {res.active_version} stays active"
-        click.echo(f"{res.model} version {res.version} {state}: {len(res.files)} file(s) verified, "
-                   f"signed by {res.key_id}")
+        if res.dehydrated:
+            click.echo(f"{res.model} version {res.version} {state}: signed by {res.key_id}; "
+                       f"{len(res.dehydrated)} of {len(res.files)} file(s) not fetched yet: each is downloaded "
+                       "and verified when first opened through the mount (or pull again without --lazy)")
+        else:
+            click.echo(f"{res.model} version {res.version} {state}: {len(res.files)} file(s) verified, "
+                       f"signed by {res.key_id}")
     elif res.outcome == "already-active":
         click.echo(f"{res.model} version {res.version} is already active; nothing downloaded"
                    if not res.bytes_downloaded else

@@ -54,6 +54,14 @@ Install (:func:`install_pack`), decisions:
   (kept until then so a rerun after a crash extracts again without downloading).
   Extracted files have no URL of their own, so a lost one comes back only by
   pulling the pack again.
+* ``lazy=True`` (``modelfs pull --lazy``) records the version from the verified
+  manifest without fetching its files: they are listed at once with their exact sizes
+  and hashes ("dehydrated"), and the mount fetches each one from its manifest URL
+  and verifies its SHA-256 on first open, before any byte reaches a reader. This is
+  the one exception to "verified before visible": names and sizes are visible
+  (they are signed), bytes never are before verification. Archive artifacts are
+  still fetched and extracted at once (their contents have no URL of their own).
+  The card then comes from the payload alone (no GGUF header is read).
 * A pack refused after download (an archive the extractor rejects, a SHA-256
   mismatch) has the blobs this call added removed again; a network failure keeps
   them, verified, for the next attempt.
@@ -121,6 +129,7 @@ class InstallResult:
     files: tuple[FileRecord, ...]
     bytes_downloaded: int         # body bytes received over the network by this call
     new_bytes: int                # bytes added to blobs/ by this call
+    dehydrated: tuple[str, ...] = ()  # files left to fetch on first open (lazy installs)
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -198,11 +207,12 @@ def _signed_versions(store: Store, model: str) -> dict[int, str]:
 async def install_pack(store: Store, downloader: Any, envelope: bytes, *, platform: str | None = None,
                        now: datetime | None = None, actor: str | None = None, source: str = "pack",
                        allowed_keys: Collection[str] | None = None,
-                       progress: Progress | None = None) -> InstallResult:
+                       progress: Progress | None = None, lazy: bool = False) -> InstallResult:
     """Verify ``envelope`` and install (and activate) its version; see the module docstring.
 
     ``source`` says where the envelope came from (a URL is redacted before it is
     written anywhere). ``allowed_keys`` restricts the signer (trusted channels).
+    ``lazy`` records the files without fetching them (see the module docstring).
     """
     platform = platform or current_platform()
     if platform not in PLATFORMS:
@@ -216,7 +226,7 @@ async def install_pack(store: Store, downloader: Any, envelope: bytes, *, platfo
     except StoreError as exc:
         _audit_refusal(store, actor, exc, source)
         raise
-    installer = _Installer(store, downloader, manifest, platform, actor, source, progress)
+    installer = _Installer(store, downloader, manifest, platform, actor, source, progress, lazy)
     try:
         return await installer.run()
     except StoreError as exc:
@@ -260,6 +270,7 @@ class _Installer:
     actor: str
     source: str
     progress: Progress | None
+    lazy: bool = False
     downloaded: int = 0
     new_bytes: int = 0
     added: set[str] = field(default_factory=set)      # blobs this call committed
@@ -288,7 +299,8 @@ class _Installer:
     def _record(self, files: tuple[FileRecord, ...]) -> tuple[int | None, bool]:
         """Inside the caller's transaction: the version, its files, the floor, activation."""
         m, cat = self.manifest, self.store.catalog
-        missing = [f.filename for f in files if not self.store.blobs.has(f.sha256)]
+        missing = [f.filename for f in files if not self.store.blobs.has(f.sha256)
+                   and not (self.lazy and f.url)]
         if missing:
             raise Conflict(f"{m.model_id} version {m.version}: verified bytes of {', '.join(missing)} "
                            "vanished before activation (a concurrent prune?); pull again", reason="vanished")
@@ -312,7 +324,7 @@ class _Installer:
         """The weights' GGUF header, to fill what the payload leaves out of the card. The
         bytes are verified; a pack whose weights are not GGUF (CoreML) is fine too."""
         weights = next((f for f in files if f.role == "weights"), None)
-        if weights is None:
+        if weights is None or not self.store.blobs.has(weights.sha256):  # none, or dehydrated
             return None
         try:
             return parse_gguf(self.store.blobs.path(weights.sha256), name=weights.filename)
@@ -337,9 +349,11 @@ class _Installer:
     def _result(self, outcome: str, activated: bool, previous: int | None,
                 files: tuple[FileRecord, ...]) -> InstallResult:
         m = self.manifest
+        blobs = self.store.blobs
         return InstallResult(m.model_id, m.version, outcome, activated, previous,
                              self.store.catalog.get_model(m.model_id).active_version, m.key_id,
-                             m.payload_sha256, files, self.downloaded, self.new_bytes)
+                             m.payload_sha256, files, self.downloaded, self.new_bytes,
+                             tuple(f.filename for f in files if not blobs.has(f.sha256)))
 
     # -- bytes ---------------------------------------------------------------------
     async def _materialise(self, arts: list[Artifact], recorded: dict[str, FileRecord]) -> tuple[FileRecord, ...]:
@@ -355,7 +369,7 @@ class _Installer:
                     out += await self._archive(art)
                 continue
             etag = last_modified = None
-            if not self.store.blobs.has(art.sha256):
+            if not self.store.blobs.has(art.sha256) and not self.lazy:
                 res = await self.downloader.fetch(art.url, sha256=art.sha256, size=art.size,
                                                   progress=self.progress)
                 self._count(res.sha256, res.size, res.new, res.bytes_transferred)

@@ -457,6 +457,32 @@ def test_newer_version_installed_while_older_active_is_activated(store: Store, p
     assert store.catalog.version_floor("demo")[0] == 5
 
 
+def test_lazy_install_records_the_signed_version_and_fetches_nothing(store: Store, pub: Publisher) -> None:
+    v1 = release(pub, 1, mmproj=True)
+    res = run_install(store, v1, lazy=True)
+    assert (res.outcome, res.active_version, res.bytes_downloaded, res.new_bytes) == ("installed", 1, 0, 0)
+    assert sorted(res.dehydrated) == sorted(f.filename for f in res.files) and len(res.files) == 2
+    assert pub.artifact_bytes() == 0
+    v = store.catalog.get_version("demo", 1)
+    assert v.signed and all(f.url and not store.blobs.has(f.sha256) for f in v.files)
+    assert {store.file_state(f) for f in v.files} == {"dehydrated"}
+    assert store.catalog.version_floor("demo")[0] == 1  # the floor is raised: the manifest was accepted
+    # A later pull without --lazy fetches exactly the missing files, once.
+    again = run_install(store, v1)
+    assert again.outcome == "already-active" and again.dehydrated == ()
+    assert pub.artifact_bytes() == sum(f.size for f in res.files)
+    assert all(store.blobs.has(f.sha256) for f in v.files)
+
+
+def test_lazy_install_still_checks_everything_before_recording(store: Store, pub: Publisher) -> None:
+    run_install(store, release(pub, 2), lazy=True)
+    with pytest.raises(TrustError):  # an older version is still a rollback attack
+        run_install(store, release(pub, 1), lazy=True)
+    with pytest.raises(TrustError):  # a key this store does not trust
+        run_install(store, release(pub, 3, key_id="stranger"), lazy=True)
+    assert [v.version for v in store.catalog.versions("demo")] == [2]
+
+
 # ---------------------------------------------------------------- channels
 
 
@@ -644,6 +670,21 @@ def test_channels_and_update_through_the_cli(trusted_cli: CLI, pub: Publisher) -
     r = cli.run("update", check=False)
     assert r.returncode == 1 and "refused: manifest refused: not a manifest envelope (looks like HTML)" in r.stdout
     assert "checked: " in cli.run("channels", "list").stdout
+
+
+def test_pull_lazy_through_the_cli(trusted_cli: CLI, pub: Publisher) -> None:
+    cli = trusted_cli
+    url = pub.serve("v1.json", release(pub, 1, mmproj=True))
+    r = cli.run("pull", "--lazy", url)
+    assert "version 1 active" in r.stdout and "2 of 2 file(s) not fetched yet" in r.stdout
+    assert pub.artifact_bytes() == 0
+    [row] = cli.run("list", "--json").json()
+    assert row["name"] == "demo" and {f["state"] for f in row["files"]} == {"dehydrated"}
+    assert "dehydrated" in cli.run("list").stdout
+    assert [v["status"] for v in cli.run("verify", "--json").json()] == ["missing", "missing"]
+    # --lazy is for signed packs only: an unsigned source has nothing that vouches for it yet.
+    r = cli.run("pull", "--lazy", pub.server.url("/x.gguf"), "--sha256", "0" * 64, check=False)
+    assert r.returncode == 2 and "--lazy needs a signed pack" in r.stderr
 
 
 def test_envelope_redirects_follow_the_downloader_rules(store: Store, pub: Publisher) -> None:
