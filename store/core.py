@@ -127,28 +127,45 @@ class Store:
             records.append(FileRecord(path.name, role, committed.size, committed.sha256))
         records.sort(key=lambda r: r.filename)
 
+        version, created = self.record_unsigned(
+            name, records, info, action="import", source=f"import:{sources[0][0].name}", license=license,
+            source_url=source_url, owner_app=owner_app, new_bytes=new_bytes)
+        return ImportResult(name, version, created, new_bytes, tuple(records))
+
+    def record_unsigned(self, name: str, records: list[FileRecord], info: gguf.GGUFInfo, *, action: str,
+                        source: str, license: str | None, source_url: str | None, owner_app: str | None,
+                        new_bytes: int) -> tuple[int, bool]:
+        """Record ``records`` (verified, committed blobs) as a new unsigned version of
+        ``name`` and activate it, in one transaction; the import and the unsigned pull
+        both end here. Returns (version, created): the same files as the active version
+        record nothing new. A model with signed versions takes no unsigned ones: its
+        name belongs to its publisher (the converse of ``check_pack``'s rule)."""
         cat = self.catalog
         with cat.txn():
             if cat.has_model(name):
+                signed = [v.version for v in cat.versions(name) if v.signed]
+                if signed:
+                    raise Conflict(f"model {name!r} holds signed version(s) {', '.join(map(str, signed))}; "
+                                   f"an unsigned {action} cannot add to it (use another name)",
+                                   reason="signed-model", model=name)
                 m = cat.get_model(name)
                 if m.active_version is not None:
                     active = cat.get_version(name, m.active_version)
                     if _same_files(active.files, records):
-                        cat.audit(self.actor, "import", model=name, version=m.active_version,
+                        cat.audit(self.actor, action, model=name, version=m.active_version,
                                   reason="already present", detail={"new_bytes": new_bytes})
-                        return ImportResult(name, m.active_version, False, new_bytes, tuple(records))
+                        return m.active_version, False
             version = cat.next_version(name)
             cat.ensure_model(name, owner_app)
             cat.add_version(
-                name, version, records, signed=False,
-                source=f"import:{sources[0][0].name}", license=license,
+                name, version, records, signed=False, source=source, license=license,
                 source_url=redact_url(source_url) if source_url else None,
                 family=info.architecture, architecture=info.architecture,
                 quantization=info.quantization, context_length=info.context_length)
-            cat.audit(self.actor, "import", model=name, version=version,
-                      detail={"new_bytes": new_bytes, "files": [r.filename for r in records]})
+            cat.audit(self.actor, action, model=name, version=version,
+                      detail={"new_bytes": new_bytes, "source": source, "files": [r.filename for r in records]})
             cat.activate(name, version, actor=self.actor)
-        return ImportResult(name, version, True, new_bytes, tuple(records))
+        return version, True
 
     # -- reading -------------------------------------------------------------------
     def file_state(self, rec: FileRecord) -> str:

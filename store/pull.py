@@ -142,29 +142,10 @@ async def pull(store: Any, downloader: Downloader, sources: list[PullSource], *,
     transferred = sum(res.bytes_transferred for _, res in fetched)
     weights = sources[0]
 
-    cat = store.catalog
-    with cat.txn():
-        if cat.has_model(name):
-            m = cat.get_model(name)
-            if m.active_version is not None:
-                active = cat.get_version(name, m.active_version)
-                if sorted((f.filename, f.role, f.sha256) for f in active.files) == \
-                        sorted((f.filename, f.role, f.sha256) for f in records):
-                    cat.audit(store.actor, "pull", model=name, version=m.active_version,
-                              reason="already present", detail={"new_bytes": new_bytes})
-                    return PullResult(name, m.active_version, False, new_bytes, transferred, tuple(records))
-        version = cat.next_version(name)
-        cat.ensure_model(name, owner_app)
-        cat.add_version(
-            name, version, records, signed=False, source=weights.source, license=license,
-            source_url=redact_url(weights.source_url) if weights.source_url else None,
-            family=info.architecture, architecture=info.architecture,
-            quantization=info.quantization, context_length=info.context_length)
-        cat.audit(store.actor, "pull", model=name, version=version,
-                  detail={"new_bytes": new_bytes, "source": weights.source,
-                          "files": [r.filename for r in records]})
-        cat.activate(name, version, actor=store.actor)
-    return PullResult(name, version, True, new_bytes, transferred, tuple(records))
+    version, created = store.record_unsigned(
+        name, records, info, action="pull", source=weights.source, license=license,
+        source_url=weights.source_url, owner_app=owner_app, new_bytes=new_bytes)
+    return PullResult(name, version, created, new_bytes, transferred, tuple(records))
 
 
 def downloader_options_from_env() -> dict[str, Any]:

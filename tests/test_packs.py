@@ -422,6 +422,30 @@ def test_signed_pack_cannot_take_over_an_imported_model(store: Store, pub: Publi
     assert "unsigned" in str(exc)
 
 
+def test_an_unsigned_import_or_pull_cannot_add_to_a_signed_model(store: Store, pub: Publisher,
+                                                                 tmp_path: Path) -> None:
+    from ggufgen import write_model
+
+    from store.pull import PullSource, pull
+
+    run_install(store, release(pub, 1))
+    weights = write_model(tmp_path / "demo-Q4_K_M.gguf", tensor_bytes=4096)
+    with pytest.raises(Conflict, match="holds signed version") as exc:
+        store.import_model("demo", weights)
+    assert exc.value.fields["reason"] == "signed-model"
+    src = PullSource(pub.artifact("demo-Q4_K_M.gguf", weights.read_bytes())["url"], weights.name, "weights",
+                     sha(weights.read_bytes()), weights.stat().st_size, source="test")
+
+    async def unsigned_pull() -> None:
+        async with Downloader(store, backoff=(0.0, 0.0), max_retries=1) as dl:
+            await pull(store, dl, [src], name="demo")
+
+    with pytest.raises(Conflict, match="an unsigned pull cannot add to it"):
+        trio.run(unsigned_pull)
+    assert [(v.version, v.signed) for v in store.catalog.versions("demo")] == [(1, True)]
+    assert store.catalog.get_model("demo").active_version == 1
+
+
 # ---------------------------------------------------------------- versions, rollback (acceptance 3, in process)
 
 
