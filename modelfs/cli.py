@@ -203,9 +203,26 @@ def rm(c: Ctx, name: str | None, version: int | None, partial: str | None, dry_r
         return discard(c, partial, as_json)
     if name is None:
         raise UsageError("rm needs a model NAME (or --partial SHA256)")
+    from .daemon import open_files_of, read_status
     plan = c.store.plan_remove(name, version)
+    # Not refused: the daemon's descriptors pin the bytes. But whoever runs rm should
+    # know that a reader still holds them (and that the space comes back only later).
+    in_use = open_files_of(read_status(c.store.layout), name, version)
+    if in_use:
+        pids = sorted({f["pid"] for f in in_use})
+        what = name if version is None else f"{name} version {version}"
+        freed = {sha for sha, _ in plan.blobs}
+        deleted = any(f["sha256"] in freed for f in in_use)
+        if dry_run:
+            fate = "it would leave the mount now; its bytes would stay readable to them" + (
+                " and be deleted after the last close" if deleted else "")
+        else:
+            fate = "it leaves the mount now; its bytes stay readable to them" + (
+                " and are deleted after the last close" if deleted else "")
+        click.echo(f"modelfs: warning: {what} is open by {len(pids)} reader(s) "
+                   f"(pid{'s' if len(pids) > 1 else ''} {', '.join(map(str, pids))}): {fate}", err=True)
     if as_json:
-        print_json({**plan.as_dict(), "dry_run": dry_run})
+        print_json({**plan.as_dict(), "dry_run": dry_run, "in_use": in_use})
     else:
         _print_plan(plan, "remove")
     if not dry_run:

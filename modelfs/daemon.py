@@ -117,6 +117,26 @@ def read_status(layout: Layout) -> dict[str, Any] | None:
     return status
 
 
+def stale_mountpoint(layout: Layout) -> str | None:
+    """The mountpoint a killed daemon of this store left disconnected, if any; ``status``
+    points the user at ``modelfs mount`` (which recovers it)."""
+    if daemon_alive(layout):
+        return None
+    mp = (read_status_unlocked(layout) or {}).get("mountpoint")
+    return mp if mp and is_stale(Path(mp)) else None
+
+
+def open_files_of(status: dict[str, Any] | None, model: str, version: int | None = None
+                  ) -> list[dict[str, Any]]:
+    """The open files of ``model`` (of one version when given) in a :func:`read_status`
+    answer, so ``status`` and ``rm`` agree on what is in use. Without a version, every
+    version counts: a reader of ``.versions/N/`` uses the model too."""
+    if not status:
+        return []
+    return [f for f in status.get("open_files", [])
+            if f.get("model") == model and (version is None or f.get("version") == version)]
+
+
 # -- mountpoints ------------------------------------------------------------------------------------
 def lazy_unmount(mountpoint: Path) -> None:
     """Detach a FUSE mount (stale or live) without waiting for its users."""

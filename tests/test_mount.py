@@ -193,6 +193,11 @@ def test_numpy_memmap_of_the_mounted_path(tiny, mount_at):
     finally:
         mapped._mmap.close()
     del mapped
+    # numpy's default mode is r+: a writable shared mapping, whose writes every other
+    # reader would see. The mount refuses it like any write.
+    with pytest.raises(OSError) as exc:
+        np.memmap(m.path / "tiny" / "tiny-q4.gguf")
+    assert exc.value.errno == errno.EROFS
 
 
 def test_gguf_reader_sees_the_same_metadata_and_tensors(tiny, mount_at):
@@ -308,7 +313,9 @@ def test_rm_while_a_reader_holds_an_mmap(tiny, cli, mount_at, store):
         assert reader.stdout.readline().strip() == want
         wait_for(lambda: any(f["filename"] == "tiny-q4.gguf" for f in m.open_files()), 5,
                  "the open file to be published")
-        cli.run("rm", "tiny")
+        err = cli.run("rm", "tiny").stderr
+        assert f"warning: tiny is open by 1 reader(s) (pid {reader.pid})" in err
+        assert "deleted after the last close" in err
         wait_for(lambda: "tiny" not in os.listdir(m.path), LIVE, "the model to leave the tree")
         assert not tiny["blob"].exists()  # unlinked; its bytes live on through the daemon's fd
         _drop_page_cache()                # the next reads must come from the daemon
@@ -342,6 +349,71 @@ def _deleted_fds(pid: int) -> list[str]:
     return out
 
 
+# -- what is in use: status and rm -------------------------------------------------------------------
+def test_status_shows_the_mount_and_who_holds_what_open(tiny, cli, mount_at):
+    assert cli.run("status", "--json").json()["mount"] is None
+    assert "mount: not mounted" in cli.run("status").stdout
+    m = mount_at()
+    mount = cli.run("status", "--json").json()["mount"]
+    assert (mount["pid"], Path(mount["mountpoint"]), mount["offline"]) == (m.pid, m.path.resolve(), False)
+    assert mount["open_files"] == [] and mount["fetch_errors"] == []
+    assert f"mount: {m.path.resolve()}  (pid {m.pid}, online, up " in cli.run("status").stdout
+
+    def held() -> list[dict]:
+        return [f for f in cli.run("status", "--json").json()["mount"]["open_files"]
+                if (f["model"], f["filename"], f["pid"]) == ("tiny", "tiny-q4.gguf", os.getpid())]
+
+    with open(m.path / "tiny" / "tiny-q4.gguf", "rb") as f:
+        (entry,) = wait_for(held, 5, "the open file to show in status")
+        assert (entry["version"], entry["sha256"], entry["size"]) == \
+               (1, sha256_of(tiny["weights"]), tiny["weights"].stat().st_size)
+        assert f"  open: tiny: tiny-q4.gguf (pid {os.getpid()})" in cli.run("status").stdout
+        f.read(1)
+    wait_for(lambda: not held(), 5, "the closed file to leave status")
+    m.stop()
+    assert "mount: not mounted" in cli.run("status").stdout
+
+
+def test_rm_warns_only_about_the_model_and_version_in_use(tiny, tmp_path, cli, mount_at):
+    """rm still goes ahead (the daemon's descriptors pin the bytes), but says who reads."""
+    other = write_model(tmp_path / "other.gguf", name="other", seed=3)
+    cli.run("import", "other", str(other))
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    cli.run("import", "tiny", str(write_model(v2 / "tiny-q4.gguf", name="tiny", tensor_bytes=1 << 20, seed=9)))
+    m = mount_at()
+    me = os.getpid()
+
+    def published(version: int) -> bool:
+        return any((f["model"], f["version"], f["pid"]) == ("tiny", version, me) for f in m.open_files())
+
+    with open(m.path / "tiny" / "tiny-q4.gguf", "rb") as active:       # version 2
+        wait_for(lambda: published(2), 5, "the open file to be published")
+        r = cli.run("rm", "other")
+        assert "warning" not in r.stderr
+        wait_for(lambda: "other" not in os.listdir(m.path), LIVE, "the removal to show")
+        r = cli.run("rm", "tiny", "--version", "1", "--dry-run", "--json")
+        assert "warning" not in r.stderr and r.json()["in_use"] == []
+
+        with open(m.path / "tiny" / ".versions" / "1" / "tiny-q4.gguf", "rb") as old:
+            wait_for(lambda: published(1), 5, "the old version's open file to be published")
+            r = cli.run("rm", "tiny", "--version", "1", "--dry-run", "--json")
+            assert [(f["version"], f["filename"], f["pid"]) for f in r.json()["in_use"]] == \
+                   [(1, "tiny-q4.gguf", me)]
+            assert r.stderr.count("warning") == 1
+            assert f"modelfs: warning: tiny version 1 is open by 1 reader(s) (pid {me}): it would leave the " \
+                   "mount now; its bytes would stay readable to them and be deleted after the last close" in r.stderr
+
+            r = cli.run("rm", "tiny", "--json")
+            assert sorted(f["version"] for f in r.json()["in_use"]) == [1, 2]
+            assert f"modelfs: warning: tiny is open by 1 reader(s) (pid {me}): it leaves the mount now; its " \
+                   "bytes stay readable to them and are deleted after the last close" in r.stderr
+            wait_for(lambda: "tiny" not in os.listdir(m.path), LIVE, "the model to leave the tree")
+            assert hashlib.sha256(old.read()).hexdigest() == sha256_of(tiny["weights"])
+        active.read(1)
+    wait_for(lambda: m.open_files() == [], 5, "the open-file table to empty")
+
+
 # -- daemon life ----------------------------------------------------------------------------------------------
 def test_kill9_leaves_a_dead_mount_that_the_next_mount_recovers(tiny, cli, mount_at, mounts):
     m = mount_at()
@@ -350,6 +422,9 @@ def test_kill9_leaves_a_dead_mount_that_the_next_mount_recovers(tiny, cli, mount
     with pytest.raises(OSError) as e:  # dead, never an empty directory
         os.listdir(m.path)
     assert e.value.errno == errno.ENOTCONN
+    status = cli.run("status", "--json").json()
+    assert status["mount"] is None and status["stale_mountpoint"] == str(m.path)
+    assert f"`modelfs mount {m.path}` recovers it" in cli.run("status").stdout
     again = mount_at()
     assert os.listdir(again.path) == ["tiny"]
     assert sha256_of(again.path / "tiny" / "tiny-q4.gguf") == sha256_of(tiny["weights"])
@@ -445,7 +520,33 @@ def test_eight_concurrent_openers_share_one_download(tmp_path, store, origin, mo
     assert os.getxattr(path, "user.modelfs.state") == b"local"
 
 
-def test_a_failing_download_is_eio_with_no_partial_bytes(tmp_path, store, origin, mount_at):
+def test_a_lazily_pulled_signed_pack_materialises_on_open(tmp_path, cli, origin, mount_at):
+    from test_packs import Publisher, release
+
+    pub = Publisher(origin)
+    cli.run("keys", "add", "k1", pub.pub("k1"))
+    cli.run("pull", "--lazy", pub.serve("v1.json", release(pub, 1, mmproj=True)))
+    assert pub.artifact_bytes() == 0
+    m = mount_at()
+    weights, proj = m.path / "demo" / "demo-Q4_K_M.gguf", m.path / "demo" / "mmproj-demo-f16.gguf"
+    signed = {f["filename"]: f for f in cli.run("show", "demo", "--json").json()["files"]}
+    assert os.stat(weights).st_size == signed[weights.name]["size"]  # exact before any byte is local
+    assert os.getxattr(weights, "user.modelfs.state") == b"dehydrated"
+    assert sha256_of(weights) == signed[weights.name]["sha256"]
+    assert os.getxattr(weights, "user.modelfs.state") == b"local"
+    assert pub.artifact_bytes() == signed[weights.name]["size"]  # only the file that was opened
+
+    # The origin now serves other bytes at the projector's URL: the open fails with EIO and
+    # nothing of them becomes visible, in the mount or in the store.
+    [path] = [p for p in pub.artifact_paths if p.endswith("mmproj-demo-f16.gguf")]
+    origin.add(path, b"GGUF-not-what-was-signed" * 1000)
+    r = run_py(READER, str(proj))
+    assert r.stdout.split() == ["errno", str(errno.EIO)]
+    assert os.getxattr(proj, "user.modelfs.state") == b"dehydrated"
+    assert "mmproj-demo-f16.gguf" in cli.run("status").stdout
+
+
+def test_a_failing_download_is_eio_with_no_partial_bytes(tmp_path, store, origin, cli, mount_at):
     data = os.urandom(1 << 20)
     sha = add_remote(store, "bad", "bad.gguf", data, origin.url("/bad.gguf"))
     origin.add("/bad.gguf", data, corrupt_at=1000, corrupt_times=100)
@@ -456,9 +557,13 @@ def test_a_failing_download_is_eio_with_no_partial_bytes(tmp_path, store, origin
     errors = m.status()["fetch_errors"]
     assert errors and errors[-1]["filename"] == "bad.gguf" and errors[-1]["reason"]
     assert "SHA-256" in errors[-1]["reason"] or "mismatch" in errors[-1]["reason"]
+    out = cli.run("status").stdout  # the reason a reader got EIO, where people look
+    assert f"bad/bad.gguf: {errors[-1]['reason']} ({errors[-1]['error']})" in out
+    assert cli.run("status", "--json").json()["mount"]["fetch_errors"] == errors
 
 
-def test_offline_answers_enetunreach_and_local_files_still_open(tiny, tmp_path, store, origin, mount_at):
+def test_offline_answers_enetunreach_and_local_files_still_open(tiny, tmp_path, store, origin, cli,
+                                                               mount_at):
     data = os.urandom(4096)
     add_remote(store, "remote", "r.gguf", data, origin.url("/r.gguf"))
     origin.add("/r.gguf", data)
@@ -468,9 +573,12 @@ def test_offline_answers_enetunreach_and_local_files_still_open(tiny, tmp_path, 
     assert origin.bytes_sent("/r.gguf") == 0
     assert sha256_of(m.path / "tiny" / "tiny-q4.gguf") == sha256_of(tiny["weights"])
     assert m.status()["offline"] is True and m.status()["fetch_errors"][-1]["error"] == "OfflineError"
+    out = cli.run("status").stdout
+    assert f"(pid {m.pid}, offline, up " in out
+    assert f"remote/r.gguf: {m.status()['fetch_errors'][-1]['reason']} (OfflineError)" in out
 
 
-def test_the_fetch_deadline_answers_etimedout(tmp_path, store, origin, mount_at):
+def test_the_fetch_deadline_answers_etimedout(tmp_path, store, origin, cli, mount_at):
     data = os.urandom(1 << 20)
     add_remote(store, "slow", "s.gguf", data, origin.url("/s.gguf"))
     origin.add("/s.gguf", data, rate=64 << 10)  # 16 s for the whole file
@@ -480,6 +588,7 @@ def test_the_fetch_deadline_answers_etimedout(tmp_path, store, origin, mount_at)
     assert r.stdout.split() == ["errno", str(errno.ETIMEDOUT)]
     assert 0.9 < time.monotonic() - t0 < 10
     assert m.status()["fetch_errors"][-1]["error"] == "FetchTimeout"
+    assert "slow/s.gguf: s.gguf was not fetched within 1s (FetchTimeout)" in cli.run("status").stdout
 
 
 # -- opt-in: a real model through llama.cpp ----------------------------------------------------------------------------
