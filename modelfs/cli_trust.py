@@ -19,7 +19,7 @@ import click
 from store.errors import StoreError, UsageError
 
 from .cli import Ctx, json_option, pass_ctx
-from .output import info, print_json, progress_bar
+from .output import human_size, info, print_json, progress_bar
 
 
 def register(cli: click.Group) -> None:
@@ -352,7 +352,8 @@ def pull_pack(c: Ctx, source: str, *, data: bytes | None = None, platform: str |
     elif res.outcome == "already-active":
         click.echo(f"{res.model} version {res.version} is already active; nothing downloaded"
                    if not res.bytes_downloaded else
-                   f"{res.model} version {res.version} is already active; restored missing files")
+                   f"{res.model} version {res.version} is already active; fetched "
+                   f"{human_size(res.bytes_downloaded)} of files that were not local")
     else:
         click.echo(f"{res.model} version {res.version} is already installed (active: "
                    f"{res.active_version}); use 'modelfs activate {res.model} {res.version}' to switch")

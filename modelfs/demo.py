@@ -1,5 +1,5 @@
-"""The README's demo: a store, a model, a signed pack, and a look at them. Offline,
-about a minute.
+"""The README's demo: a store, a model, a signed pack, and reading it through the mount.
+Offline, well under a minute.
 
 Run with ``python -m modelfs.demo [--keep DIR]``. Needs the ``test`` extra (the
 ``gguf`` writer and numpy) to generate small but real GGUF models and projectors.
@@ -7,9 +7,14 @@ Everything happens in a temporary directory through the real ``modelfs`` command
 the "publisher" serves its signed pack from an HTTP origin on 127.0.0.1 that the
 demo starts itself.
 
+The pack is pulled ``--lazy``: the model is listed with its exact sizes before a
+byte is local, and the first ``open`` through the mount downloads and verifies it
+(from the 127.0.0.1 origin; nothing leaves the machine). Readers are real: the
+``gguf`` package's ``GGUFReader`` (llama.cpp's own reader, which mmaps the file) and
+``numpy.memmap``. The mount needs ``/dev/fuse`` and root (or ``user_allow_other``).
+
 The demo is a list of steps (:data:`STEPS`), each a function of one shared
-:class:`Demo`; a new step (mounting, reading through the mount) is one more function
-in that list.
+:class:`Demo`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import functools
 import hashlib
 import http.server
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -165,14 +171,64 @@ def pull_signed_pack(d: Demo) -> None:
     step("every check happens before a single artifact byte is fetched")
     d.modelfs("manifest", "verify", d.pack_url)
 
-    step("pulling the pack: download, verify every file, activate atomically")
-    d.modelfs("pull", d.pack_url)
-    d.modelfs("show", "vision")
-    step("pulling it again downloads nothing")
-    d.modelfs("pull", d.pack_url)
+    step("pulling it --lazy: the signed version is recorded and listed, no byte is fetched yet")
+    d.modelfs("pull", "--lazy", d.pack_url)
+    d.modelfs("list")
 
 
-STEPS: list[Callable[[Demo], None]] = [import_local_model, publish_signed_pack, pull_signed_pack]
+def read_through_the_mount(d: Demo) -> None:
+    from .daemon import mounted
+
+    if not os.path.exists("/dev/fuse"):
+        sys.exit("demo failed: /dev/fuse is missing, so this machine cannot mount FUSE file systems "
+                 "(apt-get install fuse3; in a container, pass --device /dev/fuse)")
+    import gguf
+    import numpy as np
+
+    mnt = d.work / "models"
+    step(f"mounting the store at {mnt} (one daemon; it fetches dehydrated files on open)")
+    with mounted(d.store, mnt, offline=False):
+        names = sorted(os.listdir(mnt))
+        print(f"$ ls {mnt}\n" + "  ".join(names))
+        weights = mnt / "vision" / "vision-Q4_K_M.gguf"
+        state = os.getxattr(weights, "user.modelfs.state").decode()
+        print(f"{weights.relative_to(mnt)}: {os.stat(weights).st_size} bytes, state {state}")
+
+        step("gguf.GGUFReader opens it through the mount: the open downloads and verifies it first")
+        t = time.monotonic()
+        reader = gguf.GGUFReader(weights)
+        original = gguf.GGUFReader(d.origin.root / weights.name) if d.origin else None
+        print(f"opened in {time.monotonic() - t:.2f}s; state now "
+              f"{os.getxattr(weights, 'user.modelfs.state').decode()}; "
+              f"general.name = {bytes(reader.fields['general.name'].parts[-1]).decode()!r}")
+        if original is not None:
+            same = [a.name == b.name and np.array_equal(a.data, b.data)
+                    for a, b in zip(reader.tensors, original.tensors, strict=True)]
+            print(f"{len(same)} tensor(s), identical to the publisher's file: {all(same)}")
+            if not all(same):
+                sys.exit("demo failed: the tensors read through the mount differ from the original")
+        d.modelfs("status")
+        del reader, original
+
+        step("numpy.memmap of the locally imported model, through the mount")
+        local = mnt / "demo" / "demo-llama-Q4_K_M.gguf"
+        data = np.memmap(local, dtype=np.uint8, mode="r")
+        digest = hashlib.sha256(data).hexdigest()
+        want = os.getxattr(local, "user.modelfs.sha256").decode()
+        print(f"sha256 over the mmap {digest[:16]}… matches user.modelfs.sha256: {digest == want}")
+        data._mmap.close()  # numpy keeps the mapping until collected; close it before unmounting
+        del data
+        if digest != want:
+            sys.exit("demo failed: the bytes read through the mount do not match their SHA-256")
+    step(f"unmounted {mnt}")
+
+    step("pulling the pack again without --lazy fetches only what no reader opened (the projector)")
+    d.modelfs("pull", d.pack_url)
+    d.modelfs("verify", "vision")
+
+
+STEPS: list[Callable[[Demo], None]] = [import_local_model, publish_signed_pack, pull_signed_pack,
+                                       read_through_the_mount]
 
 
 def main() -> None:
