@@ -117,6 +117,7 @@ class Store:
             raise UsageError(f"{sources[0][0].name} is a multimodal projector; pass it with --mmproj")
         if mmproj is not None and not gguf.parse_gguf(Path(mmproj)).is_mmproj:
             raise UsageError(f"{Path(mmproj).name} is not a multimodal projector (mmproj) GGUF")
+        self.check_unsigned_allowed(name, "import")
         self.blobs.check_space(sum(p.stat().st_size for p, _ in sources))
 
         records: list[FileRecord] = []
@@ -142,12 +143,8 @@ class Store:
         name belongs to its publisher (the converse of ``check_pack``'s rule)."""
         cat = self.catalog
         with cat.txn():
+            self.check_unsigned_allowed(name, action)  # again, under the write lock
             if cat.has_model(name):
-                signed = [v.version for v in cat.versions(name) if v.signed]
-                if signed:
-                    raise Conflict(f"model {name!r} holds signed version(s) {', '.join(map(str, signed))}; "
-                                   f"an unsigned {action} cannot add to it (use another name)",
-                                   reason="signed-model", model=name)
                 m = cat.get_model(name)
                 if m.active_version is not None:
                     active = cat.get_version(name, m.active_version)
@@ -166,6 +163,17 @@ class Store:
                       detail={"new_bytes": new_bytes, "source": source, "files": [r.filename for r in records]})
             cat.activate(name, version, actor=self.actor)
         return version, True
+
+    def check_unsigned_allowed(self, name: str, action: str) -> None:
+        """Refuse an unsigned version for a model whose publisher signed it. Called before
+        any byte is copied or fetched, and again when the version is recorded."""
+        if not self.catalog.has_model(name):
+            return
+        signed = [v.version for v in self.catalog.versions(name) if v.signed]
+        if signed:
+            raise Conflict(f"model {name!r} holds signed version(s) {', '.join(map(str, signed))}; "
+                           f"an unsigned {action} cannot add to it (use another name)",
+                           reason="signed-model", model=name)
 
     # -- reading -------------------------------------------------------------------
     def file_state(self, rec: FileRecord) -> str:

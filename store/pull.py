@@ -118,6 +118,7 @@ async def pull(store: Any, downloader: Downloader, sources: list[PullSource], *,
     name = check_model_name(name or default_name(sources[0].filename))
     if len({s.filename for s in sources}) != len(sources):
         raise UsageError("the weights and the mmproj file must have different file names")
+    store.check_unsigned_allowed(name, "pull")
 
     fetched: list[tuple[PullSource, FetchResult]] = []
     for src in sources:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import trio
@@ -432,6 +433,7 @@ def test_an_unsigned_import_or_pull_cannot_add_to_a_signed_model(store: Store, p
     weights = write_model(tmp_path / "demo-Q4_K_M.gguf", tensor_bytes=4096)
     with pytest.raises(Conflict, match="holds signed version") as exc:
         store.import_model("demo", weights)
+    assert not store.blobs.has(sha(weights.read_bytes()))  # refused before a byte was copied
     assert exc.value.fields["reason"] == "signed-model"
     src = PullSource(pub.artifact("demo-Q4_K_M.gguf", weights.read_bytes())["url"], weights.name, "weights",
                      sha(weights.read_bytes()), weights.stat().st_size, source="test")
@@ -440,8 +442,11 @@ def test_an_unsigned_import_or_pull_cannot_add_to_a_signed_model(store: Store, p
         async with Downloader(store, backoff=(0.0, 0.0), max_retries=1) as dl:
             await pull(store, dl, [src], name="demo")
 
+    blobs_before = set(store.blobs.iter_blobs())
     with pytest.raises(Conflict, match="an unsigned pull cannot add to it"):
         trio.run(unsigned_pull)
+    assert set(store.blobs.iter_blobs()) == blobs_before  # refused before a byte was fetched
+    assert pub.server.bytes_sent(urlsplit(src.url).path) == 0
     assert [(v.version, v.signed) for v in store.catalog.versions("demo")] == [(1, True)]
     assert store.catalog.get_model("demo").active_version == 1
 
