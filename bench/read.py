@@ -297,7 +297,8 @@ def report(r: dict, l: dict | None, command: str) -> str:
         SECTION, "",
         f"Measured by `{command}` on {platform.node() and 'this machine'}: "
         f"{os.cpu_count()} CPUs, kernel {platform.release()}, Python {platform.python_version()}, "
-        f"a {r['size'] / 2**30:.1f} GiB model; medians, runs alternating native / mount in an order that rotates every round, caches dropped "
+        f"a {r['size'] / 2**30:.1f} GiB model; medians, runs alternating native / mount in an order "
+        "that rotates every round, caches dropped "
         "(`sync; echo 3 > /proc/sys/vm/drop_caches`) before every cold run. "
         f"The daemon's default read mode is `{main}`.", "",
         "| Measure | Native | Mount | Ratio | Target |", "|---|---|---|---|---|",
