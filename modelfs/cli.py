@@ -120,10 +120,12 @@ def list_cmd(c: Ctx, as_json: bool) -> None:
     rows = [("NAME", "VERSION", "ARCH", "QUANT", "CONTEXT", "SIZE", "STATE")]
     for m in models:
         states = {f["state"] for f in m.get("files", [])}
-        rows.append((m["name"], str(m["active_version"] or "-"), m.get("architecture") or "-",
-                     m.get("quantization") or "-", str(m.get("context_length") or "-"),
-                     human_size(m.get("size")), "local" if states == {"local"} else
-                     ("dehydrated" if states else "-")))
+        state = ("-" if not states else "local" if states == {"local"} else
+                 "dehydrated" if "local" not in states else "partly local")
+        # A lazily pulled pack has no GGUF header read yet: its signed family stands in.
+        arch = m.get("architecture") or m.get("family") or "-"
+        rows.append((m["name"], str(m["active_version"] or "-"), arch, m.get("quantization") or "-",
+                     str(m.get("context_length") or "-"), human_size(m.get("size")), state))
     _table(rows)
 
 

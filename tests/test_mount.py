@@ -544,6 +544,8 @@ def test_a_lazily_pulled_signed_pack_materialises_on_open(tmp_path, cli, origin,
     assert r.stdout.split() == ["errno", str(errno.EIO)]
     assert os.getxattr(proj, "user.modelfs.state") == b"dehydrated"
     assert "mmproj-demo-f16.gguf" in cli.run("status").stdout
+    [row] = [line.split() for line in cli.run("list").stdout.splitlines() if line.startswith("demo ")]
+    assert row[2] == "llama" and row[-2:] == ["partly", "local"]  # the signed family; one file of two
 
 
 def test_a_failing_download_is_eio_with_no_partial_bytes(tmp_path, store, origin, cli, mount_at):
