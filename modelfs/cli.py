@@ -205,11 +205,11 @@ def rm(c: Ctx, name: str | None, version: int | None, partial: str | None, dry_r
         return discard(c, partial, as_json)
     if name is None:
         raise UsageError("rm needs a model NAME (or --partial SHA256)")
-    from .daemon import open_files_of, read_status
+    from .daemon import open_files, open_files_of
     plan = c.store.plan_remove(name, version)
     # Not refused: the daemon's descriptors pin the bytes. But whoever runs rm should
     # know that a reader still holds them (and that the space comes back only later).
-    in_use = open_files_of(read_status(c.store.layout), name, version)
+    in_use = open_files_of(open_files(c.store.layout), name, version)
     if in_use:
         pids = sorted({f["pid"] for f in in_use})
         what = name if version is None else f"{name} version {version}"

@@ -181,7 +181,7 @@ def status(c: Any, as_json: bool) -> None:
     """Show the store: models, blobs, partial downloads, quarantine, and the mount: what
     is open through it and why recent opens failed (the reasons behind an EIO, an
     ENETUNREACH or an ETIMEDOUT a reader saw)."""
-    from .daemon import read_status, stale_mountpoint
+    from .daemon import detached_daemons, read_status, stale_mountpoint
     store = c.store
     partials = list_partials(store)
     blobs = store.blobs.iter_blobs()
@@ -190,12 +190,14 @@ def status(c: Any, as_json: bool) -> None:
     models = store.catalog.list_models()
     daemon = read_status(store.layout)
     stale = stale_mountpoint(store.layout) if daemon is None else None
+    detached = detached_daemons(store.layout)
     if as_json:
         keys = ("pid", "mountpoint", "offline", "started_at", "open_files", "fetch_errors")
         mount = None if daemon is None else {k: daemon.get(k) for k in keys}
         print_json({"store": str(store.layout.root), "models": len(models), "blobs": len(blobs),
                     "blob_bytes": blob_bytes, "quarantine": quarantined,
-                    "partials": [p.as_dict() for p in partials], "mount": mount, "stale_mountpoint": stale})
+                    "partials": [p.as_dict() for p in partials], "mount": mount, "stale_mountpoint": stale,
+                    "detached": detached})
         return
     click.echo(f"store: {store.layout.root}")
     click.echo(f"models: {len(models)}  blobs: {len(blobs)} ({human_size(blob_bytes)})  "
@@ -204,6 +206,10 @@ def status(c: Any, as_json: bool) -> None:
         click.echo(f"mount: {stale} is stale (its daemon died); `modelfs mount {stale}` recovers it")
     else:
         _echo_mount(daemon)
+    for d in detached:
+        click.echo(f"unmounted daemon (pid {d['pid']}, was at {d['mountpoint']}) still serves "
+                   f"{len(d['open_files'])} open file(s); it exits after the last close")
+        _echo_open(d["open_files"])
     if not partials:
         click.echo("no partial downloads")
         return
@@ -221,23 +227,13 @@ SHOWN_FETCH_ERRORS = 5  # the daemon keeps 20; --json and the daemon log have th
 def _echo_mount(daemon: dict[str, Any] | None) -> None:
     """The mount part of ``modelfs status``: one line for the daemon, one per model in
     use, one per recent fetch error."""
-    from .daemon import open_files_of
     if daemon is None:
         click.echo("mount: not mounted")
         return
     mode = "offline" if daemon.get("offline") else "online"
     up = _duration(time.time() - daemon["started_at"]) if daemon.get("started_at") else "?"
     click.echo(f"mount: {daemon['mountpoint']}  (pid {daemon['pid']}, {mode}, up {up})")
-    models = sorted({f["model"] for f in daemon["open_files"] if f.get("model")})
-    if not models:
-        click.echo("  no open files")
-    for model in models:
-        pids: dict[str, set[int]] = {}
-        for f in open_files_of(daemon, model):
-            pids.setdefault(f["filename"], set()).add(f["pid"])
-        files = ", ".join(f"{name} (pid{'s' if len(p) > 1 else ''} {', '.join(map(str, sorted(p)))})"
-                          for name, p in sorted(pids.items()))
-        click.echo(f"  open: {model}: {files}")
+    _echo_open(daemon["open_files"])
     errors = daemon.get("fetch_errors") or []
     if len(errors) > SHOWN_FETCH_ERRORS:
         click.echo(f"  recent fetch errors (last {SHOWN_FETCH_ERRORS} of {len(errors)}):")
@@ -247,6 +243,21 @@ def _echo_mount(daemon: dict[str, Any] | None) -> None:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))
         where = f"{e['model']}/{e['filename']}" if e.get("model") else e["filename"]
         click.echo(f"    {when}  {where}: {e['reason']} ({e['error']})")
+
+
+def _echo_open(files: list[dict[str, Any]]) -> None:
+    """One line per model in use: its open files and who holds them."""
+    from .daemon import open_files_of
+    models = sorted({f["model"] for f in files if f.get("model")})
+    if not models:
+        click.echo("  no open files")
+    for model in models:
+        pids: dict[str, set[int]] = {}
+        for f in open_files_of(files, model):
+            pids.setdefault(f["filename"], set()).add(f["pid"])
+        held = ", ".join(f"{name} (pid{'s' if len(p) > 1 else ''} {', '.join(map(str, sorted(p)))})"
+                         for name, p in sorted(pids.items()))
+        click.echo(f"  open: {model}: {held}")
 
 
 def _duration(seconds: float) -> str:

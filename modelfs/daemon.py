@@ -22,7 +22,9 @@ the next ``modelfs mount`` recovers it.
 
 Runtime state goes to ``run/`` (atomic writes): ``daemon.json`` (pid, mountpoint,
 offline, last fetch errors with reasons) for ``modelfs status``, ``open.json`` (what is
-open, by whom) so the CLI can tell what is in use.
+open, by whom) so the CLI can tell what is in use. A detached daemon gives ``run/`` up
+to the next one and publishes the files it still serves in ``detached-<pid>.json``
+instead, alive while it holds an flock on ``detached-<pid>.lock``.
 """
 
 from __future__ import annotations
@@ -126,15 +128,35 @@ def stale_mountpoint(layout: Layout) -> str | None:
     return mp if mp and is_stale(Path(mp)) else None
 
 
-def open_files_of(status: dict[str, Any] | None, model: str, version: int | None = None
+def detached_daemons(layout: Layout) -> list[dict[str, Any]]:
+    """Daemons of this store that were unmounted but still serve open files: each
+    ``{"pid", "mountpoint", "open_files"}``."""
+    found = []
+    for lock in sorted(layout.run.glob("detached-*.lock")):
+        if lock_free(lock):
+            continue  # its daemon is gone (killed before it could clean up)
+        try:
+            found.append(json.loads(lock.with_suffix(".json").read_text()))
+        except (FileNotFoundError, ValueError):
+            continue
+    return found
+
+
+def open_files(layout: Layout) -> list[dict[str, Any]]:
+    """Everything open through any daemon of this store, mounted or detached."""
+    status = read_status(layout)
+    files = list(status["open_files"]) if status else []
+    for d in detached_daemons(layout):
+        files += d.get("open_files", [])
+    return files
+
+
+def open_files_of(files: list[dict[str, Any]], model: str, version: int | None = None
                   ) -> list[dict[str, Any]]:
-    """The open files of ``model`` (of one version when given) in a :func:`read_status`
-    answer, so ``status`` and ``rm`` agree on what is in use. Without a version, every
-    version counts: a reader of ``.versions/N/`` uses the model too."""
-    if not status:
-        return []
-    return [f for f in status.get("open_files", [])
-            if f.get("model") == model and (version is None or f.get("version") == version)]
+    """The open files of ``model`` (of one version when given), so ``status`` and ``rm``
+    agree on what is in use. Without a version, every version counts: a reader of
+    ``.versions/N/`` uses the model too."""
+    return [f for f in files if f.get("model") == model and (version is None or f.get("version") == version)]
 
 
 # -- mountpoints ------------------------------------------------------------------------------------
@@ -221,6 +243,7 @@ class Daemon:
         self._open_dirty = trio.Event()
         self.started_at = time.time()
         self.detached = False
+        self._detached_fd = -1
         self._lock_fd = -1
         self._data_version: int | None = None
 
@@ -236,10 +259,32 @@ class Daemon:
         })
 
     def publish_open(self, table: list[dict[str, Any]] | None = None) -> None:
-        if self.detached:
+        table = self.files.table() if table is None else table
+        if self.detached:  # run/open.json may be a newer daemon's now
+            write_json_atomic(self._detached_path(".json"), {
+                "pid": os.getpid(), "mountpoint": str(self.mountpoint), "open_files": table})
             return
-        write_json_atomic(self.layout.run / "open.json",
-                          {"pid": os.getpid(), "files": self.files.table() if table is None else table})
+        write_json_atomic(self.layout.run / "open.json", {"pid": os.getpid(), "files": table})
+
+    def _detached_path(self, suffix: str) -> Path:
+        return self.layout.run / f"detached-{os.getpid()}{suffix}"
+
+    def _sweep_detached(self) -> None:
+        """Remove what detached daemons that were killed left behind."""
+        for lock in self.layout.run.glob("detached-*.lock"):
+            if lock_free(lock):
+                for path in (lock.with_suffix(".json"), lock):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+
+    def _detach(self) -> None:
+        """After the unmount: hand run/ to the next daemon, keep telling what is open."""
+        fd = os.open(self._detached_path(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._detached_fd = fd
+        self.detached = True
+        self.publish_open()
+        self._unlock()
 
     def _open_changed(self) -> None:
         self._open_dirty.set()
@@ -331,8 +376,7 @@ class Daemon:
                     continue
                 log.info("%s: unmounting %s", signal.Signals(signum).name, self.mountpoint)
                 await trio.to_thread.run_sync(lazy_unmount, self.mountpoint)
-                self.detached = True
-                self._unlock()
+                self._detach()
                 if len(self.files):
                     log.info("%d file(s) still open; serving them until they are closed", len(self.files))
 
@@ -363,6 +407,7 @@ class Daemon:
         from .fuse_ops import ModelOps
 
         self._lock()
+        self._sweep_detached()
         self.mountpoint = prepare_mountpoint(self.mountpoint)
         self.ns.swap(await trio.to_thread.run_sync(self._load))
         blobs = self.store.blobs
@@ -394,6 +439,12 @@ class Daemon:
             self._cleanup_run_files()
 
     def _cleanup_run_files(self) -> None:
+        if self._detached_fd >= 0:
+            for suffix in (".json", ".lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    self._detached_path(suffix).unlink()
+            os.close(self._detached_fd)
+            self._detached_fd = -1
         if self.detached or self._lock_fd < 0:
             return
         for name in ("daemon.json", "open.json"):
@@ -499,7 +550,7 @@ def unmount(mountpoint: Path, layout: Layout, timeout: float = 30.0) -> str:
         time.sleep(0.02)
     if os.path.ismount(mountpoint):
         raise StoreError(f"daemon {pid} did not unmount {mountpoint} within {timeout:g}s")
-    busy = len(status["open_files"])
+    busy = len(status["open_files"])  # now in detached-<pid>.json: status and rm still see them
     if busy:
         return (f"unmounted {mountpoint}; {busy} file(s) still open, daemon {pid} exits when they are closed")
     while _pid_alive(pid) and time.monotonic() < deadline:

@@ -462,17 +462,47 @@ def test_mounted_context_manager_for_scripts(tiny, store_dir, tmp_path):
     assert not os.path.ismount(tmp_path / "demo")
 
 
-def test_sigterm_detaches_but_serves_open_files_until_closed(tiny, mount_at):
+def test_sigterm_detaches_but_serves_open_files_until_closed(tiny, cli, mount_at):
     m = mount_at()
     f = open(m.path / "tiny" / "tiny-q4.gguf", "rb")
     try:
         m.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: not os.path.ismount(m.path), 5, "the mount to detach")
         assert m.proc.poll() is None  # still serving the open file
+        # Unmounted, but what it still serves is known: status lists it, rm warns.
+        status = cli.run("status", "--json").json()
+        assert status["mount"] is None
+        [d] = status["detached"]
+        assert d["pid"] == m.pid and [o["pid"] for o in d["open_files"]] == [os.getpid()]
+        assert f"unmounted daemon (pid {m.pid}" in cli.run("status").stdout
+        r = cli.run("rm", "tiny", "--dry-run")
+        assert f"is open by 1 reader(s) (pid {os.getpid()})" in r.stderr
         assert hashlib.sha256(f.read()).hexdigest() == sha256_of(tiny["weights"])
     finally:
         f.close()
     assert m.proc.wait(timeout=10) == 0
+    assert cli.run("status", "--json").json()["detached"] == []
+    assert not list((cli.root / "run").glob("detached-*"))
+
+
+def test_what_a_killed_detached_daemon_left_is_ignored_then_swept(tiny, cli, mount_at, mounts):
+    m = mount_at()
+    fd = os.open(m.path / "tiny" / "tiny-q4.gguf", os.O_RDONLY)
+    try:
+        m.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: list((cli.root / "run").glob("detached-*.json")), 5, "the detached state")
+        os.kill(m.pid, signal.SIGKILL)
+        m.proc.wait()
+    finally:
+        try:
+            os.close(fd)
+        except OSError as exc:  # the connection died with the daemon
+            assert exc.errno == errno.ENOTCONN
+    left = sorted(p.name for p in (cli.root / "run").glob("detached-*"))
+    assert left == [f"detached-{m.pid}.json", f"detached-{m.pid}.lock"]
+    assert cli.run("status", "--json").json()["detached"] == []  # its lock is free: nobody serves
+    mount_at(name="again")
+    assert not list((cli.root / "run").glob("detached-*"))
 
 
 # -- lazy materialisation ------------------------------------------------------------------------------------------
