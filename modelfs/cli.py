@@ -215,12 +215,9 @@ def rm(c: Ctx, name: str | None, version: int | None, partial: str | None, dry_r
         what = name if version is None else f"{name} version {version}"
         freed = {sha for sha, _ in plan.blobs}
         deleted = any(f["sha256"] in freed for f in in_use)
-        if dry_run:
-            fate = "it would leave the mount now; its bytes would stay readable to them" + (
-                " and be deleted after the last close" if deleted else "")
-        else:
-            fate = "it leaves the mount now; its bytes stay readable to them" + (
-                " and are deleted after the last close" if deleted else "")
+        leaves, stay, go = ("would leave", "would stay", "be") if dry_run else ("leaves", "stay", "are")
+        fate = f"it {leaves} the mount now; its bytes {stay} readable to them" + (
+            f" and {go} deleted after the last close" if deleted else "")
         click.echo(f"modelfs: warning: {what} is open by {len(pids)} reader(s) "
                    f"(pid{'s' if len(pids) > 1 else ''} {', '.join(map(str, pids))}): {fate}", err=True)
     if as_json:

@@ -197,16 +197,16 @@ def read_through_the_mount(d: Demo) -> None:
         step("gguf.GGUFReader opens it through the mount: the open downloads and verifies it first")
         t = time.monotonic()
         reader = gguf.GGUFReader(weights)
-        original = gguf.GGUFReader(d.origin.root / weights.name) if d.origin else None
         print(f"opened in {time.monotonic() - t:.2f}s; state now "
               f"{os.getxattr(weights, 'user.modelfs.state').decode()}; "
               f"general.name = {bytes(reader.fields['general.name'].parts[-1]).decode()!r}")
-        if original is not None:
-            same = [a.name == b.name and np.array_equal(a.data, b.data)
-                    for a, b in zip(reader.tensors, original.tensors, strict=True)]
-            print(f"{len(same)} tensor(s), identical to the publisher's file: {all(same)}")
-            if not all(same):
-                sys.exit("demo failed: the tensors read through the mount differ from the original")
+        assert d.origin is not None  # publish_signed_pack ran
+        original = gguf.GGUFReader(d.origin.root / weights.name)
+        same = [a.name == b.name and np.array_equal(a.data, b.data)
+                for a, b in zip(reader.tensors, original.tensors, strict=True)]
+        print(f"{len(same)} tensor(s), identical to the publisher's file: {all(same)}")
+        if not all(same):
+            sys.exit("demo failed: the tensors read through the mount differ from the original")
         d.modelfs("status")
         del reader, original
 

@@ -2,7 +2,8 @@
 
 This module owns the trusted install path. It must never fetch an artifact byte
 before the envelope has passed every check, never make a version visible (installed,
-activatable, listed by the mount) before every one of its files is verified, and
+activatable, listed by the mount) before every one of its files is verified (a
+``lazy`` install lists the signed names and sizes, never a byte: see below), and
 never add anything but an audit record when it refuses a pack.
 
 The checks, in order (:func:`check_pack`; each refusal is one line with a stable

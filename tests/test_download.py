@@ -740,3 +740,19 @@ def test_pull_takes_no_token_on_the_command_line():
     # where every user of the machine could read them in /proc.
     from modelfs.cli_pull import pull
     assert not any("token" in (p.name or "") or "auth" in (p.name or "") for p in pull.params)
+
+
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://127.0.0.1/x.gguf"])
+def test_get_and_head_refuse_the_same_unsafe_redirects(store: Store, origin: FaultServer, location: str) -> None:
+    """Downloads, HEAD probes (hub metadata) and envelopes follow redirects by one rule."""
+    origin.add_redirect("/r", location)
+    with pytest.raises(FetchError, match="refusing a redirect to a (file|ftp) URL"):
+        fetch(store, origin.url("/r"), digest="0" * 64, size=None)
+
+    async def head() -> None:
+        async with Downloader(store, **FAST) as dl:
+            await dl.head(origin.url("/r"))
+
+    with pytest.raises(FetchError, match="refusing a redirect to a (file|ftp) URL"):
+        trio.run(head)
+    assert list(store.blobs.iter_blobs()) == []
