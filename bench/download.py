@@ -149,8 +149,8 @@ def run_modelfs(url: str, digest: str, store: Path) -> float:
 
 _FETCH = """
 import sys, time, trio
-from store.core import Store
-from store.download import Downloader
+from modelfs_store.core import Store
+from modelfs_store.download import Downloader
 url, digest, size, root = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 async def main():
     store = Store.open(root)

@@ -45,8 +45,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import numpy as np  # noqa: E402
 
-from store.catalog import FileRecord  # noqa: E402
-from store.core import Store  # noqa: E402
+from modelfs_store.catalog import FileRecord  # noqa: E402
+from modelfs_store.core import Store  # noqa: E402
 
 MODES = ("inline", "inline-keep", "direct", "thread", "mmap")
 CHUNK = 1 << 20

@@ -15,9 +15,9 @@ from typing import Any
 
 import click
 
-from store.core import Store
-from store.errors import StoreError, UsageError
-from store.redact import redact_text
+from modelfs_store.core import Store
+from modelfs_store.errors import StoreError, UsageError
+from modelfs_store.redact import redact_text
 
 from .output import human_size, info, print_json, progress_bar
 

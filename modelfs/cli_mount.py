@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from store.layout import Layout, default_root
+from modelfs_store.layout import Layout, default_root
 
 from .openfiles import READ_MODES
 

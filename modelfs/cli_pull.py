@@ -19,8 +19,8 @@ from typing import Any
 
 import click
 
-from store.errors import StoreError, UsageError
-from store.partial import list_partials
+from modelfs_store.errors import StoreError, UsageError
+from modelfs_store.partial import list_partials
 
 from .output import human_size, info, print_json, progress_bar
 
@@ -86,8 +86,8 @@ async def _run_pull(store: Any, source: str, sha256: str | None, size: int | Non
                     owner_app: str | None, reporter: _Reporter) -> Any:
     import trio
 
-    from store.download import Downloader
-    from store.pull import downloader_options_from_env, pull as store_pull, resolve
+    from modelfs_store.download import Downloader
+    from modelfs_store.pull import downloader_options_from_env, pull as store_pull, resolve
 
     opts = downloader_options_from_env()
     offline = os.environ.get("MODELFS_OFFLINE", "") not in ("", "0")
@@ -99,7 +99,7 @@ async def _run_pull(store: Any, source: str, sha256: str | None, size: int | Non
                 if mmproj:
                     base = None
                     if source.startswith("hf://") and "://" not in mmproj:
-                        from store.hf import parse_hf_url
+                        from modelfs_store.hf import parse_hf_url
                         base = parse_hf_url(source)
                     sources.append(await resolve(dl, mmproj, role="mmproj", sha256=mmproj_sha256, base=base))
                 result = await store_pull(store, dl, sources, name=name, owner_app=owner_app,
@@ -272,7 +272,7 @@ def _duration(seconds: float) -> str:
 
 def discard(c: Any, sha256: str, as_json: bool) -> None:
     """``modelfs rm --partial SHA256``."""
-    from store.partial import discard_partial
+    from modelfs_store.partial import discard_partial
     freed = discard_partial(c.store, sha256.lower())
     if as_json:
         print_json({"partial": sha256.lower(), "freed_bytes": freed})

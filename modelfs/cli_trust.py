@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from store.errors import StoreError, UsageError
+from modelfs_store.errors import StoreError, UsageError
 
 from .cli import Ctx, json_option, pass_ctx
 from .output import human_size, info, print_json, progress_bar
@@ -35,8 +35,8 @@ def _downloader(store: Any) -> Any:
     """A Downloader configured like ``modelfs pull``'s (MODELFS_OFFLINE and the tuning knobs)."""
     import os
 
-    from store.download import Downloader
-    from store.pull import downloader_options_from_env
+    from modelfs_store.download import Downloader
+    from modelfs_store.pull import downloader_options_from_env
 
     offline = os.environ.get("MODELFS_OFFLINE", "") not in ("", "0")
     return Downloader(store, offline=offline, **downloader_options_from_env())
@@ -44,9 +44,9 @@ def _downloader(store: Any) -> Any:
 
 def _read_source(c: Ctx, source: str) -> tuple[bytes, str]:
     """An envelope from a file, '-' (stdin) or an http(s) URL: (bytes, redacted source)."""
-    from store.keys import MAX_ENVELOPE_BYTES
-    from store.packs import fetch_envelope, read_envelope_file
-    from store.redact import redact_url
+    from modelfs_store.keys import MAX_ENVELOPE_BYTES
+    from modelfs_store.packs import fetch_envelope, read_envelope_file
+    from modelfs_store.redact import redact_url
 
     if source == "-":
         return sys.stdin.buffer.read(MAX_ENVELOPE_BYTES + 1), "stdin"
@@ -75,7 +75,7 @@ def keys() -> None:
 @pass_ctx
 def keys_add(c: Ctx, key_id: str, pubkey_b64: str | None, from_file: str | None) -> None:
     """Trust the Ed25519 public key PUBKEY_B64 (base64 of 32 raw bytes) as KEY_ID."""
-    from store.keys import trust_key
+    from modelfs_store.keys import trust_key
 
     if (pubkey_b64 is None) == (from_file is None):
         raise UsageError("give the public key either as PUBKEY_B64 or with --from FILE (not both)")
@@ -95,7 +95,7 @@ def keys_add(c: Ctx, key_id: str, pubkey_b64: str | None, from_file: str | None)
 @pass_ctx
 def keys_list(c: Ctx, as_json: bool) -> None:
     """List user and system keys and whether each is trusted, revoked or unusable."""
-    from store.keys import list_keys
+    from modelfs_store.keys import list_keys
 
     rows = list_keys(c.store.catalog)
     if as_json:
@@ -114,7 +114,7 @@ def keys_list(c: Ctx, as_json: bool) -> None:
 @pass_ctx
 def keys_revoke(c: Ctx, key_id: str) -> None:
     """Revoke KEY_ID for good: it verifies nothing from now on, even from the system directory."""
-    from store.keys import revoke_key
+    from modelfs_store.keys import revoke_key
 
     k = revoke_key(c.store.catalog, key_id, actor=c.store.actor)
     click.echo(f"key {key_id} revoked ({k.source})")
@@ -128,8 +128,8 @@ def keys_generate(out_dir: str, key_id: str | None) -> None:
     """Create a publisher key pair; print the base64 public key on stdout."""
     import hashlib
 
-    from store.keys import check_key_id, generate_keypair, write_private_key
-    from store.names import check_filename
+    from modelfs_store.keys import check_key_id, generate_keypair, write_private_key
+    from modelfs_store.names import check_filename
 
     pem, pub = generate_keypair()
     key_id = key_id or "key-" + hashlib.sha256(pub.encode()).hexdigest()[:12]
@@ -161,8 +161,8 @@ def manifest() -> None:
 @click.option("--no-check", is_flag=True, help="Sign even if the payload does not validate.")
 def manifest_sign(payload: str, key_file: str, key_id: str, no_check: bool) -> None:
     """Print the envelope for PAYLOAD.json (its raw bytes are signed as they are)."""
-    from store.keys import TrustedKey, load_private_key, public_key_b64, sign_payload
-    from store.manifest import load_manifest
+    from modelfs_store.keys import TrustedKey, load_private_key, public_key_b64, sign_payload
+    from modelfs_store.manifest import load_manifest
 
     data = Path(payload).read_bytes()
     private = load_private_key(key_file)
@@ -182,7 +182,7 @@ def manifest_sign(payload: str, key_file: str, key_id: str, no_check: bool) -> N
 @pass_ctx
 def manifest_verify(c: Ctx, envelope: str, platform: str | None, as_json: bool) -> None:
     """Check ENVELOPE (file, URL or '-') against the keyring and version floors; install nothing."""
-    from store.packs import check_pack, current_platform
+    from modelfs_store.packs import check_pack, current_platform
 
     data, source = _read_source(c, envelope)
     checks: list[str] = []
@@ -223,8 +223,8 @@ def channels() -> None:
 @pass_ctx
 def channels_add(c: Ctx, url: str, key_ids: tuple[str, ...]) -> None:
     """Fetch URL on every 'modelfs update'; accept only packs signed by --key."""
-    from store.keys import load_keyring
-    from store.packs import add_channel
+    from modelfs_store.keys import load_keyring
+    from modelfs_store.packs import add_channel
 
     add_channel(c.store, url, key_ids)
     ring = load_keyring(c.store.catalog)
@@ -260,7 +260,7 @@ def update(c: Ctx, platform: str | None, as_json: bool) -> None:
     """Fetch every channel once and install newer signed versions."""
     import trio
 
-    from store.packs import update_channels
+    from modelfs_store.packs import update_channels
 
     store = c.store
     if not store.catalog.channels():
@@ -298,7 +298,7 @@ def maybe_pull_pack(c: Ctx, source: str, *, force: bool, probe_url: bool = True,
         return False
     import trio
 
-    from store.packs import fetch_envelope, looks_like_envelope
+    from modelfs_store.packs import fetch_envelope, looks_like_envelope
 
     async def probe() -> bytes | None:
         async with _downloader(c.store) as dl:
@@ -320,8 +320,8 @@ def pull_pack(c: Ctx, source: str, *, data: bytes | None = None, platform: str |
     ``lazy``: record it without fetching; the mount fetches each file on first open."""
     import trio
 
-    from store.packs import install_pack, pull_pack_url, read_envelope_file
-    from store.redact import redact_url
+    from modelfs_store.packs import install_pack, pull_pack_url, read_envelope_file
+    from modelfs_store.redact import redact_url
 
     store = c.store
     is_url = source.startswith(("http://", "https://"))

@@ -48,11 +48,11 @@ from typing import Any
 
 import trio
 
-from store.blobs import lock_free
-from store.catalog import Catalog
-from store.core import Store
-from store.errors import Conflict, StoreError, UsageError
-from store.layout import Layout
+from modelfs_store.blobs import lock_free
+from modelfs_store.catalog import Catalog
+from modelfs_store.core import Store
+from modelfs_store.errors import Conflict, StoreError, UsageError
+from modelfs_store.layout import Layout
 
 from .openfiles import Fetcher, Materialiser, OpenFiles
 from .tree import Invalidation, Namespace, SnapshotReader, Tree, Visibility, build
@@ -395,7 +395,7 @@ class Daemon:
 
     async def _fetcher(self) -> Fetcher | None:
         try:
-            from store.download import Downloader
+            from modelfs_store.download import Downloader
         except ImportError:
             log.warning("store.download is not available: dehydrated files cannot be fetched")
             return None
@@ -576,7 +576,7 @@ def _pid_alive(pid: int) -> bool:
 def log_to_stderr(verbose: int) -> None:
     """The daemon logs its own events at INFO (journald picks stderr up under systemd)."""
     level = logging.INFO if verbose <= 1 else logging.DEBUG
-    for name in ("modelfs", "store"):
+    for name in ("modelfs", "modelfs_store"):
         logging.getLogger(name).setLevel(level)
 
 

@@ -6,7 +6,7 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from store.core import Store
+from modelfs_store.core import Store
 
 
 @dataclass

@@ -17,7 +17,7 @@ import logging
 
 import trio
 
-from store.errors import (ArchiveError, Conflict, FetchError, FetchTimeout, FormatError, IntegrityError,
+from modelfs_store.errors import (ArchiveError, Conflict, FetchError, FetchTimeout, FormatError, IntegrityError,
                           NotFound, OfflineError, SpaceError, StoreError, TrustError, UsageError)
 
 from .tree import NoAttribute, UnsupportedAttribute

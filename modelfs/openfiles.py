@@ -33,10 +33,10 @@ from typing import Any, Protocol
 
 import trio
 
-from store.catalog import FileRecord
-from store.errors import FetchError, FetchTimeout, NotFound, OfflineError, StoreError
-from store.layout import Layout
-from store.redact import redact_text
+from modelfs_store.catalog import FileRecord
+from modelfs_store.errors import FetchError, FetchTimeout, NotFound, OfflineError, StoreError
+from modelfs_store.layout import Layout
+from modelfs_store.redact import redact_text
 
 from .tree import Caller, Node
 

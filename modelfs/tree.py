@@ -41,9 +41,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NewType, Protocol
 
-from store.catalog import Catalog, FileRecord, ModelRecord, VersionRecord
-from store.errors import NotFound, StoreError
-from store.redact import redact_text, redact_url
+from modelfs_store.catalog import Catalog, FileRecord, ModelRecord, VersionRecord
+from modelfs_store.errors import NotFound, StoreError
+from modelfs_store.redact import redact_text, redact_url
 
 Inode = NewType("Inode", int)
 

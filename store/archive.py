@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from store.errors import ArchiveError, Conflict, SpaceError
+from .errors import ArchiveError, Conflict, SpaceError
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _LOCAL_SIG = b"PK\x03\x04"

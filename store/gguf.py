@@ -41,7 +41,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import IO, Final
 
-from store.errors import GGUFError
+from .errors import GGUFError
 
 __all__ = [
     "ArraySummary",

@@ -83,9 +83,9 @@ from urllib.parse import urlsplit
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from store.errors import ManifestError, TrustError, UsageError
-from store.keys import ED25519_SIG_BYTES, ENVELOPE_FIELDS, MAX_ENVELOPE_BYTES, TrustedKey, key_id_problem
-from store.names import filename_problem, reserved_problem
+from .errors import ManifestError, TrustError, UsageError
+from .keys import ED25519_SIG_BYTES, ENVELOPE_FIELDS, MAX_ENVELOPE_BYTES, TrustedKey, key_id_problem
+from .names import filename_problem, reserved_problem
 
 SCHEMA = "modelfs.manifest/1"
 KNOWN_SCHEMAS = frozenset({SCHEMA})

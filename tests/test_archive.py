@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 
-from store.archive import (
+from modelfs_store.archive import (
     DEFAULT_LIMITS,
     ExtractedFile,
     Limits,
     extract_zip,
     inspect_zip,
 )
-from store.errors import ArchiveError, Conflict
+from modelfs_store.errors import ArchiveError, Conflict
 
 SMALL = Limits(max_entries=50, max_total_size=50 * 1024 * 1024, max_ratio=100, ratio_min_size=64 * 1024)
 

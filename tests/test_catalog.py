@@ -6,8 +6,8 @@ import sqlite3
 
 import pytest
 
-from store.catalog import MIGRATIONS, SCHEMA_VERSION, Catalog, FileRecord, _split_sql
-from store.errors import Conflict, NotFound
+from modelfs_store.catalog import MIGRATIONS, SCHEMA_VERSION, Catalog, FileRecord, _split_sql
+from modelfs_store.errors import Conflict, NotFound
 
 SHA = "ab" * 32
 

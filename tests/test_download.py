@@ -23,11 +23,11 @@ import trio
 from conftest import CLI, wait_for
 from faultserver import FaultServer, cdn, origin  # noqa: F401 - fixtures
 from ggufgen import write_mmproj, write_model
-from store.catalog import FileRecord
-from store.core import Store
-from store.download import Downloader, FetchResult, discard_partial, list_partials
-from store.errors import Conflict, FetchError, IntegrityError, NotFound, OfflineError, SpaceError
-from store.partial import PartialState
+from modelfs_store.catalog import FileRecord
+from modelfs_store.core import Store
+from modelfs_store.download import Downloader, FetchResult, discard_partial, list_partials
+from modelfs_store.errors import Conflict, FetchError, IntegrityError, NotFound, OfflineError, SpaceError
+from modelfs_store.partial import PartialState
 
 MB = 1 << 20
 FAST = {"stall_timeout": 5.0, "backoff": (0.01, 0.05), "max_retries": 3}
@@ -474,7 +474,7 @@ def test_discard_partial(store, origin):
     with pytest.raises(FetchError):
         fetch(store, origin.url("/dp"), data, max_retries=0)
     (p,) = list_partials(store)
-    from store.partial import PartialLock
+    from modelfs_store.partial import PartialLock
     lock = PartialLock.try_acquire(store.layout.partial / p.sha256)
     try:
         assert list_partials(store)[0].active

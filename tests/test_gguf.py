@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFEndian, GGUFValueType, GGUFWriter
 
-import store.gguf as sg
-from store.errors import FormatError, GGUFError
-from store.gguf import (
+import modelfs_store.gguf as sg
+from modelfs_store.errors import FormatError, GGUFError
+from modelfs_store.gguf import (
     ArraySummary,
     GGUFInfo,
     looks_like_gguf,
@@ -498,7 +498,7 @@ def test_giant_lengths_allocate_little(tmp_path: Path, case_id: str, data: bytes
 
 def test_import_of_every_malformed_file_stores_nothing(tmp_path: Path) -> None:
     """Issue 2, acceptance 3, at the store: a refused import leaves no blob, temp or row."""
-    from store.core import Store
+    from modelfs_store.core import Store
 
     store = Store.open(tmp_path / "store")
     for case_id, data, _ in _CORPUS:

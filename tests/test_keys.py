@@ -15,10 +15,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from conftest import CLI
-from store.catalog import Catalog
-from store.errors import Conflict, NotFound, TrustError
-from store.keys import list_keys, load_keyring, revoke_key, trust_key
-from store.manifest import SCHEMA, load_manifest
+from modelfs_store.catalog import Catalog
+from modelfs_store.errors import Conflict, NotFound, TrustError
+from modelfs_store.keys import list_keys, load_keyring, revoke_key, trust_key
+from modelfs_store.manifest import SCHEMA, load_manifest
 
 NOW = datetime(2026, 6, 1, tzinfo=timezone.utc)
 

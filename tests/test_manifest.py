@@ -16,8 +16,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from store.errors import ManifestError, NotFound, StoreError, TrustError
-from store.keys import (
+from modelfs_store.errors import ManifestError, NotFound, StoreError, TrustError
+from modelfs_store.keys import (
     MAX_ENVELOPE_BYTES,
     TrustedKey,
     generate_keypair,
@@ -27,7 +27,7 @@ from store.keys import (
     sign_payload,
     write_private_key,
 )
-from store.manifest import (
+from modelfs_store.manifest import (
     SCHEMA,
     Envelope,
     Manifest,
@@ -36,7 +36,7 @@ from store.manifest import (
     parse_envelope,
     verify_envelope,
 )
-from store.names import filename_problem
+from modelfs_store.names import filename_problem
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 SHA_A = "a" * 64

@@ -33,8 +33,8 @@ import pytest
 
 from conftest import CLI, wait_for
 from ggufgen import write_mmproj, write_model
-from store.catalog import FileRecord
-from store.core import Store
+from modelfs_store.catalog import FileRecord
+from modelfs_store.core import Store
 
 pytestmark = [
     pytest.mark.fuse,

@@ -17,8 +17,8 @@ import trio
 
 from modelfs.openfiles import Materialiser, OpenFiles
 from modelfs.tree import Caller, Inode, Node
-from store.catalog import FileRecord
-from store.core import Store
+from modelfs_store.catalog import FileRecord
+from modelfs_store.core import Store
 
 MB = 1 << 20
 PAGE = mmap.PAGESIZE

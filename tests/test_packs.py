@@ -29,11 +29,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from conftest import CLI, wait_for
 from faultserver import FaultServer, origin  # noqa: F401 - fixture
-from store.core import Store
-from store.download import Downloader
-from store.errors import ArchiveError, Conflict, IntegrityError, ManifestError, StoreError, TrustError
-from store.keys import revoke_key, trust_key
-from store.packs import (CRASH_BEFORE_ACTIVATE, InstallResult, add_channel, install_pack, pull_pack_url,
+from modelfs_store.core import Store
+from modelfs_store.download import Downloader
+from modelfs_store.errors import ArchiveError, Conflict, IntegrityError, ManifestError, StoreError, TrustError
+from modelfs_store.keys import revoke_key, trust_key
+from modelfs_store.packs import (CRASH_BEFORE_ACTIVATE, InstallResult, add_channel, install_pack, pull_pack_url,
                          update_channels)
 from test_archive import build_zip, member
 
@@ -427,7 +427,7 @@ def test_an_unsigned_import_or_pull_cannot_add_to_a_signed_model(store: Store, p
                                                                  tmp_path: Path) -> None:
     from ggufgen import write_model
 
-    from store.pull import PullSource, pull
+    from modelfs_store.pull import PullSource, pull
 
     run_install(store, release(pub, 1))
     weights = write_model(tmp_path / "demo-Q4_K_M.gguf", tensor_bytes=4096)
@@ -554,7 +554,7 @@ def test_update_installs_newer_versions_from_channels(store: Store, pub: Publish
 
 
 def test_channel_url_must_not_carry_secrets(store: Store) -> None:
-    from store.errors import UsageError
+    from modelfs_store.errors import UsageError
 
     for bad in ("https://user:pw@example.org/c.json", "https://example.org/c.json?token=abc",
                 "ftp://example.org/c.json"):
@@ -718,7 +718,7 @@ def test_pull_lazy_through_the_cli(trusted_cli: CLI, pub: Publisher) -> None:
 
 def test_envelope_redirects_follow_the_downloader_rules(store: Store, pub: Publisher) -> None:
     from faultserver import FaultServer as Server
-    from store.errors import FetchError
+    from modelfs_store.errors import FetchError
 
     with Server() as cdn:
         cdn.add("/packs/v1.json", release(pub, 1), content_type="application/json")

@@ -238,7 +238,7 @@ def test_prune_keeps_active_last_good_and_pinned(cli, store_dir, tmp_path):
 def test_user_error_inside_exception_groups_is_unwrapped():
     """trio >= 0.25 wraps nursery errors in ExceptionGroup; main() must still see the StoreError."""
     from modelfs.cli import _leaf
-    from store.errors import UsageError
+    from modelfs_store.errors import UsageError
 
     err = UsageError("bad source")
     assert _leaf(ExceptionGroup("outer", [ExceptionGroup("inner", [err])])) is err

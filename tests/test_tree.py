@@ -17,8 +17,8 @@ from modelfs import tree
 from modelfs.errnos import errno_for
 from modelfs.tree import (CARD_NAME, LONG_TIMEOUT, ROOT_INODE, VERSIONS_DIR, Caller, InodeMap, ModelEntry,
                           Namespace, NoAttribute, build, diff, load_snapshot)
-from store.catalog import Catalog, FileRecord, ModelRecord, VersionRecord
-from store.errors import (Conflict, FetchError, FetchTimeout, IntegrityError, NotFound, OfflineError,
+from modelfs_store.catalog import Catalog, FileRecord, ModelRecord, VersionRecord
+from modelfs_store.errors import (Conflict, FetchError, FetchTimeout, IntegrityError, NotFound, OfflineError,
                           SpaceError, StoreError, TrustError, UsageError)
 
 ME = Caller(1000, 1000, 4242)
