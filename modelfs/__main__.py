@@ -1,3 +1,3 @@
-from .cli import main
+from modelfs.cli import main
 
-main()
+raise SystemExit(main())

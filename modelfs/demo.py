@@ -177,7 +177,7 @@ def pull_signed_pack(d: Demo) -> None:
 
 
 def read_through_the_mount(d: Demo) -> None:
-    from .daemon import mounted
+    from .mount.control import mounted
 
     if not os.path.exists("/dev/fuse"):
         sys.exit("demo failed: /dev/fuse is missing, so this machine cannot mount FUSE file systems "

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .durable import fsync_dir, fsync_file
 from .errors import ArchiveError, Conflict, SpaceError
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
@@ -361,14 +362,6 @@ def _copy_entry(f: BinaryIO, entry: Entry, fd: int, shown: str) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _destination_problem(name: str) -> str | None:
     if name in ("", ".", ".."):
         return "is not a name"
@@ -437,7 +430,7 @@ def extract_zip(
                 try:
                     sha256 = _copy_entry(f, entry, fd, shown)
                     os.fchmod(fd, 0o444)
-                    os.fsync(fd)
+                    fsync_file(fd)
                 finally:
                     os.close(fd)
                 item = ExtractedFile(path=entry.path, size=entry.size, sha256=sha256)
@@ -445,7 +438,7 @@ def extract_zip(
                 if on_file is not None:
                     on_file(item)
             for rel in sorted(made, key=len, reverse=True):
-                _fsync_dir(tmp / rel if rel else tmp)
+                fsync_dir(tmp / rel if rel else tmp)
             os.chmod(tmp, 0o755)  # mkdtemp made it 0700
             # os.rename would silently replace an empty directory: look first. A
             # directory created in the window between look and rename is the only gap.
@@ -466,5 +459,5 @@ def extract_zip(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    _fsync_dir(dest_parent)
+    fsync_dir(dest_parent)
     return Extracted(path=final, files=tuple(files))

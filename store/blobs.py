@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from .crashpoints import crash_point
+from .durable import fsync_dir, fsync_file
 from .errors import IntegrityError, NotFound, SpaceError, StoreError
 from .layout import Layout
 
@@ -47,14 +48,6 @@ class Committed:
 class RecoveryReport:
     stale_temps: list[str] = field(default_factory=list)  # names removed from tmp/
     freed_bytes: int = 0
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> tuple[str, int]:
@@ -152,7 +145,7 @@ class BlobStore:
     ) -> Committed:
         """Make ``temp`` a blob, or quarantine it and raise IntegrityError."""
         try:
-            os.fsync(temp.fd)
+            fsync_file(temp.fd)
         except OSError as exc:
             # After a failed fsync the page cache may hold bytes the disk never got.
             self.discard_temp(temp)

@@ -250,6 +250,10 @@ class Catalog:
             raise
         self.conn.execute("COMMIT")
 
+    def integrity_check(self) -> str:
+        """SQLite's own check of the database file: 'ok', or the first problem."""
+        return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
+
     def data_version(self) -> int:
         """Changes whenever another connection commits; cheap to poll."""
         return self.conn.execute("PRAGMA data_version").fetchone()[0]

@@ -15,6 +15,10 @@
         ├── OfflineError        the store is set offline, or the host is unreachable
         └── FetchTimeout        a configured deadline passed
 
+    InternalError               not a StoreError: a broken invariant, i.e. a bug. It is
+                                never caught as a user error; the CLI logs its traceback
+                                and exits 70 (EX_SOFTWARE), the mount answers EIO.
+
 Errors carry structured fields (``exc.fields``) so callers can act on them without
 parsing text. The CLI maps each class to an exit code; the FUSE adapter maps each
 class to an errno in one table (``modelfs/errnos.py``). This module must never put a
@@ -88,3 +92,9 @@ class OfflineError(FetchError):
 
 class FetchTimeout(FetchError):
     pass
+
+
+class InternalError(Exception):
+    """An invariant of the store does not hold: a bug, not a user error."""
+
+    exit_code = 70

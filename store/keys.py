@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .durable import fsync_dir, fsync_file
 from .errors import Conflict, NotFound, TrustError, UsageError
 from .names import filename_problem
 
@@ -223,9 +224,10 @@ def write_private_key(path: str | os.PathLike[str], pem: bytes) -> None:
         view = memoryview(pem)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        fsync_file(fd)
     finally:
         os.close(fd)
+    fsync_dir(Path(path).absolute().parent)
 
 
 def sign_payload(payload: bytes, private_key: Ed25519PrivateKey, key_id: str) -> bytes:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .blobs import fsync_dir
+from .durable import atomic_write, fsync_dir
 from .errors import Conflict, NotFound
 from .layout import Layout, check_sha256
 
@@ -89,15 +89,7 @@ class PartialState:
         doc = {"version": STATE_VERSION, "sha256": self.sha256, "url": self.url, "size": self.size,
                "bytes": self.bytes, "etag": self.etag, "last_modified": self.last_modified,
                "updated_at": self.updated_at}
-        tmp = path.with_name(STATE + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, json.dumps(doc, sort_keys=True).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        fsync_dir(path.parent)
+        atomic_write(path, json.dumps(doc, sort_keys=True).encode())
 
 
 # -- the directory lock ------------------------------------------------------------
@@ -168,10 +160,10 @@ def discard_partial(store: Any, sha256: str) -> int:
         raise Conflict(f"the download of {sha256[:16]}… is in progress; stop it first", sha256=sha256)
     try:
         freed = 0
-        for name in (DATA, STATE, STATE + ".tmp"):
+        for p in files_of(path):
             try:
-                freed += (path / name).stat().st_size
-                (path / name).unlink()
+                freed += p.stat().st_size
+                p.unlink()
             except FileNotFoundError:
                 pass
         path.rmdir()
@@ -179,6 +171,12 @@ def discard_partial(store: Any, sha256: str) -> int:
         return freed
     finally:
         lock.release()
+
+
+def files_of(path: Path) -> list[Path]:
+    """The files a partial directory may hold: its data, its state, and the temps of
+    state writes a crash interrupted (``atomic_write`` names them ``.state.json.*.tmp``)."""
+    return [path / DATA, path / STATE, path / (STATE + ".tmp"), *path.glob(f".{STATE}.*.tmp")]
 
 
 def remove_empty(path: Path) -> None:

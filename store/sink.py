@@ -43,8 +43,9 @@ import trio
 
 from .blobs import BlobStore, Committed
 from .crashpoints import crash_point
-from .errors import SpaceError, StoreError
-from .partial import CHECKPOINT_BYTES, DATA, STATE, PartialState, unlink_quiet as _unlink
+from .errors import InternalError, SpaceError, StoreError
+from .partial import CHECKPOINT_BYTES, DATA, STATE, PartialState, files_of
+from .partial import unlink_quiet as _unlink
 
 log = logging.getLogger(__name__)
 
@@ -432,11 +433,11 @@ class Sink:
         On a mismatch the data goes to quarantine and IntegrityError is raised."""
         await self._stop_consumers(hash_too=True)
         if self.hashed != self.written:
-            raise StoreError(f"internal error: hashed {self.hashed} bytes but wrote {self.written}")
+            raise InternalError(f"hashed {self.hashed} bytes of the download but wrote {self.written}")
         await trio.to_thread.run_sync(os.fsync, self.fd)
         size, digest = self.written, self.hasher.hexdigest()
         if os.fstat(self.fd).st_size != size:
-            raise StoreError(f"internal error: wrote {size} bytes but the file has {os.fstat(self.fd).st_size}")
+            raise InternalError(f"wrote {size} bytes of the download but the file has {os.fstat(self.fd).st_size}")
         self._close_files()
         crash_point("download-before-commit")
         try:
@@ -466,8 +467,8 @@ class Sink:
                 self._forget()
 
     def _forget(self) -> None:
-        for name in (STATE, STATE + ".tmp", DATA):
-            _unlink(self.dir / name)
+        for path in files_of(self.dir):
+            _unlink(path)
 
     def _close_files(self) -> None:
         for attr in ("dfd", "fd"):

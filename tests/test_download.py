@@ -738,7 +738,7 @@ def test_bad_sources_are_usage_errors(cli, spec):
 def test_pull_takes_no_token_on_the_command_line():
     # Tokens come from the environment or the token file at request time, never argv,
     # where every user of the machine could read them in /proc.
-    from modelfs.cli_pull import pull
+    from modelfs.cli.pull import pull
     assert not any("token" in (p.name or "") or "auth" in (p.name or "") for p in pull.params)
 
 

@@ -452,7 +452,7 @@ def test_unmount_command_stops_the_daemon_and_background_mount(tiny, cli, tmp_pa
 
 
 def test_mounted_context_manager_for_scripts(tiny, store_dir, tmp_path):
-    from modelfs.daemon import mounted
+    from modelfs.mount.control import mounted
 
     with mounted(store_dir, tmp_path / "demo") as mnt:
         data = np.memmap(mnt / "tiny" / "tiny-q4.gguf", dtype=np.uint8, mode="r")

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from modelfs.openfiles import Materialiser, OpenFiles
-from modelfs.tree import Caller, Inode, Node
+from modelfs.mount.openfiles import Materialiser, OpenFiles
+from modelfs.mount.tree import Caller, Inode, Node
 from modelfs_store.catalog import FileRecord
 from modelfs_store.core import Store
 

@@ -39,9 +39,10 @@ def sha(path: Path) -> str:
 def import_reading_bytes(cli: CLI, *args: str) -> int:
     """Run an import in a child and return how many bytes it read (``rchar``)."""
     code = ("import sys\nfrom modelfs.cli import main\nsys.argv=['modelfs', *sys.argv[1:]]\n"
-            "try:\n    main()\nfinally:\n"
+            "try:\n    rc = main()\nfinally:\n"
             "    io=dict(l.split(': ') for l in open('/proc/self/io').read().splitlines())\n"
-            "    print('RCHAR', io['rchar'], file=sys.stderr)\n")
+            "    print('RCHAR', io['rchar'], file=sys.stderr)\n"
+            "raise SystemExit(rc)\n")
     p = subprocess.run([sys.executable, "-c", code, *args], env=cli.env, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr

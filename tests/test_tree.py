@@ -13,9 +13,9 @@ from dataclasses import replace
 import pytest
 import trio
 
-from modelfs import tree
-from modelfs.errnos import errno_for
-from modelfs.tree import (CARD_NAME, LONG_TIMEOUT, ROOT_INODE, VERSIONS_DIR, Caller, InodeMap, ModelEntry,
+from modelfs.mount import tree
+from modelfs.mount.errnos import errno_for
+from modelfs.mount.tree import (CARD_NAME, LONG_TIMEOUT, ROOT_INODE, VERSIONS_DIR, Caller, InodeMap, ModelEntry,
                           Namespace, NoAttribute, build, diff, load_snapshot)
 from modelfs_store.catalog import Catalog, FileRecord, ModelRecord, VersionRecord
 from modelfs_store.errors import (Conflict, FetchError, FetchTimeout, IntegrityError, NotFound, OfflineError,
@@ -357,7 +357,7 @@ def test_unknown_errors_are_logged_with_traceback_and_become_eio(caplog):
     try:
         raise KeyError("bug")
     except KeyError as exc:
-        with caplog.at_level(logging.ERROR, logger="modelfs.errnos"):
+        with caplog.at_level(logging.ERROR, logger="modelfs.mount.errnos"):
             assert errno_for(exc) == errno.EIO
     assert caplog.records and caplog.records[0].exc_info is not None
 
@@ -366,7 +366,7 @@ def test_unknown_errors_are_logged_with_traceback_and_become_eio(caplog):
 def test_adapter_handlers_only_ever_raise_fuse_errors(ns, caplog):
     """pyfuse3's loop dies on any other exception; every handler translates."""
     pyfuse3 = pytest.importorskip("pyfuse3")
-    from modelfs.fuse_ops import ModelOps
+    from modelfs.mount.fuse_ops import ModelOps
 
     class Ctx:
         uid, gid, pid, umask = 1000, 1000, 1, 0o22

@@ -10,10 +10,13 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
-def _console():
+def _console() -> Console:
     from rich.console import Console  # rich costs ~100 ms to import; only bars need it
     return Console(stderr=True, highlight=False)
 
@@ -32,6 +35,14 @@ def human_size(n: int | None) -> str:
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
     sys.stdout.write("\n")
+
+
+def table(rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to the widest cell; the first row is the header."""
+    import click
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
 
 
 def info(msg: str) -> None:

@@ -1,4 +1,4 @@
-"""``modelfs pull`` and ``modelfs status``: thin front ends over store.pull and store.partial.
+"""``modelfs pull``: a thin front end over ``modelfs_store.pull`` and ``modelfs_store.packs``.
 
 Progress goes to stderr as a bar on a terminal and nowhere in a pipe; ``--json`` prints
 events to stdout, one JSON object per line. Ctrl-C (or SIGTERM) cancels the transfer
@@ -22,7 +22,7 @@ import click
 from modelfs_store.errors import StoreError, UsageError
 from modelfs_store.partial import list_partials
 
-from .output import human_size, info, print_json, progress_bar
+from ._output import human_size, info, print_json, progress_bar
 
 # trio, httpx and the downloader load only when a pull runs: every other verb starts faster.
 
@@ -141,7 +141,7 @@ def pull(c: Any, source: str, sha256: str | None, size: int | None, name: str | 
     with --lazy its files are listed at once and downloaded when first opened."""
     import trio
 
-    from .cli_trust import maybe_pull_pack  # signed packs (issue 5): a file, --pack, or a URL serving one
+    from .trust import maybe_pull_pack  # signed packs (issue 5): a file, --pack, or a URL serving one
     if maybe_pull_pack(c, source, force=pack, probe_url=sha256 is None, as_json=as_json, lazy=lazy):
         return
     if lazy:
@@ -172,109 +172,3 @@ def pull(c: Any, source: str, sha256: str | None, size: int | None, name: str | 
     what = f"version {result.version}" if result.new_version else f"version {result.version} (unchanged)"
     click.echo(f"pulled {result.model} {what}: {len(result.files)} file(s), "
                f"{human_size(result.new_bytes)} new in the store, unsigned")
-
-
-@click.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.pass_obj
-def status(c: Any, as_json: bool) -> None:
-    """Show the store: models, blobs, partial downloads, quarantine, and the mount: what
-    is open through it and why recent opens failed (the reasons behind an EIO, an
-    ENETUNREACH or an ETIMEDOUT a reader saw)."""
-    from .daemon import detached_daemons, read_status, stale_mountpoint
-    store = c.store
-    partials = list_partials(store)
-    blobs = store.blobs.iter_blobs()
-    blob_bytes = sum(store.blobs.size(s) for s in blobs)
-    quarantined = sorted(p.name for p in store.layout.quarantine.iterdir())
-    models = store.catalog.list_models()
-    daemon = read_status(store.layout)
-    stale = stale_mountpoint(store.layout) if daemon is None else None
-    detached = detached_daemons(store.layout)
-    if as_json:
-        keys = ("pid", "mountpoint", "offline", "started_at", "open_files", "fetch_errors")
-        mount = None if daemon is None else {k: daemon.get(k) for k in keys}
-        print_json({"store": str(store.layout.root), "models": len(models), "blobs": len(blobs),
-                    "blob_bytes": blob_bytes, "quarantine": quarantined,
-                    "partials": [p.as_dict() for p in partials], "mount": mount, "stale_mountpoint": stale,
-                    "detached": detached})
-        return
-    click.echo(f"store: {store.layout.root}")
-    click.echo(f"models: {len(models)}  blobs: {len(blobs)} ({human_size(blob_bytes)})  "
-               f"quarantined: {len(quarantined)}")
-    if stale:
-        click.echo(f"mount: {stale} is stale (its daemon died); `modelfs mount {stale}` recovers it")
-    else:
-        _echo_mount(daemon)
-    for d in detached:
-        click.echo(f"unmounted daemon (pid {d['pid']}, was at {d['mountpoint']}) still serves "
-                   f"{len(d['open_files'])} open file(s); it exits after the last close")
-        _echo_open(d["open_files"])
-    if not partials:
-        click.echo("no partial downloads")
-        return
-    click.echo("partial downloads (resume with the same pull; discard with `modelfs rm --partial SHA256`):")
-    for p in partials:
-        pct = f"{100 * p.bytes_present / p.expected_size:5.1f}%" if p.expected_size else "    ?"
-        total = human_size(p.expected_size) if p.expected_size else "?"
-        state = "  [downloading]" if p.active else ""
-        click.echo(f"  {p.sha256}  {human_size(p.bytes_present)} of {total} {pct}  {p.url or '-'}{state}")
-
-
-SHOWN_FETCH_ERRORS = 5  # the daemon keeps 20; --json and the daemon log have them all
-
-
-def _echo_mount(daemon: dict[str, Any] | None) -> None:
-    """The mount part of ``modelfs status``: one line for the daemon, one per model in
-    use, one per recent fetch error."""
-    if daemon is None:
-        click.echo("mount: not mounted")
-        return
-    mode = "offline" if daemon.get("offline") else "online"
-    up = _duration(time.time() - daemon["started_at"]) if daemon.get("started_at") else "?"
-    click.echo(f"mount: {daemon['mountpoint']}  (pid {daemon['pid']}, {mode}, up {up})")
-    _echo_open(daemon["open_files"])
-    errors = daemon.get("fetch_errors") or []
-    if len(errors) > SHOWN_FETCH_ERRORS:
-        click.echo(f"  recent fetch errors (last {SHOWN_FETCH_ERRORS} of {len(errors)}):")
-    elif errors:
-        click.echo("  recent fetch errors:")
-    for e in errors[-SHOWN_FETCH_ERRORS:]:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))
-        where = f"{e['model']}/{e['filename']}" if e.get("model") else e["filename"]
-        click.echo(f"    {when}  {where}: {e['reason']} ({e['error']})")
-
-
-def _echo_open(files: list[dict[str, Any]]) -> None:
-    """One line per model in use: its open files and who holds them."""
-    from .daemon import open_files_of
-    models = sorted({f["model"] for f in files if f.get("model")})
-    if not models:
-        click.echo("  no open files")
-    for model in models:
-        pids: dict[str, set[int]] = {}
-        for f in open_files_of(files, model):
-            pids.setdefault(f["filename"], set()).add(f["pid"])
-        held = ", ".join(f"{name} (pid{'s' if len(p) > 1 else ''} {', '.join(map(str, sorted(p)))})"
-                         for name, p in sorted(pids.items()))
-        click.echo(f"  open: {model}: {held}")
-
-
-def _duration(seconds: float) -> str:
-    s = max(int(seconds), 0)
-    d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
-    if d:
-        return f"{d}d {h}h"
-    if h:
-        return f"{h}h {m:02d}m"
-    return f"{m}m {s % 60:02d}s" if m else f"{s}s"
-
-
-def discard(c: Any, sha256: str, as_json: bool) -> None:
-    """``modelfs rm --partial SHA256``."""
-    from modelfs_store.partial import discard_partial
-    freed = discard_partial(c.store, sha256.lower())
-    if as_json:
-        print_json({"partial": sha256.lower(), "freed_bytes": freed})
-    else:
-        info(f"discarded the partial download {sha256.lower()[:16]}… ({human_size(freed)})")

@@ -6,7 +6,12 @@ import os
 import shutil
 from dataclasses import dataclass
 
+import click
+
 from modelfs_store.core import Store
+
+from ._context import Ctx, json_option, pass_ctx
+from ._output import print_json
 
 
 @dataclass
@@ -28,7 +33,7 @@ def run_checks(store: Store) -> list[Check]:
         checks.append(Check("pyfuse3", True, f"version {pyfuse3.__version__}"))
     except ImportError as exc:
         checks.append(Check("pyfuse3", False, f"cannot import: {exc}"))
-    integrity = store.catalog.conn.execute("PRAGMA integrity_check").fetchone()[0]
+    integrity = store.catalog.integrity_check()
     checks.append(Check("catalog integrity", integrity == "ok", integrity))
     checks.append(Check("catalog schema", True, f"version {store.catalog.schema_version()}"))
     referenced = store.catalog.referenced_shas()
@@ -39,3 +44,18 @@ def run_checks(store: Store) -> list[Check]:
     checks.append(Check("quarantine", not quarantined,
                         f"{len(quarantined)} item(s); inspect, then `modelfs prune`" if quarantined else "empty"))
     return checks
+
+
+@click.command()
+@json_option
+@pass_ctx
+def doctor(c: Ctx, as_json: bool) -> None:
+    """Check the machine and the store; exit non-zero when something is wrong."""
+    checks = run_checks(c.store)
+    if as_json:
+        print_json([ch.__dict__ for ch in checks])
+    else:
+        for ch in checks:
+            click.echo(f"{'ok  ' if ch.ok else 'FAIL'}  {ch.name}: {ch.detail}")
+    if not all(ch.ok for ch in checks):
+        raise SystemExit(1)

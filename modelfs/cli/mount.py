@@ -1,23 +1,17 @@
 """``modelfs mount`` and ``modelfs unmount``: argument parsing only; the daemon lives in
-:mod:`modelfs.daemon`. Registered on the main group at the bottom of ``modelfs.cli``."""
+:mod:`modelfs.mount`."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
-from modelfs_store.layout import Layout, default_root
+from modelfs.mount.config import DEFAULT_FETCH_TIMEOUT, MountConfig
+from modelfs.mount.openfiles import READ_MODES
+from modelfs_store.layout import Layout
 
-from .openfiles import READ_MODES
-
-DEFAULT_FETCH_TIMEOUT = 3600.0
-
-
-def _root(obj: Any) -> Path:
-    return Path(obj.root if obj.root else default_root()).absolute()
+from ._context import Ctx, pass_ctx
 
 
 @click.command()
@@ -30,27 +24,26 @@ def _root(obj: Any) -> Path:
               "download before failing with ETIMEDOUT (0: no limit).")
 @click.option("--read-mode", type=click.Choice(READ_MODES), default="inline", hidden=True,
               help="How reads are served (benchmarks only).")
-@click.pass_obj
-def mount(obj: Any, mountpoint: str, foreground: bool, offline: bool, fetch_timeout: float,
+@pass_ctx
+def mount(c: Ctx, mountpoint: str, foreground: bool, offline: bool, fetch_timeout: float,
           read_mode: str) -> None:
     """Mount the store at MOUNTPOINT: one read-only directory per model."""
-    from .daemon import MountConfig, log_to_stderr, run_foreground, start_background
-
-    cfg = MountConfig(Path(mountpoint).absolute(), _root(obj), offline=offline,
-                      fetch_timeout=fetch_timeout or None, read_mode=read_mode, verbose=obj.verbose)
+    cfg = MountConfig(Path(mountpoint).absolute(), c.root_path, offline=offline,
+                      fetch_timeout=fetch_timeout or None, read_mode=read_mode, verbose=c.verbose)
     if foreground:
-        log_to_stderr(obj.verbose)
-        sys.exit(run_foreground(cfg))
-    prefix = [sys.executable, "-m", "modelfs", "--store", str(cfg.store_root), *["-v"] * obj.verbose]
-    pid = start_background(cfg, prefix)
+        from modelfs.mount.daemon import log_to_stderr, run_foreground
+        log_to_stderr(c.verbose)
+        raise SystemExit(run_foreground(cfg))
+    from modelfs.mount.control import start_background
+    pid = start_background(cfg)
     click.echo(f"mounted {cfg.store_root} at {cfg.mountpoint} (daemon pid {pid})")
 
 
 @click.command()
 @click.argument("mountpoint", type=click.Path(file_okay=False))
-@click.pass_obj
-def unmount(obj: Any, mountpoint: str) -> None:
+@pass_ctx
+def unmount(c: Ctx, mountpoint: str) -> None:
     """Unmount MOUNTPOINT. Files already open stay readable until they are closed."""
-    from .daemon import unmount as do_unmount
+    from modelfs.mount.control import unmount as do_unmount
 
-    click.echo(do_unmount(Path(mountpoint).absolute(), Layout(_root(obj))))
+    click.echo(do_unmount(Path(mountpoint).absolute(), Layout(c.root_path)))

@@ -1,5 +1,5 @@
 """The trust verbs of ``modelfs``: keys, manifest signing and verification, channels,
-``update``. Registered on the main group by :func:`register` (bottom of ``cli.py``).
+``update``. Registered lazily by the group in ``modelfs.cli``.
 
 Parsing and printing only: the keyring lives in ``store.keys``, every trust decision
 in ``store.manifest`` and ``store.packs``. Store modules that pull in httpx, trio or
@@ -18,13 +18,8 @@ import click
 
 from modelfs_store.errors import StoreError, UsageError
 
-from .cli import Ctx, json_option, pass_ctx
-from .output import human_size, info, print_json, progress_bar
-
-
-def register(cli: click.Group) -> None:
-    for command in (keys, manifest, channels, update):
-        cli.add_command(command)
+from ._context import Ctx, json_option, pass_ctx
+from ._output import human_size, info, print_json, progress_bar
 
 
 def _now() -> datetime:

@@ -32,17 +32,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
-import select
 import signal
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,153 +44,20 @@ import trio
 from modelfs_store.blobs import lock_free
 from modelfs_store.catalog import Catalog
 from modelfs_store.core import Store
-from modelfs_store.errors import Conflict, StoreError, UsageError
-from modelfs_store.layout import Layout
+from modelfs_store.download import Downloader
+from modelfs_store.errors import Conflict
 
-from .openfiles import Fetcher, Materialiser, OpenFiles
-from .tree import Invalidation, Namespace, SnapshotReader, Tree, Visibility, build
+from .config import READY_ENV, MountConfig
+from .mountpoint import lazy_unmount, prepare_mountpoint
+from .openfiles import Materialiser, OpenFiles
+from .runstate import detached_path, lock_path, read_status_unlocked, write_json
+from .tree import Invalidation, Namespace, SnapshotReader, Tree, build
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.2          # seconds between catalog data_version checks
 READ_AHEAD_KB = 4096         # PERF-NOTES: 4 MiB beats the 128 KiB default 2-2.5x uncached
-DEFAULT_FETCH_TIMEOUT = 3600.0
-READY_ENV = "MODELFS_READY_FD"
 MIN_TASKS, MAX_TASKS = 4, 256  # opens waiting on a download each hold a worker task
-
-
-@dataclass
-class MountConfig:
-    mountpoint: Path
-    store_root: Path
-    offline: bool = False
-    fetch_timeout: float | None = DEFAULT_FETCH_TIMEOUT
-    read_mode: str = "inline"
-    verbose: int = 0
-    visibility: Visibility | None = field(default=None, repr=False)
-
-
-# -- run/ files ------------------------------------------------------------------------------
-def write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _lock_path(layout: Layout) -> Path:
-    return layout.run / "daemon.lock"
-
-
-def daemon_alive(layout: Layout) -> bool:
-    """Whether a daemon holds this store's lock (immune to pid reuse)."""
-    path = _lock_path(layout)
-    return path.exists() and not lock_free(path)
-
-
-def read_status(layout: Layout) -> dict[str, Any] | None:
-    """The running daemon's ``daemon.json`` plus ``open_files``; None when none runs.
-    For ``modelfs status`` and ``rm``'s in-use warning."""
-    if not daemon_alive(layout):
-        return None
-    try:
-        status = json.loads((layout.run / "daemon.json").read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    try:
-        status["open_files"] = json.loads((layout.run / "open.json").read_text())["files"]
-    except (FileNotFoundError, ValueError, KeyError):
-        status["open_files"] = []
-    return status
-
-
-def stale_mountpoint(layout: Layout) -> str | None:
-    """The mountpoint a killed daemon of this store left disconnected, if any; ``status``
-    points the user at ``modelfs mount`` (which recovers it)."""
-    if daemon_alive(layout):
-        return None
-    mp = (read_status_unlocked(layout) or {}).get("mountpoint")
-    return mp if mp and is_stale(Path(mp)) else None
-
-
-def detached_daemons(layout: Layout) -> list[dict[str, Any]]:
-    """Daemons of this store that were unmounted but still serve open files: each
-    ``{"pid", "mountpoint", "open_files"}``."""
-    found = []
-    for lock in sorted(layout.run.glob("detached-*.lock")):
-        if lock_free(lock):
-            continue  # its daemon is gone (killed before it could clean up)
-        try:
-            found.append(json.loads(lock.with_suffix(".json").read_text()))
-        except (FileNotFoundError, ValueError):
-            continue
-    return found
-
-
-def open_files(layout: Layout) -> list[dict[str, Any]]:
-    """Everything open through any daemon of this store, mounted or detached."""
-    status = read_status(layout)
-    files = list(status["open_files"]) if status else []
-    for d in detached_daemons(layout):
-        files += d.get("open_files", [])
-    return files
-
-
-def open_files_of(files: list[dict[str, Any]], model: str, version: int | None = None
-                  ) -> list[dict[str, Any]]:
-    """The open files of ``model`` (of one version when given), so ``status`` and ``rm``
-    agree on what is in use. Without a version, every version counts: a reader of
-    ``.versions/N/`` uses the model too."""
-    return [f for f in files if f.get("model") == model and (version is None or f.get("version") == version)]
-
-
-# -- mountpoints ------------------------------------------------------------------------------------
-def lazy_unmount(mountpoint: Path) -> None:
-    """Detach a FUSE mount (stale or live) without waiting for its users."""
-    for argv in (["fusermount3", "-u", "-z", str(mountpoint)], ["umount", "-l", str(mountpoint)]):
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-        except FileNotFoundError:
-            continue
-        if r.returncode == 0:
-            return
-        log.debug("%s failed: %s", argv[0], r.stderr.strip())
-    raise StoreError(f"could not unmount {mountpoint}; try: fusermount3 -u -z {mountpoint}")
-
-
-def is_stale(mountpoint: Path) -> bool:
-    """A FUSE mount whose daemon is gone. ``stat`` is not enough (the kernel may answer
-    it from cached attributes); ``statvfs`` always reaches the daemon."""
-    try:
-        os.stat(mountpoint)
-        if os.path.ismount(mountpoint):
-            os.statvfs(mountpoint)
-    except OSError as exc:
-        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-    return False
-
-
-def prepare_mountpoint(mountpoint: Path) -> Path:
-    """Recover a stale mount, refuse a live one, create a missing directory."""
-    if is_stale(mountpoint):
-        log.warning("%s is a stale mount (its daemon died); unmounting it lazily", mountpoint)
-        lazy_unmount(mountpoint)
-    if not mountpoint.exists():
-        mountpoint.mkdir(parents=True)
-    mountpoint = mountpoint.resolve()
-    if not mountpoint.is_dir():
-        raise UsageError(f"{mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
-        raise Conflict(f"{mountpoint} is already a mount point", mountpoint=str(mountpoint))
-    return mountpoint
 
 
 def set_read_ahead(st_dev: int, kb: int = READ_AHEAD_KB) -> bool:
@@ -251,7 +111,7 @@ class Daemon:
     def publish_status(self) -> None:
         if self.detached:
             return  # a newer daemon may own run/ now
-        write_json_atomic(self.layout.run / "daemon.json", {
+        write_json(self.layout.run / "daemon.json", {
             "pid": os.getpid(), "mountpoint": str(self.mountpoint), "store": str(self.layout.root),
             "offline": self.cfg.offline, "fetch_timeout": self.cfg.fetch_timeout,
             "read_mode": self.cfg.read_mode, "started_at": self.started_at,
@@ -261,13 +121,13 @@ class Daemon:
     def publish_open(self, table: list[dict[str, Any]] | None = None) -> None:
         table = self.files.table() if table is None else table
         if self.detached:  # run/open.json may be a newer daemon's now
-            write_json_atomic(self._detached_path(".json"), {
+            write_json(self._detached_path(".json"), {
                 "pid": os.getpid(), "mountpoint": str(self.mountpoint), "open_files": table})
             return
-        write_json_atomic(self.layout.run / "open.json", {"pid": os.getpid(), "files": table})
+        write_json(self.layout.run / "open.json", {"pid": os.getpid(), "files": table})
 
     def _detached_path(self, suffix: str) -> Path:
-        return self.layout.run / f"detached-{os.getpid()}{suffix}"
+        return detached_path(self.layout, os.getpid(), suffix)
 
     def _sweep_detached(self) -> None:
         """Remove what detached daemons that were killed left behind."""
@@ -303,7 +163,7 @@ class Daemon:
             await trio.sleep(0.02)
 
     def _lock(self) -> None:
-        fd = os.open(_lock_path(self.layout), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(lock_path(self.layout), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -393,13 +253,6 @@ class Daemon:
             with os.fdopen(int(ready), "w") as f:
                 f.write(f"ready {os.getpid()}\n")
 
-    async def _fetcher(self) -> Fetcher | None:
-        try:
-            from modelfs_store.download import Downloader
-        except ImportError:
-            log.warning("store.download is not available: dehydrated files cannot be fetched")
-            return None
-        return Downloader(self.store, offline=self.cfg.offline)
 
     async def serve(self) -> None:
         import pyfuse3
@@ -412,7 +265,7 @@ class Daemon:
         self.ns.swap(await trio.to_thread.run_sync(self._load))
         blobs = self.store.blobs
         ops = ModelOps(self.ns, self.files, lambda sha: "local" if blobs.has(sha) else "dehydrated")
-        fetcher = self.materialiser.fetcher = await self._fetcher()
+        fetcher = self.materialiser.fetcher = Downloader(self.store, offline=self.cfg.offline)
         pyfuse3.init(ops, str(self.mountpoint), mount_options())
         clean = False
         try:
@@ -430,8 +283,7 @@ class Daemon:
                              "directory); `modelfs mount` recovers it", self.mountpoint)
             self.files.close_all()
             with trio.CancelScope(shield=True):
-                if fetcher is not None:
-                    await fetcher.aclose()
+                await fetcher.aclose()
             # After a detach the kernel has already let go; after a crash, never unmount.
             pyfuse3.close(unmount=clean and not self.detached)
             if clean:
@@ -470,13 +322,6 @@ def _invalidate_inodes(inodes: tuple[int, ...]) -> None:
                 log.warning("could not invalidate inode %d: %s", ino, exc)
 
 
-def read_status_unlocked(layout: Layout) -> dict[str, Any] | None:
-    try:
-        return json.loads((layout.run / "daemon.json").read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
 def run_foreground(cfg: MountConfig) -> int:
     """Mount and serve until unmounted or signalled. Returns the exit status."""
     daemon = Daemon(cfg)
@@ -485,92 +330,6 @@ def run_foreground(cfg: MountConfig) -> int:
     finally:
         daemon.close()
     return 0
-
-
-# -- background start and unmount (the CLI side) --------------------------------------------------------
-def start_background(cfg: MountConfig, argv_prefix: list[str], timeout: float = 60.0) -> int:
-    """Re-exec ``modelfs mount --foreground`` detached; return its pid once the mount is live."""
-    layout = Layout(cfg.store_root)
-    layout.ensure()
-    log_path = layout.run / "daemon.log"
-    r, w = os.pipe()
-    argv = [*argv_prefix, "mount", str(cfg.mountpoint), "--foreground",
-            "--fetch-timeout", str(cfg.fetch_timeout or 0), "--read-mode", cfg.read_mode]
-    if cfg.offline:
-        argv.append("--offline")
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
-                                env={**os.environ, READY_ENV: str(w)}, start_new_session=True)
-    os.close(w)
-    try:
-        ready, _, _ = select.select([r], [], [], timeout)
-        line = os.read(r, 256).decode(errors="replace") if ready else ""
-    finally:
-        os.close(r)
-    if line.startswith("ready"):
-        return proc.pid
-    if proc.poll() is None:
-        proc.terminate()
-    tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-    reason = tail[-1] if tail else "no output"
-    raise StoreError(f"the mount daemon did not start: {reason} (log: {log_path})")
-
-
-@contextlib.contextmanager
-def mounted(store_root: Path, mountpoint: Path, *, offline: bool = True) -> Iterator[Path]:
-    """Mount ``store_root`` at ``mountpoint`` in a background daemon for the duration of a
-    ``with`` block (the demo, scripts); always unmounts. Offline by default."""
-    cfg = MountConfig(Path(mountpoint).absolute(), Path(store_root).absolute(), offline=offline)
-    start_background(cfg, [sys.executable, "-m", "modelfs", "--store", str(cfg.store_root)])
-    try:
-        yield cfg.mountpoint
-    finally:
-        unmount(cfg.mountpoint, Layout(cfg.store_root))
-
-
-def unmount(mountpoint: Path, layout: Layout, timeout: float = 30.0) -> str:
-    """Stop the daemon serving ``mountpoint``; returns what happened, in words."""
-    if is_stale(mountpoint):
-        lazy_unmount(mountpoint)
-        return f"cleaned up stale mount {mountpoint}"
-    mountpoint = mountpoint.resolve()
-    if not os.path.ismount(mountpoint):
-        raise UsageError(f"{mountpoint} is not mounted")
-    status = read_status(layout)
-    if status is None or Path(status["mountpoint"]) != mountpoint:
-        # Not this store's daemon (or another store): a plain unmount, refused while busy.
-        r = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise Conflict(f"could not unmount {mountpoint}: {r.stderr.strip() or 'busy'}")
-        return f"unmounted {mountpoint}"
-    pid = int(status["pid"])
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while os.path.ismount(mountpoint) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if os.path.ismount(mountpoint):
-        raise StoreError(f"daemon {pid} did not unmount {mountpoint} within {timeout:g}s")
-    busy = len(status["open_files"])  # now in detached-<pid>.json: status and rm still see them
-    if busy:
-        return (f"unmounted {mountpoint}; {busy} file(s) still open, daemon {pid} exits when they are closed")
-    while _pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return f"unmounted {mountpoint}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours counts as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def log_to_stderr(verbose: int) -> None:

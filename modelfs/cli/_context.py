@@ -1,0 +1,74 @@
+"""What every verb of the ``modelfs`` command shares: the context object with its
+lazily opened store, the decorators that hand it over, and logging set-up.
+
+Verbs import from here; nothing here imports a verb.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from modelfs_store.core import Store
+from modelfs_store.layout import default_root
+from modelfs_store.redact import redact_text
+
+from ._output import human_size, info
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Ctx:
+    """Per-invocation state: the store root and verbosity from the group's options, and
+    the store itself, opened on first use (``--help`` and ``keys generate`` need none)."""
+
+    def __init__(self, root: str | None, verbose: int) -> None:
+        self.root = root
+        self.verbose = verbose
+        self._store: Store | None = None
+
+    @property
+    def root_path(self) -> Path:
+        """The store directory, absolute (the daemon runs with ``/`` as its directory)."""
+        return Path(self.root if self.root else default_root()).absolute()
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store.open(self.root)
+            rec = self._store.recovery
+            if rec.stale_temps:
+                info(f"recovered: removed {len(rec.stale_temps)} stale temp file(s) "
+                     f"({human_size(rec.freed_bytes)}) left by an interrupted import")
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+pass_ctx: Callable[[F], F] = click.make_pass_decorator(Ctx)
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+class RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
+
+
+def setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # httpx logs every request with its full URL at INFO; signed URLs must not leak.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
