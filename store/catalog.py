@@ -14,6 +14,7 @@ The catalog never stores secrets: callers hand it redacted URLs only
 
 from __future__ import annotations
 
+import enum
 import json
 import sqlite3
 import time
@@ -21,11 +22,32 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import Conflict, NotFound, StoreError
 
 ROLES = ("weights", "mmproj", "shard", "aux")
+
+
+class Action(enum.StrEnum):
+    """What an audit row records; the ``action`` column holds the value."""
+    IMPORT = "import"            # an imported version, or an import of bytes already present
+    PULL = "pull"                # an unsigned pull; a failed signed pull
+    ACCEPT = "accept"            # a signed pack passed every check and was installed
+    REFUSE = "refuse"            # a signed pack refused (signature, floor, content)
+    ACTIVATE = "activate"        # a version made active
+    ROLLBACK = "rollback"        # back to the last-good version
+    RM = "rm"                    # a model or version removed
+    PRUNE = "prune"              # versions removed by prune
+    VERIFY = "verify"            # a blob failed re-verification
+    GRANT = "grant"              # an app may see a model
+    REVOKE = "revoke"            # a grant taken back
+    KEY_ADD = "key-add"          # a publisher key trusted
+    KEY_REVOKE = "key-revoke"    # a publisher key revoked
+    CHANNEL_ADD = "channel-add"  # a trusted channel added
+
+
+Outcome = Literal["ok", "refused", "failed"]
 
 # Each entry moves a database from version i to i+1. Never edit a released entry:
 # append a new one, and extend tests/test_catalog.py's upgrade test.
@@ -386,11 +408,6 @@ class Catalog:
         self.conn.execute("UPDATE versions SET manifest = ? WHERE model = ? AND version = ?",
                           (payload, model, version))
 
-    def set_version_state(self, model: str, version: int, state: str) -> None:
-        installed_at = self.clock() if state == "installed" else None
-        self.conn.execute("UPDATE versions SET state = ?, installed_at = COALESCE(?, installed_at) "
-                          "WHERE model = ? AND version = ?", (state, installed_at, model, version))
-
     def delete_version(self, model: str, version: int) -> None:
         with self.txn():
             self.conn.execute("DELETE FROM files WHERE model = ? AND version = ?", (model, version))
@@ -400,11 +417,6 @@ class Catalog:
         return [(r["model"], r["version"], FileRecord.from_row(dict(r)))
                 for r in self.conn.execute("SELECT * FROM files ORDER BY model, version, filename")]
 
-    def files_with_sha(self, sha256: str) -> list[tuple[str, int, str]]:
-        return [(r["model"], r["version"], r["filename"]) for r in self.conn.execute(
-            "SELECT model, version, filename FROM files WHERE sha256 = ? ORDER BY model, version, filename",
-            (sha256,))]
-
     def referenced_shas(self) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT DISTINCT sha256 FROM files")}
 
@@ -413,8 +425,7 @@ class Catalog:
                           (etag, last_modified, sha256))
 
     # -- activation ------------------------------------------------------------
-    def activate(self, model: str, version: int, *, actor: str, action: str = "activate",
-                 reason: str | None = None) -> int | None:
+    def activate(self, model: str, version: int, *, actor: str, reason: str | None = None) -> int | None:
         """Make ``version`` active in one durable transaction; returns the previous active one,
         which becomes last-good. Activating the active version changes nothing."""
         with self.txn():
@@ -428,7 +439,7 @@ class Catalog:
             last_good = m.active_version if m.active_version is not None else m.last_good_version
             self.conn.execute("UPDATE models SET active_version = ?, last_good_version = ? WHERE name = ?",
                               (version, last_good, model))
-            self.audit(actor, action, model=model, version=version, reason=reason,
+            self.audit(actor, Action.ACTIVATE, model=model, version=version, reason=reason,
                        detail={"previous": m.active_version})
             return m.active_version
 
@@ -441,13 +452,9 @@ class Catalog:
             self.get_version(model, target)
             self.conn.execute("UPDATE models SET active_version = ?, last_good_version = ? WHERE name = ?",
                               (target, m.active_version, model))
-            self.audit(actor, "rollback", model=model, version=target,
+            self.audit(actor, Action.ROLLBACK, model=model, version=target,
                        detail={"from": m.active_version})
             return target
-
-    def set_active(self, model: str, active: int | None, last_good: int | None) -> None:
-        self.conn.execute("UPDATE models SET active_version = ?, last_good_version = ? WHERE name = ?",
-                          (active, last_good, model))
 
     # -- apps, grants, pins ---------------------------------------------------------
     def pin(self, model: str, reason: str | None = None) -> None:
@@ -469,24 +476,25 @@ class Catalog:
     def apps(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.conn.execute("SELECT * FROM apps ORDER BY app_id")]
 
-    def grant(self, app_id: str, model: str) -> None:
-        self.get_model(model)
-        if not self.conn.execute("SELECT 1 FROM apps WHERE app_id = ?", (app_id,)).fetchone():
-            raise NotFound(f"no app named {app_id!r}", app=app_id)
-        self.conn.execute("INSERT OR IGNORE INTO grants (app_id, model, granted_at) VALUES (?, ?, ?)",
-                          (app_id, model, self.clock()))
+    def grant(self, app_id: str, model: str, *, actor: str) -> None:
+        with self.txn():
+            self.get_model(model)
+            if not self.conn.execute("SELECT 1 FROM apps WHERE app_id = ?", (app_id,)).fetchone():
+                raise NotFound(f"no app named {app_id!r}", app=app_id)
+            self.conn.execute("INSERT OR IGNORE INTO grants (app_id, model, granted_at) VALUES (?, ?, ?)",
+                              (app_id, model, self.clock()))
+            self.audit(actor, Action.GRANT, model=model, detail={"app": app_id})
 
-    def revoke(self, app_id: str, model: str) -> bool:
-        return self.conn.execute("DELETE FROM grants WHERE app_id = ? AND model = ?",
-                                 (app_id, model)).rowcount > 0
+    def revoke(self, app_id: str, model: str, *, actor: str) -> bool:
+        with self.txn():
+            gone = self.conn.execute("DELETE FROM grants WHERE app_id = ? AND model = ?",
+                                     (app_id, model)).rowcount > 0
+            if gone:
+                self.audit(actor, Action.REVOKE, model=model, detail={"app": app_id})
+        return gone
 
     def grants(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.conn.execute("SELECT * FROM grants ORDER BY app_id, model")]
-
-    def set_visibility(self, model: str, visibility: str) -> None:
-        if visibility not in ("shared", "private"):
-            raise ValueError(visibility)
-        self.conn.execute("UPDATE models SET visibility = ? WHERE name = ?", (visibility, model))
 
     # -- keys and version floors --------------------------------------------------------
     def add_key(self, key_id: str, public_key_b64: str) -> None:
@@ -548,8 +556,12 @@ class Catalog:
                           (self.clock(), result, url))
 
     # -- audit -------------------------------------------------------------------------
-    def audit(self, actor: str, action: str, *, model: str | None = None, version: int | None = None,
-              outcome: str = "ok", reason: str | None = None, detail: dict[str, Any] | None = None) -> None:
+    def audit(self, actor: str, action: Action, *, model: str | None = None, version: int | None = None,
+              outcome: Outcome = "ok", reason: str | None = None, detail: dict[str, Any] | None = None) -> None:
+        """Append one event; the only way a row reaches the audit log."""
+        action = Action(action)  # a free string that is not an action is a bug
+        if outcome not in ("ok", "refused", "failed"):
+            raise ValueError(f"unknown audit outcome {outcome!r}")
         self.conn.execute(
             "INSERT INTO audit (ts, actor, action, model, version, outcome, reason, detail) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

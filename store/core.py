@@ -22,7 +22,7 @@ from typing import Any
 
 from . import gguf
 from .blobs import BlobStore, RecoveryReport
-from .catalog import Catalog, FileRecord, ModelRecord, VersionRecord
+from .catalog import Action, Catalog, FileRecord, ModelRecord, VersionRecord
 from .errors import Conflict, NotFound, UsageError
 from .layout import Layout, default_root
 from .names import check_filename, check_model_name
@@ -129,11 +129,11 @@ class Store:
         records.sort(key=lambda r: r.filename)
 
         version, created = self.record_unsigned(
-            name, records, info, action="import", source=f"import:{sources[0][0].name}", license=license,
+            name, records, info, action=Action.IMPORT, source=f"import:{sources[0][0].name}", license=license,
             source_url=source_url, owner_app=owner_app, new_bytes=new_bytes)
         return ImportResult(name, version, created, new_bytes, tuple(records))
 
-    def record_unsigned(self, name: str, records: list[FileRecord], info: gguf.GGUFInfo, *, action: str,
+    def record_unsigned(self, name: str, records: list[FileRecord], info: gguf.GGUFInfo, *, action: Action,
                         source: str, license: str | None, source_url: str | None, owner_app: str | None,
                         new_bytes: int) -> tuple[int, bool]:
         """Record ``records`` (verified, committed blobs) as a new unsigned version of
@@ -231,7 +231,7 @@ class Store:
                 checked[rec.sha256] = status
             results.append(VerifyResult(model, version, rec.filename, rec.sha256, status))
             if status == "corrupt":
-                self.catalog.audit(self.actor, "verify", model=model, version=version, outcome="failed",
+                self.catalog.audit(self.actor, Action.VERIFY, model=model, version=version, outcome="failed",
                                    reason=f"{rec.filename}: SHA-256 mismatch, blob quarantined",
                                    detail={"sha256": rec.sha256})
         return results
@@ -280,7 +280,7 @@ class Store:
                 blobs.append((sha, self.blobs.size(sha)))
         return RemovalPlan(models, tuple(sorted(doomed)), tuple(blobs), tuple(sorted(set(kept))), quarantine)
 
-    def execute(self, plan: RemovalPlan, action: str = "rm") -> int:
+    def execute(self, plan: RemovalPlan, action: Action = Action.RM) -> int:
         """Carry out a plan. Rows go first, bytes second: a crash in between leaves an
         unreferenced blob (prune finds it), never a row without its bytes.
 

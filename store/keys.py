@@ -46,17 +46,16 @@ import stat
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .catalog import Action, Catalog
 from .durable import fsync_dir, fsync_file
 from .errors import Conflict, NotFound, TrustError, UsageError
 from .names import filename_problem
 
-if TYPE_CHECKING:
-    from .catalog import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +385,7 @@ def trust_key(catalog: Catalog, key_id: str, public_b64: str, *, actor: str,
         existed = any(r["key_id"] == key_id for r in catalog.keys())
         catalog.add_key(key_id, public_b64)
         if not existed:
-            catalog.audit(actor, "key-add", reason=f"trusted key {key_id!r}",
+            catalog.audit(actor, Action.KEY_ADD, reason=f"trusted key {key_id!r}",
                           detail={"key_id": key_id, "public_key": public_b64})
     return not existed
 
@@ -405,6 +404,6 @@ def revoke_key(catalog: Catalog, key_id: str, *, actor: str,
         else:
             catalog.revoke_key(key_id)
         if info.state != "revoked":
-            catalog.audit(actor, "key-revoke", reason=f"revoked key {key_id!r}",
+            catalog.audit(actor, Action.KEY_REVOKE, reason=f"revoked key {key_id!r}",
                           detail={"key_id": key_id, "source": info.source})
     return {k.key_id: k for k in list_keys(catalog, system_dir)}[key_id]

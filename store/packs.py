@@ -87,7 +87,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from .archive import extract_zip
-from .catalog import FileRecord
+from .catalog import Action, FileRecord
 from .crashpoints import crash_point
 from .download import MAX_REDIRECTS, redirect_target
 from .errors import (ArchiveError, Conflict, FetchError, GGUFError, IntegrityError, ManifestError, NotFound,
@@ -235,7 +235,7 @@ async def install_pack(store: Store, downloader: Any, envelope: bytes, *, platfo
             installer.discard_new_blobs()
             _audit_refusal(store, actor, exc, source, manifest)
         else:
-            cat.audit(actor, "pull", model=manifest.model_id, version=manifest.version, outcome="failed",
+            cat.audit(actor, Action.PULL, model=manifest.model_id, version=manifest.version, outcome="failed",
                       reason=redact_text(str(exc)), detail=_detail(exc, source, manifest))
         raise
 
@@ -258,7 +258,7 @@ def _audit_refusal(store: Store, actor: str, exc: StoreError, source: str,
     # enough to file the event under; they stay in the one-line reason if relevant.
     model = manifest.model_id if manifest else None
     version = manifest.version if manifest else None
-    store.catalog.audit(actor, "refuse", model=model, version=version, outcome="refused",
+    store.catalog.audit(actor, Action.REFUSE, model=model, version=version, outcome="refused",
                         reason=redact_text(str(exc)), detail=_detail(exc, source, manifest))
 
 
@@ -309,7 +309,7 @@ class _Installer:
                         **_card(m, self.source, self._gguf_header(files)))
         cat.set_version_manifest(m.model_id, m.version, m.raw_payload.decode("utf-8"))
         cat.raise_floor(m.model_id, m.version, m.payload_sha256)
-        cat.audit(self.actor, "accept", model=m.model_id, version=m.version,
+        cat.audit(self.actor, Action.ACCEPT, model=m.model_id, version=m.version,
                   reason=f"signed by {m.key_id}; {len(files)} file(s) verified",
                   detail={**_detail(None, self.source, m), "bytes_downloaded": self.downloaded,
                           "new_bytes": self.new_bytes - sum(n for z, n in self.zips.items()
@@ -342,7 +342,7 @@ class _Installer:
         self._drop_zips()
         active = cat.get_model(m.model_id).active_version
         outcome = "already-active" if active == m.version else "already-installed"
-        cat.audit(self.actor, "accept", model=m.model_id, version=m.version,
+        cat.audit(self.actor, Action.ACCEPT, model=m.model_id, version=m.version,
                   reason=f"{outcome.replace('-', ' ')}; {self.downloaded} bytes downloaded",
                   detail={**_detail(None, self.source, m), "bytes_downloaded": self.downloaded})
         return self._result(outcome, False, active, files)
@@ -517,7 +517,7 @@ async def pull_pack_url(store: Store, downloader: Any, url: str, **kw: Any) -> I
         if isinstance(exc, ManifestError):
             _audit_refusal(store, actor, exc, redact_url(url))
         else:
-            store.catalog.audit(actor, "pull", outcome="failed", reason=redact_text(str(exc)),
+            store.catalog.audit(actor, Action.PULL, outcome="failed", reason=redact_text(str(exc)),
                                 detail={"source": redact_url(url)})
         raise
     return await install_pack(store, downloader, data, source=redact_url(url), **kw)
@@ -559,7 +559,7 @@ def add_channel(store: Store, url: str, key_ids: Collection[str], *, actor: str 
         check_key_id(k)
     with store.catalog.txn():
         store.catalog.add_channel(url, list(key_ids))
-        store.catalog.audit(actor or store.actor, "channel-add", reason=f"channel {url}",
+        store.catalog.audit(actor or store.actor, Action.CHANNEL_ADD, reason=f"channel {url}",
                             detail={"url": url, "key_ids": sorted(key_ids)})
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from . import gguf, hf
-from .catalog import FileRecord
+from .catalog import Action, FileRecord
 from .download import Downloader, FetchResult
 from .errors import UsageError
 from .layout import check_sha256
@@ -144,7 +144,7 @@ async def pull(store: Any, downloader: Downloader, sources: list[PullSource], *,
     weights = sources[0]
 
     version, created = store.record_unsigned(
-        name, records, info, action="pull", source=weights.source, license=license,
+        name, records, info, action=Action.PULL, source=weights.source, license=license,
         source_url=weights.source_url, owner_app=owner_app, new_bytes=new_bytes)
     return PullResult(name, version, created, new_bytes, transferred, tuple(records))
 

@@ -46,8 +46,7 @@ def apps_list(c: Ctx, as_json: bool) -> None:
 @pass_ctx
 def grant(c: Ctx, app_id: str, name: str) -> None:
     """Let APP_ID see model NAME."""
-    c.store.catalog.grant(app_id, name)
-    c.store.catalog.audit(c.store.actor, "grant", model=name, detail={"app": app_id})
+    c.store.catalog.grant(app_id, name, actor=c.store.actor)
     click.echo(f"granted {name} to {app_id}")
 
 
@@ -57,7 +56,6 @@ def grant(c: Ctx, app_id: str, name: str) -> None:
 @pass_ctx
 def revoke(c: Ctx, app_id: str, name: str) -> None:
     """Take back a grant of NAME from APP_ID."""
-    if not c.store.catalog.revoke(app_id, name):
+    if not c.store.catalog.revoke(app_id, name, actor=c.store.actor):
         raise UsageError(f"{app_id!r} has no grant for {name!r}")
-    c.store.catalog.audit(c.store.actor, "revoke", model=name, detail={"app": app_id})
     click.echo(f"revoked {name} from {app_id}")

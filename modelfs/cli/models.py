@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from modelfs_store.catalog import Action
 from modelfs_store.core import RemovalPlan
 from modelfs_store.errors import UsageError
 
@@ -176,7 +177,7 @@ def prune(c: Ctx, dry_run: bool, as_json: bool) -> None:
     else:
         _print_plan(plan, "prune")
     if not dry_run:
-        c.store.execute(plan, action="prune")
+        c.store.execute(plan, action=Action.PRUNE)
 
 
 # -- versions -------------------------------------------------------------------------------
