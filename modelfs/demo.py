@@ -213,10 +213,10 @@ def read_through_the_mount(d: Demo) -> None:
         step("numpy.memmap of the locally imported model, through the mount")
         local = mnt / "demo" / "demo-llama-Q4_K_M.gguf"
         data = np.memmap(local, dtype=np.uint8, mode="r")
-        digest = hashlib.sha256(data).hexdigest()
+        digest = hashlib.sha256(data.data).hexdigest()
         want = os.getxattr(local, "user.modelfs.sha256").decode()
         print(f"sha256 over the mmap {digest[:16]}… matches user.modelfs.sha256: {digest == want}")
-        data._mmap.close()  # numpy keeps the mapping until collected; close it before unmounting
+        data._mmap.close()  # type: ignore[attr-defined]  # numpy keeps it mapped until collected
         del data
         if digest != want:
             sys.exit("demo failed: the bytes read through the mount do not match their SHA-256")

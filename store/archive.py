@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import os
 import shutil
 import stat
@@ -40,7 +41,7 @@ import unicodedata
 import zipfile
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -183,106 +184,123 @@ def _read_local_header(f: BinaryIO, info: zipfile.ZipInfo) -> tuple[int, bytes]:
     return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len, name
 
 
+def _check_entry(info: zipfile.ZipInfo, shown: str, limits: Limits) -> tuple[str, bool]:
+    """Refuse one central-directory entry on its own merits: name, type, encryption,
+    compression, declared sizes. Returns (method, is_dir)."""
+    raw = info.orig_filename  # the name before zipfile truncated it at a NUL
+    problem = _name_problem(raw, limits)
+    if problem is not None:
+        raise _refuse(shown, problem[0], f"entry {_show(raw)} {problem[1]}", entry=raw)
+    name = info.filename
+    kind = _entry_kind(info)
+    if kind is not None:
+        raise _refuse(shown, kind[0], f"entry {_show(name)} {kind[1]}", entry=name)
+    if info.flag_bits & (_FLAG_ENCRYPTED | _FLAG_STRONG_ENCRYPTION | _FLAG_MASKED_HEADERS):
+        raise _refuse(shown, "encrypted", f"entry {_show(name)} is encrypted", entry=name)
+    method = _METHODS.get(info.compress_type)
+    if method is None:
+        raise _refuse(shown, "unsupported-compression",
+                      f"entry {_show(name)} uses compression method {info.compress_type} "
+                      "(only stored and deflate)", entry=name)
+    is_dir = name.endswith("/")
+    if is_dir and (info.file_size or info.compress_size):
+        raise _refuse(shown, "size-mismatch", f"directory entry {_show(name)} has data", entry=name)
+    if method == "stored" and info.compress_size != info.file_size:
+        raise _refuse(shown, "size-mismatch",
+                      f"stored entry {_show(name)} declares {info.compress_size} bytes stored "
+                      f"but {info.file_size} bytes of content", entry=name)
+    if (info.file_size > limits.ratio_min_size
+            and info.file_size > limits.max_ratio * max(info.compress_size, 1)):
+        raise _refuse(shown, "ratio",
+                      f"entry {_show(name)} expands {info.compress_size} bytes to {info.file_size} "
+                      f"(more than {limits.max_ratio}:1)", entry=name)
+    return method, is_dir
+
+
+@dataclass
+class _Census:
+    """What the entries claim together: names (caseless), which are files and which
+    directories, and the byte ranges of their headers and data. Refuses collisions as
+    entries are added, and conflicts, overlaps and renamed headers at the end."""
+
+    shown: str
+    seen: dict[str, str] = field(default_factory=dict)     # caseless path -> entry name
+    files: set[str] = field(default_factory=set)
+    dirs: dict[str, str] = field(default_factory=dict)     # caseless dir -> entry that needs it
+    ranges: list[tuple[int, int, str]] = field(default_factory=list)
+    misnamed: list[str] = field(default_factory=list)
+
+    def add_name(self, name: str, path: str, is_dir: bool) -> None:
+        key = _caseless(path)
+        if key in self.seen:
+            raise _refuse(self.shown, "duplicate-name",
+                          f"entry {_show(name)} collides with {_show(self.seen[key])}", entry=name)
+        self.seen[key] = name
+        parts = key.split("/")
+        for depth in range(1, len(parts)):
+            self.dirs.setdefault("/".join(parts[:depth]), name)
+        if is_dir:
+            self.dirs.setdefault(key, name)
+        else:
+            self.files.add(key)
+
+    def finish(self) -> None:
+        clash = self.files & self.dirs.keys()
+        if clash:
+            key = sorted(clash)[0]
+            raise _refuse(self.shown, "path-conflict", f"entry {_show(self.seen[key])} is a file but "
+                          f"{_show(self.dirs[key])} needs it as a directory", entry=self.seen[key])
+        self.ranges.sort()
+        for (_, prev_end, prev_name), (start, _, name) in itertools.pairwise(self.ranges):
+            if start < prev_end:
+                raise _refuse(self.shown, "overlap",
+                              f"entries {_show(prev_name)} and {_show(name)} overlap", entry=name)
+        if self.misnamed:
+            # Judged after the overlap check: an alias of another entry's header is
+            # reported as the overlap it is.
+            raise _refuse(self.shown, "header-mismatch",
+                          f"entry {_show(self.misnamed[0])} has a different name in its local header",
+                          entry=self.misnamed[0])
+
+
 def _inspect(zf: zipfile.ZipFile, f: BinaryIO, shown: str, limits: Limits) -> list[tuple[Entry, zipfile.ZipInfo]]:
     infos = zf.infolist()
     if len(infos) > limits.max_entries:
         raise _refuse(shown, "too-many-entries", f"{len(infos)} entries (limit {limits.max_entries})",
                       count=len(infos))
     entries: list[tuple[Entry, zipfile.ZipInfo]] = []
+    census = _Census(shown)
     total = 0
-    seen: dict[str, str] = {}
-    files: set[str] = set()
-    dirs: dict[str, str] = {}
-    ranges: list[tuple[int, int, str]] = []
-    misnamed: list[str] = []
-    central_start = zf.start_dir
-
     for info in infos:
-        # orig_filename is the name before zipfile truncated it at a NUL.
-        raw = info.orig_filename
-        problem = _name_problem(raw, limits)
-        if problem is not None:
-            raise _refuse(shown, problem[0], f"entry {_show(raw)} {problem[1]}", entry=raw)
+        method, is_dir = _check_entry(info, shown, limits)
         name = info.filename
-        kind = _entry_kind(info)
-        if kind is not None:
-            raise _refuse(shown, kind[0], f"entry {_show(name)} {kind[1]}", entry=name)
-        if info.flag_bits & (_FLAG_ENCRYPTED | _FLAG_STRONG_ENCRYPTION | _FLAG_MASKED_HEADERS):
-            raise _refuse(shown, "encrypted", f"entry {_show(name)} is encrypted", entry=name)
-        method = _METHODS.get(info.compress_type)
-        if method is None:
-            raise _refuse(shown, "unsupported-compression",
-                          f"entry {_show(name)} uses compression method {info.compress_type} "
-                          "(only stored and deflate)", entry=name)
-        is_dir = name.endswith("/")
         path = name[:-1] if is_dir else name
-        if is_dir and (info.file_size or info.compress_size):
-            raise _refuse(shown, "size-mismatch", f"directory entry {_show(name)} has data", entry=name)
-        if method == "stored" and info.compress_size != info.file_size:
-            raise _refuse(shown, "size-mismatch",
-                          f"stored entry {_show(name)} declares {info.compress_size} bytes stored "
-                          f"but {info.file_size} bytes of content", entry=name)
-        if (info.file_size > limits.ratio_min_size
-                and info.file_size > limits.max_ratio * max(info.compress_size, 1)):
-            raise _refuse(shown, "ratio",
-                          f"entry {_show(name)} expands {info.compress_size} bytes to {info.file_size} "
-                          f"(more than {limits.max_ratio}:1)", entry=name)
         total += info.file_size
         if total > limits.max_total_size:
             raise _refuse(shown, "too-large",
                           f"uncompressed total exceeds {limits.max_total_size} bytes", size=total)
-
-        key = _caseless(path)
-        if key in seen:
-            raise _refuse(shown, "duplicate-name",
-                          f"entry {_show(name)} collides with {_show(seen[key])}", entry=name)
-        seen[key] = name
-        parts = key.split("/")
-        for depth in range(1, len(parts)):
-            dirs.setdefault("/".join(parts[:depth]), name)
-        if is_dir:
-            dirs.setdefault(key, name)
-        else:
-            files.add(key)
-
+        census.add_name(name, path, is_dir)
         try:
             data_offset, local_name = _read_local_header(f, info)
         except ValueError as exc:
             raise _refuse(shown, "header-mismatch", f"entry {_show(name)}: {exc}", entry=name) from None
         encoding = "utf-8" if info.flag_bits & _FLAG_UTF8 else "cp437"
-        if local_name != raw.encode(encoding):
-            # Judged after the overlap check: an alias of another entry's header is
-            # reported as the overlap it is.
-            misnamed.append(name)
+        if local_name != info.orig_filename.encode(encoding):
+            census.misnamed.append(name)
         end = data_offset + info.compress_size
-        if end > central_start:
+        if end > zf.start_dir:
             raise _refuse(shown, "past-central-directory",
                           f"entry {_show(name)} data extends past the central directory", entry=name)
-        ranges.append((info.header_offset, end, name))
+        census.ranges.append((info.header_offset, end, name))
         entries.append((Entry(path=path, is_dir=is_dir, size=info.file_size,
                               compressed_size=info.compress_size, method=method, crc=info.CRC,
                               header_offset=info.header_offset, data_offset=data_offset), info))
-
-    clash = files & dirs.keys()
-    if clash:
-        key = sorted(clash)[0]
-        raise _refuse(shown, "path-conflict",
-                      f"entry {_show(seen[key])} is a file but {_show(dirs[key])} needs it as a directory",
-                      entry=seen[key])
-    ranges.sort()
-    for (_, prev_end, prev_name), (start, _, name) in zip(ranges, ranges[1:]):
-        if start < prev_end:
-            raise _refuse(shown, "overlap",
-                          f"entries {_show(prev_name)} and {_show(name)} overlap", entry=name)
-    if misnamed:
-        raise _refuse(shown, "header-mismatch",
-                      f"entry {_show(misnamed[0])} has a different name in its local header",
-                      entry=misnamed[0])
+    census.finish()
     return entries
 
 
 def _open(path: Path) -> tuple[BinaryIO, zipfile.ZipFile]:
-    f = open(path, "rb")
+    f = open(path, "rb")  # noqa: SIM115 - returned open, with the ZipFile that reads it
     try:
         return f, zipfile.ZipFile(f)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, struct.error,
@@ -379,6 +397,54 @@ def _destination_problem(name: str) -> str | None:
     return None
 
 
+def _write_tree(f: BinaryIO, entries: list[Entry], tmp: Path, shown: str,
+                on_file: Callable[[ExtractedFile], None] | None) -> list[ExtractedFile]:
+    """Every entry into the private directory ``tmp``: files 0444 with O_EXCL and
+    O_NOFOLLOW, fsynced, then every directory fsynced."""
+    files: list[ExtractedFile] = []
+    made: set[str] = {""}
+
+    def ensure_dir(rel: str) -> None:
+        if rel in made:
+            return
+        ensure_dir(rel.rpartition("/")[0])
+        os.mkdir(tmp / rel, 0o755)
+        made.add(rel)
+
+    for entry in entries:
+        if entry.is_dir:
+            ensure_dir(entry.path)
+            continue
+        ensure_dir(entry.path.rpartition("/")[0])
+        fd = os.open(tmp / entry.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            sha256 = _copy_entry(f, entry, fd, shown)
+            os.fchmod(fd, 0o444)
+            fsync_file(fd)
+        finally:
+            os.close(fd)
+        item = ExtractedFile(path=entry.path, size=entry.size, sha256=sha256)
+        files.append(item)
+        if on_file is not None:
+            on_file(item)
+    for rel in sorted(made, key=len, reverse=True):
+        fsync_dir(tmp / rel if rel else tmp)
+    return files
+
+
+def _rename_into_place(tmp: Path, final: Path, shown: str) -> None:
+    # os.rename would silently replace an empty directory: look first. A directory
+    # created in the window between look and rename is the only gap.
+    if os.path.lexists(final):
+        raise Conflict(f"cannot extract {shown}: {final} already exists", reason="exists")
+    try:
+        os.rename(tmp, final)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise Conflict(f"cannot extract {shown}: {final} already exists", reason="exists") from None
+        raise
+
+
 def extract_zip(
     path: str | os.PathLike[str],
     dest_parent: str | os.PathLike[str],
@@ -409,48 +475,9 @@ def extract_zip(
         checked = _inspect(zf, f, shown, limits)
         tmp = Path(tempfile.mkdtemp(dir=dest_parent, prefix=".extract-"))
         try:
-            files: list[ExtractedFile] = []
-            made: set[str] = {""}
-
-            def ensure_dir(rel: str) -> None:
-                if rel in made:
-                    return
-                parent = rel.rpartition("/")[0]
-                ensure_dir(parent)
-                os.mkdir(tmp / rel, 0o755)
-                made.add(rel)
-
-            for entry, _info in checked:
-                if entry.is_dir:
-                    ensure_dir(entry.path)
-                    continue
-                ensure_dir(entry.path.rpartition("/")[0])
-                fd = os.open(tmp / entry.path,
-                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-                try:
-                    sha256 = _copy_entry(f, entry, fd, shown)
-                    os.fchmod(fd, 0o444)
-                    fsync_file(fd)
-                finally:
-                    os.close(fd)
-                item = ExtractedFile(path=entry.path, size=entry.size, sha256=sha256)
-                files.append(item)
-                if on_file is not None:
-                    on_file(item)
-            for rel in sorted(made, key=len, reverse=True):
-                fsync_dir(tmp / rel if rel else tmp)
+            files = _write_tree(f, [entry for entry, _ in checked], tmp, shown, on_file)
             os.chmod(tmp, 0o755)  # mkdtemp made it 0700
-            # os.rename would silently replace an empty directory: look first. A
-            # directory created in the window between look and rename is the only gap.
-            if os.path.lexists(final):
-                raise Conflict(f"cannot extract {shown}: {final} already exists", reason="exists")
-            try:
-                os.rename(tmp, final)
-            except OSError as exc:
-                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise Conflict(f"cannot extract {shown}: {final} already exists",
-                                   reason="exists") from None
-                raise
+            _rename_into_place(tmp, final, shown)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if exc.errno == errno.ENOSPC:

@@ -14,6 +14,7 @@ This module owns files on disk only; it never touches the catalog.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -22,9 +23,10 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Protocol
 
 from .crashpoints import crash_point
 from .durable import fsync_dir, fsync_file
@@ -65,6 +67,10 @@ def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> tupl
     return h.hexdigest(), size
 
 
+class Readable(Protocol):
+    def readinto(self, buffer: bytearray, /) -> int | None: ...
+
+
 class TempBlob:
     """A private, locked temp file being filled; hashes what is written."""
 
@@ -87,7 +93,7 @@ class TempBlob:
             view = view[n:]
             self.size += n
 
-    def copy_from(self, src: BinaryIO, progress: Callable[[int], None] | None = None) -> None:
+    def copy_from(self, src: Readable, progress: Callable[[int], None] | None = None) -> None:
         """Copy and hash in one pass over ``src``."""
         buf = bytearray(CHUNK)
         view = memoryview(buf)
@@ -189,10 +195,8 @@ class BlobStore:
                 on_done()
 
     def discard_temp(self, temp: TempBlob) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             temp.path.unlink()
-        except FileNotFoundError:
-            pass
         temp.close()
 
     def import_file(self, src: Path, progress: Callable[[int], None] | None = None,

@@ -18,13 +18,16 @@ import enum
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import Conflict, NotFound, StoreError
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 ROLES = ("weights", "mmproj", "shard", "aux")
 
@@ -71,7 +74,7 @@ CREATE TABLE versions (
     key_id         TEXT,                 -- key that signed the manifest; NULL when unsigned
     payload_sha256 TEXT,                 -- SHA-256 of the raw signed payload; NULL when unsigned
     manifest       TEXT,                 -- the raw signed payload (JSON) for audit and re-verification
-    source         TEXT,                 -- where it came from, redacted (scheme://host/path, hf://org/repo, import:NAME)
+    source         TEXT,                 -- where it came from, redacted (scheme://host/path, hf://org/repo, import:X)
     license        TEXT,                 -- licence identifier or text as given by the publisher
     source_url     TEXT,                 -- upstream project page, redacted
     family         TEXT,                 -- model family (manifest 'family', else GGUF architecture)
@@ -219,7 +222,7 @@ def _model(row: dict[str, Any]) -> ModelRecord:
 class Catalog:
     """One connection to the catalog. Not shared between threads."""
 
-    def __init__(self, path: Path, *, clock=time.time) -> None:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self.clock = clock
         conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
@@ -229,11 +232,11 @@ class Catalog:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=30000")
         self.conn = conn
-        self._db = None
+        self._db: sqlite_utils.Database | None = None
         self._migrate()
 
     @property
-    def db(self):  # -> sqlite_utils.Database
+    def db(self) -> sqlite_utils.Database:
         # sqlite-utils imports numpy when it can (~250 ms); read-only commands skip it.
         if self._db is None:
             import sqlite_utils
@@ -245,13 +248,13 @@ class Catalog:
 
     # -- schema ----------------------------------------------------------------
     def schema_version(self) -> int:
-        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
 
     def _migrate(self) -> None:
         current = self.schema_version()
         if current > SCHEMA_VERSION:
-            raise StoreError(
-                f"catalog {self.path} has schema {current}, newer than this modelfs ({SCHEMA_VERSION}); upgrade modelfs")
+            raise StoreError(f"catalog {self.path} has schema {current}, newer than this modelfs "
+                             f"({SCHEMA_VERSION}); upgrade modelfs")
         for number in range(current, SCHEMA_VERSION):
             with self.txn():
                 for stmt in _split_sql(MIGRATIONS[number]):
@@ -278,7 +281,7 @@ class Catalog:
 
     def data_version(self) -> int:
         """Changes whenever another connection commits; cheap to poll."""
-        return self.conn.execute("PRAGMA data_version").fetchone()[0]
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
 
     # -- models ----------------------------------------------------------------
     def get_model(self, name: str) -> ModelRecord:
@@ -363,14 +366,14 @@ class Catalog:
     def model_from_rows(self, rows: tuple[Any, ...]) -> tuple[ModelRecord, list[VersionRecord]]:
         """Records from one model's raw rows, as returned by :meth:`snapshot_rows`."""
         mrow, vrows, frows = rows
-        m = _model(dict(zip(self._mcols, mrow)))
+        m = _model(dict(zip(self._mcols, mrow, strict=True)))
         files: dict[int, list[FileRecord]] = {}
         for r in frows:
-            d = dict(zip(self._fcols, r))
+            d = dict(zip(self._fcols, r, strict=True))
             files.setdefault(d["version"], []).append(FileRecord.from_row(d))
         out = []
         for r in vrows:
-            d = dict(zip(self._vcols, r))
+            d = dict(zip(self._vcols, r, strict=True))
             card = {k: d[k] for k in CARD_FIELDS}
             if card["runtime_params"]:
                 card["runtime_params"] = json.loads(card["runtime_params"])
@@ -398,10 +401,10 @@ class Catalog:
             if self.conn.execute("SELECT 1 FROM versions WHERE model = ? AND version = ?",
                                  (model, version)).fetchone():
                 raise Conflict(f"model {model!r} already has version {version}", model=model, version=version)
-            self.db["versions"].insert({
+            self.db.table("versions").insert({
                 "model": model, "version": version, "state": state, "signed": int(signed),
                 "created_at": now, "installed_at": now if state == "installed" else None, **card})
-            self.db["files"].insert_all([f.row(model, version) for f in files])
+            self.db.table("files").insert_all([f.row(model, version) for f in files])
 
     def set_version_manifest(self, model: str, version: int, payload: str) -> None:
         """Keep the raw signed payload of a version, for audit and re-verification."""
@@ -521,7 +524,7 @@ class Catalog:
                           "revoked_at = COALESCE(keys.revoked_at, excluded.revoked_at)",
                           (key_id, public_key_b64, self.clock(), self.clock()))
 
-    def keys(self) -> list[dict[str, Any]]:
+    def key_rows(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.conn.execute("SELECT * FROM keys ORDER BY key_id")]
 
     def version_floor(self, model_id: str) -> tuple[int, str] | None:

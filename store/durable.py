@@ -16,6 +16,7 @@ This module owns no paths of its own and never touches the catalog.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -48,9 +49,7 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
             os.close(fd)
         os.rename(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     fsync_dir(path.parent)

@@ -517,7 +517,7 @@ def _read_preamble(r: _Reader) -> tuple[int, int, int]:
     version = r.unpack(_U32)
     if version not in SUPPORTED_VERSIONS:
         if version & 0xFFFF == 0 and version >> 24 in SUPPORTED_VERSIONS:
-            reason = "big-endian GGUF is not supported (version field reads %#010x)" % version
+            reason = f"big-endian GGUF is not supported (version field reads {version:#010x})"
         elif version == 1:
             reason = "GGUF v1 is not supported"
         else:
@@ -662,39 +662,42 @@ def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _alignment(r: _Reader, metadata: dict[str, object], alignment_type: int | None) -> int:
+    if "general.alignment" not in metadata:
+        return DEFAULT_ALIGNMENT
+    r.where = "KV 'general.alignment'"
+    value = metadata["general.alignment"]
+    if alignment_type != _UINT32:
+        type_name = _TYPE_NAMES[alignment_type] if alignment_type is not None else "?"
+        raise r.error(f"general.alignment has type {type_name}, expected UINT32")
+    assert isinstance(value, int)
+    if value == 0 or value & (value - 1):
+        raise r.error(f"general.alignment {value} is not a power of two")
+    return value
+
+
+def _check_data_fits(r: _Reader, tensors: list[GGUFTensor], header_end: int, data_offset: int,
+                     data_size: int | None, file_size: int) -> None:
+    r.where = "tensor data"
+    if data_size is not None:
+        last = data_offset + data_size
+    else:  # unknown sizes: at least every tensor must start inside the file
+        last = data_offset + max((t.offset for t in tensors), default=0)
+    if last > file_size:
+        raise r.error(f"truncated: tensor data ends at {last} but the file has {file_size} bytes", header_end)
+
+
 def _parse(r: _Reader, check_data: bool) -> GGUFInfo:
     version, n_tensors, n_kv = _read_preamble(r)
     metadata, alignment_type = _read_kvs(r, n_kv)
-
-    alignment = DEFAULT_ALIGNMENT
-    if "general.alignment" in metadata:
-        r.where = "KV 'general.alignment'"
-        value = metadata["general.alignment"]
-        if alignment_type != _UINT32:
-            type_name = _TYPE_NAMES[alignment_type] if alignment_type is not None else "?"
-            raise r.error(f"general.alignment has type {type_name}, expected UINT32")
-        assert isinstance(value, int)
-        if value == 0 or value & (value - 1):
-            raise r.error(f"general.alignment {value} is not a power of two")
-        alignment = value
-
+    alignment = _alignment(r, metadata, alignment_type)
     tensors = _read_tensor_infos(r, n_tensors)
     header_end = r.offset
     data_offset = _pad(header_end, alignment)
     data_size = _check_tensor_layout(r, tensors, alignment)
-
     file_size = r.size
     if check_data and file_size is not None:
-        r.where = "tensor data"
-        if data_size is not None:
-            last = data_offset + data_size
-        else:  # unknown sizes: at least every tensor must start inside the file
-            last = data_offset + max((t.offset for t in tensors), default=0)
-        if last > file_size:
-            raise r.error(
-                f"truncated: tensor data ends at {last} but the file has {file_size} bytes",
-                header_end,
-            )
+        _check_data_fits(r, tensors, header_end, data_offset, data_size, file_size)
 
     architecture = _str_or_none(metadata.get("general.architecture"))
     file_type = _int_or_none(metadata.get("general.file_type"))
@@ -759,7 +762,7 @@ def parse_gguf(
     """Parse the GGUF file at ``path``. Errors name ``name`` (default: the basename)."""
     shown = name if name is not None else os.path.basename(os.fspath(path))
     try:
-        f = open(path, "rb", buffering=0)
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 - entered below, after the open's own errors
     except OSError as exc:
         raise GGUFError(f"{shown}: cannot open: {exc.strerror or exc}", path=shown) from exc
     with f:

@@ -56,7 +56,6 @@ from .durable import fsync_dir, fsync_file
 from .errors import Conflict, NotFound, TrustError, UsageError
 from .names import filename_problem
 
-
 log = logging.getLogger(__name__)
 
 MAX_ENVELOPE_BYTES = 1024 * 1024
@@ -330,7 +329,7 @@ def _read_key_file(path: Path) -> tuple[str | None, str | None]:
 
 def list_keys(catalog: Catalog, system_dir: str | os.PathLike[str] | None = None) -> list[KeyInfo]:
     """Every key either source knows, merged by the rules in the module docstring."""
-    rows = {r["key_id"]: r for r in catalog.keys()}
+    rows = {r["key_id"]: r for r in catalog.key_rows()}
     system = {k.key_id: k for k in read_system_keys(system_dir)}
     out: list[KeyInfo] = []
     for key_id in sorted(set(rows) | set(system)):
@@ -338,8 +337,7 @@ def list_keys(catalog: Catalog, system_dir: str | os.PathLike[str] | None = None
         revoked_at = row["revoked_at"] if row else None
         added_at = row["added_at"] if row else None
         path = str(sys_key.path) if sys_key else None
-        user = row is not None and row["source"] == "user"
-        if user:
+        if row is not None and row["source"] == "user":
             b64 = row["public_key"]
             source = "user"
             problem = None
@@ -351,8 +349,10 @@ def list_keys(catalog: Catalog, system_dir: str | os.PathLike[str] | None = None
             b64 = sys_key.public_key_b64 or (row["public_key"] if row else None)
             source = "system"
             problem = sys_key.problem
-        else:  # a revocation record of a system key whose file is gone
+        elif row is not None:  # a revocation record of a system key whose file is gone
             b64, source, problem = row["public_key"], "system", None
+        else:
+            raise AssertionError(f"key {key_id!r} is in neither source")  # key_id came from one of them
         state = "revoked" if revoked_at is not None else "unusable" if problem else "trusted"
         out.append(KeyInfo(key_id, b64, source, state, added_at, revoked_at, path, problem))
     return out
@@ -382,7 +382,7 @@ def trust_key(catalog: Catalog, key_id: str, public_b64: str, *, actor: str,
             raise Conflict(f"key_id {key_id!r} is already bound to a different key by {sys_key.path}",
                            key_id=key_id)
     with catalog.txn():
-        existed = any(r["key_id"] == key_id for r in catalog.keys())
+        existed = any(r["key_id"] == key_id for r in catalog.key_rows())
         catalog.add_key(key_id, public_b64)
         if not existed:
             catalog.audit(actor, Action.KEY_ADD, reason=f"trusted key {key_id!r}",

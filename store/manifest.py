@@ -77,7 +77,7 @@ import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Union
+from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography.exceptions import InvalidSignature
@@ -115,7 +115,7 @@ _MAX_NOTES = 16 * 1024
 _MAX_URL = 8192
 _MAX_RUNTIME_PARAMS = 64
 
-RuntimeValue = Union[str, int, float, bool]
+RuntimeValue = str | int | float | bool
 
 
 # --------------------------------------------------------------------------- types
@@ -182,7 +182,7 @@ class Manifest:
         return [a for a in self.artifacts if a.platform in ("any", platform)]
 
 
-Keyring = Mapping[str, Union[TrustedKey, Ed25519PublicKey]]
+Keyring = Mapping[str, TrustedKey | Ed25519PublicKey]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -487,6 +487,7 @@ def _filename(value: Any, field: str) -> str:
         raise _refuse("bad-filename", f"{field} {shown} {problem}", field=field)
     if reserved_problem(value) is not None:
         raise _refuse("reserved-filename", f"{field} {value!r} is reserved by the mount", field=field)
+    assert isinstance(value, str)  # filename_problem refuses every non-string
     return value
 
 
@@ -582,6 +583,31 @@ def _runtime(value: Any) -> tuple[tuple[str, RuntimeValue], ...]:
     return tuple(out)
 
 
+def _model_id(model_id: Any) -> str:
+    if not isinstance(model_id, str) or not _MODEL_ID_RE.fullmatch(model_id) or model_id in (".", ".."):
+        shown = _short(model_id) if isinstance(model_id, str) else type(model_id).__name__
+        raise _refuse(
+            "bad-model-id", f"model_id {shown} is not 1-128 characters of [A-Za-z0-9._-]", field="model_id"
+        )
+    return model_id
+
+
+def _check_unique_names(artifacts: tuple[Artifact, ...]) -> None:
+    """No two artifacts (or an artifact and an archive's directory) share a name, caselessly."""
+    seen: dict[str, str] = {}
+    for i, art in enumerate(artifacts):
+        names = [art.filename] + ([art.extract_name] if art.extract_name else [])
+        for name in names:
+            key = _caseless(name)
+            if key in seen:
+                raise _refuse(
+                    "duplicate-filename",
+                    f"artifacts[{i}].filename {name!r} collides with {seen[key]!r}",
+                    field=f"artifacts[{i}].filename",
+                )
+            seen[key] = name
+
+
 def _validate_payload(obj: Any, env: Envelope) -> Manifest:
     if not isinstance(obj, dict):
         raise _refuse("not-an-object", f"payload is a JSON {type(obj).__name__}, not an object")
@@ -593,12 +619,7 @@ def _validate_payload(obj: Any, env: Envelope) -> Manifest:
         raise _refuse("unknown-schema", f"unknown schema {shown} (expected {SCHEMA!r})", field="schema")
     _check_fields(obj, _REQUIRED, _OPTIONAL, "payload", "")
 
-    model_id = obj["model_id"]
-    if not isinstance(model_id, str) or not _MODEL_ID_RE.fullmatch(model_id) or model_id in (".", ".."):
-        shown = _short(model_id) if isinstance(model_id, str) else type(model_id).__name__
-        raise _refuse(
-            "bad-model-id", f"model_id {shown} is not 1-128 characters of [A-Za-z0-9._-]", field="model_id"
-        )
+    model_id = _model_id(obj["model_id"])
     version = _int(obj, "version", "version", minimum=1)
     family = _text(obj, "family", "family")
     context_len = _int(obj, "context_len", "context_len", minimum=1)
@@ -619,19 +640,7 @@ def _validate_payload(obj: Any, env: Envelope) -> Manifest:
     if not isinstance(raw_artifacts, list) or not raw_artifacts:
         raise _refuse("bad-field", "artifacts is not a non-empty list", field="artifacts")
     artifacts = tuple(_artifact(a, i, chunk_size) for i, a in enumerate(raw_artifacts))
-    seen: dict[str, str] = {}
-    for i, art in enumerate(artifacts):
-        names = [art.filename] + ([art.extract_name] if art.extract_name else [])
-        for name in names:
-            key = _caseless(name)
-            if key in seen:
-                raise _refuse(
-                    "duplicate-filename",
-                    f"artifacts[{i}].filename {name!r} collides with {seen[key]!r}",
-                    field=f"artifacts[{i}].filename",
-                )
-            seen[key] = name
-
+    _check_unique_names(artifacts)
     return Manifest(
         schema=schema,
         model_id=model_id,

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 
@@ -19,8 +17,6 @@ from modelfs_store.layout import default_root
 from modelfs_store.redact import redact_text
 
 from ._output import human_size, info
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Ctx:
@@ -53,7 +49,7 @@ class Ctx:
             self._store = None
 
 
-pass_ctx: Callable[[F], F] = click.make_pass_decorator(Ctx)
+pass_ctx = click.make_pass_decorator(Ctx)
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 

@@ -9,6 +9,7 @@ from modelfs_store.errors import UsageError
 from ._context import Ctx, json_option, pass_ctx
 from ._output import print_json
 
+
 @click.group()
 def apps() -> None:
     """Apps that use the store (for per-app visibility)."""

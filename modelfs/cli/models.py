@@ -18,6 +18,7 @@ from modelfs_store.errors import UsageError
 from ._context import Ctx, json_option, pass_ctx
 from ._output import human_size, info, print_json, progress_bar, table
 
+
 # -- import ---------------------------------------------------------------------
 @click.command("import")
 @click.argument("name")

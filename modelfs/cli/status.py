@@ -14,6 +14,7 @@ from modelfs_store.partial import list_partials
 from ._context import Ctx, json_option, pass_ctx
 from ._output import human_size, print_json
 
+
 @click.command()
 @json_option
 @pass_ctx

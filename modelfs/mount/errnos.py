@@ -17,8 +17,20 @@ import logging
 
 import trio
 
-from modelfs_store.errors import (ArchiveError, Conflict, FetchError, FetchTimeout, FormatError, IntegrityError,
-                          NotFound, OfflineError, SpaceError, StoreError, TrustError, UsageError)
+from modelfs_store.errors import (
+    ArchiveError,
+    Conflict,
+    FetchError,
+    FetchTimeout,
+    FormatError,
+    IntegrityError,
+    NotFound,
+    OfflineError,
+    SpaceError,
+    StoreError,
+    TrustError,
+    UsageError,
+)
 
 from .tree import NoAttribute, UnsupportedAttribute
 

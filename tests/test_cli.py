@@ -1,0 +1,53 @@
+"""The ``modelfs`` command as a program: in-process ``main(argv)``, exit codes, and
+verbs that load only what they need."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from modelfs.cli import EX_SOFTWARE, VERBS, main
+from modelfs_store.core import Store
+from modelfs_store.errors import InternalError
+
+
+def test_main_returns_the_exit_code_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--store", str(tmp_path / "s"), "list"]) == 0
+    assert capsys.readouterr().out == "no models\n"
+    assert main(["--store", str(tmp_path / "s"), "show", "nope"]) == 3  # NotFound
+    assert "modelfs: error: no model named 'nope'" in capsys.readouterr().err
+    assert main(["--store", str(tmp_path / "s"), "no-such-verb"]) == 2  # click usage error
+    assert main(["--help"]) == 0
+    assert "Commands:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bug", [InternalError("hashed 5 bytes but wrote 6"), KeyError("oops")])
+def test_a_bug_exits_70_with_its_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch, bug: Exception) -> None:
+    def broken(self: Store) -> None:
+        raise bug
+
+    monkeypatch.setattr(Store, "list_models", broken)
+    assert main(["--store", str(tmp_path / "s"), "list"]) == EX_SOFTWARE == 70
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in broken" in err
+    assert "modelfs: internal error:" in err
+
+
+def test_every_verb_resolves_to_a_command() -> None:
+    from modelfs.cli import cli
+    ctx = cli.make_context("modelfs", ["list"], resilient_parsing=True)
+    for verb in VERBS:
+        command = cli.get_command(ctx, verb)
+        assert command is not None and command.name in (verb, f"{verb}_cmd", verb.replace("-", "_")), verb
+
+
+def test_list_loads_neither_trio_httpx_nor_pyfuse3(tmp_path: Path) -> None:
+    code = ("import sys\nfrom modelfs.cli import main\n"
+            f"assert main(['--store', {str(tmp_path / 's')!r}, 'list']) == 0\n"
+            "print(sorted(m for m in ('trio', 'httpx', 'pyfuse3', 'cryptography') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert r.stdout.strip().splitlines()[-1] == "[]"
