@@ -424,7 +424,24 @@ class _Reader:
             raise self.error(f"{what} length {n} exceeds the {limit}-byte limit", self.offset - 8)
         if n > self.remaining():
             raise self.short(n)
-        return self.take(n).decode("utf-8", "replace")
+        start = self.offset
+        return self.text(self.take(n), what, start)
+
+    def text(self, raw: bytes, what: str, offset: int) -> str:
+        """``raw`` decoded as UTF-8, or refused: a name is never repaired."""
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self.error(f"{what} is not valid UTF-8 (byte {exc.start})", offset) from None
+
+    def bools(self, count: int, what: str) -> list[bool]:
+        """``count`` bool bytes, each 0 or 1 (anything else is outside the type)."""
+        start = self.offset
+        raw = self.take(count)
+        if raw.translate(None, b"\x00\x01"):
+            bad = next(i for i, b in enumerate(raw) if b > 1)
+            raise self.error(f"{what} holds {raw[bad]}, which is not a bool (0 or 1)", start + bad)
+        return [b == 1 for b in raw]
 
     def skip_strings(self, count: int) -> None:
         """Skip ``count`` strings without decoding them (a vocabulary, say)."""
@@ -439,14 +456,29 @@ class _Reader:
                 self._pos = pos
                 raise self.error(f"string length {n} exceeds the {MAX_STRING_BYTES}-byte limit")
             pos += 8 + n
-            if pos > len(buf):
+            if pos > len(buf):  # runs past the buffer: read it whole (at most MAX_STRING_BYTES)
                 self._pos = pos - n
-                self.skip(n)
+                if n > self.remaining():
+                    raise self.short(n)
+                start = self.offset
+                if not _is_utf8(self.take(n), 0, n):
+                    raise self.error("string is not valid UTF-8", start)
                 buf, pos = self._buf, self._pos
+            elif not _is_utf8(buf, pos - n, pos):
+                self._pos = pos - n
+                raise self.error("string is not valid UTF-8")
         self._pos = pos
 
 
 # --- Values ----------------------------------------------------------------------
+
+
+def _is_utf8(buf: bytes, start: int, end: int) -> bool:
+    try:
+        buf[start:end].decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _value_type(r: _Reader, what: str) -> int:
@@ -471,10 +503,11 @@ def _array_header(r: _Reader, level: int) -> tuple[int, int]:
 
 def _read_value(r: _Reader, vtype: int, level: int, budget: list[int]) -> object:
     """One value. ``level`` counts enclosing arrays; ``budget`` is items left to keep."""
+    if vtype == _BOOL:
+        return r.bools(1, "bool value")[0]
     st = _SCALARS.get(vtype)
     if st is not None:
-        value = r.unpack(st)
-        return bool(value) if vtype == _BOOL else value
+        return r.unpack(st)
     if vtype == _STRING:
         return r.string(MAX_STRING_BYTES, "string")
     # vtype == _ARRAY: recursion below is bounded by MAX_ARRAY_DEPTH (_array_header).
@@ -483,17 +516,20 @@ def _read_value(r: _Reader, vtype: int, level: int, budget: list[int]) -> object
         _skip_items(r, itype, count, level + 1)
         return ArraySummary(_TYPE_NAMES[itype], count)
     budget[0] -= count
+    if itype == _BOOL:
+        return list(r.bools(count, "bool array"))
     st = _SCALARS.get(itype)
     if st is not None and count:
-        values = r.unpack_many(struct.Struct(f"<{count}{st.format[-1]}"))
-        return [bool(v) for v in values] if itype == _BOOL else list(values)
+        return list(r.unpack_many(struct.Struct(f"<{count}{st.format[-1]}")))
     return [_read_value(r, itype, level + 1, budget) for _ in range(count)]
 
 
 def _skip_items(r: _Reader, itype: int, count: int, level: int) -> None:
     """Skip ``count`` items of an array at nesting ``level`` (depth-bounded)."""
     st = _SCALARS.get(itype)
-    if st is not None:
+    if itype == _BOOL:
+        r.bools(count, "bool array")  # read, not skipped: every byte must be 0 or 1
+    elif st is not None:
         r.skip(count * st.size)
     elif itype == _STRING:
         r.skip_strings(count)

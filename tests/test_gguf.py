@@ -334,7 +334,7 @@ def _ti(name: str, dims: tuple[int, ...], ggml_type: int = 0, offset: int = 0) -
     return _s(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, ggml_type, offset)
 
 
-_STR, _ARR, _U8, _U32, _U64, _I64 = 8, 9, 0, 4, 10, 11
+_STR, _ARR, _U8, _U32, _U64, _I64, _BOOL = 8, 9, 0, 4, 10, 11, 7
 _NAME = _kv("general.name", _STR, _s("x"))
 _PAD = b"\0" * 64
 
@@ -439,6 +439,23 @@ _HANDMADE: list[tuple[str, bytes, str]] = [
     ("duplicate-tensor-name", _tensor_file(_ti("t", (8,)), _ti("t", (8,), offset=32)), "duplicate tensor"),
     ("tensor-name-over-limit", _hdr(1, 0) + _u64(1025) + b"n" * 1025 + _PAD, "tensor name length 1025"),
     ("tensor-data-beyond-eof", _tensor_file(_ti("t", (1024, 1024)), data=b""), "tensor data ends"),
+    # Values outside their type's domain are refused, never repaired (decoded with
+    # "replace", or read as truthy).
+    ("bool-value-2", _one_kv("b", _BOOL, b"\x02", _PAD), "holds 2, which is not a bool"),
+    ("bool-value-255", _one_kv("b", _BOOL, b"\xff", _PAD), "holds 255, which is not a bool"),
+    ("bool-in-short-array", _one_kv("b", _ARR, _arr(_BOOL, 3) + b"\x00\x01\x07", _PAD), "not a bool"),
+    ("bool-in-long-array", _one_kv("b", _ARR, _arr(_BOOL, 100) + b"\x01" * 99 + b"\x05", _PAD), "not a bool"),
+    ("key-not-utf8", _hdr(0, 1) + _s(b"general.\xff") + struct.pack("<I", _U8) + b"\x00" + _PAD,
+     "key is not valid UTF-8"),
+    ("string-not-utf8", _one_kv("general.name", _STR, _s(b"caf\xc3\x28"), _PAD), "string is not valid UTF-8"),
+    ("string-utf8-surrogate", _one_kv("general.name", _STR, _s(b"\xed\xa0\x80"), _PAD), "not valid UTF-8"),
+    ("string-overlong-utf8", _one_kv("general.name", _STR, _s(b"\xc0\xaf"), _PAD), "not valid UTF-8"),
+    ("string-in-long-array-not-utf8", _one_kv("v", _ARR, _arr(_STR, 100) + _s("a") * 99 + _s(b"\x80"), _PAD),
+     "string is not valid UTF-8"),
+    ("string-in-short-array-not-utf8", _one_kv("v", _ARR, _arr(_STR, 2) + _s("a") + _s(b"\xfe"), _PAD),
+     "string is not valid UTF-8"),
+    ("tensor-name-not-utf8", _hdr(1, 0) + _s(b"t\xff") + struct.pack("<IQIQ", 1, 4, 0, 0) + _PAD,
+     "tensor name is not valid UTF-8"),
     ("giant-tensor-data-beyond-eof", _tensor_file(_ti("t", (2**30, 2**30))), "tensor data ends"),
 ]
 
