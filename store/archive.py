@@ -17,7 +17,7 @@ every check and every byte of decompression is done here.
     extract_zip(path, dest_parent, name, limits)     -> Extracted(path, files)
 
 ``ArchiveError`` reasons: ``bad-zip``, ``too-many-entries``, ``bad-name``,
-``absolute-path``, ``traversal``, ``backslash``, ``nul``, ``control-char``,
+``absolute-path``, ``traversal``, ``backslash``, ``nul``, ``control-char``, ``invisible-char``,
 ``empty-component``, ``drive-letter``, ``name-too-long``, ``too-deep``, ``link``,
 ``special-file``, ``type-mismatch``, ``encrypted``, ``unsupported-compression``,
 ``size-mismatch``, ``ratio``, ``too-large``, ``duplicate-name``, ``path-conflict``,
@@ -47,6 +47,7 @@ from typing import Any, BinaryIO
 
 from .durable import fsync_dir, fsync_file
 from .errors import ArchiveError, Conflict, SpaceError
+from .names import edge_problem, invisible_problem
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _LOCAL_SIG = b"PK\x03\x04"
@@ -146,6 +147,12 @@ def _name_problem(raw: str, limits: Limits) -> tuple[str, str] | None:
             return "traversal", f"has a {part!r} path component"
         if len(part.encode("utf-8")) > 255:
             return "name-too-long", "has a component longer than 255 bytes"
+        invisible = invisible_problem(part)
+        if invisible is not None:
+            return "invisible-char", invisible
+        edge = edge_problem(part)
+        if edge is not None:
+            return "bad-name", f"has a component that {edge}"
     if len(parts) > limits.max_depth:
         return "too-deep", f"is nested deeper than {limits.max_depth} levels"
     return None

@@ -85,7 +85,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .errors import ManifestError, TrustError, UsageError
 from .keys import ED25519_SIG_BYTES, ENVELOPE_FIELDS, MAX_ENVELOPE_BYTES, TrustedKey, key_id_problem
-from .names import filename_problem, reserved_problem
+from .names import filename_problem, model_name_problem, reserved_problem
 
 SCHEMA = "modelfs.manifest/1"
 KNOWN_SCHEMAS = frozenset({SCHEMA})
@@ -104,7 +104,6 @@ _OPTIONAL = frozenset({"chunk_size", "quantization", "architecture", "notes", "r
 _ARTIFACT_REQUIRED = frozenset({"filename", "url", "sha256", "size", "role"})
 _ARTIFACT_OPTIONAL = frozenset({"platform", "chunk_size", "chunks"})
 
-_MODEL_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _TIMESTAMP_RE = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?(Z|\+00:00)"
@@ -584,11 +583,11 @@ def _runtime(value: Any) -> tuple[tuple[str, RuntimeValue], ...]:
 
 
 def _model_id(model_id: Any) -> str:
-    if not isinstance(model_id, str) or not _MODEL_ID_RE.fullmatch(model_id) or model_id in (".", ".."):
+    problem = model_name_problem(model_id)
+    if problem is not None:
         shown = _short(model_id) if isinstance(model_id, str) else type(model_id).__name__
-        raise _refuse(
-            "bad-model-id", f"model_id {shown} is not 1-128 characters of [A-Za-z0-9._-]", field="model_id"
-        )
+        raise _refuse("bad-model-id", f"model_id {shown} {problem}", field="model_id")
+    assert isinstance(model_id, str)
     return model_id
 
 

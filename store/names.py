@@ -22,11 +22,47 @@ RESERVED_FILENAMES = frozenset({"model.json", ".versions"})
 MAX_NAME_BYTES = 255
 
 
+# Unicode categories no name may contain: control (Cc), format (Cf: U+202E right-to-left
+# override, U+200B zero-width space), private use (Co), surrogate (Cs), unassigned (Cn),
+# line and paragraph separators (Zl, Zp). A name must look like what it is.
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Co", "Cs", "Cn", "Zl", "Zp"})
+
+
+def edge_problem(name: str) -> str | None:
+    """Why a name's first or last character misleads, or None: a trailing dot or space
+    (dropped by some file systems and shells, invisible in listings), a leading '-'
+    (read as an option by every command line tool)."""
+    if name.endswith((".", " ")):
+        return "ends in a dot or a space"
+    if name.startswith("-"):
+        return "begins with '-'"
+    return None
+
+
+def invisible_problem(name: str) -> str | None:
+    """Why ``name`` holds a character that is not what it looks like, or None."""
+    for c in name:
+        category = unicodedata.category(c)
+        if category == "Cc":
+            return "contains a NUL byte" if c == "\x00" else "contains a control character"
+        if category in INVISIBLE_CATEGORIES:
+            return f"contains the invisible, unassigned or format character U+{ord(c):04X}"
+    return None
+
+
+def model_name_problem(name: object) -> str | None:
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        return "is not 1-128 of A-Z a-z 0-9 . _ -"
+    if name in (".", ".."):
+        return "is a relative path component"
+    return edge_problem(name)
+
+
 def check_model_name(name: str) -> str:
-    if not MODEL_NAME.fullmatch(name) or name in (".", ".."):
-        raise UsageError(
-            f"invalid model name {name[:80]!r}: use 1-128 of A-Z a-z 0-9 . _ - (not '.' or '..')",
-            name=name)
+    problem = model_name_problem(name)
+    if problem is not None:
+        raise UsageError(f"invalid model name {_shown(name)}: it {problem} (use 1-128 of A-Z a-z 0-9 . _ -, "
+                         "not beginning with '-' or ending in '.')", name=name)
     return name
 
 
@@ -34,8 +70,9 @@ def filename_problem(name: object) -> str | None:
     """Why ``name`` is not one safe path component, or None if it is.
 
     Not a string, empty, ``.`` or ``..``; contains ``/``, ``\\``, NUL or any other
-    control character (C0, DEL, C1); not encodable as UTF-8 (lone surrogates); longer
-    than 255 UTF-8 bytes. Reserved names are a separate question
+    control character (C0, DEL, C1), or an invisible, format, private-use or unassigned
+    character (:data:`INVISIBLE_CATEGORIES`); ends in a dot or a space, or begins with
+    ``-``; not encodable as UTF-8 (lone surrogates); longer than 255 UTF-8 bytes. Reserved names are a separate question
     (:func:`reserved_problem`), since archive members deeper in a tree may use them.
     """
     if not isinstance(name, str):
@@ -46,14 +83,13 @@ def filename_problem(name: object) -> str | None:
         return "is a relative path component"
     if "/" in name or "\\" in name:
         return "is not a single path component"
-    if "\x00" in name:
-        return "contains a NUL byte"
-    if any(unicodedata.category(c) == "Cc" for c in name):
-        return "contains a control character"
     try:
         encoded = name.encode("utf-8")
     except UnicodeEncodeError:
         return "is not valid Unicode"
+    problem = invisible_problem(name) or edge_problem(name)
+    if problem is not None:
+        return problem
     if len(encoded) > MAX_NAME_BYTES:
         return f"is {len(encoded)} bytes long (at most {MAX_NAME_BYTES})"
     return None
