@@ -429,8 +429,10 @@ class Catalog:
 
     # -- activation ------------------------------------------------------------
     def activate(self, model: str, version: int, *, actor: str, reason: str | None = None) -> int | None:
-        """Make ``version`` active in one durable transaction; returns the previous active one,
-        which becomes last-good. Activating the active version changes nothing."""
+        """Make ``version`` active in one durable transaction; returns the previous active one.
+
+        Last-good is the version to go back to: the one that was active until now (it
+        was serving). Activating the active version changes nothing, last-good included."""
         with self.txn():
             m = self.get_model(model)
             v = self.get_version(model, version)
@@ -446,16 +448,19 @@ class Catalog:
                        detail={"previous": m.active_version})
             return m.active_version
 
-    def rollback(self, model: str, *, actor: str) -> int:
+    def rollback(self, model: str, *, actor: str, reason: str | None = None) -> int:
+        """Make last-good active again, in one durable transaction. The version rolled
+        back from is not last-good afterwards (it is the one that failed), so there is
+        none until the next activation: a second rollback is refused, never a toggle."""
         with self.txn():
             m = self.get_model(model)
             if m.last_good_version is None:
                 raise Conflict(f"model {model!r} has no last-good version to roll back to", model=model)
             target = m.last_good_version
             self.get_version(model, target)
-            self.conn.execute("UPDATE models SET active_version = ?, last_good_version = ? WHERE name = ?",
-                              (target, m.active_version, model))
-            self.audit(actor, Action.ROLLBACK, model=model, version=target,
+            self.conn.execute("UPDATE models SET active_version = ?, last_good_version = NULL WHERE name = ?",
+                              (target, model))
+            self.audit(actor, Action.ROLLBACK, model=model, version=target, reason=reason,
                        detail={"from": m.active_version})
             return target
 

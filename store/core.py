@@ -23,7 +23,8 @@ from typing import Any
 from . import gguf
 from .blobs import BlobStore, RecoveryReport
 from .catalog import Action, Catalog, FileRecord, ModelRecord, VersionRecord
-from .errors import Conflict, NotFound, UsageError
+from .errors import Conflict, NotFound, TrustError, UsageError
+from .keys import load_keyring
 from .layout import Layout, default_root
 from .names import check_filename, check_model_name
 from .redact import redact_url
@@ -237,16 +238,41 @@ class Store:
         return results
 
     # -- versions ----------------------------------------------------------------------
-    def activate(self, name: str, version: int) -> int | None:
-        v = self.catalog.get_version(name, version)
+    def activate(self, name: str, version: int, *, force: bool = False) -> int | None:
+        """Make ``version`` active; the version it replaces becomes last-good (see
+        :meth:`Catalog.activate`). Returns the previously active version."""
+        reason = self._check_activatable(self.catalog.get_version(name, version), force)
+        return self.catalog.activate(name, version, actor=self.actor, reason=reason)
+
+    def rollback(self, name: str, *, force: bool = False) -> int:
+        """Go back to last-good; afterwards there is no last-good (see :meth:`Catalog.rollback`).
+        Returns the version now active."""
+        m = self.catalog.get_model(name)
+        if m.last_good_version is None:
+            raise Conflict(f"model {name!r} has no last-good version to roll back to", model=name)
+        reason = self._check_activatable(self.catalog.get_version(name, m.last_good_version), force)
+        return self.catalog.rollback(name, actor=self.actor, reason=reason)
+
+    def _check_activatable(self, v: VersionRecord, force: bool) -> str | None:
+        """Refuse a version whose bytes cannot be had, or (unless ``force``) one signed by a
+        key that is no longer trusted. Returns the audit reason of a forced activation."""
         missing = [f.filename for f in v.files if not self.blobs.has(f.sha256) and not f.url]
         if missing:
-            raise Conflict(f"version {version} of {name!r} cannot be activated: no bytes or source for "
+            raise Conflict(f"version {v.version} of {v.model!r} cannot be activated: no bytes or source for "
                            f"{', '.join(missing)}")
-        return self.catalog.activate(name, version, actor=self.actor)
-
-    def rollback(self, name: str) -> int:
-        return self.catalog.rollback(name, actor=self.actor)
+        if not v.signed:
+            return None
+        key_id = str(v.card.get("key_id"))
+        key = load_keyring(self.catalog).get(key_id)
+        why = ("revoked" if key is not None and key.revoked else
+               "no longer trusted" if key is None or key.problem else None)
+        if why is None:
+            return None
+        if not force:
+            raise TrustError(f"version {v.version} of {v.model!r} is signed by key {key_id!r}, which is {why}; "
+                             "refusing to activate it (--force does, and is audited)",
+                             reason="untrusted-signer", key_id=key_id, model=v.model, version=v.version)
+        return f"forced: signed by key {key_id!r}, which is {why}"
 
     # -- removal -------------------------------------------------------------------------
     def plan_remove(self, name: str, version: int | None = None) -> RemovalPlan:

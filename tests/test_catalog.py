@@ -84,7 +84,11 @@ def test_activation_records_last_good_and_rollback(tmp_path):
     assert (m.active_version, m.last_good_version) == (2, 1)
     assert cat.rollback("m", actor="t") == 1
     m = cat.get_model("m")
-    assert (m.active_version, m.last_good_version) == (1, 2)
+    # The version rolled back from failed: it is not last-good, and a second rollback
+    # is refused rather than toggling back to it.
+    assert (m.active_version, m.last_good_version) == (1, None)
+    with pytest.raises(Conflict, match="no last-good version"):
+        cat.rollback("m", actor="t")
     actions = [r["action"] for r in cat.audit_log("m")]
     assert actions == ["rollback", "activate", "activate"]
 

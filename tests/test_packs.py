@@ -599,12 +599,13 @@ def test_acceptance3_install_upgrade_rollback_replay(trusted_cli: CLI, pub: Publ
 
     out = cli.run("rollback", "demo").stdout
     assert "version 2" in out
-    assert states(cli) == {2: "active", 3: "last-good"}
+    # Version 3 was rolled back from: installed, but not last-good (tests/test_versions.py).
+    assert states(cli) == {2: "active", 3: "installed"}
 
     pub.server.reset_counts()
     r = cli.run("pull", pub.serve("v1.json", v1))
     assert "already active" in r.stdout and pub.artifact_bytes() == 0
-    assert states(cli) == {2: "active", 3: "last-good"}
+    assert states(cli) == {2: "active", 3: "installed"}
 
     r = cli.run("pull", pub.serve("v0.json", v0), check=False)
     assert r.returncode == 7 and pub.artifact_bytes() == 0

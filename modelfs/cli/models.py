@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from modelfs_store.catalog import Action
+from modelfs_store.catalog import Action, ModelRecord
 from modelfs_store.core import RemovalPlan
 from modelfs_store.errors import UsageError
 
@@ -182,23 +182,42 @@ def prune(c: Ctx, dry_run: bool, as_json: bool) -> None:
 
 
 # -- versions -------------------------------------------------------------------------------
+def _echo_active(m: ModelRecord, what: str, as_json: bool) -> None:
+    """One line from the model's state after the change, so it agrees with ``show``."""
+    if as_json:
+        print_json({"name": m.name, "active_version": m.active_version, "last_good_version": m.last_good_version})
+        return
+    last_good = m.last_good_version if m.last_good_version is not None else "-"
+    click.echo(f"{m.name}: {what.format(v=m.active_version)} (last-good: {last_good})")
+
+
+force_option = click.option("--force", is_flag=True,
+                            help="Activate even a version signed by a key that is no longer trusted (audited).")
+
+
 @click.command()
 @click.argument("name")
 @click.argument("version", type=int)
+@force_option
+@json_option
 @pass_ctx
-def activate(c: Ctx, name: str, version: int) -> None:
-    """Make VERSION the active version of NAME (atomic)."""
-    prev = c.store.activate(name, version)
-    click.echo(f"{name}: version {version} active (last-good: {prev if prev is not None else '-'})")
+def activate(c: Ctx, name: str, version: int, force: bool, as_json: bool) -> None:
+    """Make VERSION the active version of NAME (atomic). The version it replaces becomes
+    last-good, where `rollback` goes."""
+    c.store.activate(name, version, force=force)
+    _echo_active(c.store.catalog.get_model(name), "version {v} active", as_json)
 
 
 @click.command()
 @click.argument("name")
+@force_option
+@json_option
 @pass_ctx
-def rollback(c: Ctx, name: str) -> None:
-    """Go back to the last-good version of NAME (atomic)."""
-    v = c.store.rollback(name)
-    click.echo(f"{name}: rolled back to version {v}")
+def rollback(c: Ctx, name: str, force: bool, as_json: bool) -> None:
+    """Go back to the last-good version of NAME (atomic). The version rolled back from
+    does not become last-good: a second rollback is refused, not a toggle."""
+    c.store.rollback(name, force=force)
+    _echo_active(c.store.catalog.get_model(name), "rolled back to version {v}", as_json)
 
 
 # -- pins ----------------------------------------------------------------------------------
