@@ -124,7 +124,8 @@ def import_local_model(d: Demo) -> None:
     write_gguf(weights, arch="llama", name="demo", nbytes=64 * MB, seed=1)
     write_gguf(proj, arch="clip", name="demo-proj", nbytes=8 * MB, seed=2, mmproj=True)
 
-    step("importing it into a fresh store (hash and copy in one pass)")
+    step("a fresh store, and the model imported into it (hash and copy in one pass)")
+    d.modelfs("init", str(d.store))
     d.modelfs("import", "demo", str(weights), "--mmproj", str(proj), "--license", "apache-2.0")
     step("a second app importing the same bytes stores nothing new")
     d.modelfs("import", "demo-copy", str(weights))

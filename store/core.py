@@ -24,7 +24,6 @@ from . import gguf
 from .blobs import BlobStore, RecoveryReport
 from .catalog import Action, Catalog, FileRecord, ModelRecord, VersionRecord
 from .errors import Conflict, NotFound, TrustError, UsageError
-from .keys import load_keyring
 from .layout import Layout, default_root
 from .names import check_filename, check_model_name
 from .redact import redact_url
@@ -39,6 +38,16 @@ def default_actor() -> str:
         return f"cli:{getpass.getuser()}"
     except Exception:  # no passwd entry (containers)
         return f"cli:uid{os.getuid()}"
+
+
+def check_store_root(layout: Layout) -> None:
+    """Refuse a named store path that is not a store (nor an empty directory)."""
+    problem = layout.problem()
+    if problem == "does not exist":
+        raise NotFound(f"{layout.root} does not exist; create a store there with `modelfs init {layout.root}`",
+                       path=str(layout.root))
+    if problem is not None:
+        raise NotFound(f"{layout.root} {problem}", path=str(layout.root))
 
 
 @dataclass(frozen=True)
@@ -88,12 +97,28 @@ class Store:
     actor: str = field(default_factory=default_actor)
 
     @classmethod
-    def open(cls, root: Path | str | None = None, *, recover: bool = True) -> Store:
+    def open(cls, root: Path | str | None = None, *, recover: bool = True, create: bool = True) -> Store:
+        """Open the store at ``root`` (default: :func:`default_root`). With ``create=False``
+        (a path the user named) it must already be a store or an empty directory: a
+        mistyped path is an error naming ``modelfs init``, not a new empty store."""
         layout = Layout(Path(root) if root is not None else default_root())
+        if not create:
+            check_store_root(layout)
         layout.ensure()
         blobs = BlobStore(layout)
         report = blobs.recover() if recover else RecoveryReport()
         return cls(layout, blobs, Catalog(layout.catalog), report)
+
+    @classmethod
+    def init(cls, root: Path | str) -> tuple[Store, bool]:
+        """Make ``root`` a store (creating the directory); returns (store, created). A
+        directory that holds anything else is refused."""
+        layout = Layout(Path(root))
+        problem = layout.problem()
+        if problem not in (None, "does not exist"):
+            raise Conflict(f"{layout.root} {problem}; choose a new or empty directory", path=str(layout.root))
+        existed = layout.catalog.exists()
+        return cls.open(layout.root), not existed
 
     def close(self) -> None:
         self.catalog.close()
@@ -262,6 +287,8 @@ class Store:
                            f"{', '.join(missing)}")
         if not v.signed:
             return None
+        from .keys import load_keyring  # cryptography costs ~100 ms: only signed versions need it
+
         key_id = str(v.card.get("key_id"))
         key = load_keyring(self.catalog).get(key_id)
         why = ("revoked" if key is not None and key.revoked else

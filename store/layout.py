@@ -20,6 +20,9 @@ from pathlib import Path
 from .errors import UsageError
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+#: Everything a store directory may hold (what an interrupted init may have left, too).
+STORE_ENTRIES = frozenset({"catalog.db", "catalog.db-wal", "catalog.db-shm", "catalog.db-journal", "blobs", "tmp",
+                           "partial", "quarantine", "run"})
 
 
 def default_root() -> Path:
@@ -68,6 +71,20 @@ class Layout:
     def blob(self, sha256: str) -> Path:
         check_sha256(sha256)
         return self.blobs / sha256[:2] / sha256
+
+    def problem(self) -> str | None:
+        """Why ``root`` cannot become a store without ``init``, or None: it does not exist,
+        is not a directory, or holds things a store never does (a mistyped path to a
+        directory of other files must not be filled with a store)."""
+        try:
+            names = set(os.listdir(self.root))
+        except FileNotFoundError:
+            return "does not exist"
+        except NotADirectoryError:
+            return "is not a directory"
+        if "catalog.db" in names or not names - STORE_ENTRIES:
+            return None
+        return "is not a modelfs store (no catalog.db) and is not empty"
 
     def ensure(self) -> None:
         for d in (self.root, self.blobs, self.tmp, self.partial, self.quarantine, self.run):

@@ -31,6 +31,7 @@ class CLI:
 
     def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)  # a named store must exist: an empty directory becomes one
         self.env = {**os.environ, "MODELFS_STORE": str(root), "PYTHONPATH": str(REPO), **(env or {})}
 
     def argv(self, *args: str) -> list[str]:

@@ -15,6 +15,7 @@ from modelfs_store.errors import InternalError
 
 
 def test_main_returns_the_exit_code_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "s").mkdir()
     assert main(["--store", str(tmp_path / "s"), "list"]) == 0
     assert capsys.readouterr().out == "no models\n"
     assert main(["--store", str(tmp_path / "s"), "show", "nope"]) == 3  # NotFound
@@ -31,6 +32,7 @@ def test_a_bug_exits_70_with_its_traceback(tmp_path: Path, capsys: pytest.Captur
         raise bug
 
     monkeypatch.setattr(Store, "list_models", broken)
+    (tmp_path / "s").mkdir()
     assert main(["--store", str(tmp_path / "s"), "list"]) == EX_SOFTWARE == 70
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "in broken" in err
@@ -46,8 +48,41 @@ def test_every_verb_resolves_to_a_command() -> None:
 
 
 def test_list_loads_neither_trio_httpx_nor_pyfuse3(tmp_path: Path) -> None:
+    (tmp_path / "s").mkdir()
     code = ("import sys\nfrom modelfs.cli import main\n"
             f"assert main(['--store', {str(tmp_path / 's')!r}, 'list']) == 0\n"
             "print(sorted(m for m in ('trio', 'httpx', 'pyfuse3', 'cryptography') if m in sys.modules))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_named_store_must_exist_and_init_makes_one(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    typo = tmp_path / "modles"
+    for argv in (["--store", str(typo), "list"], ["list"]):
+        monkeypatch.setenv("MODELFS_STORE", str(typo))
+        assert main(argv) == 3
+        assert f"{typo} does not exist; create a store there with `modelfs init {typo}`" in capsys.readouterr().err
+        assert not typo.exists()  # nothing was created
+    mnt = tmp_path / "mnt"
+    assert main(["--store", str(typo), "mount", str(mnt)]) == 3  # refused before a daemon starts
+    assert not typo.exists() and not mnt.exists()
+    assert main(["init", str(typo), "--json"]) == 0
+    assert '"created": true' in capsys.readouterr().out
+    assert main(["--store", str(typo), "list"]) == 0
+    assert main(["init", str(typo)]) == 0
+    assert capsys.readouterr().out.endswith("is already a store\n")
+
+
+def test_an_empty_directory_becomes_a_store_but_a_full_one_does_not(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    empty, full = tmp_path / "empty", tmp_path / "Downloads"
+    empty.mkdir()
+    full.mkdir()
+    (full / "holiday.jpg").write_bytes(b"x")
+    assert main(["--store", str(empty), "list"]) == 0
+    assert (empty / "catalog.db").exists()
+    assert main(["--store", str(full), "list"]) == 3
+    assert "is not a modelfs store (no catalog.db) and is not empty" in capsys.readouterr().err
+    assert main(["init", str(full)]) == 4
+    assert sorted(p.name for p in full.iterdir()) == ["holiday.jpg"]

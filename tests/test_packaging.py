@@ -71,6 +71,7 @@ def test_mount_from_a_directory_with_hostile_packages_never_runs_them(tmp_path: 
     caller_dir = tmp_path / "x"
     _plant_hostile_packages(caller_dir, marker)
     store, mnt = tmp_path / "store", tmp_path / "m"
+    store.mkdir()
     modelfs = Path(sys.executable).with_name("modelfs")  # the console script, as a user runs it
     assert modelfs.exists()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELFS_") and k != "PYTHONPATH"}

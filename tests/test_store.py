@@ -194,6 +194,7 @@ def test_store_from_env_flag_and_xdg(tmp_path):
     subprocess.run([sys.executable, "-m", "modelfs", "import", "m", str(w)], env=env, check=True,
                    capture_output=True)
     assert (tmp_path / "xdg" / "modelfs" / "catalog.db").exists()
+    (tmp_path / "flag").mkdir()  # a named store must exist (only the default is created)
     subprocess.run([sys.executable, "-m", "modelfs", "--store", str(tmp_path / "flag"), "import", "m",
                     str(w)], env=env, check=True, capture_output=True)
     assert (tmp_path / "flag" / "catalog.db").exists()

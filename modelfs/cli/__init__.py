@@ -40,6 +40,7 @@ VERBS: dict[str, str] = {
     "doctor": "doctor:doctor",
     "grant": "access:grant",
     "import": "models:import_cmd",
+    "init": "status:init",
     "keys": "trust:keys",
     "list": "models:list_cmd",
     "manifest": "trust:manifest",

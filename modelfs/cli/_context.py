@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from modelfs_store.core import Store
-from modelfs_store.layout import default_root
+from modelfs_store.core import Store, check_store_root
+from modelfs_store.layout import Layout, default_root
 from modelfs_store.redact import redact_text
 
 from ._output import human_size, info
@@ -33,10 +33,17 @@ class Ctx:
         """The store directory, absolute (the daemon runs with ``/`` as its directory)."""
         return Path(self.root if self.root else default_root()).absolute()
 
+    def check_root(self) -> None:
+        """Refuse a mistyped --store before a daemon would create it (see :attr:`store`)."""
+        if self.root is not None:
+            check_store_root(Layout(self.root_path))
+
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = Store.open(self.root)
+            # Only the default location is created implicitly; a path the user named
+            # (--store, MODELFS_STORE) must be a store already, or an empty directory.
+            self._store = Store.open(self.root, create=self.root is None)
             rec = self._store.recovery
             if rec.stale_temps:
                 info(f"recovered: removed {len(rec.stale_temps)} stale temp file(s) "

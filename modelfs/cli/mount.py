@@ -28,6 +28,7 @@ from ._context import Ctx, pass_ctx
 def mount(c: Ctx, mountpoint: str, foreground: bool, offline: bool, fetch_timeout: float,
           read_mode: str) -> None:
     """Mount the store at MOUNTPOINT: one read-only directory per model."""
+    c.check_root()
     cfg = MountConfig(Path(mountpoint).absolute(), c.root_path, offline=offline,
                       fetch_timeout=fetch_timeout or None, read_mode=read_mode, verbose=c.verbose)
     if foreground:

@@ -1,18 +1,36 @@
-"""``modelfs status``: the store (models, blobs, partial downloads, quarantine) and the
-mount (its daemon, what is open through it, why recent opens failed)."""
+"""The store itself: ``modelfs init`` makes one; ``modelfs status`` shows it (models,
+blobs, partial downloads, quarantine) and its mount (the daemon, what is open through
+it, why recent opens failed)."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import click
 
 from modelfs.mount.runstate import OpenFile, detached_daemons, open_files_of, read_status, stale_mountpoint
+from modelfs_store.core import Store
 from modelfs_store.partial import list_partials
 
 from ._context import Ctx, json_option, pass_ctx
 from ._output import human_size, print_json
+
+
+@click.command()
+@click.argument("path", type=click.Path(file_okay=False))
+@json_option
+def init(path: str, as_json: bool) -> None:
+    """Make PATH a store (a new or empty directory). Only the default store is created
+    without asking; --store and MODELFS_STORE must name one that exists."""
+    store, created = Store.init(Path(path).absolute())
+    root = store.layout.root
+    store.close()
+    if as_json:
+        print_json({"store": str(root), "created": created})
+    else:
+        click.echo(f"initialised a store at {root}" if created else f"{root} is already a store")
 
 
 @click.command()
