@@ -18,7 +18,6 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, wait_for
 from test_layering import source_modules
 
