@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+
 from conftest import REPO, wait_for
 from test_layering import source_modules
 

@@ -15,10 +15,9 @@ from pathlib import Path
 from conftest import CLI
 from faultserver import FaultServer, origin  # noqa: F401 - fixture
 from ggufgen import write_model
-from test_packs import Publisher, release, run_install
-
 from modelfs_store.core import Store
 from modelfs_store.keys import revoke_key, trust_key
+from test_packs import Publisher, release, run_install
 
 
 def _state(cli: CLI, name: str) -> tuple[int | None, int | None]:
