@@ -443,6 +443,12 @@ def test_unmount_command_stops_the_daemon_and_background_mount(tiny, cli, tmp_pa
         pid = json.loads((cli.root / "run" / "daemon.json").read_text())["pid"]
         second = cli.run("mount", str(tmp_path / "other"), check=False)
         assert second.returncode != 0 and "already mounted" in second.stderr
+        # A conflict (exit 4), said once, in one line: in the background and in the foreground.
+        for argv in (["mount", str(tmp_path / "other")], ["mount", str(tmp_path / "other"), "--foreground"]):
+            again = cli.run(*argv, check=False)
+            assert again.returncode == 4, again.stderr
+            assert again.stderr.count("modelfs: error:") == 1 and len(again.stderr.strip().splitlines()) == 1
+            assert f"already mounted (at {mnt})" in again.stderr
     finally:
         done = cli.run("unmount", str(mnt), check=False)
     assert done.returncode == 0, done.stderr

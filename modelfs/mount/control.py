@@ -27,7 +27,7 @@ from modelfs_store.layout import Layout
 
 from .config import READY_ENV, MountConfig
 from .mountpoint import is_stale, lazy_unmount
-from .runstate import read_status
+from .runstate import already_mounted, daemon_alive, read_status
 
 
 def daemon_argv(cfg: MountConfig) -> list[str]:
@@ -46,6 +46,8 @@ def start_background(cfg: MountConfig, timeout: float = 60.0) -> int:
         raise UsageError("the mountpoint and the store must be absolute paths")  # the daemon runs in /
     layout = Layout(cfg.store_root)
     layout.ensure()
+    if daemon_alive(layout):
+        raise already_mounted(layout)
     log_path = layout.run / "daemon.log"
     r, w = os.pipe()
     with open(log_path, "ab") as logf:
@@ -60,11 +62,16 @@ def start_background(cfg: MountConfig, timeout: float = 60.0) -> int:
         os.close(r)
     if line.startswith("ready"):
         return proc.pid
-    if proc.poll() is None:
+    try:
+        code = proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
         proc.terminate()
+        code = 1
     tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-    reason = tail[-1] if tail else "no output"
-    raise StoreError(f"the mount daemon did not start: {reason} (log: {log_path})")
+    reason = tail[-1].removeprefix("modelfs: error: ") if tail else "no output"
+    err = StoreError(f"the mount daemon did not start: {reason} (log: {log_path})")
+    err.exit_code = code if code > 0 else 1  # the daemon's own exit code: 4 for a conflict
+    raise err
 
 
 @contextlib.contextmanager

@@ -45,12 +45,11 @@ from modelfs_store.blobs import lock_free
 from modelfs_store.catalog import Catalog
 from modelfs_store.core import Store
 from modelfs_store.download import Downloader
-from modelfs_store.errors import Conflict
 
 from .config import READY_ENV, MountConfig
 from .mountpoint import lazy_unmount, prepare_mountpoint
 from .openfiles import Materialiser, OpenFiles
-from .runstate import detached_path, lock_path, read_status_unlocked, write_json
+from .runstate import already_mounted, detached_path, lock_path, write_json
 from .tree import Invalidation, Namespace, SnapshotReader, Tree, build
 
 log = logging.getLogger(__name__)
@@ -168,9 +167,7 @@ class Daemon:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            where = (read_status_unlocked(self.layout) or {}).get("mountpoint", "?")
-            raise Conflict(f"this store is already mounted (at {where}); run `modelfs unmount {where}` first",
-                           mountpoint=where) from None
+            raise already_mounted(self.layout) from None
         self._lock_fd = fd
 
     def _unlock(self) -> None:

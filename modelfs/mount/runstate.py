@@ -19,6 +19,7 @@ from typing import Any
 
 from modelfs_store.blobs import lock_free
 from modelfs_store.durable import atomic_write
+from modelfs_store.errors import Conflict
 from modelfs_store.layout import Layout
 
 from .mountpoint import is_stale
@@ -68,6 +69,13 @@ def read_status(layout: Layout) -> dict[str, Any] | None:
     table = _read_json(layout.run / "open.json")
     status["open_files"] = table.get("files", []) if isinstance(table, dict) else []
     return status
+
+
+def already_mounted(layout: Layout) -> Conflict:
+    """The error for a second daemon of one store (exit 4)."""
+    where = (read_status_unlocked(layout) or {}).get("mountpoint", "?")
+    return Conflict(f"this store is already mounted (at {where}); run `modelfs unmount {where}` first",
+                    mountpoint=where)
 
 
 def stale_mountpoint(layout: Layout) -> str | None:
