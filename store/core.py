@@ -85,7 +85,15 @@ class VerifyResult:
     version: int
     filename: str
     sha256: str
-    status: str  # 'ok', 'corrupt' (now quarantined), 'missing' (dehydrated: not local yet)
+    status: str  # 'ok'; 'corrupt' (now quarantined); 'dehydrated' (not local, fetched on
+                 # first open); 'missing' (not local and no source: its bytes are lost)
+    active: bool = False  # the file belongs to its model's active version
+
+    @property
+    def failed(self) -> bool:
+        """Whether this result makes ``verify`` fail: corrupt bytes, or an active file
+        whose bytes are gone for good."""
+        return self.status == "corrupt" or (self.status == "missing" and self.active)
 
 
 @dataclass
@@ -203,7 +211,11 @@ class Store:
 
     # -- reading -------------------------------------------------------------------
     def file_state(self, rec: FileRecord) -> str:
-        return "local" if self.blobs.has(rec.sha256) else "dehydrated"
+        """'local'; 'dehydrated' (fetched from its source on first open); 'missing' (no
+        bytes and no source, e.g. an imported blob that was quarantined)."""
+        if self.blobs.has(rec.sha256):
+            return "local"
+        return "dehydrated" if rec.url else "missing"
 
     def describe(self, m: ModelRecord, *, all_versions: bool = False) -> dict[str, Any]:
         versions = self.catalog.versions(m.name)
@@ -247,15 +259,16 @@ class Store:
             self.catalog.get_model(name)  # raises NotFound for an unknown name
         results: list[VerifyResult] = []
         checked: dict[str, str] = {}
+        active = {m.name: m.active_version for m in self.catalog.list_models()}
         for model, version, rec in rows:
             status = checked.get(rec.sha256)
             if status is None:
-                if not self.blobs.has(rec.sha256):
-                    status = "missing"
-                else:
+                if self.blobs.has(rec.sha256):
                     status = "ok" if self.blobs.verify(rec.sha256, progress) else "corrupt"
-                checked[rec.sha256] = status
-            results.append(VerifyResult(model, version, rec.filename, rec.sha256, status))
+                    checked[rec.sha256] = status
+                else:
+                    status = self.file_state(rec)
+            results.append(VerifyResult(model, version, rec.filename, rec.sha256, status, active[model] == version))
             if status == "corrupt":
                 self.catalog.audit(self.actor, Action.VERIFY, model=model, version=version, outcome="failed",
                                    reason=f"{rec.filename}: SHA-256 mismatch, blob quarantined",

@@ -425,6 +425,8 @@ def test_kill9_leaves_a_dead_mount_that_the_next_mount_recovers(tiny, cli, mount
     status = cli.run("status", "--json").json()
     assert status["mount"] is None and status["stale_mountpoint"] == str(m.path)
     assert f"`modelfs mount {m.path}` recovers it" in cli.run("status").stdout
+    doctor = cli.run("doctor", check=False)
+    assert doctor.returncode == 1 and f"FAIL  mount: {m.path} is stale" in doctor.stdout
     again = mount_at()
     assert os.listdir(again.path) == ["tiny"]
     assert sha256_of(again.path / "tiny" / "tiny-q4.gguf") == sha256_of(tiny["weights"])

@@ -106,6 +106,15 @@ def test_verify_quarantines_a_flipped_byte_and_spares_others(cli, store_dir, tmp
     assert cli.run("verify", "model-b").returncode == 0
     ok = cli.run("verify", "--json", check=False).json()
     assert {(x["model"], x["status"]) for x in ok} == {("model-a", "missing"), ("model-b", "ok")}
+    # The quarantined blob had no source: model-a's active version lost its bytes, and
+    # every later verify says so (exit 5), as list does.
+    again = cli.run("verify", check=False)
+    assert again.returncode == 5 and "MISSING  model-a v1 a.gguf" in again.stdout
+    assert "no bytes and no source" in again.stderr
+    listed = {row.split()[0]: row.split()[-1] for row in cli.run("list").stdout.splitlines()[1:]}
+    assert listed == {"model-a": "missing", "model-b": "local"}
+    doctor = {c["name"]: c for c in cli.run("doctor", "--json", check=False).json()}
+    assert not doctor["blobs"]["ok"] and "1 missing (no bytes and no source" in doctor["blobs"]["detail"]
 
 
 def test_malformed_gguf_refused_and_nothing_stored(cli, store_dir, tmp_path):

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import click
 
+from modelfs.mount.mountpoint import fuse_conf_allows_other
+from modelfs.mount.runstate import read_status, stale_mountpoint
 from modelfs_store.core import Store
 
 from ._context import Ctx, json_option, pass_ctx
@@ -33,17 +35,49 @@ def run_checks(store: Store) -> list[Check]:
         checks.append(Check("pyfuse3", True, f"version {pyfuse3.__version__}"))
     except ImportError as exc:
         checks.append(Check("pyfuse3", False, f"cannot import: {exc}"))
+    checks.append(_allow_other())
     integrity = store.catalog.integrity_check()
     checks.append(Check("catalog integrity", integrity == "ok", integrity))
     checks.append(Check("catalog schema", True, f"version {store.catalog.schema_version()}"))
-    referenced = store.catalog.referenced_shas()
-    missing = sorted(s for s in referenced if not store.blobs.has(s))
-    checks.append(Check("blobs", True, f"{len(referenced) - len(missing)} local, "
-                        f"{len(missing)} dehydrated (fetched on open)"))
+    checks.append(_blobs(store))
     quarantined = list(store.layout.quarantine.iterdir())
     checks.append(Check("quarantine", not quarantined,
                         f"{len(quarantined)} item(s); inspect, then `modelfs prune`" if quarantined else "empty"))
+    checks.append(_mount(store))
     return checks
+
+
+def _allow_other() -> Check:
+    """Other users and sandboxed apps reach the mount only with allow_other, which a
+    non-root daemon gets only from ``user_allow_other`` in /etc/fuse.conf."""
+    if os.geteuid() == 0:
+        return Check("allow_other", True, "the daemon runs as root: other users can be let in")
+    if fuse_conf_allows_other():
+        return Check("allow_other", True, "user_allow_other is set in /etc/fuse.conf")
+    return Check("allow_other", True, "user_allow_other is not set in /etc/fuse.conf: only your own processes "
+                 "can use the mount (as root, add it there to let other users and apps in)")
+
+
+def _blobs(store: Store) -> Check:
+    """Every file row by state: a file with no bytes and no source is lost for good."""
+    states: dict[str, set[str]] = {"local": set(), "dehydrated": set(), "missing": set()}
+    for _model, _version, rec in store.catalog.all_files():
+        states[store.file_state(rec)].add(rec.sha256)
+    local, dehydrated, missing = (len(states[k]) for k in ("local", "dehydrated", "missing"))
+    detail = f"{local} local, {dehydrated} dehydrated (fetched on open)"
+    if missing:
+        detail += f", {missing} missing (no bytes and no source: import them again)"
+    return Check("blobs", not missing, detail)
+
+
+def _mount(store: Store) -> Check:
+    stale = stale_mountpoint(store.layout)
+    if stale:
+        return Check("mount", False, f"{stale} is stale (its daemon died); `modelfs mount {stale}` recovers it")
+    status = read_status(store.layout)
+    if status is None:
+        return Check("mount", True, "not mounted")
+    return Check("mount", True, f"mounted at {status['mountpoint']} (pid {status['pid']})")
 
 
 @click.command()

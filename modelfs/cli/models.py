@@ -64,7 +64,7 @@ def list_cmd(c: Ctx, as_json: bool) -> None:
     rows = [("NAME", "VERSION", "ARCH", "QUANT", "CONTEXT", "SIZE", "STATE")]
     for m in models:
         states = {f["state"] for f in m.get("files", [])}
-        state = ("-" if not states else "local" if states == {"local"} else
+        state = ("-" if not states else "missing" if "missing" in states else "local" if states == {"local"} else
                  "dehydrated" if "local" not in states else "partly local")
         # A lazily pulled pack has no GGUF header read yet: its signed family stands in.
         arch = m.get("architecture") or m.get("family") or "-"
@@ -104,15 +104,19 @@ def show(c: Ctx, name: str, as_json: bool) -> None:
 def verify(c: Ctx, name: str | None, as_json: bool) -> None:
     """Re-hash every local blob (of NAME, or of all models); quarantine corrupt ones."""
     results = c.store.verify(name)
-    bad = [r for r in results if r.status == "corrupt"]
+    corrupt = [r for r in results if r.status == "corrupt"]
+    lost = [r for r in results if r.failed and r.status == "missing"]
     if as_json:
         print_json([r.__dict__ for r in results])
     else:
         for r in results:
             click.echo(f"{r.status.upper():8} {r.model} v{r.version} {r.filename}")
-        if bad:
-            info(f"{len(bad)} corrupt file(s); their blobs were moved to quarantine")
-    if bad:
+        if corrupt:
+            info(f"{len(corrupt)} corrupt file(s); their blobs were moved to quarantine")
+        if lost:
+            info(f"{len(lost)} file(s) of active versions have no bytes and no source to fetch them from; "
+                 "import them again (the quarantined copies failed their SHA-256)")
+    if corrupt or lost:
         raise SystemExit(5)
 
 

@@ -47,7 +47,7 @@ from modelfs_store.core import Store
 from modelfs_store.download import Downloader
 
 from .config import READY_ENV, MountConfig
-from .mountpoint import lazy_unmount, prepare_mountpoint
+from .mountpoint import fuse_conf_allows_other, lazy_unmount, prepare_mountpoint
 from .openfiles import Materialiser, OpenFiles
 from .runstate import already_mounted, detached_path, lock_path, write_json
 from .tree import Invalidation, Namespace, SnapshotReader, Tree, build
@@ -73,16 +73,9 @@ def mount_options() -> set[str]:
     import pyfuse3
     opts = set(pyfuse3.default_options) | {"fsname=modelfs", "subtype=modelfs", "ro"}
     # Apps run as other users; the kernel lets them in only with allow_other.
-    if os.geteuid() == 0 or _fuse_conf_allows_other():
+    if os.geteuid() == 0 or fuse_conf_allows_other():
         opts.add("allow_other")
     return opts
-
-
-def _fuse_conf_allows_other() -> bool:
-    try:
-        return any(line.strip() == "user_allow_other" for line in open("/etc/fuse.conf"))
-    except OSError:
-        return False
 
 
 # -- the daemon --------------------------------------------------------------------------------

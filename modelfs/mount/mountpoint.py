@@ -57,3 +57,12 @@ def prepare_mountpoint(mountpoint: Path) -> Path:
     if os.path.ismount(mountpoint):
         raise Conflict(f"{mountpoint} is already a mount point", mountpoint=str(mountpoint))
     return mountpoint
+
+
+def fuse_conf_allows_other(path: str = "/etc/fuse.conf") -> bool:
+    """Whether a non-root user may mount with ``allow_other`` (``user_allow_other``)."""
+    try:
+        with open(path) as f:
+            return any(line.strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
