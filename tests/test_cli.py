@@ -86,3 +86,19 @@ def test_an_empty_directory_becomes_a_store_but_a_full_one_does_not(tmp_path: Pa
     assert "is not a modelfs store (no catalog.db) and is not empty" in capsys.readouterr().err
     assert main(["init", str(full)]) == 4
     assert sorted(p.name for p in full.iterdir()) == ["holiday.jpg"]
+
+
+def test_the_progress_bar_speaks_binary_units_like_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from modelfs.cli import _output
+
+    out = io.StringIO()
+    monkeypatch.setattr(_output, "_console", lambda: Console(file=out, force_terminal=True, width=120))
+    with _output.progress_bar(3 << 20, "pulling", enabled=True) as advance:
+        for _ in range(3):
+            advance(1 << 20)
+    text = out.getvalue()
+    assert "3.0/3.0 MiB" in text and " MB" not in text and "MB/s" not in text

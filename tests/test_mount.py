@@ -414,6 +414,26 @@ def test_rm_warns_only_about_the_model_and_version_in_use(tiny, tmp_path, cli, m
     wait_for(lambda: m.open_files() == [], 5, "the open-file table to empty")
 
 
+def test_prune_warns_about_an_old_version_in_use(tiny, tmp_path, cli, mount_at):
+    """As rm does: prune goes ahead, and names the readers of what it removes."""
+    for seed in (21, 22):
+        d = tmp_path / f"v{seed}"
+        d.mkdir()
+        cli.run("import", "tiny", str(write_model(d / "tiny-q4.gguf", name="tiny", tensor_bytes=1 << 20, seed=seed)))
+    m = mount_at()  # tiny: version 3 active, 2 last-good, 1 prunable
+    me = os.getpid()
+    with open(m.path / "tiny" / ".versions" / "1" / "tiny-q4.gguf", "rb") as old:
+        wait_for(lambda: any(f["version"] == 1 and f["pid"] == me for f in m.open_files()), 5,
+                 "the open file to be published")
+        r = cli.run("prune", "--dry-run", "--json")
+        assert [(f["version"], f["pid"]) for f in r.json()["in_use"]] == [(1, me)]
+        assert f"modelfs: warning: tiny version 1 is open by 1 reader(s) (pid {me}): it would leave the " \
+               "mount now" in r.stderr
+        r = cli.run("prune")
+        assert r.stderr.count("warning") == 1 and "prune tiny version 1" in r.stdout
+        assert hashlib.sha256(old.read()).hexdigest() == sha256_of(tiny["weights"])
+
+
 # -- daemon life ----------------------------------------------------------------------------------------------
 def test_kill9_leaves_a_dead_mount_that_the_next_mount_recovers(tiny, cli, mount_at, mounts):
     m = mount_at()

@@ -60,9 +60,19 @@ def progress_bar(total: int | None, description: str, *, enabled: bool | None = 
     if not enabled:
         yield lambda n: None
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-               TransferSpeedColumn(), TimeRemainingColumn())
+    from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class BinaryRate(ProgressColumn):
+        """Transfer rate in binary units (rich's own column is decimal)."""
+
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{human_size(int(speed))}/s" if speed else "?", style="progress.data.speed")
+
+    # Binary units throughout, as `list` and `status` print sizes.
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True), BinaryRate(),
+               TimeRemainingColumn())
     with Progress(*columns, console=_console(), transient=True) as prog:
         task = prog.add_task(description, total=total)
         yield lambda n: prog.update(task, advance=n)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from modelfs.mount.runstate import OpenFile, open_files, open_files_of
 from modelfs_store.catalog import Action, ModelRecord
 from modelfs_store.core import RemovalPlan
 from modelfs_store.errors import UsageError
@@ -133,6 +134,30 @@ def _print_plan(plan: RemovalPlan, verb: str) -> None:
     click.echo(f"frees {human_size(plan.freed_bytes)}")
 
 
+def _warn_in_use(c: Ctx, plan: RemovalPlan, targets: list[tuple[str, int | None]], dry_run: bool) -> list[OpenFile]:
+    """Warn about every target (a model, or one version of it) a reader holds open
+    through the mount. Not refused: the daemon's descriptors pin the bytes. But whoever
+    removes should know that readers still hold them, and that the space comes back
+    only after their last close. Returns the open files concerned."""
+    everything = open_files(c.store.layout)
+    freed = {sha for sha, _ in plan.blobs}
+    concerned: list[OpenFile] = []
+    for name, version in targets:
+        in_use = open_files_of(everything, name, version)
+        if not in_use:
+            continue
+        concerned += in_use
+        pids = sorted({f["pid"] for f in in_use})
+        what = name if version is None else f"{name} version {version}"
+        deleted = any(f["sha256"] in freed for f in in_use)
+        leaves, stay, go = ("would leave", "would stay", "be") if dry_run else ("leaves", "stay", "are")
+        fate = f"it {leaves} the mount now; its bytes {stay} readable to them" + (
+            f" and {go} deleted after the last close" if deleted else "")
+        click.echo(f"modelfs: warning: {what} is open by {len(pids)} reader(s) "
+                   f"(pid{'s' if len(pids) > 1 else ''} {', '.join(map(str, pids))}): {fate}", err=True)
+    return concerned
+
+
 @click.command()
 @click.argument("name", required=False)
 @click.option("--version", "version", type=int, help="Remove only this (inactive) version.")
@@ -147,21 +172,8 @@ def rm(c: Ctx, name: str | None, version: int | None, partial: str | None, dry_r
         return
     if name is None:
         raise UsageError("rm needs a model NAME (or --partial SHA256)")
-    from modelfs.mount.runstate import open_files, open_files_of
     plan = c.store.plan_remove(name, version)
-    # Not refused: the daemon's descriptors pin the bytes. But whoever runs rm should
-    # know that a reader still holds them (and that the space comes back only later).
-    in_use = open_files_of(open_files(c.store.layout), name, version)
-    if in_use:
-        pids = sorted({f["pid"] for f in in_use})
-        what = name if version is None else f"{name} version {version}"
-        freed = {sha for sha, _ in plan.blobs}
-        deleted = any(f["sha256"] in freed for f in in_use)
-        leaves, stay, go = ("would leave", "would stay", "be") if dry_run else ("leaves", "stay", "are")
-        fate = f"it {leaves} the mount now; its bytes {stay} readable to them" + (
-            f" and {go} deleted after the last close" if deleted else "")
-        click.echo(f"modelfs: warning: {what} is open by {len(pids)} reader(s) "
-                   f"(pid{'s' if len(pids) > 1 else ''} {', '.join(map(str, pids))}): {fate}", err=True)
+    in_use = _warn_in_use(c, plan, [(name, version)], dry_run)
     if as_json:
         print_json({**plan.as_dict(), "dry_run": dry_run, "in_use": in_use})
     else:
@@ -177,8 +189,9 @@ def rm(c: Ctx, name: str | None, version: int | None, partial: str | None, dry_r
 def prune(c: Ctx, dry_run: bool, as_json: bool) -> None:
     """Remove old versions (not active, last-good or pinned), orphan blobs and quarantine."""
     plan = c.store.plan_prune()
+    in_use = _warn_in_use(c, plan, list(plan.versions), dry_run)
     if as_json:
-        print_json({**plan.as_dict(), "dry_run": dry_run})
+        print_json({**plan.as_dict(), "dry_run": dry_run, "in_use": in_use})
     else:
         _print_plan(plan, "prune")
     if not dry_run:
