@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import Conflict, NotFound, StoreError
+from .redact import redact_text, redact_url
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -178,6 +179,7 @@ class FileRecord:
 
     def row(self, model: str, version: int) -> dict[str, Any]:
         d = dict(self.__dict__)
+        d["url"] = redact_url(self.url) if self.url else None  # callers redact; the catalog makes sure
         d["chunks"] = json.dumps(self.chunks) if self.chunks is not None else None
         return {"model": model, "version": version, **d}
 
@@ -212,6 +214,20 @@ class ModelRecord:
 CARD_FIELDS = ("key_id", "payload_sha256", "source", "license", "source_url", "family",
                "architecture", "quantization", "context_length", "min_device", "compat_notes",
                "runtime_params", "expires")
+
+
+def _redacted_card(card: dict[str, Any]) -> dict[str, Any]:
+    """Every free-text field of a card through the one redactor, before it is stored:
+    a licence or a note may quote a signed URL or a token."""
+    out = dict(card)
+    for key, value in card.items():
+        if key == "source_url" and isinstance(value, str):
+            out[key] = redact_url(value)
+        elif isinstance(value, str):
+            out[key] = redact_text(value)
+        elif key == "runtime_params" and isinstance(value, dict):
+            out[key] = {k: redact_text(v) if isinstance(v, str) else v for k, v in value.items()}
+    return out
 
 
 def _model(row: dict[str, Any]) -> ModelRecord:
@@ -393,6 +409,7 @@ class Catalog:
         unknown = set(card) - set(CARD_FIELDS)
         if unknown:
             raise ValueError(f"unknown card fields {sorted(unknown)}")
+        card = _redacted_card(card)
         if card.get("runtime_params") is not None:
             card["runtime_params"] = json.dumps(card["runtime_params"], sort_keys=True)
         now = self.clock()

@@ -255,3 +255,16 @@ def test_user_error_inside_exception_groups_is_unwrapped():
     assert _leaf(ExceptionGroup("outer", [ExceptionGroup("inner", [err])])) is err
     two = ExceptionGroup("two", [err, ValueError("other")])
     assert _leaf(two) is two
+
+
+def test_free_text_is_redacted_before_it_is_stored(cli, store_dir, tmp_path):
+    w = tmp_path / "w.gguf"
+    write_model(w, tensor_bytes=4096, seed=12)
+    secret = "MIT, mirror at https://cdn.example/m.gguf?X-Amz-Signature=abc123SECRET&download=1 token=hf_SECRETSECRET"
+    cli.run("import", "m", str(w), "--license", secret, "--source-url", "https://u:pw@example.org/m?sig=SECRET#frag")
+    stored = [p.read_bytes().decode("latin-1") for p in store_dir.glob("catalog.db*")]
+    for out in (cli.run("show", "m", "--json").stdout, cli.run("list", "--json").stdout, *stored):
+        assert "SECRET" not in out and "u:pw" not in out
+    card = cli.run("show", "m", "--json").json()
+    assert card["license"].startswith("MIT, mirror at https://cdn.example/m.gguf?X-Amz-Signature=REDACTED")
+    assert card["source_url"] == "https://example.org/m?sig=REDACTED"
