@@ -18,8 +18,8 @@ from modelfs.mount.errnos import errno_for
 from modelfs.mount.tree import (CARD_NAME, LONG_TIMEOUT, ROOT_INODE, VERSIONS_DIR, Caller, InodeMap, ModelEntry,
                           Namespace, NoAttribute, build, diff, load_snapshot)
 from modelfs_store.catalog import Catalog, FileRecord, ModelRecord, VersionRecord
-from modelfs_store.errors import (Conflict, FetchError, FetchTimeout, IntegrityError, NotFound, OfflineError,
-                          SpaceError, StoreError, TrustError, UsageError)
+from modelfs_store.errors import (Conflict, FetchError, FetchTimeout, IntegrityError, InternalError, NotFound,
+                                  OfflineError, SpaceError, StoreError, TrustError, UsageError)
 
 ME = Caller(1000, 1000, 4242)
 
@@ -353,10 +353,11 @@ def test_errno_table(exc, number):
     assert errno_for(exc) == number
 
 
-def test_unknown_errors_are_logged_with_traceback_and_become_eio(caplog):
+@pytest.mark.parametrize("bug", [KeyError("bug"), InternalError("hashed 5 bytes but wrote 6")])
+def test_unknown_errors_are_logged_with_traceback_and_become_eio(caplog, bug):
     try:
-        raise KeyError("bug")
-    except KeyError as exc:
+        raise bug
+    except Exception as exc:
         with caplog.at_level(logging.ERROR, logger="modelfs.mount.errnos"):
             assert errno_for(exc) == errno.EIO
     assert caplog.records and caplog.records[0].exc_info is not None
