@@ -80,7 +80,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,9 +89,18 @@ import httpx
 from .archive import extract_zip
 from .catalog import Action, FileRecord
 from .crashpoints import crash_point
-from .download import MAX_REDIRECTS, redirect_target
-from .errors import (ArchiveError, Conflict, FetchError, GGUFError, IntegrityError, ManifestError, NotFound,
-                     OfflineError, StoreError, TrustError, UsageError)
+from .download import Downloader
+from .errors import (
+    ArchiveError,
+    Conflict,
+    GGUFError,
+    IntegrityError,
+    ManifestError,
+    NotFound,
+    StoreError,
+    TrustError,
+    UsageError,
+)
 from .gguf import GGUFInfo, parse_gguf
 from .keys import MAX_ENVELOPE_BYTES, load_keyring
 from .manifest import PLATFORMS, Artifact, Manifest, check_version_floor, parse_envelope, verify_envelope
@@ -218,7 +227,7 @@ async def install_pack(store: Store, downloader: Any, envelope: bytes, *, platfo
     platform = platform or current_platform()
     if platform not in PLATFORMS:
         raise UsageError(f"unknown platform {platform!r}")
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     actor = actor or store.actor
     source = redact_text(source)
     cat = store.catalog
@@ -449,57 +458,11 @@ def _card(m: Manifest, source: str, header: GGUFInfo | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- envelopes over HTTP
 
 
-async def fetch_envelope(downloader: Any, url: str, *, limit: int = MAX_ENVELOPE_BYTES) -> bytes:
-    """GET a (small) envelope with the downloader's client and redirect rules: at most
-    ``MAX_REDIRECTS`` hops, never https -> http, credentials only for their own origin
-    (the downloader's ``auth`` is asked per URL). Refuses a body over ``limit``
-    without reading it past the limit."""
-    shown = redact_url(url)
-    if getattr(downloader, "offline", False):
-        raise OfflineError(f"{shown}: the store is offline")
-    client: httpx.AsyncClient = downloader.client
-    current = httpx.URL(url)
-    if current.scheme not in ("http", "https"):
-        raise UsageError(f"{shown}: not an http(s) URL")
-    for _ in range(MAX_REDIRECTS + 1):
-        headers = {"Accept": "application/json", "Accept-Encoding": "identity", **downloader.auth(str(current))}
-        request = client.build_request("GET", current, headers=headers)
-        try:
-            response = await client.send(request, stream=True)
-        except httpx.ConnectError:
-            raise OfflineError(f"{shown}: cannot reach {current.host}", host=current.host) from None
-        except httpx.TimeoutException:
-            raise FetchError(f"{shown}: {current.host} did not answer in time") from None
-        except httpx.HTTPError as exc:
-            raise FetchError(f"{shown}: request to {current.host} failed ({type(exc).__name__})") from None
-        try:
-            if response.status_code in (301, 302, 303, 307, 308) and "location" in response.headers:
-                current = redirect_target(current, response.headers["location"], shown)
-                continue
-            if response.status_code != 200:
-                raise FetchError(f"{shown}: HTTP {response.status_code} from {current.host}",
-                                 status=response.status_code)
-            if response.headers.get("content-encoding", "identity").lower() != "identity":
-                raise ManifestError("manifest refused: the envelope was sent compressed", reason="encoded")
-            declared = response.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                raise _too_large(limit)
-            body = bytearray()
-            try:
-                async for chunk in response.aiter_raw():
-                    body += chunk
-                    if len(body) > limit:
-                        raise _too_large(limit)
-            except httpx.HTTPError as exc:
-                raise FetchError(f"{shown}: connection to {current.host} failed ({type(exc).__name__})") from None
-            return bytes(body)
-        finally:
-            await response.aclose()
-    raise FetchError(f"{shown}: too many redirects (more than {MAX_REDIRECTS})")
-
-
-def _too_large(limit: int) -> ManifestError:
-    return ManifestError(f"manifest refused: envelope is larger than {limit} bytes", reason="too-large")
+async def fetch_envelope(downloader: Downloader, url: str, *, limit: int = MAX_ENVELOPE_BYTES) -> bytes:
+    """GET a (small) envelope through the downloader's HTTP layer: its redirect rule,
+    credentials only for their own origin, identity encoding only, and a body over
+    ``limit`` refused without reading it past the limit (:meth:`Http.get_envelope`)."""
+    return await downloader.http.get_envelope(url, limit=limit)
 
 
 def looks_like_envelope(data: bytes) -> bool:

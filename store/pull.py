@@ -92,7 +92,7 @@ async def resolve(downloader: Downloader, spec: str, *, role: str, sha256: str |
         spec = f"hf://{base.repo}@{base.revision.replace('/', '%2F')}/{spec.lstrip('/')}"
     if spec.startswith("hf://"):
         ref = hf.parse_hf_url(spec)
-        meta = await hf.file_metadata(downloader, ref)
+        meta = await hf.file_metadata(downloader.http, ref)
         if sha256 is not None and sha256 != meta.sha256:
             raise UsageError(f"{ref.display()}: the hub says SHA-256 {meta.sha256[:16]}…, not {sha256[:16]}…")
         if size is not None and size != meta.size:

@@ -751,7 +751,7 @@ def test_get_and_head_refuse_the_same_unsafe_redirects(store: Store, origin: Fau
 
     async def head() -> None:
         async with Downloader(store, **FAST) as dl:
-            await dl.head(origin.url("/r"))
+            await dl.http.head(origin.url("/r"))
 
     with pytest.raises(FetchError, match="refusing a redirect to a (file|ftp) URL"):
         trio.run(head)
