@@ -42,15 +42,15 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import trio
 
+from .blobs import BlobStore
 from .catalog import FileRecord
 from .errors import FetchError, IntegrityError, NotFound, OfflineError, StoreError, UsageError
 from .http import Auth, BigReadStream, Http, RetryPolicy, is_transient, status_error
-from .layout import check_sha256
+from .layout import Sha256, check_sha256
 from .partial import PartialInfo, PartialLock, discard_partial, list_partials
 from .redact import REDACTED, redact_url
 from .sink import ALIGN, Sink
@@ -64,7 +64,7 @@ Progress = Callable[[int], None]
 
 @dataclass(frozen=True)
 class FetchResult:
-    sha256: str
+    sha256: Sha256
     size: int
     path: Path                 # the committed blob
     new: bool                  # this call committed the blob (False: present, or joined another fetch)
@@ -133,13 +133,14 @@ def _is_html(response: httpx.Response) -> bool:
 
 
 class Downloader:
-    """Fetches blobs into one store. Use from one trio thread; close with :meth:`aclose`.
+    """Fetches blobs into one store's ``blobs`` (partials in its ``partial/``). Use from
+    one trio thread; close with :meth:`aclose`.
 
     ``auth`` is the per-URL credential hook (default: the hub token for the hub's
     origin, :func:`store.hf.auth_headers`); the other network options configure
     :attr:`http`, through which every request goes."""
 
-    def __init__(self, store: Any, *, offline: bool = False, stall_timeout: float = 30.0,
+    def __init__(self, blobs: BlobStore, *, offline: bool = False, stall_timeout: float = 30.0,
                  min_speed: tuple[int, float] | None = None, max_retries: int = 5,
                  transport: httpx.AsyncBaseTransport | None = None,
                  clock: Callable[[], float] = trio.current_time,
@@ -148,7 +149,7 @@ class Downloader:
                  auth: Auth | None = None, verify: ssl.SSLContext | str | bool = True,
                  user_agent: str = "modelfs/0.1", rng: random.Random | None = None,
                  direct_io: bool = True) -> None:
-        self.store = store
+        self.blobs = blobs
         self.stall_timeout = stall_timeout
         self.min_speed = min_speed
         self.clock = clock
@@ -159,7 +160,7 @@ class Downloader:
         retry = RetryPolicy(max_retries, backoff, retry_after_cap, sleep, rng or random.Random())
         self.http = Http(offline=offline, timeout=stall_timeout, transport=transport, verify=verify,
                          user_agent=user_agent, auth=auth, retry=retry)
-        self._inflight: dict[str, _Transfer] = {}
+        self._inflight: dict[Sha256, _Transfer] = {}
 
     @property
     def offline(self) -> bool:
@@ -175,21 +176,19 @@ class Downloader:
         await self.aclose()
 
     # -- public ----------------------------------------------------------------------
-    async def ensure(self, rec: FileRecord, progress: Progress | None = None) -> Path:
-        """The blob of ``rec``, fetched from ``rec.url`` first if it is not local."""
-        blobs = self.store.blobs
-        if blobs.has(rec.sha256):
-            return blobs.path(rec.sha256)
+    async def ensure(self, rec: FileRecord, progress: Progress | None = None) -> FetchResult:
+        """The blob of ``rec``, fetched from ``rec.url`` first if it is not local. The
+        result carries the server's validators; recording them is the caller's
+        (:meth:`store.core.Store.record_validators`)."""
+        sha256 = check_sha256(rec.sha256)
+        if self.blobs.has(sha256):
+            return self._present(sha256)
         if not rec.url:
             raise NotFound(f"{rec.filename} is not in the store and has no source URL", sha256=rec.sha256)
         if f"={REDACTED}" in rec.url:
             raise FetchError(f"{rec.filename}: its source URL was signed and the signature was not stored; "
                              "pull it again with the full URL", sha256=rec.sha256)
-        res = await self.fetch(rec.url, sha256=rec.sha256, size=rec.size, progress=progress)
-        if res.new and (res.etag, res.last_modified) != (rec.etag, rec.last_modified) and (
-                res.etag or res.last_modified):
-            self.store.catalog.set_validators(rec.sha256, res.etag, res.last_modified)
-        return res.path
+        return await self.fetch(rec.url, sha256=sha256, size=rec.size, progress=progress)
 
     async def fetch(self, url: str, *, sha256: str, size: int | None,
                     headers: Mapping[str, str] | None = None, progress: Progress | None = None) -> FetchResult:
@@ -198,10 +197,13 @@ class Downloader:
         ``progress(n)`` is called with byte deltas as they arrive (negative when a partial
         is discarded); when ``size`` is None and ``progress`` has a ``set_total(size)``
         method, it is told the size once the server states it."""
-        check_sha256(sha256)
+        return await self._fetch(url, check_sha256(sha256), size, headers or {}, progress)
+
+    async def _fetch(self, url: str, sha256: Sha256, size: int | None, headers: Mapping[str, str],
+                     progress: Progress | None) -> FetchResult:
         if size is not None and size < 0:
             raise UsageError(f"invalid size {size}")
-        blobs = self.store.blobs
+        blobs = self.blobs
         while True:
             if blobs.has(sha256):
                 return self._present(sha256)
@@ -234,7 +236,7 @@ class Downloader:
             transfer.listeners.append(progress)
         self._inflight[sha256] = transfer
         try:
-            result = await self._fetch_locked(url, sha256, size, headers or {}, transfer)
+            result = await self._fetch_locked(url, sha256, size, headers, transfer)
             transfer.result = result
             return result
         except StoreError as exc:
@@ -245,13 +247,13 @@ class Downloader:
             transfer.done.set()
 
     # -- one transfer ----------------------------------------------------------------------
-    def _present(self, sha256: str) -> FetchResult:
-        path = self.store.blobs.path(sha256)
+    def _present(self, sha256: Sha256) -> FetchResult:
+        path = self.blobs.path(sha256)
         return FetchResult(sha256, path.stat().st_size, path, False, None, None, 0)
 
-    async def _fetch_locked(self, url: str, sha256: str, size: int | None, headers: Mapping[str, str],
+    async def _fetch_locked(self, url: str, sha256: Sha256, size: int | None, headers: Mapping[str, str],
                             transfer: _Transfer) -> FetchResult:
-        directory = self.store.layout.partial / sha256
+        directory = self.blobs.layout.partial / sha256
         lock = PartialLock.try_acquire(directory)
         delay = 0.01
         while lock is None:
@@ -262,19 +264,19 @@ class Downloader:
             delay = min(delay * 2, 0.25)
             lock = PartialLock.try_acquire(directory)
         try:
-            if self.store.blobs.has(sha256):  # the other process finished it
+            if self.blobs.has(sha256):  # the other process finished it
                 return self._present(sha256)
             return await self._transfer(url, sha256, size, headers, transfer, directory)
         finally:
             lock.release()
 
-    async def _transfer(self, url: str, sha256: str, size: int | None, headers: Mapping[str, str],
+    async def _transfer(self, url: str, sha256: Sha256, size: int | None, headers: Mapping[str, str],
                         transfer: _Transfer, directory: Path) -> FetchResult:
         shown = redact_url(url)
         counters: dict[str, int] = {"received": 0, "html": 0}
         integrity_restarts = 0
         while True:
-            sink = await Sink.open(self.store.blobs, directory, sha256, shown, size, direct_io=self.direct_io)
+            sink = await Sink.open(self.blobs, directory, sha256, shown, size, direct_io=self.direct_io)
             sink.start()
             try:
                 if sink.resumed_from:
@@ -295,7 +297,7 @@ class Downloader:
                     log.warning("download of %s failed verification (%s); quarantined, fetching again "
                                 "from zero", shown, exc)
                     continue
-                return FetchResult(committed.sha256, committed.size, committed.path, committed.new,
+                return FetchResult(sha256, committed.size, committed.path, committed.new,
                                    sink.state.etag, sink.state.last_modified, counters["received"])
             finally:
                 with trio.CancelScope(shield=True):

@@ -125,7 +125,7 @@ def store(tmp_path: Path, pub: Publisher) -> Store:
 
 def run_install(store: Store, source: str | bytes, **kw: Any) -> InstallResult:
     async def main() -> InstallResult:
-        async with Downloader(store, backoff=(0.0, 0.0), max_retries=1) as dl:
+        async with Downloader(store.blobs, backoff=(0.0, 0.0), max_retries=1) as dl:
             if isinstance(source, str):
                 return await pull_pack_url(store, dl, source, **kw)
             return await install_pack(store, dl, source, **kw)
@@ -439,7 +439,7 @@ def test_an_unsigned_import_or_pull_cannot_add_to_a_signed_model(store: Store, p
                      sha(weights.read_bytes()), weights.stat().st_size, source="test")
 
     async def unsigned_pull() -> None:
-        async with Downloader(store, backoff=(0.0, 0.0), max_retries=1) as dl:
+        async with Downloader(store.blobs, backoff=(0.0, 0.0), max_retries=1) as dl:
             await pull(store, dl, [src], name="demo")
 
     blobs_before = set(store.blobs.iter_blobs())
@@ -522,7 +522,7 @@ def test_update_installs_newer_versions_from_channels(store: Store, pub: Publish
 
     def update() -> list[Any]:
         async def main() -> list[Any]:
-            async with Downloader(store, backoff=(0.0, 0.0)) as dl:
+            async with Downloader(store.blobs, backoff=(0.0, 0.0)) as dl:
                 return await update_channels(store, dl)
         return trio.run(main)
 
@@ -732,7 +732,7 @@ def test_envelope_redirects_follow_the_downloader_rules(store: Store, pub: Publi
 
         async def main() -> InstallResult:
             ctx = ssl.create_default_context(cafile=secure.ca_file)
-            async with Downloader(store, verify=ctx, backoff=(0.0, 0.0)) as dl:
+            async with Downloader(store.blobs, verify=ctx, backoff=(0.0, 0.0)) as dl:
                 return await pull_pack_url(store, dl, secure.url("/pack.json"))
 
         with pytest.raises(FetchError, match="refusing a redirect from https to plain http"):

@@ -91,7 +91,7 @@ async def _run_pull(store: Any, source: str, sha256: str | None, size: int | Non
 
     opts = downloader_options_from_env()
     offline = os.environ.get("MODELFS_OFFLINE", "") not in ("", "0")
-    async with Downloader(store, offline=offline, **opts) as dl:
+    async with Downloader(store.blobs, offline=offline, **opts) as dl:
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_on_signal, scope)

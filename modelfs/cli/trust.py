@@ -34,7 +34,7 @@ def _downloader(store: Any) -> Any:
     from modelfs_store.pull import downloader_options_from_env
 
     offline = os.environ.get("MODELFS_OFFLINE", "") not in ("", "0")
-    return Downloader(store, offline=offline, **downloader_options_from_env())
+    return Downloader(store.blobs, offline=offline, **downloader_options_from_env())
 
 
 def _read_source(c: Ctx, source: str) -> tuple[bytes, str]:
