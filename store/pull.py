@@ -19,16 +19,19 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from . import gguf, hf
 from .catalog import Action, FileRecord
 from .download import Downloader, FetchResult
 from .errors import UsageError
-from .layout import check_sha256
+from .layout import Sha256, check_sha256
 from .names import check_filename, check_model_name
 from .redact import redact_url
+
+if TYPE_CHECKING:
+    from .core import Store
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ class PullSource:
     url: str                   # full URL for the transfer; may hold secrets, never stored
     filename: str
     role: str                  # 'weights' or 'mmproj'
-    sha256: str
+    sha256: Sha256
     size: int | None
     source: str                # redacted identity for the card: hf://org/repo or scheme://host/path
     source_url: str | None = None
@@ -86,15 +89,14 @@ async def resolve(downloader: Downloader, spec: str, *, role: str, sha256: str |
 
     ``spec`` is an ``https://``/``http://`` URL (``sha256`` required), an ``hf://`` URL,
     or, when ``base`` is an hf:// reference, a path in the same repository (``--mmproj``)."""
-    if sha256 is not None:
-        sha256 = check_sha256(sha256.lower())
+    expected = check_sha256(sha256.lower()) if sha256 is not None else None
     if base is not None and "://" not in spec:
         spec = f"hf://{base.repo}@{base.revision.replace('/', '%2F')}/{spec.lstrip('/')}"
     if spec.startswith("hf://"):
         ref = hf.parse_hf_url(spec)
         meta = await hf.file_metadata(downloader.http, ref)
-        if sha256 is not None and sha256 != meta.sha256:
-            raise UsageError(f"{ref.display()}: the hub says SHA-256 {meta.sha256[:16]}…, not {sha256[:16]}…")
+        if expected is not None and expected != meta.sha256:
+            raise UsageError(f"{ref.display()}: the hub says SHA-256 {meta.sha256[:16]}…, not {expected[:16]}…")
         if size is not None and size != meta.size:
             raise UsageError(f"{ref.display()}: the hub says {meta.size} bytes, not {size}")
         return PullSource(meta.url, check_filename(ref.filename), role, meta.sha256, meta.size,
@@ -103,13 +105,13 @@ async def resolve(downloader: Downloader, spec: str, *, role: str, sha256: str |
     if scheme not in ("http", "https"):
         raise UsageError(f"unsupported source {spec[:20]!r}…: use https://… or hf://org/repo/file.gguf"
                          if len(spec) > 20 else f"unsupported source {spec!r}: use https://… or hf://…")
-    if sha256 is None:
+    if expected is None:
         raise UsageError("an unsigned https source needs its SHA-256: pass --sha256 HEX "
                          f"(for {role})")
-    return PullSource(spec, _url_filename(spec), role, sha256, size, source=redact_url(spec))
+    return PullSource(spec, _url_filename(spec), role, expected, size, source=redact_url(spec))
 
 
-async def pull(store: Any, downloader: Downloader, sources: list[PullSource], *, name: str | None = None,
+async def pull(store: Store, downloader: Downloader, sources: list[PullSource], *, name: str | None = None,
                owner_app: str | None = None, license: str | None = None,
                progress: ProgressFactory | None = None) -> PullResult:
     """Fetch every source, check the GGUF headers, record and activate an unsigned version."""
