@@ -716,6 +716,41 @@ def test_pull_lazy_through_the_cli(trusted_cli: CLI, pub: Publisher) -> None:
     assert r.returncode == 2 and "--lazy needs a signed pack" in r.stderr
 
 
+def test_pull_of_a_pack_url_is_one_downloader_and_one_event_loop(store: Store, pub: Publisher,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """``modelfs pull URL`` without --sha256: the store fetches URL as an envelope and
+    installs the pack through the same Downloader, in one ``trio.run`` (in process)."""
+    import logging
+    import sys
+
+    import modelfs.cli
+
+    url = pub.serve("v1.json", release(pub, 1, mmproj=True))
+    watched = {Downloader.__init__.__code__: "Downloader.__init__", trio.run.__code__: "trio.run"}
+    calls: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code in watched:
+            calls.append(watched[frame.f_code])
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # main() sets up logging for a whole process
+    sys.setprofile(profile)
+    try:
+        code = modelfs.cli.main(["--store", str(store.layout.root), "pull", url])
+    finally:
+        sys.setprofile(None)
+        root.handlers[:], root.level = handlers, level
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert sorted(calls) == ["Downloader.__init__", "trio.run"]
+    assert out == "demo version 1 active: 2 file(s) verified, signed by k1\n"
+    assert len(pub.server.requests("/p/v1.json")) == 1  # the envelope was fetched once
+    v = store.catalog.get_version("demo", 1)
+    assert v.signed and all(store.blobs.has(f.sha256) for f in v.files)
+    assert store.catalog.get_model("demo").active_version == 1
+
+
 def test_envelope_redirects_follow_the_downloader_rules(store: Store, pub: Publisher) -> None:
     from faultserver import FaultServer as Server
     from modelfs_store.errors import FetchError
