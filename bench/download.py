@@ -154,7 +154,7 @@ from modelfs_store.download import Downloader
 url, digest, size, root = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 async def main():
     store = Store.open(root)
-    async with Downloader(store) as dl:
+    async with Downloader(store.blobs) as dl:
         t = time.monotonic()
         await dl.fetch(url, sha256=digest, size=size)
         print(time.monotonic() - t)

@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import gguf
 from .blobs import BlobStore, RecoveryReport
@@ -27,6 +27,9 @@ from .errors import Conflict, NotFound, TrustError, UsageError
 from .layout import Layout, default_root
 from .names import check_filename, check_model_name
 from .redact import redact_url
+
+if TYPE_CHECKING:
+    from .download import FetchResult
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +211,14 @@ class Store:
             raise Conflict(f"model {name!r} holds signed version(s) {', '.join(map(str, signed))}; "
                            f"an unsigned {action} cannot add to it (use another name)",
                            reason="signed-model", model=name)
+
+    def record_validators(self, rec: FileRecord, result: FetchResult) -> None:
+        """After ``rec``'s blob was fetched: keep the server's ETag and Last-Modified on
+        the rows of that blob, when this fetch committed it and they are new. The
+        downloader reports them and writes no SQL."""
+        fresh = (result.etag, result.last_modified)
+        if result.new and any(fresh) and fresh != (rec.etag, rec.last_modified):
+            self.catalog.set_validators(rec.sha256, result.etag, result.last_modified)
 
     # -- reading -------------------------------------------------------------------
     def file_state(self, rec: FileRecord) -> str:

@@ -21,9 +21,14 @@ on the lock: the commit checks the hash whoever wins.
 Robustness: connection errors, 5xx and 429 are retried with exponential backoff and
 jitter (``Retry-After`` honoured, capped); a stall (no byte for ``stall_timeout``)
 or a rate under ``min_speed`` reconnects and resumes; free space is checked before
-writing; a body longer than the expected size is refused. Redirects are followed here
-(at most 10), never from https to http, and a cross-origin hop keeps only the headers
-on :data:`CROSS_ORIGIN_SAFE_HEADERS`, so ``Authorization`` never leaves its origin.
+writing; a body longer than the expected size is refused. Every request goes through
+the store's one HTTP layer (:class:`~store.http.Http`, ``Downloader.http``), which
+follows redirects by the one rule, keeps credentials with their origin and says which
+failures are transient; the retries and their backoff are decided here.
+
+This module writes no SQL: :meth:`Downloader.ensure` returns the :class:`FetchResult`
+with the server's validators, and the caller records them
+(:meth:`store.core.Store.record_validators`).
 
 Deadlines are the caller's (``trio.fail_after``): every await is a clean cancellation
 point and the partial stays consistent. Messages and logs carry redacted URLs only.
@@ -31,48 +36,35 @@ point and the partial stays consistent. Messages and logs carry redacted URLs on
 
 from __future__ import annotations
 
-import email.utils
-import errno
 import logging
 import random
-import socket
-import time
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import httpcore
 import httpx
 import trio
 
+from .blobs import BlobStore
 from .catalog import FileRecord
 from .errors import FetchError, IntegrityError, NotFound, OfflineError, StoreError, UsageError
-from .layout import check_sha256
+from .http import Auth, BigReadStream, Http, RetryPolicy, is_transient, status_error
+from .layout import Sha256, check_sha256
 from .partial import PartialInfo, PartialLock, discard_partial, list_partials
-from .sink import ALIGN, Sink
 from .redact import REDACTED, redact_url
+from .sink import ALIGN, Sink
 
-__all__ = ["CROSS_ORIGIN_SAFE_HEADERS", "Downloader", "FetchResult", "MAX_REDIRECTS", "PartialInfo",
-           "discard_partial", "fast_transport", "list_partials"]
+__all__ = ["Downloader", "FetchResult", "PartialInfo", "discard_partial", "list_partials"]
 
 log = logging.getLogger(__name__)
-
-MAX_REDIRECTS = 10
-READ_BYTES = 1 << 20  # socket read size; httpcore's 64 KiB default halves throughput
-LOWAT_BYTES = 256 << 10  # wake the event loop per 256 KiB of body, not per segment
-# Headers that may follow a redirect to another origin. Everything else (Authorization,
-# cookies, custom tokens) stays with the origin it was meant for.
-CROSS_ORIGIN_SAFE_HEADERS = frozenset({"accept", "accept-encoding", "user-agent", "range", "if-range"})
-_REDIRECTS = (301, 302, 303, 307, 308)
-_ABSENT = object()
 
 Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
 class FetchResult:
-    sha256: str
+    sha256: Sha256
     size: int
     path: Path                 # the committed blob
     new: bool                  # this call committed the blob (False: present, or joined another fetch)
@@ -81,118 +73,21 @@ class FetchResult:
     bytes_transferred: int     # body bytes this call received over the network
 
 
-# -- a faster transport ----------------------------------------------------------------
-class _BigReadStream(httpcore.AsyncNetworkStream):
-    """Reads up to :data:`READ_BYTES` per call whatever httpcore asks for.
-
-    On a plain trio TCP socket it reads with ``recv_into`` into one reused buffer and
-    returns an exact-size copy: ``recv(1 MiB)`` would allocate (and on a VM, fault in
-    and unmap) a fresh 1 MiB object per read, which costs more than the read itself.
-    TLS streams go through the stream as usual."""
-
-    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
-        self._inner = inner
-        self._sock: Any = None
-        self._view: memoryview | None = None
-        self._lowat = 1
-        if inner.get_extra_info("ssl_object") is None:
-            try:
-                sock = inner.get_extra_info("socket")
-            except Exception:  # an unknown backend: use the stream as it is
-                sock = None
-            if isinstance(sock, trio.socket.SocketType):
-                self._sock = sock
-                self._view = memoryview(bytearray(READ_BYTES))
-
-    def expect(self, remaining: int | None) -> None:
-        """Body bytes still to come on this connection (None: unknown or done).
-
-        Sets ``SO_RCVLOWAT`` so the event loop wakes once a useful amount has arrived
-        instead of for every segment: a fast reader otherwise spends its time on
-        per-read overhead. Never above ``remaining``, so the last read cannot wait for
-        bytes that will not come (the caller knows h11 holds no body bytes by then)."""
-        if self._sock is None:
-            return
-        want = 1 if remaining is None or remaining <= 0 else min(LOWAT_BYTES, remaining)
-        if want != self._lowat:
-            try:
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
-                self._lowat = want
-            except OSError:
-                pass  # an optimisation only
-
-    @property
-    def raw_socket(self) -> Any:
-        """The plain TCP trio socket, or None (TLS, or an unknown backend)."""
-        return self._sock
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        if self._sock is None or self._view is None:
-            return await self._inner.read(max(max_bytes, READ_BYTES), timeout)
-        try:
-            with trio.fail_after(float("inf") if timeout is None else timeout):
-                n = await self._sock.recv_into(self._view)
-        except trio.TooSlowError:
-            raise httpcore.ReadTimeout("timed out") from None
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise httpcore.ReadError(str(exc)) from exc
-        # httpcore hands this straight to h11, which copies it into its own buffer before
-        # the next read can overwrite it; skipping our copy saves one pass over every byte.
-        return self._view[:n]  # type: ignore[return-value]
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._inner.write(buffer, timeout)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
-                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
-        return _BigReadStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
-
-class _BigReadBackend(httpcore.AsyncNetworkBackend):
-    def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
-        self._inner = inner
-
-    async def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
-        return _BigReadStream(await self._inner.connect_tcp(*args, **kwargs))
-
-    async def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
-        return _BigReadStream(await self._inner.connect_unix_socket(*args, **kwargs))
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
-
-
-def fast_transport(**kwargs: Any) -> httpx.AsyncHTTPTransport:
-    """An ``httpx.AsyncHTTPTransport`` whose connections read 1 MiB per socket read.
-
-    httpx offers no public knob for the read size; if its internals move, this falls
-    back to the stock transport (slower, still correct)."""
-    transport = httpx.AsyncHTTPTransport(**kwargs)
-    pool = getattr(transport, "_pool", None)
-    backend = getattr(pool, "_network_backend", None)
-    if isinstance(backend, httpcore.AsyncNetworkBackend):
-        pool._network_backend = _BigReadBackend(backend)  # type: ignore[union-attr]
-    return transport
-
-
 # -- retry plumbing ----------------------------------------------------------------------
 class _Retry(Exception):
     """An attempt failed in a way worth retrying. ``error`` is what the user sees if the
     retries run out; ``progressed`` says the attempt moved the download forward."""
 
-    def __init__(self, error: FetchError, *, retry_after: float | None = None, progressed: bool = False,
-                 immediate: bool = False) -> None:
+    def __init__(self, error: FetchError, *, retry_after: float | None = None, progressed: bool = False) -> None:
         super().__init__(str(error))
         self.error = error
         self.retry_after = retry_after
         self.progressed = progressed
-        self.immediate = immediate
+
+    @classmethod
+    def of(cls, error: FetchError, *, progressed: bool = False) -> _Retry:
+        """A transient error of the HTTP layer, as a retry."""
+        return cls(error, retry_after=error.fields.get("retry_after"), progressed=progressed)
 
 
 class _Restart(Exception):
@@ -220,39 +115,6 @@ class _Transfer:
                 hook(size)
 
 
-def redirect_target(current: httpx.URL, location: str, shown: str) -> httpx.URL:
-    """Where a redirect from ``current`` leads; FetchError for an unsafe hop
-    (invalid address, a scheme other than http(s), https downgraded to http).
-    Every redirect the store follows, downloads and envelopes alike, passes here."""
-    try:
-        target = current.join(location)
-    except httpx.InvalidURL:
-        raise FetchError(f"{shown}: the server redirected to an invalid address") from None
-    if target.scheme not in ("http", "https"):
-        raise FetchError(f"{shown}: refusing a redirect to a {target.scheme or 'relative'} URL")
-    if current.scheme == "https" and target.scheme != "https":
-        raise FetchError(f"{shown}: refusing a redirect from https to plain http")
-    return target
-
-
-def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
-    port = url.port or {"http": 80, "https": 443}.get(url.scheme)
-    return url.scheme, url.host, port
-
-
-def _parse_retry_after(value: str | None, now: float) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - now)
-
-
 def _parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
     """``bytes a-b/total`` -> (a, b, total or None)."""
     if not value or not value.startswith("bytes "):
@@ -271,43 +133,41 @@ def _is_html(response: httpx.Response) -> bool:
 
 
 class Downloader:
-    """Fetches blobs into one store. Use from one trio thread; close with :meth:`aclose`."""
+    """Fetches blobs into one store's ``blobs`` (partials in its ``partial/``). Use from
+    one trio thread; close with :meth:`aclose`.
 
-    def __init__(self, store: Any, *, offline: bool = False, stall_timeout: float = 30.0,
+    ``auth`` is the per-URL credential hook (default: the hub token for the hub's
+    origin, :func:`store.hf.auth_headers`); the other network options configure
+    :attr:`http`, through which every request goes."""
+
+    def __init__(self, blobs: BlobStore, *, offline: bool = False, stall_timeout: float = 30.0,
                  min_speed: tuple[int, float] | None = None, max_retries: int = 5,
                  transport: httpx.AsyncBaseTransport | None = None,
                  clock: Callable[[], float] = trio.current_time,
                  sleep: Callable[[float], Awaitable[None]] = trio.sleep,
                  backoff: tuple[float, float] = (0.5, 30.0), retry_after_cap: float = 60.0,
-                 auth: Callable[[str], Mapping[str, str]] | None = None,
-                 verify: Any = True, user_agent: str = "modelfs/0.1",
-                 rng: random.Random | None = None, direct_io: bool = True) -> None:
-        self.store = store
-        self.offline = offline
+                 auth: Auth | None = None, verify: ssl.SSLContext | str | bool = True,
+                 user_agent: str = "modelfs/0.1", rng: random.Random | None = None,
+                 direct_io: bool = True) -> None:
+        self.blobs = blobs
         self.stall_timeout = stall_timeout
         self.min_speed = min_speed
-        self.max_retries = max_retries
         self.clock = clock
-        self.sleep = sleep
-        self.backoff = backoff
-        self.retry_after_cap = retry_after_cap
         self.direct_io = direct_io
         if auth is None:
             from .hf import auth_headers
             auth = auth_headers
-        self.auth = auth
-        self.rng = rng or random.Random()
-        self.client = httpx.AsyncClient(
-            transport=transport or fast_transport(verify=verify),
-            follow_redirects=False,
-            timeout=httpx.Timeout(stall_timeout),
-            headers={"User-Agent": user_agent},
-            trust_env=False,
-        )
-        self._inflight: dict[str, _Transfer] = {}
+        retry = RetryPolicy(max_retries, backoff, retry_after_cap, sleep, rng or random.Random())
+        self.http = Http(offline=offline, timeout=stall_timeout, transport=transport, verify=verify,
+                         user_agent=user_agent, auth=auth, retry=retry)
+        self._inflight: dict[Sha256, _Transfer] = {}
+
+    @property
+    def offline(self) -> bool:
+        return self.http.offline
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.http.aclose()
 
     async def __aenter__(self) -> Downloader:
         return self
@@ -316,21 +176,19 @@ class Downloader:
         await self.aclose()
 
     # -- public ----------------------------------------------------------------------
-    async def ensure(self, rec: FileRecord, progress: Progress | None = None) -> Path:
-        """The blob of ``rec``, fetched from ``rec.url`` first if it is not local."""
-        blobs = self.store.blobs
-        if blobs.has(rec.sha256):
-            return blobs.path(rec.sha256)
+    async def ensure(self, rec: FileRecord, progress: Progress | None = None) -> FetchResult:
+        """The blob of ``rec``, fetched from ``rec.url`` first if it is not local. The
+        result carries the server's validators; recording them is the caller's
+        (:meth:`store.core.Store.record_validators`)."""
+        sha256 = check_sha256(rec.sha256)
+        if self.blobs.has(sha256):
+            return self._present(sha256)
         if not rec.url:
             raise NotFound(f"{rec.filename} is not in the store and has no source URL", sha256=rec.sha256)
         if f"={REDACTED}" in rec.url:
             raise FetchError(f"{rec.filename}: its source URL was signed and the signature was not stored; "
                              "pull it again with the full URL", sha256=rec.sha256)
-        res = await self.fetch(rec.url, sha256=rec.sha256, size=rec.size, progress=progress)
-        if res.new and (res.etag, res.last_modified) != (rec.etag, rec.last_modified) and (
-                res.etag or res.last_modified):
-            self.store.catalog.set_validators(rec.sha256, res.etag, res.last_modified)
-        return res.path
+        return await self.fetch(rec.url, sha256=sha256, size=rec.size, progress=progress)
 
     async def fetch(self, url: str, *, sha256: str, size: int | None,
                     headers: Mapping[str, str] | None = None, progress: Progress | None = None) -> FetchResult:
@@ -339,10 +197,13 @@ class Downloader:
         ``progress(n)`` is called with byte deltas as they arrive (negative when a partial
         is discarded); when ``size`` is None and ``progress`` has a ``set_total(size)``
         method, it is told the size once the server states it."""
-        check_sha256(sha256)
+        return await self._fetch(url, check_sha256(sha256), size, headers or {}, progress)
+
+    async def _fetch(self, url: str, sha256: Sha256, size: int | None, headers: Mapping[str, str],
+                     progress: Progress | None) -> FetchResult:
         if size is not None and size < 0:
             raise UsageError(f"invalid size {size}")
-        blobs = self.store.blobs
+        blobs = self.blobs
         while True:
             if blobs.has(sha256):
                 return self._present(sha256)
@@ -375,7 +236,7 @@ class Downloader:
             transfer.listeners.append(progress)
         self._inflight[sha256] = transfer
         try:
-            result = await self._fetch_locked(url, sha256, size, headers or {}, transfer)
+            result = await self._fetch_locked(url, sha256, size, headers, transfer)
             transfer.result = result
             return result
         except StoreError as exc:
@@ -386,13 +247,13 @@ class Downloader:
             transfer.done.set()
 
     # -- one transfer ----------------------------------------------------------------------
-    def _present(self, sha256: str) -> FetchResult:
-        path = self.store.blobs.path(sha256)
+    def _present(self, sha256: Sha256) -> FetchResult:
+        path = self.blobs.path(sha256)
         return FetchResult(sha256, path.stat().st_size, path, False, None, None, 0)
 
-    async def _fetch_locked(self, url: str, sha256: str, size: int | None, headers: Mapping[str, str],
+    async def _fetch_locked(self, url: str, sha256: Sha256, size: int | None, headers: Mapping[str, str],
                             transfer: _Transfer) -> FetchResult:
-        directory = self.store.layout.partial / sha256
+        directory = self.blobs.layout.partial / sha256
         lock = PartialLock.try_acquire(directory)
         delay = 0.01
         while lock is None:
@@ -403,19 +264,19 @@ class Downloader:
             delay = min(delay * 2, 0.25)
             lock = PartialLock.try_acquire(directory)
         try:
-            if self.store.blobs.has(sha256):  # the other process finished it
+            if self.blobs.has(sha256):  # the other process finished it
                 return self._present(sha256)
             return await self._transfer(url, sha256, size, headers, transfer, directory)
         finally:
             lock.release()
 
-    async def _transfer(self, url: str, sha256: str, size: int | None, headers: Mapping[str, str],
+    async def _transfer(self, url: str, sha256: Sha256, size: int | None, headers: Mapping[str, str],
                         transfer: _Transfer, directory: Path) -> FetchResult:
         shown = redact_url(url)
         counters: dict[str, int] = {"received": 0, "html": 0}
         integrity_restarts = 0
         while True:
-            sink = await Sink.open(self.store.blobs, directory, sha256, shown, size, direct_io=self.direct_io)
+            sink = await Sink.open(self.blobs, directory, sha256, shown, size, direct_io=self.direct_io)
             sink.start()
             try:
                 if sink.resumed_from:
@@ -436,7 +297,7 @@ class Downloader:
                     log.warning("download of %s failed verification (%s); quarantined, fetching again "
                                 "from zero", shown, exc)
                     continue
-                return FetchResult(committed.sha256, committed.size, committed.path, committed.new,
+                return FetchResult(sha256, committed.size, committed.path, committed.new,
                                    sink.state.etag, sink.state.last_modified, counters["received"])
             finally:
                 with trio.CancelScope(shield=True):
@@ -466,18 +327,12 @@ class Downloader:
                 # count again: a flaky link still finishes a 40 GB file. ``max_retries=0``
                 # never retries.
                 failures = 0 if r.progressed else failures + 1
-                if self.max_retries == 0 or failures > self.max_retries:
+                policy = self.http.retry
+                if policy.max_retries == 0 or failures > policy.max_retries:
                     raise r.error from None
-                delay = self._delay(failures or 1, r.retry_after)
-                log.warning("%s; retrying in %.1fs (%d/%d)", r.error, delay, failures, self.max_retries)
-                await self.sleep(delay)
-
-    def _delay(self, failures: int, retry_after: float | None) -> float:
-        base, cap = self.backoff
-        if retry_after is not None:
-            return min(retry_after, self.retry_after_cap) + self.rng.uniform(0, base / 2)
-        delay = min(cap, base * 2 ** (failures - 1))
-        return delay * (0.5 + self.rng.random() / 2)  # jitter: never all clients at once
+                delay = policy.delay(failures or 1, r.retry_after)
+                log.warning("%s; retrying in %.1fs (%d/%d)", r.error, delay, failures, policy.max_retries)
+                await policy.sleep(delay)
 
     async def _attempt(self, url: str, sink: Sink, size: int | None, headers: Mapping[str, str],
                        transfer: _Transfer, counters: dict[str, int]) -> None:
@@ -514,9 +369,9 @@ class Downloader:
         """Decide what a response means; returns the offset its body starts at."""
         status = response.status_code
         host = response.url.host
-        if status == 429 or 500 <= status <= 599:
-            after = _parse_retry_after(response.headers.get("retry-after"), time.time())
-            raise _Retry(FetchError(f"{shown}: HTTP {status} from {host}", status=status), retry_after=after)
+        transient = status_error(response, shown)
+        if transient is not None:
+            raise _Retry.of(transient)
         if status == 416:
             if start:
                 raise _Restart("the server cannot serve the rest of the partial (416)")
@@ -567,38 +422,13 @@ class Downloader:
         return 0
 
     async def _open(self, url: str, headers: dict[str, str], shown: str) -> httpx.Response:
-        """Send a GET, following redirects ourselves; returns the final (streaming) response."""
-        current = httpx.URL(url)
-        hdrs = dict(headers)
-        for hop in range(MAX_REDIRECTS + 1):
-            request_headers = {**hdrs, **self.auth(str(current))}
-            request = self.client.build_request("GET", current, headers=request_headers)
-            response = await self._send(request, shown)
-            if response.status_code not in _REDIRECTS or "location" not in response.headers:
-                return response
-            location = response.headers["location"]
-            await response.aclose()
-            target = redirect_target(current, location, shown)
-            cross = _origin(target) != _origin(current)
-            if cross:
-                hdrs = {k: v for k, v in hdrs.items() if k.lower() in CROSS_ORIGIN_SAFE_HEADERS}
-            log.debug("redirect %d of %s (%s)", hop + 1, shown, "to another origin" if cross else "same origin")
-            current = target
-        raise FetchError(f"{shown}: too many redirects (more than {MAX_REDIRECTS})")
-
-    async def _send(self, request: httpx.Request, shown: str) -> httpx.Response:
-        host = request.url.host
+        """Send the GET through the HTTP layer; returns the final (streaming) response."""
         try:
-            return await self.client.send(request, stream=True)
-        except httpx.ConnectError as exc:
-            reason = _connect_reason(exc)
-            raise _Retry(OfflineError(f"{shown}: cannot reach {host}: {reason}", host=host)) from None
-        except httpx.TimeoutException:
-            raise _Retry(FetchError(f"{shown}: {host} did not answer within {self.stall_timeout:g}s")) from None
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-            raise _Retry(FetchError(f"{shown}: connection to {host} failed ({type(exc).__name__})")) from None
-        except httpx.TransportError as exc:
-            raise FetchError(f"{shown}: request to {host} failed ({type(exc).__name__})") from None
+            return await self.http.open("GET", url, headers, shown)
+        except FetchError as exc:
+            if is_transient(exc):
+                raise _Retry.of(exc) from None
+            raise
 
     async def _stream(self, response: httpx.Response, sink: Sink, expected: int | None, transfer: _Transfer,
                       counters: dict[str, int], shown: str) -> None:
@@ -606,16 +436,16 @@ class Downloader:
         host = response.url.host
         begun = sink.total
         stream = response.extensions.get("network_stream")
-        stream = stream if isinstance(stream, _BigReadStream) else None
+        stream = stream if isinstance(stream, BigReadStream) else None
         # A plain-TCP body of known length is read straight off the socket once h11 has
         # handed over what it buffered with the headers: no h11 copies, no per-read
         # layers. The connection is closed afterwards (h11 never saw the end).
-        direct = (stream is not None and stream.raw_socket is not None and expected is not None
+        direct = (stream is not None and stream.direct and expected is not None
                   and "content-length" in response.headers and "transfer-encoding" not in response.headers
                   and int(response.headers["content-length"]) == expected - sink.total)
         watch = _Watch(self, self.clock())
         try:
-            with trio.CancelScope() as watch.scope:
+            with trio.CancelScope() as watch.scope, self.http.body_errors(response, shown, lambda: sink.total):
                 watch.arm()
                 async for chunk in response.aiter_raw():
                     n = len(chunk)
@@ -635,9 +465,10 @@ class Downloader:
                         assert stream is not None
                         await self._read_direct(stream, sink, expected, transfer, counters, watch, shown)
                         break
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ReadTimeout) as exc:
-            raise _Retry(FetchError(f"{shown}: connection to {host} lost after {sink.total} bytes "
-                                    f"({type(exc).__name__})"), progressed=sink.total - begun >= (1 << 20)) from None
+        except FetchError as exc:
+            if not is_transient(exc):
+                raise
+            raise _Retry.of(exc, progressed=sink.total - begun >= (1 << 20)) from None
         finally:
             if stream is not None:
                 stream.expect(None)  # the connection may carry another response next
@@ -652,10 +483,9 @@ class Downloader:
             raise _Retry(FetchError(f"{shown}: connection to {host} closed after {sink.total} of {expected} "
                                     "bytes"), progressed=sink.total - begun >= (1 << 20))
 
-    async def _read_direct(self, stream: _BigReadStream, sink: Sink, expected: int, transfer: _Transfer,
+    async def _read_direct(self, stream: BigReadStream, sink: Sink, expected: int, transfer: _Transfer,
                            counters: dict[str, int], watch: _Watch, shown: str) -> None:
         """The rest of the body, from the socket into pooled buffers handed to the sink."""
-        sock = stream.raw_socket
         while sink.total < expected:
             buf = sink.take_buffer()
             view = memoryview(buf)
@@ -667,55 +497,13 @@ class Downloader:
             try:
                 while fill < want:
                     stream.expect(want - fill)
-                    try:
-                        n = await sock.recv_into(view[fill:want])
-                    except OSError as exc:
-                        raise httpx.ReadError(str(exc)) from exc
-                    if n == 0:
-                        raise httpx.RemoteProtocolError("peer closed connection before the end of the body")
+                    n = await stream.recv_into(view[fill:want])
                     fill += n
                     counters["received"] += n
                     transfer.progress(n)
                     watch.got(n)
             finally:
                 await sink.write(view[:fill], owned=buf)
-
-    # -- HEAD (metadata of hub files) -----------------------------------------------------------
-    async def head(self, url: str, *, follow_cross_origin: bool = False) -> httpx.Response:
-        """HEAD ``url`` with retries, following same-origin redirects only (unless asked):
-        the hub answers a resolve URL with a 302 whose headers carry the file's hash."""
-        if self.offline:
-            raise OfflineError(f"{redact_url(url)}: the store is offline")
-        shown = redact_url(url)
-        failures = 0
-        while True:
-            try:
-                return await self._head_once(url, shown, follow_cross_origin)
-            except _Retry as r:
-                failures += 1
-                if failures > self.max_retries:
-                    raise r.error from None
-                await self.sleep(self._delay(failures, r.retry_after))
-
-    async def _head_once(self, url: str, shown: str, follow_cross_origin: bool) -> httpx.Response:
-        current = httpx.URL(url)
-        for _ in range(MAX_REDIRECTS + 1):
-            request = self.client.build_request("HEAD", current, headers={"Accept-Encoding": "identity",
-                                                                          **self.auth(str(current))})
-            response = await self._send(request, shown)
-            await response.aclose()
-            status = response.status_code
-            if status == 429 or 500 <= status <= 599:
-                raise _Retry(FetchError(f"{shown}: HTTP {status} from {current.host}", status=status),
-                             retry_after=_parse_retry_after(response.headers.get("retry-after"), time.time()))
-            if status in _REDIRECTS and "location" in response.headers:
-                target = redirect_target(current, response.headers["location"], shown)
-                if _origin(target) != _origin(current) and not follow_cross_origin:
-                    return response
-                current = target
-                continue
-            return response
-        raise FetchError(f"{shown}: too many redirects (more than {MAX_REDIRECTS})")
 
 
 class _Watch:
@@ -745,26 +533,3 @@ class _Watch:
 
     def too_slow(self) -> bool:
         return self.dl.min_speed is not None and self.dl.clock() >= self.window_start + self.dl.min_speed[1]
-
-
-def _connect_reason(exc: httpx.ConnectError) -> str:
-    """A short, secret-free reason from the OS errors behind a failed connect (trio
-    wraps one OSError per address tried in a group)."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        cause = todo.pop(0)
-        if id(cause) in seen:
-            continue
-        seen.add(id(cause))
-        if isinstance(cause, OSError) and cause.errno is not None:
-            if cause.errno == errno.ECONNREFUSED:
-                return "connection refused"
-            if cause.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
-                return "no route to host"
-            if isinstance(cause, socket.gaierror):
-                return "name resolution failed"
-            return cause.strerror or "connection failed"
-        todo.extend(getattr(cause, "exceptions", ()))
-        todo.extend(c for c in (cause.__cause__, cause.__context__) if c is not None)
-    return "connection failed"

@@ -11,8 +11,9 @@ later lazy fetch gets the same bytes.
 The token comes from ``$HF_TOKEN`` (or the legacy ``$HUGGING_FACE_HUB_TOKEN``), else
 the token file (``$HF_TOKEN_PATH``, else ``$HF_HOME/token``, default
 ``~/.cache/huggingface/token``), read at request time and sent only to the endpoint's
-origin: :func:`auth_headers` is the downloader's per-request credential hook, so a
-redirect to the CDN carries no token. The token is never stored, logged or put in argv.
+origin: :func:`auth_headers` is the downloader's per-request credential hook (the HTTP
+layer asks it on every hop), so a redirect to the CDN carries no token. The token is
+never stored, logged or put in argv.
 """
 
 from __future__ import annotations
@@ -21,13 +22,17 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote
 
 import httpx
 
 from .errors import FetchError, UsageError
+from .layout import Sha256, check_sha256
 from .names import check_filename
+
+if TYPE_CHECKING:
+    from .http import Http
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -53,7 +58,7 @@ class HFRef:
 class HFFile:
     ref: HFRef
     url: str           # resolve URL pinned to the commit when the hub named one
-    sha256: str
+    sha256: Sha256
     size: int
     commit: str | None
     etag: str | None
@@ -132,10 +137,10 @@ def _normalize_etag(value: str | None) -> str | None:
     return value.strip('"')
 
 
-async def file_metadata(downloader: Any, ref: HFRef) -> HFFile:
+async def file_metadata(http: Http, ref: HFRef) -> HFFile:
     """HEAD the resolve URL; the expected SHA-256 and size of an LFS file."""
     url = resolve_url(ref)
-    response = await downloader.head(url)
+    response = await http.head(url)
     shown = ref.display()
     status = response.status_code
     if status in (401, 403):
@@ -158,4 +163,5 @@ async def file_metadata(downloader: Any, ref: HFRef) -> HFFile:
     if commit and not re.fullmatch(r"[0-9a-f]{40}", commit):
         commit = None
     url = resolve_url(ref, revision=commit) if commit else url
-    return HFFile(ref, url, linked.lower(), int(size_text), commit, _normalize_etag(headers.get("etag")))
+    return HFFile(ref, url, check_sha256(linked.lower()), int(size_text), commit,
+                  _normalize_etag(headers.get("etag")))

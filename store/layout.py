@@ -16,6 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NewType
 
 from .errors import UsageError
 
@@ -23,6 +24,10 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 #: Everything a store directory may hold (what an interrupted init may have left, too).
 STORE_ENTRIES = frozenset({"catalog.db", "catalog.db-wal", "catalog.db-shm", "catalog.db-journal", "blobs", "tmp",
                            "partial", "quarantine", "run"})
+
+#: A checked SHA-256 hex digest (64 lowercase hex digits): what names a blob. Only
+#: :func:`check_sha256` makes one from an unchecked string.
+Sha256 = NewType("Sha256", str)
 
 
 def default_root() -> Path:
@@ -34,10 +39,10 @@ def default_root() -> Path:
     return Path(xdg) / "modelfs"
 
 
-def check_sha256(hexdigest: str) -> str:
+def check_sha256(hexdigest: str) -> Sha256:
     if not _HEX64.fullmatch(hexdigest):
         raise UsageError(f"not a SHA-256 hex digest: {hexdigest[:80]!r}")
-    return hexdigest
+    return Sha256(hexdigest)
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,12 +89,21 @@ import httpx
 from .archive import extract_zip
 from .catalog import Action, FileRecord
 from .crashpoints import crash_point
-from .download import MAX_REDIRECTS, redirect_target
-from .errors import (ArchiveError, Conflict, FetchError, GGUFError, IntegrityError, ManifestError, NotFound,
-                     OfflineError, StoreError, TrustError, UsageError)
+from .download import Downloader
+from .errors import (
+    ArchiveError,
+    Conflict,
+    GGUFError,
+    IntegrityError,
+    ManifestError,
+    NotFound,
+    StoreError,
+    TrustError,
+    UsageError,
+)
 from .gguf import GGUFInfo, parse_gguf
 from .keys import MAX_ENVELOPE_BYTES, load_keyring
-from .manifest import PLATFORMS, Artifact, Manifest, check_version_floor, parse_envelope, verify_envelope
+from .manifest import PLATFORMS, Artifact, Keyring, Manifest, check_version_floor, parse_envelope, verify_envelope
 from .names import check_relpath
 from .redact import redact_text, redact_url
 
@@ -155,7 +164,7 @@ class ChannelResult:
 
 def check_pack(store: Store, data: bytes, *, now: datetime, platform: str,
                allowed_keys: Collection[str] | None = None, checks: list[str] | None = None,
-               keyring: Any = None) -> Manifest:
+               keyring: Keyring | None = None) -> Manifest:
     """Every check before a download (see the module docstring). Reads the catalog,
     writes nothing. ``checks`` collects one line per check that passed."""
     env = parse_envelope(data, checks=checks)
@@ -205,7 +214,7 @@ def _signed_versions(store: Store, model: str) -> dict[int, str]:
 # --------------------------------------------------------------------------- install
 
 
-async def install_pack(store: Store, downloader: Any, envelope: bytes, *, platform: str | None = None,
+async def install_pack(store: Store, downloader: Downloader, envelope: bytes, *, platform: str | None = None,
                        now: datetime | None = None, actor: str | None = None, source: str = "pack",
                        allowed_keys: Collection[str] | None = None,
                        progress: Progress | None = None, lazy: bool = False) -> InstallResult:
@@ -218,7 +227,7 @@ async def install_pack(store: Store, downloader: Any, envelope: bytes, *, platfo
     platform = platform or current_platform()
     if platform not in PLATFORMS:
         raise UsageError(f"unknown platform {platform!r}")
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     actor = actor or store.actor
     source = redact_text(source)
     cat = store.catalog
@@ -265,7 +274,7 @@ def _audit_refusal(store: Store, actor: str, exc: StoreError, source: str,
 @dataclass
 class _Installer:
     store: Store
-    downloader: Any
+    downloader: Downloader
     manifest: Manifest
     platform: str
     actor: str
@@ -361,13 +370,13 @@ class _Installer:
         """Make every artifact's bytes local and verified; returns the file rows."""
         out: list[FileRecord] = []
         for art in arts:
-            if art.is_archive:
-                prefix = f"{art.extract_name}/"
-                have = [f for f in recorded.values() if f.filename.startswith(prefix)]
+            directory = art.extract_name
+            if directory is not None:  # an archive: its files are recorded under directory/
+                have = [f for f in recorded.values() if f.filename.startswith(f"{directory}/")]
                 if have and all(self.store.blobs.has(f.sha256) for f in have):
                     out += have
                 else:
-                    out += await self._archive(art)
+                    out += await self._archive(art, directory)
                 continue
             etag = last_modified = None
             if not self.store.blobs.has(art.sha256) and not self.lazy:
@@ -391,7 +400,9 @@ class _Installer:
             self.added.add(sha256)
             self.new_bytes += size
 
-    async def _archive(self, art: Artifact) -> list[FileRecord]:
+    async def _archive(self, art: Artifact, directory: str) -> list[FileRecord]:
+        """Fetch the zip ``art`` and extract it (reject, never sanitise); its files become
+        blobs and ``directory/<path>`` rows."""
         res = await self.downloader.fetch(art.url, sha256=art.sha256, size=art.size, progress=self.progress)
         self._count(res.sha256, res.size, res.new, res.bytes_transferred)
         self.zips[art.sha256] = res.size
@@ -401,10 +412,10 @@ class _Installer:
         lock_fd = os.open(work / ".lock", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
-            extracted = extract_zip(blobs.path(art.sha256), work, art.extract_name)
+            extracted = extract_zip(blobs.path(art.sha256), work, directory)
             records = []
             for f in extracted.files:
-                name = check_relpath(f"{art.extract_name}/{f.path}")
+                name = check_relpath(f"{directory}/{f.path}")
                 committed = blobs.commit_file(extracted.path / f.path, f.sha256, f.size)
                 self._count(committed.sha256, committed.size, committed.new, 0)
                 records.append(FileRecord(name, "aux", f.size, f.sha256))
@@ -449,57 +460,11 @@ def _card(m: Manifest, source: str, header: GGUFInfo | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- envelopes over HTTP
 
 
-async def fetch_envelope(downloader: Any, url: str, *, limit: int = MAX_ENVELOPE_BYTES) -> bytes:
-    """GET a (small) envelope with the downloader's client and redirect rules: at most
-    ``MAX_REDIRECTS`` hops, never https -> http, credentials only for their own origin
-    (the downloader's ``auth`` is asked per URL). Refuses a body over ``limit``
-    without reading it past the limit."""
-    shown = redact_url(url)
-    if getattr(downloader, "offline", False):
-        raise OfflineError(f"{shown}: the store is offline")
-    client: httpx.AsyncClient = downloader.client
-    current = httpx.URL(url)
-    if current.scheme not in ("http", "https"):
-        raise UsageError(f"{shown}: not an http(s) URL")
-    for _ in range(MAX_REDIRECTS + 1):
-        headers = {"Accept": "application/json", "Accept-Encoding": "identity", **downloader.auth(str(current))}
-        request = client.build_request("GET", current, headers=headers)
-        try:
-            response = await client.send(request, stream=True)
-        except httpx.ConnectError:
-            raise OfflineError(f"{shown}: cannot reach {current.host}", host=current.host) from None
-        except httpx.TimeoutException:
-            raise FetchError(f"{shown}: {current.host} did not answer in time") from None
-        except httpx.HTTPError as exc:
-            raise FetchError(f"{shown}: request to {current.host} failed ({type(exc).__name__})") from None
-        try:
-            if response.status_code in (301, 302, 303, 307, 308) and "location" in response.headers:
-                current = redirect_target(current, response.headers["location"], shown)
-                continue
-            if response.status_code != 200:
-                raise FetchError(f"{shown}: HTTP {response.status_code} from {current.host}",
-                                 status=response.status_code)
-            if response.headers.get("content-encoding", "identity").lower() != "identity":
-                raise ManifestError("manifest refused: the envelope was sent compressed", reason="encoded")
-            declared = response.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                raise _too_large(limit)
-            body = bytearray()
-            try:
-                async for chunk in response.aiter_raw():
-                    body += chunk
-                    if len(body) > limit:
-                        raise _too_large(limit)
-            except httpx.HTTPError as exc:
-                raise FetchError(f"{shown}: connection to {current.host} failed ({type(exc).__name__})") from None
-            return bytes(body)
-        finally:
-            await response.aclose()
-    raise FetchError(f"{shown}: too many redirects (more than {MAX_REDIRECTS})")
-
-
-def _too_large(limit: int) -> ManifestError:
-    return ManifestError(f"manifest refused: envelope is larger than {limit} bytes", reason="too-large")
+async def fetch_envelope(downloader: Downloader, url: str, *, limit: int = MAX_ENVELOPE_BYTES) -> bytes:
+    """GET a (small) envelope through the downloader's HTTP layer: its redirect rule,
+    credentials only for their own origin, identity encoding only, and a body over
+    ``limit`` refused without reading it past the limit (:meth:`Http.get_envelope`)."""
+    return await downloader.http.get_envelope(url, limit=limit)
 
 
 def looks_like_envelope(data: bytes) -> bool:
@@ -508,9 +473,12 @@ def looks_like_envelope(data: bytes) -> bool:
     return head == b"{" and b'"payload_b64"' in data[:MAX_ENVELOPE_BYTES]
 
 
-async def pull_pack_url(store: Store, downloader: Any, url: str, **kw: Any) -> InstallResult:
+async def pull_pack_url(store: Store, downloader: Downloader, url: str, *, platform: str | None = None,
+                        now: datetime | None = None, actor: str | None = None,
+                        allowed_keys: Collection[str] | None = None, progress: Progress | None = None,
+                        lazy: bool = False) -> InstallResult:
     """Fetch an envelope from ``url`` and install it. A refused or failed fetch is audited."""
-    actor = kw.get("actor") or store.actor
+    actor = actor or store.actor
     try:
         data = await fetch_envelope(downloader, url)
     except StoreError as exc:
@@ -520,7 +488,8 @@ async def pull_pack_url(store: Store, downloader: Any, url: str, **kw: Any) -> I
             store.catalog.audit(actor, Action.PULL, outcome="failed", reason=redact_text(str(exc)),
                                 detail={"source": redact_url(url)})
         raise
-    return await install_pack(store, downloader, data, source=redact_url(url), **kw)
+    return await install_pack(store, downloader, data, platform=platform, now=now, actor=actor,
+                              source=redact_url(url), allowed_keys=allowed_keys, progress=progress, lazy=lazy)
 
 
 def read_envelope_file(path: str | os.PathLike[str]) -> bytes:
@@ -563,7 +532,7 @@ def add_channel(store: Store, url: str, key_ids: Collection[str], *, actor: str 
                             detail={"url": url, "key_ids": sorted(key_ids)})
 
 
-async def update_channels(store: Store, downloader: Any, *, platform: str | None = None,
+async def update_channels(store: Store, downloader: Downloader, *, platform: str | None = None,
                           now: datetime | None = None, actor: str | None = None,
                           progress: Progress | None = None) -> list[ChannelResult]:
     """Fetch each channel once, install what is newer, record when and how it went."""

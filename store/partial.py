@@ -21,6 +21,7 @@ the catalog and never sees a URL with secrets: callers pass the redacted form.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -28,7 +29,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .durable import atomic_write, fsync_dir
 from .errors import Conflict, NotFound
@@ -41,6 +42,13 @@ STATE_VERSION = 1
 
 DATA = "data"
 STATE = "state.json"
+
+
+class HasLayout(Protocol):
+    """Whatever knows where its store lives: a ``Store`` or a ``BlobStore``."""
+
+    @property
+    def layout(self) -> Layout: ...
 
 
 @dataclass(frozen=True)
@@ -129,7 +137,7 @@ def _partial_dir(layout: Layout, sha256: str) -> Path:
     return layout.partial / check_sha256(sha256)
 
 
-def list_partials(store: Any) -> list[PartialInfo]:
+def list_partials(store: HasLayout) -> list[PartialInfo]:
     """Every partial download of ``store``, sorted by SHA-256."""
     out = []
     for entry in sorted(store.layout.partial.iterdir()):
@@ -150,7 +158,7 @@ def list_partials(store: Any) -> list[PartialInfo]:
     return out
 
 
-def discard_partial(store: Any, sha256: str) -> int:
+def discard_partial(store: HasLayout, sha256: str) -> int:
     """Delete one partial download; returns the bytes freed. Refuses one in use."""
     path = _partial_dir(store.layout, sha256)
     if not path.is_dir():
@@ -180,14 +188,10 @@ def files_of(path: Path) -> list[Path]:
 
 
 def remove_empty(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         path.rmdir()
-    except OSError:
-        pass
 
 
 def unlink_quiet(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    except FileNotFoundError:
-        pass

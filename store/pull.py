@@ -1,6 +1,17 @@
-"""Pull an unsigned source (an https URL with a known SHA-256, or ``hf://``) into a model.
+"""``pull``: decide what a source is, and pull an unsigned one into a model.
 
-The steps mirror :meth:`Store.import_model`: resolve each source to a URL with an
+:func:`pull_source` is the one entry point of ``modelfs pull``. It decides, with one
+Downloader on one event loop, what the source is:
+
+* ``--pack``, or an existing local file: a signed pack envelope (``store.packs``);
+* an http(s) URL without ``--sha256``: its body is fetched as an envelope (the size
+  cap refuses a model file from its Content-Length, before its body); a signed pack
+  is installed, anything else goes on as an unsigned pull, which then says it needs
+  ``--sha256``;
+* anything else (an https URL with ``--sha256``, ``hf://``): an unsigned pull.
+  ``--lazy`` is for signed packs only.
+
+An unsigned pull (:func:`pull`) mirrors :meth:`Store.import_model`: resolve each source to a URL with an
 expected SHA-256 (given, or the hub's LFS hash) and size; fetch every blob through the
 :class:`~store.download.Downloader` (resumable, verified, deduplicated); read the GGUF
 header of the committed blobs; then record one version in one transaction, marked
@@ -19,20 +30,27 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 from urllib.parse import unquote, urlsplit
 
 from . import gguf, hf
+from .blobs import BlobStore
 from .catalog import Action, FileRecord
 from .download import Downloader, FetchResult
-from .errors import UsageError
-from .layout import check_sha256
+from .errors import StoreError, UsageError
+from .layout import Sha256, check_sha256
 from .names import check_filename, check_model_name
+from .packs import InstallResult, fetch_envelope, install_pack, looks_like_envelope, pull_pack_url, read_envelope_file
 from .redact import redact_url
+
+if TYPE_CHECKING:
+    from .core import Store
 
 log = logging.getLogger(__name__)
 
-ProgressFactory = Callable[["PullSource"], Callable[[int], None] | None]
+Progress = Callable[[int], None]
+ProgressFactory = Callable[["PullSource"], Progress | None]
 
 
 @dataclass(frozen=True)
@@ -40,7 +58,7 @@ class PullSource:
     url: str                   # full URL for the transfer; may hold secrets, never stored
     filename: str
     role: str                  # 'weights' or 'mmproj'
-    sha256: str
+    sha256: Sha256
     size: int | None
     source: str                # redacted identity for the card: hf://org/repo or scheme://host/path
     source_url: str | None = None
@@ -86,15 +104,14 @@ async def resolve(downloader: Downloader, spec: str, *, role: str, sha256: str |
 
     ``spec`` is an ``https://``/``http://`` URL (``sha256`` required), an ``hf://`` URL,
     or, when ``base`` is an hf:// reference, a path in the same repository (``--mmproj``)."""
-    if sha256 is not None:
-        sha256 = check_sha256(sha256.lower())
+    expected = check_sha256(sha256.lower()) if sha256 is not None else None
     if base is not None and "://" not in spec:
         spec = f"hf://{base.repo}@{base.revision.replace('/', '%2F')}/{spec.lstrip('/')}"
     if spec.startswith("hf://"):
         ref = hf.parse_hf_url(spec)
-        meta = await hf.file_metadata(downloader, ref)
-        if sha256 is not None and sha256 != meta.sha256:
-            raise UsageError(f"{ref.display()}: the hub says SHA-256 {meta.sha256[:16]}…, not {sha256[:16]}…")
+        meta = await hf.file_metadata(downloader.http, ref)
+        if expected is not None and expected != meta.sha256:
+            raise UsageError(f"{ref.display()}: the hub says SHA-256 {meta.sha256[:16]}…, not {expected[:16]}…")
         if size is not None and size != meta.size:
             raise UsageError(f"{ref.display()}: the hub says {meta.size} bytes, not {size}")
         return PullSource(meta.url, check_filename(ref.filename), role, meta.sha256, meta.size,
@@ -103,13 +120,13 @@ async def resolve(downloader: Downloader, spec: str, *, role: str, sha256: str |
     if scheme not in ("http", "https"):
         raise UsageError(f"unsupported source {spec[:20]!r}…: use https://… or hf://org/repo/file.gguf"
                          if len(spec) > 20 else f"unsupported source {spec!r}: use https://… or hf://…")
-    if sha256 is None:
+    if expected is None:
         raise UsageError("an unsigned https source needs its SHA-256: pass --sha256 HEX "
                          f"(for {role})")
-    return PullSource(spec, _url_filename(spec), role, sha256, size, source=redact_url(spec))
+    return PullSource(spec, _url_filename(spec), role, expected, size, source=redact_url(spec))
 
 
-async def pull(store: Any, downloader: Downloader, sources: list[PullSource], *, name: str | None = None,
+async def pull(store: Store, downloader: Downloader, sources: list[PullSource], *, name: str | None = None,
                owner_app: str | None = None, license: str | None = None,
                progress: ProgressFactory | None = None) -> PullResult:
     """Fetch every source, check the GGUF headers, record and activate an unsigned version."""
@@ -149,11 +166,19 @@ async def pull(store: Any, downloader: Downloader, sources: list[PullSource], *,
     return PullResult(name, version, created, new_bytes, transferred, tuple(records))
 
 
-def downloader_options_from_env() -> dict[str, Any]:
+class DownloaderOptions(TypedDict, total=False):
+    stall_timeout: float
+    min_speed: tuple[int, float]
+    max_retries: int
+    backoff: tuple[float, float]
+    direct_io: bool
+
+
+def downloader_options_from_env() -> DownloaderOptions:
     """Tuning knobs for tests and unusual networks (all optional):
     ``MODELFS_STALL_TIMEOUT`` seconds, ``MODELFS_MIN_SPEED`` ``BYTES/SECONDS``,
     ``MODELFS_MAX_RETRIES``, ``MODELFS_BACKOFF`` ``BASE/CAP`` seconds, ``MODELFS_DIRECT_IO=0`` (page-cache writes)."""
-    opts: dict[str, Any] = {}
+    opts: DownloaderOptions = {}
     try:
         if v := os.environ.get("MODELFS_STALL_TIMEOUT"):
             opts["stall_timeout"] = float(v)
@@ -171,3 +196,85 @@ def downloader_options_from_env() -> dict[str, Any]:
         raise UsageError("malformed MODELFS_STALL_TIMEOUT, MODELFS_MIN_SPEED, MODELFS_MAX_RETRIES "
                          "or MODELFS_BACKOFF") from None
     return opts
+
+
+def downloader_from_env(blobs: BlobStore) -> Downloader:
+    """The Downloader of the command line (``pull``, ``update``, ``manifest verify``):
+    offline when ``MODELFS_OFFLINE`` is set (not ``0``), tuned by
+    :func:`downloader_options_from_env`."""
+    offline = os.environ.get("MODELFS_OFFLINE", "") not in ("", "0")
+    return Downloader(blobs, offline=offline, **downloader_options_from_env())
+
+
+# -- what a source is ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class PullOptions:
+    """What ``modelfs pull`` was asked for, besides the source."""
+    pack: bool = False                # the source is a signed envelope (a file or an http(s) URL)
+    lazy: bool = False                # signed packs only: record now, fetch each file on first open
+    sha256: str | None = None         # unsigned: expected SHA-256 of the weights
+    size: int | None = None
+    name: str | None = None           # unsigned: model name (default: from the file name)
+    mmproj: str | None = None         # unsigned: a URL, or a path in the same hf:// repository
+    mmproj_sha256: str | None = None
+    license: str | None = None
+    owner_app: str | None = None
+    platform: str | None = None       # signed: whose artifacts to install (default: this one)
+
+
+class PullReporter(Protocol):
+    """Progress of a pull: one callback per file of an unsigned pull (``set_total`` is
+    honoured, see :meth:`Downloader.fetch`), or one for a whole signed pack."""
+
+    def __call__(self, src: PullSource) -> Progress | None: ...
+
+    def pack(self) -> Progress | None: ...
+
+
+async def pull_source(store: Store, downloader: Downloader, source: str, options: PullOptions,
+                      reporter: PullReporter | None = None) -> InstallResult | PullResult:
+    """``modelfs pull SOURCE``: decide what SOURCE is (module docstring) and pull it.
+    Returns the signed pack's :class:`InstallResult` or the unsigned :class:`PullResult`."""
+    is_url = source.startswith(("http://", "https://"))
+    if options.pack or (not is_url and os.path.isfile(source)):
+        return await _pull_pack(store, downloader, source, None, options, reporter)
+    if is_url and options.sha256 is None:
+        envelope = await _probe_envelope(downloader, source)
+        if envelope is not None:
+            return await _pull_pack(store, downloader, source, envelope, options, reporter)
+    if options.lazy:
+        raise UsageError("--lazy needs a signed pack: only its manifest vouches for every file's size and "
+                         "SHA-256 before a byte is local")
+    sources = [await resolve(downloader, source, role="weights", sha256=options.sha256, size=options.size)]
+    if options.mmproj:
+        base = hf.parse_hf_url(source) if source.startswith("hf://") and "://" not in options.mmproj else None
+        sources.append(await resolve(downloader, options.mmproj, role="mmproj", sha256=options.mmproj_sha256,
+                                     base=base))
+    return await pull(store, downloader, sources, name=options.name, owner_app=options.owner_app,
+                      license=options.license, progress=reporter)
+
+
+async def _probe_envelope(downloader: Downloader, url: str) -> bytes | None:
+    """The body of ``url`` when it is a signed envelope, else None (a model file is
+    refused by the size cap from its Content-Length, before its body)."""
+    try:
+        data = await fetch_envelope(downloader, url)
+    except StoreError:
+        return None  # not a small document: the unsigned pull says what is wrong
+    return data if looks_like_envelope(data) else None
+
+
+async def _pull_pack(store: Store, downloader: Downloader, source: str, envelope: bytes | None,
+                     options: PullOptions, reporter: PullReporter | None) -> InstallResult:
+    """Install the pack whose envelope is ``source`` (a file or an http(s) URL), or
+    ``envelope`` when it was already fetched."""
+    progress = reporter.pack() if reporter is not None else None
+    is_url = source.startswith(("http://", "https://"))
+    if envelope is None and is_url:
+        return await pull_pack_url(store, downloader, source, platform=options.platform, progress=progress,
+                                   lazy=options.lazy)
+    if envelope is None:
+        envelope = read_envelope_file(source)
+    origin = redact_url(source) if is_url else f"file:{Path(source).name}"
+    return await install_pack(store, downloader, envelope, platform=options.platform, source=origin,
+                              progress=progress, lazy=options.lazy)

@@ -63,7 +63,7 @@ def fetch(store: Store, url: str, data: bytes | None = None, *, digest: str | No
         size = len(data) if data is not None else None
 
     async def main() -> FetchResult:
-        async with Downloader(store, **{**FAST, **opts}) as dl:
+        async with Downloader(store.blobs, **{**FAST, **opts}) as dl:
             return await dl.fetch(url, sha256=digest, size=size, headers=headers)
     return trio.run(main)
 
@@ -104,18 +104,40 @@ def test_ensure_fetches_once_then_answers_locally(store, origin):
     rec = FileRecord("e.gguf", "weights", len(data), sha(data), url=origin.url("/e"))
 
     async def main():
-        async with Downloader(store, **FAST) as dl:
-            return await dl.ensure(rec), await dl.ensure(rec)
+        async with Downloader(store.blobs, **FAST) as dl:
+            return (await dl.ensure(rec)).path, (await dl.ensure(rec)).path
     a, b = trio.run(main)
     assert a == b == store.blobs.path(sha(data))
     assert len(origin.requests("/e")) == 1
+
+
+def test_ensure_reports_validators_and_the_store_records_them(store, origin):
+    """The downloader writes no SQL: ensure returns the validators, Store.record_validators
+    keeps them on the file rows (what the mount does after a fetch on open)."""
+    data = blob_data(MB, seed=4)
+    origin.add("/v", data)
+    rec = FileRecord("v.gguf", "weights", len(data), sha(data), url=origin.url("/v"))
+    store.catalog.ensure_model("v")
+    store.catalog.add_version("v", 1, [rec], signed=False)
+
+    async def main():
+        async with Downloader(store.blobs, **FAST) as dl:
+            return await dl.ensure(rec), await dl.ensure(rec)
+    first, again = trio.run(main)
+    assert first.new and first.etag and first.last_modified and not again.new
+    [(_, _, before)] = store.catalog.all_files()
+    assert (before.etag, before.last_modified) == (None, None)  # ensure wrote nothing
+    store.record_validators(rec, again)  # nothing new fetched: nothing to record
+    store.record_validators(rec, first)
+    [(_, _, after)] = store.catalog.all_files()
+    assert (after.etag, after.last_modified) == (first.etag, first.last_modified)
 
 
 def test_ensure_refuses_a_redacted_signed_url(store):
     rec = FileRecord("e.gguf", "weights", 1, "a" * 64, url="https://cdn.test/e?X-Amz-Signature=REDACTED")
 
     async def main():
-        async with Downloader(store, **FAST) as dl:
+        async with Downloader(store.blobs, **FAST) as dl:
             await dl.ensure(rec)
     with pytest.raises(FetchError, match="signed"):
         trio.run(main)
@@ -430,7 +452,7 @@ def test_concurrent_fetches_in_one_process_join_one_transfer(store, origin):
 
     async def main():
         results = []
-        async with Downloader(store, **FAST) as dl:
+        async with Downloader(store.blobs, **FAST) as dl:
             async def one():
                 results.append(await dl.fetch(origin.url("/j"), sha256=sha(data), size=len(data),
                                               progress=seen.append))
@@ -449,7 +471,7 @@ def test_cancelled_fetch_keeps_a_resumable_partial(store, origin):
     origin.add("/k", data, rate=8 * MB)
 
     async def main():
-        async with Downloader(store, **FAST) as dl:
+        async with Downloader(store.blobs, **FAST) as dl:
             with trio.move_on_after(0.5):
                 await dl.fetch(origin.url("/k"), sha256=sha(data), size=len(data))
     trio.run(main)
@@ -750,8 +772,8 @@ def test_get_and_head_refuse_the_same_unsafe_redirects(store: Store, origin: Fau
         fetch(store, origin.url("/r"), digest="0" * 64, size=None)
 
     async def head() -> None:
-        async with Downloader(store, **FAST) as dl:
-            await dl.head(origin.url("/r"))
+        async with Downloader(store.blobs, **FAST) as dl:
+            await dl.http.head(origin.url("/r"))
 
     with pytest.raises(FetchError, match="refusing a redirect to a (file|ftp) URL"):
         trio.run(head)

@@ -73,7 +73,7 @@ def test_a_sequential_pass_leaves_one_copy_in_memory(blob) -> None:
         pytest.skip(f"{path.parent} keeps every page in memory (tmpfs?): residency says nothing here")
     shares = {}
     for mode in ("inline", "inline-keep"):
-        files = OpenFiles(Materialiser(store.layout, None), read_mode=mode)
+        files = OpenFiles(Materialiser(store, None), read_mode=mode)
 
         async def main() -> None:
             fh = await files.open(node, ME)
@@ -91,7 +91,7 @@ def test_a_sequential_pass_leaves_one_copy_in_memory(blob) -> None:
 def test_every_read_mode_keeps_no_descriptor_after_release(blob) -> None:
     store, node, path, data = blob
     for mode in ("inline", "inline-keep", "direct", "thread", "mmap"):
-        files = OpenFiles(Materialiser(store.layout, None), read_mode=mode)
+        files = OpenFiles(Materialiser(store, None), read_mode=mode)
         before = open_fds()
 
         async def main() -> None:

@@ -125,7 +125,7 @@ def store(tmp_path: Path, pub: Publisher) -> Store:
 
 def run_install(store: Store, source: str | bytes, **kw: Any) -> InstallResult:
     async def main() -> InstallResult:
-        async with Downloader(store, backoff=(0.0, 0.0), max_retries=1) as dl:
+        async with Downloader(store.blobs, backoff=(0.0, 0.0), max_retries=1) as dl:
             if isinstance(source, str):
                 return await pull_pack_url(store, dl, source, **kw)
             return await install_pack(store, dl, source, **kw)
@@ -439,7 +439,7 @@ def test_an_unsigned_import_or_pull_cannot_add_to_a_signed_model(store: Store, p
                      sha(weights.read_bytes()), weights.stat().st_size, source="test")
 
     async def unsigned_pull() -> None:
-        async with Downloader(store, backoff=(0.0, 0.0), max_retries=1) as dl:
+        async with Downloader(store.blobs, backoff=(0.0, 0.0), max_retries=1) as dl:
             await pull(store, dl, [src], name="demo")
 
     blobs_before = set(store.blobs.iter_blobs())
@@ -522,7 +522,7 @@ def test_update_installs_newer_versions_from_channels(store: Store, pub: Publish
 
     def update() -> list[Any]:
         async def main() -> list[Any]:
-            async with Downloader(store, backoff=(0.0, 0.0)) as dl:
+            async with Downloader(store.blobs, backoff=(0.0, 0.0)) as dl:
                 return await update_channels(store, dl)
         return trio.run(main)
 
@@ -717,6 +717,41 @@ def test_pull_lazy_through_the_cli(trusted_cli: CLI, pub: Publisher) -> None:
     assert r.returncode == 2 and "--lazy needs a signed pack" in r.stderr
 
 
+def test_pull_of_a_pack_url_is_one_downloader_and_one_event_loop(store: Store, pub: Publisher,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """``modelfs pull URL`` without --sha256: the store fetches URL as an envelope and
+    installs the pack through the same Downloader, in one ``trio.run`` (in process)."""
+    import logging
+    import sys
+
+    import modelfs.cli
+
+    url = pub.serve("v1.json", release(pub, 1, mmproj=True))
+    watched = {Downloader.__init__.__code__: "Downloader.__init__", trio.run.__code__: "trio.run"}
+    calls: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code in watched:
+            calls.append(watched[frame.f_code])
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # main() sets up logging for a whole process
+    sys.setprofile(profile)
+    try:
+        code = modelfs.cli.main(["--store", str(store.layout.root), "pull", url])
+    finally:
+        sys.setprofile(None)
+        root.handlers[:], root.level = handlers, level
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert sorted(calls) == ["Downloader.__init__", "trio.run"]
+    assert out == "demo version 1 active: 2 file(s) verified, signed by k1\n"
+    assert len(pub.server.requests("/p/v1.json")) == 1  # the envelope was fetched once
+    v = store.catalog.get_version("demo", 1)
+    assert v.signed and all(store.blobs.has(f.sha256) for f in v.files)
+    assert store.catalog.get_model("demo").active_version == 1
+
+
 def test_envelope_redirects_follow_the_downloader_rules(store: Store, pub: Publisher) -> None:
     from faultserver import FaultServer as Server
     from modelfs_store.errors import FetchError
@@ -733,7 +768,7 @@ def test_envelope_redirects_follow_the_downloader_rules(store: Store, pub: Publi
 
         async def main() -> InstallResult:
             ctx = ssl.create_default_context(cafile=secure.ca_file)
-            async with Downloader(store, verify=ctx, backoff=(0.0, 0.0)) as dl:
+            async with Downloader(store.blobs, verify=ctx, backoff=(0.0, 0.0)) as dl:
                 return await pull_pack_url(store, dl, secure.url("/pack.json"))
 
         with pytest.raises(FetchError, match="refusing a redirect from https to plain http"):

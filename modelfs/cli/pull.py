@@ -1,5 +1,7 @@
-"""``modelfs pull``: a thin front end over ``modelfs_store.pull`` and ``modelfs_store.packs``.
+"""``modelfs pull``: a thin front end over ``modelfs_store.pull.pull_source``.
 
+The store decides what the source is (a signed pack or an unsigned file) with one
+Downloader in one ``trio.run``; this module only shows progress and prints the result.
 Progress goes to stderr as a bar on a terminal and nowhere in a pipe; ``--json`` prints
 events to stdout, one JSON object per line. Ctrl-C (or SIGTERM) cancels the transfer
 through trio, so the partial download is flushed and kept for the next run, and says so.
@@ -9,20 +11,25 @@ Credentials are read from the environment by the store at request time, never fr
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from modelfs_store.errors import StoreError, UsageError
+from modelfs_store.errors import StoreError
 from modelfs_store.partial import list_partials
 
-from ._output import human_size, info, print_json, progress_bar
+from ._context import Ctx
+from ._output import human_size, progress_bar
+
+if TYPE_CHECKING:
+    from modelfs_store.core import Store
+    from modelfs_store.packs import InstallResult
+    from modelfs_store.pull import PullOptions, PullResult, PullSource
 
 # trio, httpx and the downloader load only when a pull runs: every other verb starts faster.
 
@@ -33,20 +40,26 @@ def _emit(event: dict[str, Any]) -> None:
 
 
 class _Reporter:
-    """Builds the per-file progress callback for the chosen output."""
+    """Builds the progress callbacks for the chosen output (a ``PullReporter``): one per
+    file of an unsigned pull, one for a whole signed pack."""
 
     def __init__(self, as_json: bool, stack: ExitStack) -> None:
         self.as_json = as_json
         self.stack = stack
 
-    def __call__(self, src: Any) -> Callable[[int], None]:
+    def __call__(self, src: PullSource) -> Callable[[int], None]:
         return _FileProgress(self, src)
+
+    def pack(self) -> Callable[[int], None]:
+        self.stack.close()
+        return self.stack.enter_context(progress_bar(None, "pulling signed pack",
+                                                     enabled=False if self.as_json else None))
 
 
 class _FileProgress:
     """Progress of one file: JSON lines, or a bar (reopened with a total once known)."""
 
-    def __init__(self, reporter: _Reporter, src: Any) -> None:
+    def __init__(self, reporter: _Reporter, src: PullSource) -> None:
         self.r = reporter
         self.src = src
         self.total: int | None = src.size
@@ -81,29 +94,17 @@ class _FileProgress:
             _emit({"event": "progress", "file": self.src.filename, "bytes": self.done, "total": self.total})
 
 
-async def _run_pull(store: Any, source: str, sha256: str | None, size: int | None, name: str | None,
-                    mmproj: str | None, mmproj_sha256: str | None, license_: str | None,
-                    owner_app: str | None, reporter: _Reporter) -> Any:
+async def _run_pull(store: Store, source: str, options: PullOptions,
+                    reporter: _Reporter) -> InstallResult | PullResult | None:
     import trio
 
-    from modelfs_store.download import Downloader
-    from modelfs_store.pull import downloader_options_from_env, pull as store_pull, resolve
+    from modelfs_store.pull import downloader_from_env, pull_source
 
-    opts = downloader_options_from_env()
-    offline = os.environ.get("MODELFS_OFFLINE", "") not in ("", "0")
-    async with Downloader(store, offline=offline, **opts) as dl:
+    async with downloader_from_env(store.blobs) as dl:
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_on_signal, scope)
-                sources = [await resolve(dl, source, role="weights", sha256=sha256, size=size)]
-                if mmproj:
-                    base = None
-                    if source.startswith("hf://") and "://" not in mmproj:
-                        from modelfs_store.hf import parse_hf_url
-                        base = parse_hf_url(source)
-                    sources.append(await resolve(dl, mmproj, role="mmproj", sha256=mmproj_sha256, base=base))
-                result = await store_pull(store, dl, sources, name=name, owner_app=owner_app,
-                                          license=license_, progress=reporter)
+                result = await pull_source(store, dl, source, options, reporter)
                 nursery.cancel_scope.cancel()
                 return result
     return None  # cancelled by a signal
@@ -132,7 +133,7 @@ async def _cancel_on_signal(scope: Any) -> None:
 @click.option("--lazy", is_flag=True,
               help="Signed packs only: record the model now, fetch each file on first open through the mount.")
 @click.pass_obj
-def pull(c: Any, source: str, sha256: str | None, size: int | None, name: str | None, mmproj: str | None,
+def pull(c: Ctx, source: str, sha256: str | None, size: int | None, name: str | None, mmproj: str | None,
          mmproj_sha256: str | None, license_: str | None, owner_app: str | None, as_json: bool,
          pack: bool, lazy: bool) -> None:
     """Download a model from SOURCE (https://… with --sha256, or hf://org/repo[@rev]/file.gguf),
@@ -141,18 +142,15 @@ def pull(c: Any, source: str, sha256: str | None, size: int | None, name: str | 
     with --lazy its files are listed at once and downloaded when first opened."""
     import trio
 
-    from .trust import maybe_pull_pack  # signed packs (issue 5): a file, --pack, or a URL serving one
-    if maybe_pull_pack(c, source, force=pack, probe_url=sha256 is None, as_json=as_json, lazy=lazy):
-        return
-    if lazy:
-        raise UsageError("--lazy needs a signed pack: only its manifest vouches for every file's size and "
-                         "SHA-256 before a byte is local")
+    from modelfs_store.pull import PullOptions, PullResult
+
+    options = PullOptions(pack=pack, lazy=lazy, sha256=sha256, size=size, name=name, mmproj=mmproj,
+                          mmproj_sha256=mmproj_sha256, license=license_, owner_app=owner_app)
     store = c.store
     with ExitStack() as stack:
         reporter = _Reporter(as_json, stack)
         try:
-            result = trio.run(_run_pull, store, source, sha256, size, name, mmproj, mmproj_sha256,
-                              license_, owner_app, reporter)
+            result = trio.run(_run_pull, store, source, options, reporter)
         except StoreError:
             stack.close()
             raise
@@ -166,9 +164,39 @@ def pull(c: Any, source: str, sha256: str | None, size: int | None, name: str | 
                     "run the same command again to resume")
         click.echo(f"modelfs: {msg}", err=True)
         sys.exit(130)
+    if isinstance(result, PullResult):
+        _print_unsigned(result, as_json)
+    else:
+        _print_pack(result, as_json)
+
+
+def _print_unsigned(result: PullResult, as_json: bool) -> None:
     if as_json:
         _emit({"event": "result", **result.as_dict()})
         return
     what = f"version {result.version}" if result.new_version else f"version {result.version} (unchanged)"
     click.echo(f"pulled {result.model} {what}: {len(result.files)} file(s), "
                f"{human_size(result.new_bytes)} new in the store, unsigned")
+
+
+def _print_pack(res: InstallResult, as_json: bool) -> None:
+    if as_json:  # one JSON line, like the unsigned pull's final event
+        click.echo(json.dumps({"event": "result", "signed": True, **res.as_dict()}, sort_keys=True))
+        return
+    if res.outcome == "installed":
+        state = "active" if res.activated else f"installed; version {res.active_version} stays active"
+        if res.dehydrated:
+            click.echo(f"{res.model} version {res.version} {state}: signed by {res.key_id}; "
+                       f"{len(res.dehydrated)} of {len(res.files)} file(s) not fetched yet: each is downloaded "
+                       "and verified when first opened through the mount (or pull again without --lazy)")
+        else:
+            click.echo(f"{res.model} version {res.version} {state}: {len(res.files)} file(s) verified, "
+                       f"signed by {res.key_id}")
+    elif res.outcome == "already-active":
+        click.echo(f"{res.model} version {res.version} is already active; nothing downloaded"
+                   if not res.bytes_downloaded else
+                   f"{res.model} version {res.version} is already active; fetched "
+                   f"{human_size(res.bytes_downloaded)} of files that were not local")
+    else:
+        click.echo(f"{res.model} version {res.version} is already installed (active: "
+                   f"{res.active_version}); use 'modelfs activate {res.model} {res.version}' to switch")

@@ -8,9 +8,8 @@ cryptography are imported inside the commands, so ``modelfs --help`` stays fast.
 
 from __future__ import annotations
 
-import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +18,11 @@ import click
 from modelfs_store.errors import StoreError, UsageError
 
 from ._context import Ctx, json_option, pass_ctx
-from ._output import human_size, info, print_json, progress_bar
+from ._output import info, print_json, progress_bar
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _downloader(store: Any) -> Any:
-    """A Downloader configured like ``modelfs pull``'s (MODELFS_OFFLINE and the tuning knobs)."""
-    import os
-
-    from modelfs_store.download import Downloader
-    from modelfs_store.pull import downloader_options_from_env
-
-    offline = os.environ.get("MODELFS_OFFLINE", "") not in ("", "0")
-    return Downloader(store, offline=offline, **downloader_options_from_env())
+    return datetime.now(UTC)
 
 
 def _read_source(c: Ctx, source: str) -> tuple[bytes, str]:
@@ -48,8 +36,10 @@ def _read_source(c: Ctx, source: str) -> tuple[bytes, str]:
     if source.startswith(("http://", "https://")):
         import trio
 
+        from modelfs_store.pull import downloader_from_env
+
         async def get() -> bytes:
-            async with _downloader(c.store) as dl:
+            async with downloader_from_env(c.store.blobs) as dl:
                 return await fetch_envelope(dl, source)
 
         return trio.run(get), redact_url(source)
@@ -241,7 +231,7 @@ def channels_list(c: Ctx, as_json: bool) -> None:
     if not rows:
         click.echo("no channels")
     for ch in rows:
-        when = (datetime.fromtimestamp(ch["last_checked"], timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+        when = (datetime.fromtimestamp(ch["last_checked"], UTC).strftime("%Y-%m-%d %H:%M:%SZ")
                 if ch["last_checked"] else "never")
         click.echo(f"{ch['url']}  keys: {', '.join(ch['key_ids'])}  checked: {when}  "
                    f"{ch['last_result'] or ''}".rstrip())
@@ -256,13 +246,14 @@ def update(c: Ctx, platform: str | None, as_json: bool) -> None:
     import trio
 
     from modelfs_store.packs import update_channels
+    from modelfs_store.pull import downloader_from_env
 
     store = c.store
     if not store.catalog.channels():
         raise UsageError("no channels configured (add one with 'modelfs channels add URL --key KEY_ID')")
 
     async def run(advance: Any) -> list[Any]:
-        async with _downloader(store) as dl:
+        async with downloader_from_env(store.blobs) as dl:
             return await update_channels(store, dl, platform=platform, progress=advance)
 
     with progress_bar(None, "updating") as advance:
@@ -274,81 +265,3 @@ def update(c: Ctx, platform: str | None, as_json: bool) -> None:
             click.echo(f"{r.url}: {r.message}")
     if any(r.outcome in ("refused", "failed") for r in results):
         sys.exit(1)
-
-
-# -- pull of a pack (the hook in cli_pull) ---------------------------------------------------------
-def maybe_pull_pack(c: Ctx, source: str, *, force: bool, probe_url: bool = True, as_json: bool = False,
-                    lazy: bool = False) -> bool:
-    """``modelfs pull SOURCE`` for a signed pack. Returns False when SOURCE is not one, so
-    the unsigned pull goes on. A pack is: ``--pack``; an existing local file (weights are
-    brought in with ``import``); or an http(s) URL whose body is a JSON envelope (only
-    asked for (``probe_url``) when no --sha256 was given, so an unsigned pull could not work)."""
-    import os
-
-    is_url = source.startswith(("http://", "https://"))
-    if force or (not is_url and os.path.isfile(source)):
-        pull_pack(c, source, as_json=as_json, lazy=lazy)
-        return True
-    if not is_url or not probe_url:
-        return False
-    import trio
-
-    from modelfs_store.packs import fetch_envelope, looks_like_envelope
-
-    async def probe() -> bytes | None:
-        async with _downloader(c.store) as dl:
-            try:
-                return await fetch_envelope(dl, source)
-            except StoreError:
-                return None  # not a small document: let the unsigned path say what is wrong
-
-    data = trio.run(probe)
-    if data is None or not looks_like_envelope(data):
-        return False
-    pull_pack(c, source, data=data, as_json=as_json, lazy=lazy)
-    return True
-
-
-def pull_pack(c: Ctx, source: str, *, data: bytes | None = None, platform: str | None = None,
-              as_json: bool = False, lazy: bool = False) -> None:
-    """Install the pack whose envelope is ``source`` (file or URL), or ``data`` already read.
-    ``lazy``: record it without fetching; the mount fetches each file on first open."""
-    import trio
-
-    from modelfs_store.packs import install_pack, pull_pack_url, read_envelope_file
-    from modelfs_store.redact import redact_url
-
-    store = c.store
-    is_url = source.startswith(("http://", "https://"))
-
-    async def run(advance: Any) -> Any:
-        async with _downloader(store) as dl:
-            if data is not None or not is_url:
-                envelope = data if data is not None else read_envelope_file(source)
-                origin = redact_url(source) if is_url else f"file:{Path(source).name}"
-                return await install_pack(store, dl, envelope, platform=platform, source=origin,
-                                          progress=advance, lazy=lazy)
-            return await pull_pack_url(store, dl, source, platform=platform, progress=advance, lazy=lazy)
-
-    with progress_bar(None, "pulling signed pack", enabled=False if as_json else None) as advance:
-        res = trio.run(run, advance)
-    if as_json:  # one JSON line, like the unsigned pull's final event
-        click.echo(json.dumps({"event": "result", "signed": True, **res.as_dict()}, sort_keys=True))
-        return
-    if res.outcome == "installed":
-        state = "active" if res.activated else f"installed; version {res.active_version} stays active"
-        if res.dehydrated:
-            click.echo(f"{res.model} version {res.version} {state}: signed by {res.key_id}; "
-                       f"{len(res.dehydrated)} of {len(res.files)} file(s) not fetched yet: each is downloaded "
-                       "and verified when first opened through the mount (or pull again without --lazy)")
-        else:
-            click.echo(f"{res.model} version {res.version} {state}: {len(res.files)} file(s) verified, "
-                       f"signed by {res.key_id}")
-    elif res.outcome == "already-active":
-        click.echo(f"{res.model} version {res.version} is already active; nothing downloaded"
-                   if not res.bytes_downloaded else
-                   f"{res.model} version {res.version} is already active; fetched "
-                   f"{human_size(res.bytes_downloaded)} of files that were not local")
-    else:
-        click.echo(f"{res.model} version {res.version} is already installed (active: "
-                   f"{res.active_version}); use 'modelfs activate {res.model} {res.version}' to switch")

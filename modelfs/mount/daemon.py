@@ -89,7 +89,7 @@ class Daemon:
         self.poll_catalog = Catalog(self.layout.catalog)  # used only in worker threads, one at a time
         self.snapshots = SnapshotReader(self.poll_catalog)
         self.db_limiter = trio.CapacityLimiter(1)
-        self.materialiser = Materialiser(self.layout, None, offline=cfg.offline,
+        self.materialiser = Materialiser(self.store, None, offline=cfg.offline,
                                          fetch_timeout=cfg.fetch_timeout, on_failure=self.publish_status)
         self.files = OpenFiles(self.materialiser, read_mode=cfg.read_mode, on_change=self._open_changed)
         self._open_dirty = trio.Event()
@@ -257,7 +257,7 @@ class Daemon:
             self.ns.swap(first)
         blobs = self.store.blobs
         ops = ModelOps(self.ns, self.files, lambda sha: "local" if blobs.has(sha) else "dehydrated")
-        fetcher = self.materialiser.fetcher = Downloader(self.store, offline=self.cfg.offline)
+        fetcher = self.materialiser.fetcher = Downloader(self.store.blobs, offline=self.cfg.offline)
         pyfuse3.init(ops, str(self.mountpoint), mount_options())
         clean = False
         try:

@@ -4,7 +4,8 @@
 once; a dehydrated one is fetched (or joined) through the downloader under a deadline,
 and any failure is a store error that ``errnos`` turns into EIO / ENETUNREACH /
 ETIMEDOUT. No byte is served before the whole file is verified, and no partial file is
-ever opened.
+ever opened. The server's validators of a fetched file go to the catalog through
+``Store.record_validators`` (the downloader writes no SQL).
 
 The descriptor is held from ``open`` to ``release``. That is what pins a blob: ``rm``
 and ``prune`` unlink it, but its bytes stay readable through the descriptor for every
@@ -19,6 +20,7 @@ alternatives for the benchmark. No pyfuse3 here; ``fuse_ops`` adapts.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -29,16 +31,19 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from modelfs_store.catalog import FileRecord
 from modelfs_store.errors import FetchError, FetchTimeout, NotFound, OfflineError, StoreError
-from modelfs_store.layout import Layout
 from modelfs_store.redact import redact_text
 
 from .tree import Caller, Node
+
+if TYPE_CHECKING:
+    from modelfs_store.core import Store
+    from modelfs_store.download import FetchResult
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +56,9 @@ TOUCH_EVERY = 60.0           # seconds between last-used updates of one model
 class Fetcher(Protocol):
     """What the mount needs of ``store.download.Downloader``."""
 
-    async def ensure(self, rec: FileRecord, progress: Callable[[int], None] | None = None) -> Path: ...
+    async def ensure(self, rec: FileRecord, progress: Callable[[int], None] | None = None) -> FetchResult: ...
+
+    async def aclose(self) -> None: ...
 
 
 @dataclass
@@ -70,10 +77,10 @@ class FetchFailure:
 class Materialiser:
     """A verified local blob for a file record, fetching it when it is not local yet."""
 
-    def __init__(self, layout: Layout, fetcher: Fetcher | None, *, offline: bool = False,
+    def __init__(self, store: Store, fetcher: Fetcher | None, *, offline: bool = False,
                  fetch_timeout: float | None = None, on_failure: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        self.layout = layout
+        self.store = store
         self.fetcher = fetcher
         self.offline = offline
         self.fetch_timeout = fetch_timeout
@@ -85,7 +92,7 @@ class Materialiser:
         rec = node.file
         assert rec is not None
         try:
-            return _open_ro(self.layout.blob(rec.sha256))
+            return _open_ro(self.store.layout.blob(rec.sha256))
         except FileNotFoundError:
             pass
         try:
@@ -103,12 +110,14 @@ class Materialiser:
         deadline = self.fetch_timeout if self.fetch_timeout else math.inf
         try:
             with trio.fail_after(deadline):
-                return await self.fetcher.ensure(rec)
+                result = await self.fetcher.ensure(rec)
         except NotFound as exc:  # listed, but no bytes and no source: a failed fetch (EIO)
             raise FetchError(str(exc), sha256=rec.sha256) from exc
         except trio.TooSlowError:
             raise FetchTimeout(f"{rec.filename} was not fetched within {deadline:g}s",
                                sha256=rec.sha256, timeout=deadline) from None
+        self.store.record_validators(rec, result)
+        return result.path
 
     def _record(self, node: Node, exc: StoreError) -> None:
         rec = node.file
@@ -269,10 +278,9 @@ class OpenFiles:
         if h.view is not None:
             h.view.release()
             assert h.map is not None
-            try:
+            # A reply may still hold a slice: the map is then unmapped when it is dropped.
+            with contextlib.suppress(BufferError):
                 h.map.close()
-            except BufferError:  # a reply still holds a slice; unmapped when it is dropped
-                pass
             if self._drop:
                 os.posix_fadvise(h.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         if h.dfd >= 0:
