@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from .crashpoints import crash_point
 from .durable import fsync_dir, fsync_file
 from .errors import IntegrityError, NotFound, SpaceError, StoreError
 from .layout import Layout
+from .owner import open_dir, open_file
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> tupl
     """SHA-256 and size of a file, read once."""
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb", buffering=0) as f:
+    with os.fdopen(open_file(path, os.O_RDONLY), "rb", buffering=0) as f:
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         while n := f.readinto(buf):
@@ -122,11 +124,15 @@ class BlobStore:
         return self.layout.blob(sha256)
 
     def has(self, sha256: str) -> bool:
-        return self.layout.blob(sha256).is_file()
+        """A committed blob: a regular file (a link in its place is not one)."""
+        try:
+            return stat.S_ISREG(os.lstat(self.layout.blob(sha256)).st_mode)
+        except FileNotFoundError:
+            return False
 
     def size(self, sha256: str) -> int:
         try:
-            return self.layout.blob(sha256).stat().st_size
+            return os.lstat(self.layout.blob(sha256)).st_size
         except FileNotFoundError:
             raise NotFound(f"blob {sha256[:12]} is not in the store", sha256=sha256) from None
 
@@ -181,10 +187,10 @@ class BlobStore:
                     f"SHA-256 mismatch: got {sha256[:16]}…, expected {expected_sha256[:16]}…",
                     got=sha256, expected=expected_sha256, quarantined=str(q))
             dest = self.layout.blob(sha256)
-            if dest.is_file():
+            if self.has(sha256):
                 path.unlink()
                 return Committed(sha256, size, dest, new=False)
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            self._blob_dir(dest.parent)
             os.chmod(path, 0o444)
             crash_point("commit-before-rename")
             os.rename(path, dest)
@@ -193,6 +199,12 @@ class BlobStore:
         finally:
             if on_done:
                 on_done()
+
+    def _blob_dir(self, path: Path) -> None:
+        """``blobs/sha256/ab/``: 0700 whatever the umask, and never a link."""
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        os.close(open_dir(path))  # refuses a link planted in its place
 
     def discard_temp(self, temp: TempBlob) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -231,7 +243,7 @@ class BlobStore:
     def verify(self, sha256: str, progress: Callable[[int], None] | None = None) -> bool:
         """Re-hash a blob. A corrupt blob is moved to quarantine and False returned."""
         path = self.layout.blob(sha256)
-        if not path.is_file():
+        if not self.has(sha256):
             raise NotFound(f"blob {sha256[:12]} is missing", sha256=sha256)
         got, _ = hash_file(path, progress)
         if got == sha256:
@@ -242,7 +254,7 @@ class BlobStore:
     def remove(self, sha256: str) -> int:
         path = self.layout.blob(sha256)
         try:
-            size = path.stat().st_size
+            size = path.lstat().st_size
             path.unlink()
         except FileNotFoundError:
             return 0
@@ -251,21 +263,29 @@ class BlobStore:
     def recover(self) -> RecoveryReport:
         """Remove temp files whose writer is gone. Never touches partial downloads."""
         report = RecoveryReport()
+        me = os.geteuid()
         for entry in sorted(self.layout.tmp.iterdir()):
-            if entry.is_dir():
+            st = entry.lstat()
+            if st.st_uid != me or not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                # Only what the owner's writers make is cleaned up: never follow or
+                # remove a link or someone else's file.
+                log.warning("left %s in tmp/ alone: not a file or directory of the store's owner", entry.name)
+                continue
+            if stat.S_ISDIR(st.st_mode):
                 # An interrupted archive extraction: its writer held no lock on a dir,
                 # so it is stale only if its lock file is free.
                 lock = entry / ".lock"
                 if lock.exists() and not lock_free(lock):
                     continue
-                report.freed_bytes += sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
-                shutil.rmtree(entry, ignore_errors=True)
+                report.freed_bytes += sum(p.lstat().st_size for p in entry.rglob("*")
+                                          if p.is_file() and not p.is_symlink())
+                shutil.rmtree(entry, ignore_errors=True)  # never follows a link inside
                 report.stale_temps.append(entry.name)
                 continue
             if not lock_free(entry):
                 continue  # a live writer in another process
             try:
-                report.freed_bytes += entry.stat().st_size
+                report.freed_bytes += st.st_size
                 entry.unlink()
                 report.stale_temps.append(entry.name)
             except FileNotFoundError:
@@ -277,9 +297,10 @@ class BlobStore:
 
 
 def lock_free(path: Path) -> bool:
-    """Whether no live process holds an flock on ``path`` (False when it is missing)."""
+    """Whether no live process holds an flock on ``path`` (False when it is missing;
+    UnsafeStore when a link stands in its place)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_file(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return False
     try:

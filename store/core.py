@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import gguf
+from . import gguf, owner
 from .blobs import BlobStore, RecoveryReport
 from .catalog import Action, Catalog, FileRecord, ModelRecord, VersionRecord
 from .errors import Conflict, NotFound, TrustError, UsageError
@@ -105,6 +105,7 @@ class Store:
     blobs: BlobStore
     catalog: Catalog
     recovery: RecoveryReport = field(default_factory=RecoveryReport)
+    repairs: tuple[str, ...] = ()     # modes this open repaired (owner.secure), for doctor
     actor: str = field(default_factory=default_actor)
 
     @classmethod
@@ -112,13 +113,15 @@ class Store:
         """Open the store at ``root`` (default: :func:`default_root`). With ``create=False``
         (a path the user named) it must already be a store or an empty directory: a
         mistyped path is an error naming ``modelfs init``, not a new empty store."""
-        layout = Layout(Path(root) if root is not None else default_root())
+        # The path to the root may pass through links the user made; nothing below it may.
+        layout = Layout(Path(os.path.realpath(root if root is not None else default_root())))
+        owner.enter(layout)  # root drops to the store's owner here, before touching anything
         if not create:
             check_store_root(layout)
-        layout.ensure()
+        secured = owner.secure(layout, os.geteuid())
         blobs = BlobStore(layout)
         report = blobs.recover() if recover else RecoveryReport()
-        return cls(layout, blobs, Catalog(layout.catalog), report)
+        return cls(layout, blobs, Catalog(layout.catalog), report, repairs=tuple(secured.repairs))
 
     @classmethod
     def init(cls, root: Path | str) -> tuple[Store, bool]:

@@ -1,5 +1,5 @@
-"""Where things live inside a store directory. Paths only: this module does no I/O
-beyond creating the directories.
+"""Where things live inside a store directory. Paths only: directories are created and
+checked by ``store.owner``.
 
     <root>/
       catalog.db            SQLite catalog (WAL); all metadata
@@ -90,11 +90,3 @@ class Layout:
         if "catalog.db" in names or not names - STORE_ENTRIES:
             return None
         return "is not a modelfs store (no catalog.db) and is not empty"
-
-    def ensure(self) -> None:
-        for d in (self.root, self.blobs, self.tmp, self.partial, self.quarantine, self.run):
-            d.mkdir(parents=True, exist_ok=True)
-        # Private areas: temp and partial bytes are unverified and must not be read
-        # by other users; run/ holds the control socket.
-        for d in (self.tmp, self.partial, self.quarantine, self.run):
-            os.chmod(d, 0o700)

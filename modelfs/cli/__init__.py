@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from collections.abc import Sequence
 
 import click
@@ -25,6 +26,7 @@ import click
 from modelfs_store.errors import InternalError, StoreError
 from modelfs_store.redact import redact_text
 
+from . import _context
 from ._context import Ctx, setup_logging
 
 log = logging.getLogger("modelfs")
@@ -78,7 +80,7 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--store", "root", envvar="MODELFS_STORE", type=click.Path(file_okay=False),
+@click.option("--store", "root", envvar="MODELFS_STORE", type=click.Path(file_okay=False, readable=False),
               help="Store directory (default: $MODELFS_STORE, else the XDG data dir).")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.version_option(package_name="modelfs")
@@ -108,10 +110,11 @@ def _exit_code(code: object) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``modelfs`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    args = list(argv) if argv is not None else sys.argv[1:]
+    _context.ARGV[:] = args
     try:
         try:
-            rv = cli.main(args=list(argv) if argv is not None else None, prog_name="modelfs",
-                          standalone_mode=False)
+            rv = cli.main(args=args, prog_name="modelfs", standalone_mode=False)
         except BaseExceptionGroup as group:
             leaf = _leaf(group)
             if leaf is group:

@@ -7,16 +7,22 @@ Verbs import from here; nothing here imports a verb.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 import click
 
+from modelfs_store import owner
 from modelfs_store.core import Store, check_store_root
 from modelfs_store.layout import Layout, default_root
 from modelfs_store.redact import redact_text
 
 from ._output import human_size, info
+
+#: This command's arguments (without the program name), for running it again as the
+#: owner of another user's store (:meth:`Ctx.become_owner`). Set by ``modelfs.cli.main``.
+ARGV: list[str] = []
 
 
 class Ctx:
@@ -35,14 +41,33 @@ class Ctx:
 
     def check_root(self) -> None:
         """Refuse a mistyped --store before a daemon would create it (see :attr:`store`)."""
+        self.become_owner()
         if self.root is not None:
             check_store_root(Layout(self.root_path))
+
+    def become_owner(self) -> None:
+        """Root acting on another user's store runs the whole command as that user: it
+        drops to them and starts this command again, so that every module it imports
+        later comes from where that user can read (the store itself drops in-process
+        too, but a Python installed under root's home may be unreadable afterwards)."""
+        uid = owner.foreign_owner(self.root_path)
+        if uid is None:
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # The interpreter is opened while still root: the user may not be allowed to
+        # traverse to it (a Python under /root), but may run it once it is open.
+        exe = os.open(sys.executable, os.O_RDONLY)
+        os.set_inheritable(exe, True)
+        owner.drop_privileges(uid, owner.owner_gid(self.root_path, uid))
+        os.execv(f"/proc/self/fd/{exe}", [sys.executable, "-P", "-m", "modelfs", *ARGV])
 
     @property
     def store(self) -> Store:
         if self._store is None:
             # Only the default location is created implicitly; a path the user named
             # (--store, MODELFS_STORE) must be a store already, or an empty directory.
+            self.become_owner()
             self._store = Store.open(self.root, create=self.root is None)
             rec = self._store.recovery
             if rec.stale_temps:

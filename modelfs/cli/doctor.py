@@ -11,6 +11,7 @@ import click
 from modelfs.mount.mountpoint import fuse_conf_allows_other
 from modelfs.mount.runstate import read_status, stale_mountpoint
 from modelfs_store.core import Store
+from modelfs_store.owner import user_name
 
 from ._context import Ctx, json_option, pass_ctx
 from ._output import print_json
@@ -36,6 +37,9 @@ def run_checks(store: Store) -> list[Check]:
     except ImportError as exc:
         checks.append(Check("pyfuse3", False, f"cannot import: {exc}"))
     checks.append(_allow_other())
+    checks.append(Check("store modes", not store.repairs,
+                        "repaired at this open: " + "; ".join(store.repairs) if store.repairs else
+                        f"owned by {user_name(os.geteuid())}; directories 0700, catalog 0600, no links"))
     integrity = store.catalog.integrity_check()
     checks.append(Check("catalog integrity", integrity == "ok", integrity))
     checks.append(Check("catalog schema", True, f"version {store.catalog.schema_version()}"))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from modelfs_store.errors import Conflict, StoreError, UsageError
 from modelfs_store.layout import Layout
+from modelfs_store.owner import enter, open_file, secure
 
 from .config import READY_ENV, MountConfig
 from .mountpoint import is_stale, lazy_unmount
@@ -45,12 +46,12 @@ def start_background(cfg: MountConfig, timeout: float = 60.0) -> int:
     if not (cfg.mountpoint.is_absolute() and cfg.store_root.is_absolute()):
         raise UsageError("the mountpoint and the store must be absolute paths")  # the daemon runs in /
     layout = Layout(cfg.store_root)
-    layout.ensure()
+    secure(layout, enter(layout))
     if daemon_alive(layout):
         raise already_mounted(layout)
     log_path = layout.run / "daemon.log"
     r, w = os.pipe()
-    with open(log_path, "ab") as logf:
+    with os.fdopen(open_file(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab") as logf:
         proc = subprocess.Popen(daemon_argv(cfg), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                 pass_fds=(w,), cwd="/", env={**os.environ, READY_ENV: str(w)},
                                 start_new_session=True)
@@ -67,7 +68,9 @@ def start_background(cfg: MountConfig, timeout: float = 60.0) -> int:
     except subprocess.TimeoutExpired:
         proc.terminate()
         code = 1
-    tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+    with os.fdopen(open_file(log_path, os.O_RDONLY), "rb") as f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+        tail = f.read().decode(errors="replace").strip().splitlines()[-5:]
     reason = tail[-1].removeprefix("modelfs: error: ") if tail else "no output"
     err = StoreError(f"the mount daemon did not start: {reason} (log: {log_path})")
     err.exit_code = code if code > 0 else 1  # the daemon's own exit code: 4 for a conflict

@@ -45,6 +45,7 @@ from modelfs_store.blobs import lock_free
 from modelfs_store.catalog import Catalog
 from modelfs_store.core import Store
 from modelfs_store.download import Downloader
+from modelfs_store.owner import open_file
 
 from .config import READY_ENV, MountConfig
 from .mountpoint import fuse_conf_allows_other, lazy_unmount, prepare_mountpoint
@@ -131,7 +132,7 @@ class Daemon:
 
     def _detach(self) -> None:
         """After the unmount: hand run/ to the next daemon, keep telling what is open."""
-        fd = os.open(self._detached_path(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_file(self._detached_path(".lock"), os.O_RDWR | os.O_CREAT)
         fcntl.flock(fd, fcntl.LOCK_EX)
         self._detached_fd = fd
         self.detached = True
@@ -155,7 +156,7 @@ class Daemon:
             await trio.sleep(0.02)
 
     def _lock(self) -> None:
-        fd = os.open(lock_path(self.layout), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_file(lock_path(self.layout), os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

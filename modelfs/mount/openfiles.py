@@ -37,6 +37,7 @@ import trio
 
 from modelfs_store.catalog import FileRecord
 from modelfs_store.errors import FetchError, FetchTimeout, NotFound, OfflineError, StoreError
+from modelfs_store.owner import open_file
 from modelfs_store.redact import redact_text
 
 from .tree import Caller, Node
@@ -131,7 +132,7 @@ class Materialiser:
 
 
 def _open_ro(path: Path) -> int:
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    return open_file(path, os.O_RDONLY)  # a link in a blob's place is refused, never followed
 
 
 DROP_LAG = 4 << 20            # bytes behind a read whose blob pages are dropped too

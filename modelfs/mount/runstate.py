@@ -14,6 +14,7 @@ files atomically and durably (``modelfs_store.durable``). No pyfuse3 and no trio
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from modelfs_store.blobs import lock_free
 from modelfs_store.durable import atomic_write
 from modelfs_store.errors import Conflict
 from modelfs_store.layout import Layout
+from modelfs_store.owner import open_file
 
 from .mountpoint import is_stale
 
@@ -41,7 +43,8 @@ def write_json(path: Path, obj: Any) -> None:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        with os.fdopen(open_file(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            return json.loads(f.read(1 << 20))
     except (FileNotFoundError, ValueError):
         return None
 
