@@ -1,0 +1,49 @@
+"""The visibility rules (store.policy), as a table: pure logic, no kernel."""
+
+from __future__ import annotations
+
+import pytest
+
+from modelfs_store.policy import Caller, Grant, Owned, Policy
+
+OWNER, OTHER = 1000, 1001
+A, B = "org.example.A", "org.example.B"
+SHARED = Owned("open-model", "shared", A, None)
+PRIVATE = Owned("secret", "private", A, None)
+
+
+@pytest.mark.parametrize(("caller", "grants", "sees"), [
+    (Caller(OWNER, None), [], True),                          # the owner at a shell
+    (Caller(OWNER, A), [], True),                             # the owning app, as the owner
+    (Caller(OWNER, B), [], False),                            # another app of the owner: not until granted
+    (Caller(OWNER, B), [Grant(B, "secret", OWNER)], True),
+    (Caller(OTHER, None), [], False),                         # another uid, no app
+    (Caller(OTHER, A), [], False),                            # another uid claiming app A: not A's owner uid
+    (Caller(OTHER, A), [Grant(A, "secret", OWNER)], False),   # a grant binds the uid it names
+    (Caller(OTHER, A), [Grant(A, "secret", OTHER)], True),
+    (Caller(OTHER, None), [Grant(A, "secret", OTHER)], False),
+    (Caller(OTHER, B), [Grant(A, "secret", None)], False),
+    (Caller(OTHER, A), [Grant(A, "secret", None)], True),     # --any-uid: advisory
+    (Caller(OWNER, None, sure=False), [], False),             # unidentified: fails closed
+    (Caller(OTHER, A, sure=False), [Grant(A, "secret", None)], False),
+    (Caller(OWNER, A), [Grant(A, "other-model", OWNER)], True),
+])
+def test_private_model(caller: Caller, grants: list[Grant], sees: bool) -> None:
+    assert Policy(OWNER, grants).sees(caller, PRIVATE) is sees
+
+
+@pytest.mark.parametrize("caller", [Caller(OWNER, None), Caller(OTHER, B), Caller(0, None, sure=False)])
+def test_shared_model_is_seen_by_every_caller(caller: Caller) -> None:
+    assert Policy(OWNER).sees(caller, SHARED)
+
+
+def test_a_private_model_owned_by_another_uid() -> None:
+    theirs = Owned("theirs", "private", B, OTHER)
+    policy = Policy(OWNER)
+    assert policy.sees(Caller(OTHER, B), theirs)
+    assert not policy.sees(Caller(OWNER, B), theirs)
+    assert policy.sees(Caller(OWNER, None), theirs)  # the store owner at a shell reads the store anyway
+
+
+def test_only_shared_models_are_uniform() -> None:
+    assert Policy.uniform(SHARED) and not Policy.uniform(PRIVATE)
