@@ -18,13 +18,13 @@ import enum
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import Conflict, NotFound, StoreError
+from .errors import Conflict, NotFound, StoreError, UsageError
 from .redact import redact_text, redact_url
 
 if TYPE_CHECKING:
@@ -49,6 +49,9 @@ class Action(enum.StrEnum):
     KEY_ADD = "key-add"          # a publisher key trusted
     KEY_REVOKE = "key-revoke"    # a publisher key revoked
     CHANNEL_ADD = "channel-add"  # a trusted channel added
+    APP_ADD = "app-add"          # an app registered (or its executables or uid changed)
+    APP_RM = "app-rm"            # an app and its grants removed
+    VISIBILITY = "visibility"    # a model made private or shared
 
 
 Outcome = Literal["ok", "refused", "failed"]
@@ -160,6 +163,30 @@ CREATE TABLE channels (
     last_result  TEXT                    -- one-line outcome of that attempt
 );
 """,
+    # 3: per-app visibility: who owns a private model, executables that identify an app,
+    #    grants bound to a uid (DESIGN §4). Grants made before bind to the store owner.
+    """
+ALTER TABLE models ADD COLUMN owner_uid INTEGER;  -- uid that owns the model with owner_app; NULL: the store owner
+CREATE TABLE app_exes (
+    app_id   TEXT NOT NULL REFERENCES apps(app_id) ON DELETE CASCADE,  -- app the executable identifies
+    path     TEXT NOT NULL,              -- absolute path as registered; shown only (dev and ino identify)
+    dev      INTEGER NOT NULL,           -- st_dev of the file when it was registered
+    ino      INTEGER NOT NULL,           -- st_ino of the file when it was registered
+    added_at REAL NOT NULL,              -- unix time of registration
+    PRIMARY KEY (app_id, path)
+);
+CREATE TABLE grants_v3 (
+    app_id     TEXT NOT NULL REFERENCES apps(app_id) ON DELETE CASCADE,  -- app given access
+    model      TEXT NOT NULL REFERENCES models(name) ON DELETE CASCADE,  -- model it may see
+    uid        INTEGER,                  -- uid the app must run as; NULL: the store owner's
+    any_uid    INTEGER NOT NULL DEFAULT 0,  -- 1: any uid (--any-uid; advisory: any uid can claim an app id)
+    granted_at REAL NOT NULL             -- unix time of the grant
+);
+INSERT INTO grants_v3 (app_id, model, uid, any_uid, granted_at) SELECT app_id, model, NULL, 0, granted_at FROM grants;
+DROP TABLE grants;
+ALTER TABLE grants_v3 RENAME TO grants;
+CREATE UNIQUE INDEX grants_unique ON grants(app_id, model, IFNULL(uid, -1), any_uid);
+""",
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -209,6 +236,7 @@ class ModelRecord:
     visibility: str
     created_at: float
     last_used_at: float | None
+    owner_uid: int | None = None   # with owner_app, who owns a private model; None: the store owner
 
 
 CARD_FIELDS = ("key_id", "payload_sha256", "source", "license", "source_url", "family",
@@ -232,7 +260,8 @@ def _redacted_card(card: dict[str, Any]) -> dict[str, Any]:
 
 def _model(row: dict[str, Any]) -> ModelRecord:
     return ModelRecord(row["name"], row["active_version"], row["last_good_version"],
-                       row["owner_app"], row["visibility"], row["created_at"], row["last_used_at"])
+                       row["owner_app"], row["visibility"], row["created_at"], row["last_used_at"],
+                       row.get("owner_uid"))
 
 
 class Catalog:
@@ -312,10 +341,10 @@ class Catalog:
     def list_models(self) -> list[ModelRecord]:
         return [_model(dict(r)) for r in self.conn.execute("SELECT * FROM models ORDER BY name")]
 
-    def ensure_model(self, name: str, owner_app: str | None = None) -> None:
+    def ensure_model(self, name: str, owner_app: str | None = None, visibility: str = "shared") -> None:
         self.conn.execute(
-            "INSERT OR IGNORE INTO models (name, owner_app, created_at) VALUES (?, ?, ?)",
-            (name, owner_app, self.clock()))
+            "INSERT OR IGNORE INTO models (name, owner_app, visibility, created_at) VALUES (?, ?, ?, ?)",
+            (name, owner_app, visibility, self.clock()))
 
     def delete_model(self, name: str) -> None:
         with self.txn():
@@ -493,33 +522,74 @@ class Catalog:
     def pinned(self) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT model FROM pins")}
 
-    def add_app(self, app_id: str, uid: int | None) -> None:
-        self.conn.execute("INSERT INTO apps (app_id, uid, created_at) VALUES (?, ?, ?) "
-                          "ON CONFLICT(app_id) DO UPDATE SET uid = excluded.uid",
-                          (app_id, uid, self.clock()))
+    def add_app(self, app_id: str, uid: int | None, exes: Sequence[tuple[str, int, int]] = (), *,
+                actor: str = "catalog") -> None:
+        """Register ``app_id`` (or update it): its uid, and executables (path, dev, ino)
+        that identify it, added to those it had."""
+        with self.txn():
+            self.conn.execute("INSERT INTO apps (app_id, uid, created_at) VALUES (?, ?, ?) "
+                              "ON CONFLICT(app_id) DO UPDATE SET uid = COALESCE(excluded.uid, apps.uid)",
+                              (app_id, uid, self.clock()))
+            for path, dev, ino in exes:
+                self.conn.execute("INSERT OR REPLACE INTO app_exes (app_id, path, dev, ino, added_at) "
+                                  "VALUES (?, ?, ?, ?, ?)", (app_id, path, dev, ino, self.clock()))
+            self.audit(actor, Action.APP_ADD, detail={"app": app_id, "uid": uid, "exes": [e[0] for e in exes]})
+
+    def remove_app(self, app_id: str, *, actor: str) -> bool:
+        with self.txn():
+            gone = self.conn.execute("DELETE FROM apps WHERE app_id = ?", (app_id,)).rowcount > 0
+            if gone:
+                self.audit(actor, Action.APP_RM, detail={"app": app_id})
+        return gone
 
     def apps(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.conn.execute("SELECT * FROM apps ORDER BY app_id")]
 
-    def grant(self, app_id: str, model: str, *, actor: str) -> None:
+    def app_exes(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute("SELECT * FROM app_exes ORDER BY app_id, path")]
+
+    def grant(self, app_id: str, model: str, *, uid: int | None = None, any_uid: bool = False,
+              actor: str) -> bool:
+        """Let ``app_id`` running as ``uid`` (None: the store owner; ``any_uid``: any)
+        see ``model``. Returns False when that grant existed already."""
         with self.txn():
             self.get_model(model)
             if not self.conn.execute("SELECT 1 FROM apps WHERE app_id = ?", (app_id,)).fetchone():
                 raise NotFound(f"no app named {app_id!r}", app=app_id)
-            self.conn.execute("INSERT OR IGNORE INTO grants (app_id, model, granted_at) VALUES (?, ?, ?)",
-                              (app_id, model, self.clock()))
-            self.audit(actor, Action.GRANT, model=model, detail={"app": app_id})
+            uid = None if any_uid else uid
+            new = self.conn.execute("INSERT OR IGNORE INTO grants (app_id, model, uid, any_uid, granted_at) "
+                                    "VALUES (?, ?, ?, ?, ?)", (app_id, model, uid, int(any_uid), self.clock())
+                                    ).rowcount > 0
+            if new:
+                self.audit(actor, Action.GRANT, model=model, detail={"app": app_id, "uid": uid, "any_uid": any_uid})
+        return new
 
-    def revoke(self, app_id: str, model: str, *, actor: str) -> bool:
+    def revoke(self, app_id: str, model: str, *, uid: int | None = None, any_uid: bool = False,
+               actor: str) -> bool:
         with self.txn():
-            gone = self.conn.execute("DELETE FROM grants WHERE app_id = ? AND model = ?",
-                                     (app_id, model)).rowcount > 0
+            uid = None if any_uid else uid
+            gone = self.conn.execute("DELETE FROM grants WHERE app_id = ? AND model = ? AND uid IS ? AND any_uid = ?",
+                                     (app_id, model, uid, int(any_uid))).rowcount > 0
             if gone:
-                self.audit(actor, Action.REVOKE, model=model, detail={"app": app_id})
+                self.audit(actor, Action.REVOKE, model=model, detail={"app": app_id, "uid": uid, "any_uid": any_uid})
         return gone
 
     def grants(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.conn.execute("SELECT * FROM grants ORDER BY app_id, model")]
+        return [{**dict(r), "any_uid": bool(r["any_uid"])} for r in
+                self.conn.execute("SELECT * FROM grants ORDER BY app_id, model, IFNULL(uid, -1), any_uid")]
+
+    def set_visibility(self, model: str, visibility: str, *, owner_app: str | None = None,
+                       actor: str) -> None:
+        """Make ``model`` 'private' or 'shared'; ``owner_app`` (when given) becomes its owner."""
+        if visibility not in ("shared", "private"):
+            raise UsageError(f"visibility is 'shared' or 'private', not {visibility!r}")
+        with self.txn():
+            m = self.get_model(model)
+            app = owner_app if owner_app is not None else m.owner_app
+            self.conn.execute("UPDATE models SET visibility = ?, owner_app = ? WHERE name = ?",
+                              (visibility, app, model))
+            self.audit(actor, Action.VISIBILITY, model=model, detail={"from": m.visibility, "to": visibility,
+                                                                        "owner_app": app})
 
     # -- keys and version floors --------------------------------------------------------
     def add_key(self, key_id: str, public_key_b64: str) -> None:

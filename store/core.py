@@ -140,7 +140,8 @@ class Store:
     # -- import ------------------------------------------------------------------
     def import_model(self, name: str, weights: Path, *, mmproj: Path | None = None,
                      license: str | None = None, source_url: str | None = None,
-                     owner_app: str | None = None, progress: Progress | None = None) -> ImportResult:
+                     owner_app: str | None = None, private: bool = False,
+                     progress: Progress | None = None) -> ImportResult:
         check_model_name(name)
         sources: list[tuple[Path, str]] = [(Path(weights), "weights")]
         if mmproj is not None:
@@ -170,20 +171,24 @@ class Store:
 
         version, created = self.record_unsigned(
             name, records, info, action=Action.IMPORT, source=f"import:{sources[0][0].name}", license=license,
-            source_url=source_url, owner_app=owner_app, new_bytes=new_bytes)
+            source_url=source_url, owner_app=owner_app, new_bytes=new_bytes, private=private)
         return ImportResult(name, version, created, new_bytes, tuple(records))
 
     def record_unsigned(self, name: str, records: list[FileRecord], info: gguf.GGUFInfo, *, action: Action,
                         source: str, license: str | None, source_url: str | None, owner_app: str | None,
-                        new_bytes: int) -> tuple[int, bool]:
+                        new_bytes: int, private: bool = False) -> tuple[int, bool]:
         """Record ``records`` (verified, committed blobs) as a new unsigned version of
         ``name`` and activate it, in one transaction; the import and the unsigned pull
         both end here. Returns (version, created): the same files as the active version
         record nothing new. A model with signed versions takes no unsigned ones: its
-        name belongs to its publisher (the converse of ``check_pack``'s rule)."""
+        name belongs to its publisher (the converse of ``check_pack``'s rule).
+        ``private`` makes the model private (owned by ``owner_app``), new or not."""
         cat = self.catalog
         with cat.txn():
             self.check_unsigned_allowed(name, action)  # again, under the write lock
+            if private:
+                cat.ensure_model(name, owner_app)
+                cat.set_visibility(name, "private", owner_app=owner_app, actor=self.actor)
             if cat.has_model(name):
                 m = cat.get_model(name)
                 if m.active_version is not None:
@@ -236,7 +241,7 @@ class Store:
         pinned = m.name in self.catalog.pinned()
         out: dict[str, Any] = {
             "name": m.name, "active_version": m.active_version,
-            "last_good_version": m.last_good_version, "owner_app": m.owner_app,
+            "last_good_version": m.last_good_version, "owner_app": m.owner_app, "owner_uid": m.owner_uid,
             "visibility": m.visibility, "pinned": pinned, "last_used_at": m.last_used_at,
         }
         active = next((v for v in versions if v.version == m.active_version), None)
@@ -263,7 +268,8 @@ class Store:
 
     def show(self, name: str) -> dict[str, Any]:
         out = self.describe(self.catalog.get_model(name), all_versions=True)
-        out["grants"] = [g["app_id"] for g in self.catalog.grants() if g["model"] == name]
+        out["grants"] = [{"app_id": g["app_id"], "uid": g["uid"], "any_uid": g["any_uid"]}
+                         for g in self.catalog.grants() if g["model"] == name]
         return out
 
     # -- verification ------------------------------------------------------------------

@@ -34,14 +34,25 @@ def test_upgrade_from_schema_1_keeps_data(tmp_path):
     conn.execute("INSERT INTO versions (model, version, state, created_at) VALUES ('m', 1, 'installed', 0)")
     conn.execute("INSERT INTO files (model, version, filename, role, size, sha256) "
                  "VALUES ('m', 1, 'w.gguf', 'weights', 5, ?)", (SHA,))
+    conn.execute("INSERT INTO apps (app_id, uid, created_at) VALUES ('org.example.A', NULL, 0)")
+    conn.execute("INSERT INTO grants (app_id, model, granted_at) VALUES ('org.example.A', 'm', 0)")
     conn.close()
 
     cat = Catalog(path)
-    assert cat.schema_version() == SCHEMA_VERSION == 2
+    assert cat.schema_version() == SCHEMA_VERSION == 3
     assert cat.get_model("m").active_version == 1
     assert cat.get_version("m", 1).files[0].sha256 == SHA
     cat.add_channel("https://example.test/chan.json", ["k1"])
     assert cat.channels()[0]["key_ids"] == ["k1"]
+    # 3: a grant made before uids were bound binds to the store owner (uid NULL), never to any uid
+    assert cat.grants() == [{"app_id": "org.example.A", "model": "m", "uid": None, "any_uid": False,
+                             "granted_at": 0}]
+    assert cat.get_model("m").owner_uid is None and cat.app_exes() == []
+    assert cat.grant("org.example.A", "m", uid=1001, actor="t")
+    assert not cat.grant("org.example.A", "m", uid=1001, actor="t")
+    assert cat.grant("org.example.A", "m", any_uid=True, actor="t")
+    assert not cat.grant("org.example.A", "m", actor="t")  # the migrated one
+    assert cat.revoke("org.example.A", "m", uid=1001, actor="t") and len(cat.grants()) == 2
 
 
 def test_newer_schema_is_refused(tmp_path):

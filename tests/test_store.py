@@ -215,7 +215,7 @@ def test_apps_grants_pins_and_doctor(cli, tmp_path):
     cli.run("import", "m", str(w))
     cli.run("apps", "add", "org.example.chat", "--uid", "1000")
     cli.run("grant", "org.example.chat", "m")
-    assert cli.run("apps", "list", "--json").json()[0]["grants"] == ["m"]
+    assert cli.run("apps", "list", "--json").json()[0]["grants"] == [{"model": "m", "uid": None, "any_uid": False}]
     r = cli.run("grant", "org.example.other", "m", check=False)
     assert r.returncode == 3 and "no app named" in r.stderr
     cli.run("revoke", "org.example.chat", "m")

@@ -59,6 +59,8 @@ VERBS: dict[str, str] = {
     "unpin": "models:unpin",
     "update": "trust:update",
     "verify": "models:verify",
+    "visibility": "access:visibility",
+    "whoami": "access:whoami",
 }
 
 

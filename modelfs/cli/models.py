@@ -7,6 +7,7 @@ mount's run-state to warn about readers that still hold the model open.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -15,6 +16,7 @@ from modelfs.mount.runstate import OpenFile, open_files, open_files_of
 from modelfs_store.catalog import Action, ModelRecord
 from modelfs_store.core import RemovalPlan
 from modelfs_store.errors import UsageError
+from modelfs_store.owner import user_name
 
 from ._context import Ctx, json_option, pass_ctx
 from ._output import human_size, info, print_json, progress_bar, table
@@ -28,17 +30,18 @@ from ._output import human_size, info, print_json, progress_bar, table
 @click.option("--license", "license_", help="Licence of the model.")
 @click.option("--source-url", help="Upstream page of the model.")
 @click.option("--app", "owner_app", help="App that owns the model.")
+@click.option("--private", is_flag=True, help="Only its app, apps granted it and your own shell see it in the mount.")
 @json_option
 @pass_ctx
 def import_cmd(c: Ctx, name: str, weights: str, mmproj: str | None, license_: str | None,
-               source_url: str | None, owner_app: str | None, as_json: bool) -> None:
+               source_url: str | None, owner_app: str | None, private: bool, as_json: bool) -> None:
     """Copy a local GGUF (and its mmproj) into the store as model NAME."""
     total = Path(weights).stat().st_size if Path(weights).is_file() else None
     if total is not None and mmproj and Path(mmproj).is_file():
         total += Path(mmproj).stat().st_size
     with progress_bar(total, f"importing {name}") as advance:
         res = c.store.import_model(name, Path(weights), mmproj=Path(mmproj) if mmproj else None,
-                                   license=license_, source_url=source_url, owner_app=owner_app,
+                                   license=license_, source_url=source_url, owner_app=owner_app, private=private,
                                    progress=advance)
     if as_json:
         print_json({"model": res.model, "version": res.version, "new_version": res.new_version,
@@ -87,9 +90,16 @@ def show(c: Ctx, name: str, as_json: bool) -> None:
     click.echo(f"{d['name']}  (active: {d['active_version']}, last-good: {d['last_good_version'] or '-'}"
                f"{', pinned' if d['pinned'] else ''}, {d['visibility']})")
     for key in ("architecture", "quantization", "context_length", "family", "license", "source_url",
-                "source", "owner_app"):
+                "source"):
         if d.get(key) is not None:
             click.echo(f"  {key}: {d[key]}")
+    owner = d["owner_app"] or "-"
+    if d["owner_app"] and d.get("owner_uid") is not None:
+        owner += f" (as {user_name(d['owner_uid'])})"
+    grants = ", ".join(f"{g['app_id']} (" + ("any uid" if g["any_uid"] else
+                                            user_name(g["uid"] if g["uid"] is not None else os.geteuid())) + ")"
+                       for g in d["grants"])
+    click.echo(f"  visibility: {d['visibility']}; owner app: {owner}; granted to: {grants or '-'}")
     for v in d["versions"]:
         signed = f"signed by {v.get('key_id')}" if v["signed"] else "unsigned"
         click.echo(f"  version {v['version']}  {v['state']}  {signed}  {human_size(v['size'])}")

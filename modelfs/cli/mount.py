@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from modelfs.mount.config import DEFAULT_FETCH_TIMEOUT, MountConfig
+from modelfs.mount.mountpoint import check_allow_other
 from modelfs.mount.openfiles import READ_MODES
 from modelfs_store.layout import Layout
 
@@ -22,15 +23,20 @@ from ._context import Ctx, pass_ctx
 @click.option("--fetch-timeout", type=float, default=DEFAULT_FETCH_TIMEOUT, show_default=True,
               metavar="SECONDS", help="How long open() of a file that is not local may wait for its "
               "download before failing with ETIMEDOUT (0: no limit).")
+@click.option("--allow-other", is_flag=True, help="Let other users' processes use the mount: they see shared "
+              "models and what was granted to their app. As a user, needs user_allow_other in /etc/fuse.conf.")
 @click.option("--read-mode", type=click.Choice(READ_MODES), default="inline", hidden=True,
               help="How reads are served (benchmarks only).")
 @pass_ctx
 def mount(c: Ctx, mountpoint: str, foreground: bool, offline: bool, fetch_timeout: float,
-          read_mode: str) -> None:
+          read_mode: str, allow_other: bool) -> None:
     """Mount the store at MOUNTPOINT: one read-only directory per model."""
     c.check_root()
     cfg = MountConfig(Path(mountpoint).absolute(), c.root_path, offline=offline,
-                      fetch_timeout=fetch_timeout or None, read_mode=read_mode, verbose=c.verbose)
+                      fetch_timeout=fetch_timeout or None, read_mode=read_mode, verbose=c.verbose,
+                      allow_other=allow_other)
+    if allow_other:
+        check_allow_other()  # refuse here, in one line, rather than in the daemon's log
     if foreground:
         from modelfs.mount.daemon import log_to_stderr, run_foreground
         log_to_stderr(c.verbose)

@@ -21,4 +21,5 @@ class MountConfig:
     fetch_timeout: float | None = DEFAULT_FETCH_TIMEOUT
     read_mode: str = "inline"
     verbose: int = 0
+    allow_other: bool = False  # let other uids use the mount (they see shared models and their grants)
     visibility: Visibility | None = field(default=None, repr=False)

@@ -38,6 +38,8 @@ def daemon_argv(cfg: MountConfig) -> list[str]:
             "--read-mode", cfg.read_mode]
     if cfg.offline:
         argv.append("--offline")
+    if cfg.allow_other:
+        argv.append("--allow-other")
     return argv
 
 

@@ -47,8 +47,9 @@ from modelfs_store.core import Store
 from modelfs_store.download import Downloader
 from modelfs_store.owner import open_file
 
+from .access import AppVisibility
 from .config import READY_ENV, MountConfig
-from .mountpoint import fuse_conf_allows_other, lazy_unmount, prepare_mountpoint
+from .mountpoint import check_allow_other, lazy_unmount, prepare_mountpoint
 from .openfiles import Materialiser, OpenFiles
 from .runstate import already_mounted, detached_path, lock_path, write_json
 from .tree import Invalidation, Namespace, SnapshotReader, Tree, build
@@ -70,13 +71,14 @@ def set_read_ahead(st_dev: int, kb: int = READ_AHEAD_KB) -> bool:
     return True
 
 
-def mount_options() -> set[str]:
+def mount_options(allow_other: bool) -> set[str]:
     import pyfuse3
     opts = set(pyfuse3.default_options) | {"fsname=modelfs", "subtype=modelfs", "ro"}
-    # Apps run as other users; the kernel lets them in only with allow_other.
-    if os.geteuid() == 0 or fuse_conf_allows_other():
+    if allow_other:  # other uids may ask; what each sees is decided per request (access.py)
+        check_allow_other()
         opts.add("allow_other")
     return opts
+
 
 
 # -- the daemon --------------------------------------------------------------------------------
@@ -86,7 +88,8 @@ class Daemon:
         self.store = Store.open(cfg.store_root)
         self.layout = self.store.layout
         self.mountpoint = cfg.mountpoint
-        self.ns = Namespace(cfg.visibility)
+        self.access = AppVisibility(os.geteuid())  # the daemon runs as the store's owner (Store.open)
+        self.ns = Namespace(cfg.visibility or self.access)
         self.poll_catalog = Catalog(self.layout.catalog)  # used only in worker threads, one at a time
         self.snapshots = SnapshotReader(self.poll_catalog)
         self.db_limiter = trio.CapacityLimiter(1)
@@ -178,6 +181,7 @@ class Daemon:
         version = cat.data_version()
         if version == self._data_version:
             return None
+        self.access.update(cat.grants(), {(e["dev"], e["ino"]): e["app_id"] for e in cat.app_exes()})
         tree = build(self.snapshots.read(), self.ns.inodes, self.ns.tree, visibility=self.ns.visibility)
         self._data_version = version  # only now: a failed build is retried at the next poll
         return tree
@@ -259,7 +263,7 @@ class Daemon:
         blobs = self.store.blobs
         ops = ModelOps(self.ns, self.files, lambda sha: "local" if blobs.has(sha) else "dehydrated")
         fetcher = self.materialiser.fetcher = Downloader(self.store.blobs, offline=self.cfg.offline)
-        pyfuse3.init(ops, str(self.mountpoint), mount_options())
+        pyfuse3.init(ops, str(self.mountpoint), mount_options(self.cfg.allow_other))
         clean = False
         try:
             async with trio.open_nursery() as nursery:

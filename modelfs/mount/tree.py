@@ -87,7 +87,7 @@ class Caller:
 
 class Visibility(Protocol):
     """Decides whether ``caller`` may see ``model``; asked on lookup, opendir and open
-    of anything inside a model. Per-app rules plug in here (a later issue).
+    of anything inside a model. The daemon plugs in ``access.AppVisibility`` (per-app rules).
 
     ``uniform(model)`` says whether every caller gets the same answer for ``model``;
     only then may the kernel cache its top-level entry. It is asked when the tree is
@@ -99,7 +99,7 @@ class Visibility(Protocol):
 
 
 class AllowAll:
-    """Every caller sees every model (the default until per-app rules exist)."""
+    """Every caller sees every model (trees built without a policy, in tests and benchmarks)."""
 
     def allows(self, caller: Caller, model: ModelRecord) -> bool:
         return True
