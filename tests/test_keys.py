@@ -179,8 +179,7 @@ def test_writable_key_directory_trusts_nothing(catalog: Catalog, keys_dir: Path)
 
 @pytest.fixture
 def keys_env(cli: CLI, keys_dir: Path) -> CLI:
-    cli.env["MODELFS_KEYS_DIR"] = str(keys_dir)
-    return cli
+    return CLI(cli.root, {"MODELFS_KEYS_DIR": str(keys_dir)})
 
 
 def test_generate_sign_trust_verify_through_the_cli(keys_env: CLI, tmp_path: Path) -> None:

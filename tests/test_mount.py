@@ -459,15 +459,16 @@ def test_kill9_leaves_a_dead_mount_that_the_next_mount_recovers(tiny, cli, mount
 
 def test_unmount_command_stops_the_daemon_and_background_mount(tiny, cli, tmp_path):
     mnt = tmp_path / "bg"
-    out = cli.run("mount", str(mnt)).stdout  # background: returns once the mount is live
+    # A mount starts a daemon: in a process of its own, as a user's shell would.
+    out = cli.run("mount", str(mnt), process=True).stdout  # background: returns once the mount is live
     try:
         assert os.listdir(mnt) == ["tiny"]
         pid = json.loads((cli.root / "run" / "daemon.json").read_text())["pid"]
-        second = cli.run("mount", str(tmp_path / "other"), check=False)
+        second = cli.run("mount", str(tmp_path / "other"), check=False, process=True)
         assert second.returncode != 0 and "already mounted" in second.stderr
         # A conflict (exit 4), said once, in one line: in the background and in the foreground.
         for argv in (["mount", str(tmp_path / "other")], ["mount", str(tmp_path / "other"), "--foreground"]):
-            again = cli.run(*argv, check=False)
+            again = cli.run(*argv, check=False, process=True)
             assert again.returncode == 4, again.stderr
             assert again.stderr.count("modelfs: error:") == 1 and len(again.stderr.strip().splitlines()) == 1
             assert f"already mounted (at {mnt})" in again.stderr

@@ -133,7 +133,7 @@ def test_kill_9_during_import_leaves_nothing_visible(cli, store_dir, big_model, 
     weights, _ = big_model
     if how == "crash-point":
         r = cli.run("import", "big", str(weights), check=False,
-                    env={"MODELFS_CRASH_AT": "import-mid-copy"})
+                    env={"MODELFS_CRASH_AT": "import-mid-copy"}, process=True)
         assert r.returncode == -signal.SIGKILL
     else:
         p = cli.popen("import", "big", str(weights), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
