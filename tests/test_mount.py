@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -644,11 +643,13 @@ def test_the_fetch_deadline_answers_etimedout(tmp_path, store, origin, cli, moun
     add_remote(store, "slow", "s.gguf", data, origin.url("/s.gguf"))
     origin.add("/s.gguf", data, rate=64 << 10)  # 16 s for the whole file
     m = mount_at("--fetch-timeout", "1")
-    t0 = time.monotonic()
     r = run_py(READER, str(m.path / "slow" / "s.gguf"))
     assert r.stdout.split() == ["errno", str(errno.ETIMEDOUT)]
-    assert 0.9 < time.monotonic() - t0 < 10
-    assert m.status()["fetch_errors"][-1]["error"] == "FetchTimeout"
+    # It was the deadline that fired, the one configured: the daemon says so. How long the
+    # open waited is not asserted (a loaded machine stretches any bound).
+    failure = m.status()["fetch_errors"][-1]
+    assert (failure["filename"], failure["error"]) == ("s.gguf", "FetchTimeout")
+    assert failure["reason"] == "s.gguf was not fetched within 1s"
     assert "slow/s.gguf: s.gguf was not fetched within 1s (FetchTimeout)" in cli.run("status").stdout
 
 
