@@ -7,7 +7,7 @@ import base64
 import json
 import os
 import stat
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from modelfs_store.errors import Conflict, NotFound, TrustError
 from modelfs_store.keys import list_keys, load_keyring, revoke_key, trust_key
 from modelfs_store.manifest import SCHEMA, load_manifest
 
-NOW = datetime(2026, 6, 1, tzinfo=timezone.utc)
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
 
 def pub_b64(key: Ed25519PrivateKey) -> str:
