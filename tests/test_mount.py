@@ -33,8 +33,10 @@ import pytest
 
 from conftest import CLI, wait_for
 from ggufgen import write_mmproj, write_model
+from modelfs.mount.runstate import daemon_alive
 from modelfs_store.catalog import FileRecord
 from modelfs_store.core import Store
+from modelfs_store.layout import Layout
 
 pytestmark = [
     pytest.mark.fuse,
@@ -497,6 +499,10 @@ def test_sigterm_detaches_but_serves_open_files_until_closed(tiny, cli, mount_at
     with open(m.path / "tiny" / "tiny-q4.gguf", "rb") as f:
         m.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: not os.path.ismount(m.path), 5, "the mount to detach")
+        # The kernel lets go (fusermount3 -u -z) a few milliseconds before the daemon hands
+        # run/ over (Daemon._detach releases the store's lock); in between, status still
+        # reports the mount. A CLI started as a process hid that window behind its start-up.
+        wait_for(lambda: not daemon_alive(Layout(cli.root)), 5, "the daemon to hand run/ over")
         assert m.proc.poll() is None  # still serving the open file
         # Unmounted, but what it still serves is known: status lists it, rm warns.
         status = cli.run("status", "--json").json()
