@@ -5,7 +5,8 @@ test needs a real one.
 ``main([...])`` too): a process costs ~1 s of interpreter start-up and imports, and a
 run of the suite made over 200 of them. A test asks for a real process with
 ``process=True`` (or ``popen``) where it needs one: a crash point (the process
-SIGKILLs itself), a signal, a mount (its daemon), a reading of ``/proc/self/io``.
+SIGKILLs itself), a signal, a mount (its daemon), a reading of ``/proc/self/io``, root
+acting on another user's store (it drops privileges and re-executes itself).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -97,6 +98,28 @@ def _logging_state() -> Iterator[None]:
                 lg.setLevel(levels.get(name, logging.NOTSET))
 
 
+def _refuse_a_privilege_drop(args: Sequence[str]) -> None:
+    """Root running a command on another user's store drops to that user for good and
+    re-executes itself (``modelfs_store.owner``): never in the test process."""
+    from modelfs_store.errors import StoreError
+    from modelfs_store.layout import default_root
+    from modelfs_store.owner import foreign_owner
+
+    root: str | Path = default_root()
+    for i, arg in enumerate(args):
+        if arg == "--store" and i + 1 < len(args):
+            root = args[i + 1]
+        elif arg.startswith("--store="):
+            root = arg.split("=", 1)[1]
+    try:
+        uid = foreign_owner(Path(root))
+    except StoreError:
+        return  # refused before anything changes hands: the command reports it
+    if uid is not None:
+        raise AssertionError(f"{root} belongs to uid {uid}: root would become that user and exec itself; "
+                             "use run(..., process=True)")
+
+
 def run_cli(*args: str, env: Mapping[str, str | None] | None = None) -> Run:
     """``modelfs ARGS`` in this process, with ``env`` applied to ``os.environ`` (None
     unsets a variable) for the duration of the call; stdin is empty, stdout and stderr
@@ -112,6 +135,7 @@ def run_cli(*args: str, env: Mapping[str, str | None] | None = None) -> Run:
     try:
         with _environ(overrides), _logging_state(), \
                 contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            _refuse_a_privilege_drop(args)
             code = main(list(args))
     finally:
         sys.stdin = stdin
