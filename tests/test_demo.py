@@ -6,13 +6,14 @@ It mounts, so it is skipped (loudly) only where /dev/fuse is missing.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_cli
 
 pytestmark = [
     pytest.mark.fuse,
@@ -38,6 +39,6 @@ def test_the_readme_demo_reads_a_lazily_pulled_pack_through_the_mount(tmp_path: 
     # Only the projector, which nobody opened, was left to fetch.
     assert "fetched 4.0 MiB of files that were not local" in out
     assert not os.path.ismount(work / "models")
-    status = subprocess.run([sys.executable, "-m", "modelfs", "--store", str(work / "store"), "status", "--json"],
-                            capture_output=True, text=True, timeout=60, env=env, check=True)
-    assert json.loads(status.stdout)["mount"] is None  # the daemon is gone too
+    status = run_cli("--store", str(work / "store"), "status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert status.json()["mount"] is None  # the daemon is gone too

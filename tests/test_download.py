@@ -514,7 +514,7 @@ def test_crash_after_checkpoint_loses_at_most_64_mib(tmp_path, origin):
     origin.add("/cp", data)
     cli = CLI(tmp_path / "store")
     r = cli.run("pull", origin.url("/cp"), "--sha256", sha(data), check=False,
-                env={"MODELFS_CRASH_AT": "download-after-checkpoint"})
+                env={"MODELFS_CRASH_AT": "download-after-checkpoint"}, process=True)
     assert r.returncode == -signal.SIGKILL
     store = Store.open(tmp_path / "store")
     try:

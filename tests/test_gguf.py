@@ -5,7 +5,11 @@ cross-checked against its GGUFReader. The malformed corpus is every structural
 boundary of a small valid file (taken from GGUFReader's own field layout, so the
 parser under test does not choose its own cut points), plus hand-built headers with
 absurd counts and lengths. Each must be refused with one GGUFError line naming the
-file, within 100 ms, and the giant-length cases within a small memory peak.
+file, and the giant-length cases within a small memory peak.
+
+No test here measures time (a loaded machine makes any bound flaky):
+``bench/gguf_header.py`` times refusing this corpus and parsing a big vocabulary,
+as ratios against valid headers parsed in the same run (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import functools
 import io
 import struct
 import tempfile
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -43,7 +46,6 @@ except ImportError:  # tests/ collected as a package
 write_model = ggufgen.write_model
 write_mmproj = ggufgen.write_mmproj
 
-REFUSE_WITHIN_S = 0.1
 GIANT_PEAK_BYTES = 16 * 1024 * 1024
 
 
@@ -173,13 +175,11 @@ def test_long_arrays_are_summarised(tmp_path: Path) -> None:
     assert info.metadata["tokenizer.ggml.token_type"] == ArraySummary("INT32", 1000)
 
 
-def test_big_vocabulary_is_fast_and_small(tmp_path: Path) -> None:
+def test_big_vocabulary_is_summarised_in_little_memory(tmp_path: Path) -> None:
+    """Its parse time is measured by bench/gguf_header.py, not asserted here."""
     path = write_model(tmp_path / "m.gguf", vocab_size=128_256)  # llama3's vocabulary
-    started = time.perf_counter()
     info = parse_gguf(path)
-    elapsed = time.perf_counter() - started
     assert info.metadata["tokenizer.ggml.tokens"] == ArraySummary("STRING", 128_256)
-    assert elapsed < 1.0
     tracemalloc.start()
     try:
         parse_gguf(path)
@@ -470,24 +470,23 @@ def test_corpus_is_large_enough() -> None:
     assert len(_CORPUS) >= 100
 
 
-def _refuse(path: Path) -> tuple[GGUFError, float]:
-    started = time.perf_counter()
+def _refuse(path: Path) -> GGUFError:
     try:
         parse_gguf(path)
     except GGUFError as exc:
-        return exc, time.perf_counter() - started
+        return exc
     pytest.fail(f"{path.name} was accepted")
 
 
 @pytest.mark.parametrize(("case_id", "data", "reason"), _CORPUS, ids=[c[0] for c in _CORPUS])
-def test_malformed_is_refused_fast_in_one_line(
+def test_malformed_is_refused_in_one_line(
     tmp_path: Path, case_id: str, data: bytes, reason: str
 ) -> None:
+    """How fast is measured by bench/gguf_header.py, not asserted here."""
     path = tmp_path / f"{case_id}.gguf"
     path.write_bytes(data)
-    exc, elapsed = _refuse(path)
+    exc = _refuse(path)
     message = str(exc)
-    assert elapsed < REFUSE_WITHIN_S, f"{case_id}: took {elapsed:.3f}s"
     assert "\n" not in message and "\r" not in message
     assert message.startswith(f"{path.name}: "), message
     assert reason in message, message

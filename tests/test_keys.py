@@ -7,7 +7,7 @@ import base64
 import json
 import os
 import stat
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from modelfs_store.errors import Conflict, NotFound, TrustError
 from modelfs_store.keys import list_keys, load_keyring, revoke_key, trust_key
 from modelfs_store.manifest import SCHEMA, load_manifest
 
-NOW = datetime(2026, 6, 1, tzinfo=timezone.utc)
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
 
 def pub_b64(key: Ed25519PrivateKey) -> str:
@@ -179,8 +179,7 @@ def test_writable_key_directory_trusts_nothing(catalog: Catalog, keys_dir: Path)
 
 @pytest.fixture
 def keys_env(cli: CLI, keys_dir: Path) -> CLI:
-    cli.env["MODELFS_KEYS_DIR"] = str(keys_dir)
-    return cli
+    return CLI(cli.root, {"MODELFS_KEYS_DIR": str(keys_dir)})
 
 
 def test_generate_sign_trust_verify_through_the_cli(keys_env: CLI, tmp_path: Path) -> None:

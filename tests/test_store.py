@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI, REPO, du_bytes, wait_for
+from conftest import CLI, du_bytes, run_cli, wait_for
 from ggufgen import write_mmproj, write_model
 
 MB = 1 << 20
@@ -133,7 +132,7 @@ def test_kill_9_during_import_leaves_nothing_visible(cli, store_dir, big_model, 
     weights, _ = big_model
     if how == "crash-point":
         r = cli.run("import", "big", str(weights), check=False,
-                    env={"MODELFS_CRASH_AT": "import-mid-copy"})
+                    env={"MODELFS_CRASH_AT": "import-mid-copy"}, process=True)
         assert r.returncode == -signal.SIGKILL
     else:
         p = cli.popen("import", "big", str(weights), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -198,14 +197,13 @@ def test_user_errors_are_one_line_with_exit_code(cli, tmp_path):
 def test_store_from_env_flag_and_xdg(tmp_path):
     w = tmp_path / "w.gguf"
     write_model(w, tensor_bytes=4096, seed=4)
-    env = {k: v for k, v in os.environ.items() if k != "MODELFS_STORE"}
-    env.update(XDG_DATA_HOME=str(tmp_path / "xdg"), PYTHONPATH=str(REPO))
-    subprocess.run([sys.executable, "-m", "modelfs", "import", "m", str(w)], env=env, check=True,
-                   capture_output=True)
+    env: dict[str, str | None] = {"MODELFS_STORE": None, "XDG_DATA_HOME": str(tmp_path / "xdg")}
+    r = run_cli("import", "m", str(w), env=env)
+    assert r.returncode == 0, r.stderr
     assert (tmp_path / "xdg" / "modelfs" / "catalog.db").exists()
     (tmp_path / "flag").mkdir()  # a named store must exist (only the default is created)
-    subprocess.run([sys.executable, "-m", "modelfs", "--store", str(tmp_path / "flag"), "import", "m",
-                    str(w)], env=env, check=True, capture_output=True)
+    r = run_cli("--store", str(tmp_path / "flag"), "import", "m", str(w), env=env)
+    assert r.returncode == 0, r.stderr
     assert (tmp_path / "flag" / "catalog.db").exists()
 
 

@@ -8,6 +8,11 @@ EIO, and pyfuse3's main loop never dies from a stray exception.
 
 Never ``direct_io`` (it breaks shared mmap); ``keep_cache`` always, because an inode
 number pins its bytes (see ``tree``).
+
+Cached attributes live only as long as the kernel holds the inode: an entry is dropped
+when ``forget`` brings the inode's lookup count to zero (or when ``readdir`` could not
+hand the entry over), so a daemon that runs for months keeps what the kernel holds,
+not every node it has ever shown.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import functools
 import itertools
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -32,6 +37,9 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 BLKSIZE = 128 << 10  # st_blksize: what cp/cat size their buffers by
+
+#: ``pyfuse3.readdir_reply``'s shape: False when the kernel's reply buffer is full.
+ReaddirReply = Callable[[pyfuse3.ReaddirToken, bytes, pyfuse3.EntryAttributes, int], bool]
 
 
 def handler(fn: F) -> F:
@@ -61,11 +69,13 @@ class ModelOps(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, ns: Namespace, files: OpenFiles, state: Callable[[str], str]) -> None:
+    def __init__(self, ns: Namespace, files: OpenFiles, state: Callable[[str], str],
+                 readdir_reply: ReaddirReply = pyfuse3.readdir_reply) -> None:
         super().__init__()
         self.ns = ns
         self.files = files
         self.state = state
+        self.readdir_reply = readdir_reply  # injectable: the real one needs a kernel's token
         self.uid, self.gid = os.getuid(), os.getgid()
         self._dirs: dict[int, list[tuple[str, Node]]] = {}
         self._dir_fh = itertools.count(1)
@@ -85,14 +95,21 @@ class ModelOps(pyfuse3.Operations):
         self._attrs[node.ino] = (node, e)
         return e
 
+    def _uncache_unless_known(self, ino: int) -> None:
+        """Drop the cached attributes of ``ino`` once the kernel holds it no more."""
+        if ino != tree.ROOT_INODE and not self.ns.lookup_count(ino):
+            self._attrs.pop(ino, None)
+
     # -- metadata ----------------------------------------------------------------
     @handler
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self.entry(self.ns.lookup(parent_inode, os.fsdecode(name), caller(ctx)))
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:
             self.ns.forget(inode_list)
+            for ino, _ in inode_list:
+                self._uncache_unless_known(ino)
         except Exception:  # noqa: BLE001 - forget must not raise
             log.exception("forget failed")
 
@@ -111,7 +128,8 @@ class ModelOps(pyfuse3.Operations):
         listing = self._dirs[fh]
         for i in range(start_id, len(listing)):
             name, node = listing[i]
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self.entry(node), i + 1):
+            if not self.readdir_reply(token, os.fsencode(name), self.entry(node), i + 1):
+                self._uncache_unless_known(node.ino)  # not handed over: the kernel may never ask
                 return
             self.ns.remember(node)  # readdirplus: the kernel now holds the inode
 
@@ -147,8 +165,10 @@ class ModelOps(pyfuse3.Operations):
         fh = await self.files.open(node, who)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
+    # pyfuse3's stub says bytes, but its reply takes any buffer: the 'mmap' read mode answers a
+    # memoryview of the blob's mapping, with no copy.
     @handler
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         return await self.files.read(fh, off, size)
 
     @handler

@@ -571,6 +571,11 @@ class Namespace:
             self._lookups.pop(Inode(ino), None)
             self._retired.pop(Inode(ino), None)
 
+    def lookup_count(self, ino: int) -> int:
+        """How many references to ``ino`` the kernel holds (0: it may ask again, or
+        never); the root is never counted."""
+        return self._lookups.get(Inode(ino), 0)
+
     @property
     def retired(self) -> Mapping[Inode, Node]:
         return self._retired
