@@ -10,6 +10,7 @@ import click
 from modelfs.mount.config import DEFAULT_FETCH_TIMEOUT, MountConfig
 from modelfs.mount.mountpoint import check_allow_other
 from modelfs.mount.openfiles import READ_MODES
+from modelfs.mount.tree import AllowAll
 from modelfs_store.layout import Layout
 
 from ._context import Ctx, pass_ctx
@@ -25,16 +26,18 @@ from ._context import Ctx, pass_ctx
               "download before failing with ETIMEDOUT (0: no limit).")
 @click.option("--allow-other", is_flag=True, help="Let other users' processes use the mount: they see shared "
               "models and what was granted to their app. As a user, needs user_allow_other in /etc/fuse.conf.")
+@click.option("--no-app-rules", is_flag=True, hidden=True,
+              help="Every caller sees every model (benchmarks only: the baseline of bench/visibility.py).")
 @click.option("--read-mode", type=click.Choice(READ_MODES), default="inline", hidden=True,
               help="How reads are served (benchmarks only).")
 @pass_ctx
 def mount(c: Ctx, mountpoint: str, foreground: bool, offline: bool, fetch_timeout: float,
-          read_mode: str, allow_other: bool) -> None:
+          read_mode: str, allow_other: bool, no_app_rules: bool) -> None:
     """Mount the store at MOUNTPOINT: one read-only directory per model."""
     c.check_root()
     cfg = MountConfig(Path(mountpoint).absolute(), c.root_path, offline=offline,
                       fetch_timeout=fetch_timeout or None, read_mode=read_mode, verbose=c.verbose,
-                      allow_other=allow_other)
+                      allow_other=allow_other, visibility=AllowAll() if no_app_rules else None)
     if allow_other:
         check_allow_other()  # refuse here, in one line, rather than in the daemon's log
     if foreground:
