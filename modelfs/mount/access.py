@@ -11,6 +11,8 @@ within a second); the answers for private models are never cached by the kernel
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from modelfs_store.catalog import ModelRecord
 from modelfs_store.policy import PRIVATE, Caller, Grant, Owned, Policy
 
@@ -37,11 +39,23 @@ class AppVisibility:
         return self.resolver.identify(request.pid, request.uid)
 
     def allows(self, caller: Request, model: ModelRecord) -> bool:
-        if model.visibility != PRIVATE:
-            return True
-        ident = self.identify(caller)
-        return self.policy.sees(Caller(ident.uid, ident.app, ident.sure),
-                                Owned(model.name, model.visibility, model.owner_app, model.owner_uid))
+        return self.for_caller(caller)(model)
+
+    def for_caller(self, request: Request) -> Callable[[ModelRecord], bool]:
+        """The answer for one request: the caller is identified at most once, and only
+        if a private model is asked about."""
+        policy = self.policy
+        who: list[Caller] = []
+
+        def allows(model: ModelRecord) -> bool:
+            if model.visibility != PRIVATE:
+                return True
+            if not who:
+                ident = self.identify(request)
+                who.append(Caller(ident.uid, ident.app, ident.sure))
+            return policy.sees(who[0], Owned(model.name, model.visibility, model.owner_app, model.owner_uid))
+
+        return allows
 
     def uniform(self, model: ModelRecord) -> bool:
         return model.visibility != PRIVATE

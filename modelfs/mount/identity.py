@@ -103,26 +103,38 @@ class Resolver:
         if pid <= 0:
             return Identity(uid, None, "no pid (outside the daemon's pid namespace)", 0, sure=False)
         try:
-            tgid, start = self._process(pid)
-        except OSError:
+            start = self._start_time(pid)  # one small read on every request: the cache's key
+        except (OSError, ValueError, IndexError):
             return Identity(uid, None, "process not readable", pid, sure=False)
         now = self.clock()
-        hit = self._cache.get((tgid, start))
+        hit = self._cache.get((pid, start))
         if hit is not None and now - hit[0] < CACHE_SECONDS and hit[1].uid == uid:
             return hit[1]
-        ident = self._read(tgid, uid)
+        try:
+            ident = self._read(self._tgid(pid), uid)
+        except (OSError, ValueError, StopIteration):
+            return Identity(uid, None, "process not readable", pid, sure=False)
         if len(self._cache) >= CACHE_SIZE:
             self._cache.clear()
-        self._cache[(tgid, start)] = (now, ident)
+        self._cache[(pid, start)] = (now, ident)
         return ident
 
-    def _process(self, pid: int) -> tuple[int, int]:
-        """(thread-group id, start time in clock ticks) of the task ``pid``."""
-        with open(self.proc / str(pid) / "status") as f:
-            tgid = next(int(line.split()[1]) for line in f if line.startswith("Tgid:"))
-        with open(self.proc / str(tgid) / "stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return tgid, int(fields[19])  # field 22 of stat: starttime
+    def _raw(self, pid: int, name: str) -> bytes:
+        fd = os.open(f"{self.proc}/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.read(fd, 4096)
+        finally:
+            os.close(fd)
+
+    def _start_time(self, pid: int) -> int:
+        """Start time (clock ticks since boot) of the task ``pid``: with the pid, a key no
+        reused pid can match."""
+        return int(self._raw(pid, "stat").rsplit(b")", 1)[1].split()[19])  # field 22: starttime
+
+    def _tgid(self, pid: int) -> int:
+        """The process (thread group) of the task ``pid``."""
+        return next(int(line.split()[1]) for line in self._raw(pid, "status").splitlines()
+                    if line.startswith(b"Tgid:"))
 
     def _read(self, tgid: int, uid: int) -> Identity:
         base = self.proc / str(tgid)

@@ -95,6 +95,11 @@ class Visibility(Protocol):
 
     def allows(self, caller: Caller, model: ModelRecord) -> bool: ...
 
+    def for_caller(self, caller: Caller) -> Callable[[ModelRecord], bool]:
+        """``allows`` for one caller over many models (a listing): whatever the answer
+        needs to know about the caller is found once, for this request only."""
+        ...
+
     def uniform(self, model: ModelRecord) -> bool: ...
 
 
@@ -103,6 +108,9 @@ class AllowAll:
 
     def allows(self, caller: Caller, model: ModelRecord) -> bool:
         return True
+
+    def for_caller(self, caller: Caller) -> Callable[[ModelRecord], bool]:
+        return lambda model: True
 
     def uniform(self, model: ModelRecord) -> bool:
         return True
@@ -537,7 +545,9 @@ class Namespace:
         self.check_visible(d, caller)
         out = [(name, self.tree.nodes.get(c) or self.get(c)) for name, c in d.children.items()]
         if d.ino == ROOT_INODE:
-            out = [(n, c) for n, c in out if self._allows(caller, c)]
+            allows = self.visibility.for_caller(caller)
+            entries = self.tree.entries
+            out = [(n, c) for n, c in out if (e := entries.get(c.model or "")) is None or allows(e.model)]
         return out
 
     def check_visible(self, node: Node, caller: Caller) -> None:
