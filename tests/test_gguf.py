@@ -513,7 +513,7 @@ def test_giant_lengths_allocate_little(tmp_path: Path, case_id: str, data: bytes
 
 
 def test_import_of_every_malformed_file_stores_nothing(tmp_path: Path) -> None:
-    """Issue 2, acceptance 3, at the store: a refused import leaves no blob, temp or row."""
+    """At the store: a refused import leaves no blob, temp or row."""
     from modelfs_store.core import Store
 
     store = Store.open(tmp_path / "store")

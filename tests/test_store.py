@@ -1,4 +1,4 @@
-"""Issue 2 acceptance: import, list, dedup, verify, rm, crash recovery, CLI errors."""
+"""The store end to end: import, list, dedup, verify, rm, crash recovery, and the CLI's errors.
 
 from __future__ import annotations
 

@@ -323,22 +323,31 @@ def _ns(t: float | None) -> int:
 
 def _model_subtree(entry: ModelEntry, ino: InodeMap, per_caller: bool = False) -> tuple[Node, ...]:
     """Nodes of one model; the first is the model directory itself."""
-    m = entry.model
-    name = m.name
-    installed = [v for v in entry.versions if v.state == "installed"]
-    active = next((v for v in installed if v.version == m.active_version), None)
-    out: list[Node] = []
-    links: dict[Inode, int] = {}      # file inode -> number of names
-    files: dict[Inode, tuple[FileRecord, VersionRecord]] = {}
+    return _Subtree(entry, ino, per_caller).build()
 
-    def file_ino(v: VersionRecord, rec: FileRecord) -> Inode:
-        i = ino("file", name, v.version, rec.filename, rec.sha256)
-        links[i] = links.get(i, 0) + 1
-        files[i] = (rec, v)
+
+class _Subtree:
+    """Builds one model's nodes. A directory is first described as {name: child inode or
+    nested dict}; its nodes are made afterwards, children before their parents."""
+
+    def __init__(self, entry: ModelEntry, ino: InodeMap, per_caller: bool) -> None:
+        self.entry, self.ino, self.per_caller = entry, ino, per_caller
+        self.name = entry.model.name
+        self.installed = [v for v in entry.versions if v.state == "installed"]
+        self.active = next((v for v in self.installed if v.version == entry.model.active_version), None)
+        self.out: list[Node] = []
+        self.links: dict[Inode, int] = {}      # file inode -> number of names
+        self.files: dict[Inode, tuple[FileRecord, VersionRecord]] = {}
+        self.dir_inos: set[Inode] = set()
+        self.parents: dict[Inode, Inode] = {}  # file inode -> its first directory
+
+    def file_ino(self, v: VersionRecord, rec: FileRecord) -> Inode:
+        i = self.ino("file", self.name, v.version, rec.filename, rec.sha256)
+        self.links[i] = self.links.get(i, 0) + 1
+        self.files[i] = (rec, v)
         return i
 
-    # A directory is described as {name: child inode or nested dict}; nodes made later.
-    def layout(v: VersionRecord) -> dict[str, Any]:
+    def layout(self, v: VersionRecord) -> dict[str, Any]:
         tree: dict[str, Any] = {}
         for rec in v.files:
             *dirs, leaf = rec.filename.split("/")
@@ -348,60 +357,60 @@ def _model_subtree(entry: ModelEntry, ino: InodeMap, per_caller: bool = False) -
                 if not isinstance(d, dict):
                     break  # a file and a dir of the same name: the file wins
             else:
-                d.setdefault(leaf, file_ino(v, rec))
+                d.setdefault(leaf, self.file_ino(v, rec))
         return tree
 
-    model_ino = ino("model", name)
-    version_dirs: dict[str, Any] = {str(v.version): layout(v) for v in installed}
-    top: dict[str, Any] = layout(active) if active is not None else {}
-    card = render_card(entry)
-    card_ino = ino("card", name, hashlib.sha256(card).hexdigest())
-    card_mtime = _ns(active.card.get("installed_at") if active else m.created_at) or _ns(m.created_at)
-
-    def make_dirs(tree: dict[str, Any], key: tuple[Any, ...], parent: Inode, d_ino: Inode,
+    def make_dirs(self, tree: dict[str, Any], key: tuple[Any, ...], parent: Inode, d_ino: Inode,
                   mtime: int, extra: dict[str, Inode] | None = None, is_top: bool = False) -> Node:
         children: dict[str, Inode] = dict(extra or {})
         subdirs = 0
         for child, value in tree.items():
             if isinstance(value, dict):
-                c_ino = ino("dir", *key, child)
-                make_dirs(value, (*key, child), d_ino, c_ino, mtime)
+                c_ino = self.ino("dir", *key, child)
+                self.make_dirs(value, (*key, child), d_ino, c_ino, mtime)
                 children[child] = c_ino
                 subdirs += 1
             else:
                 children[child] = value
-                parents.setdefault(value, d_ino)
-        subdirs += sum(1 for c in (extra or {}).values() if c in dir_inos)
-        node = Node(d_ino, parent, "dir", 0, mtime, nlink=2 + subdirs, model=name,
+                self.parents.setdefault(value, d_ino)
+        subdirs += sum(1 for c in (extra or {}).values() if c in self.dir_inos)
+        node = Node(d_ino, parent, "dir", 0, mtime, nlink=2 + subdirs, model=self.name,
                     children=dict(sorted(children.items())), top_level=is_top,
-                    per_caller=is_top and per_caller)
-        out.append(node)
-        dir_inos.add(d_ino)
+                    per_caller=is_top and self.per_caller)
+        self.out.append(node)
+        self.dir_inos.add(d_ino)
         return node
 
-    dir_inos: set[Inode] = set()
-    parents: dict[Inode, Inode] = {}
-    vmtimes = {str(v.version): _ns(v.card.get("installed_at") or v.card.get("created_at")) for v in installed}
-    versions_ino = ino("versions", name)
-    version_children: dict[str, Inode] = {}
-    for vname, vtree in version_dirs.items():
-        v_ino = ino("vdir", name, int(vname))
-        make_dirs(vtree, ("v", name, int(vname)), versions_ino, v_ino, vmtimes[vname])
-        version_children[vname] = v_ino
-    newest = max([*vmtimes.values(), _ns(m.created_at)])
-    make_dirs({}, ("versions", name), model_ino, versions_ino, newest, extra=version_children)
-    model_node = make_dirs(top, ("a", name, m.active_version), ROOT_INODE, model_ino,
-                           max(newest, card_mtime), extra={CARD_NAME: card_ino, VERSIONS_DIR: versions_ino},
-                           is_top=True)
-    for i, (rec, v) in files.items():
-        mtime = _ns(v.card.get("installed_at") or v.card.get("created_at"))
-        out.append(Node(i, parents[i], "file", rec.size, mtime, nlink=links[i], model=name,
-                        version=v.version, file=rec, source=_redacted(v.card.get("source"))))
-    out.append(Node(card_ino, model_ino, "card", len(card), card_mtime, model=name,
-                    version=m.active_version, data=card,
-                    source=_redacted(active.card.get("source")) if active else None))
-    out.remove(model_node)
-    return (model_node, *out)
+    def build(self) -> tuple[Node, ...]:
+        m, name, ino, active = self.entry.model, self.name, self.ino, self.active
+        model_ino = ino("model", name)
+        version_dirs: dict[str, Any] = {str(v.version): self.layout(v) for v in self.installed}
+        top: dict[str, Any] = self.layout(active) if active is not None else {}
+        card = render_card(self.entry)
+        card_ino = ino("card", name, hashlib.sha256(card).hexdigest())
+        card_mtime = _ns(active.card.get("installed_at") if active else m.created_at) or _ns(m.created_at)
+        vmtimes = {str(v.version): _ns(v.card.get("installed_at") or v.card.get("created_at"))
+                   for v in self.installed}
+        versions_ino = ino("versions", name)
+        version_children: dict[str, Inode] = {}
+        for vname, vtree in version_dirs.items():
+            v_ino = ino("vdir", name, int(vname))
+            self.make_dirs(vtree, ("v", name, int(vname)), versions_ino, v_ino, vmtimes[vname])
+            version_children[vname] = v_ino
+        newest = max([*vmtimes.values(), _ns(m.created_at)])
+        self.make_dirs({}, ("versions", name), model_ino, versions_ino, newest, extra=version_children)
+        model_node = self.make_dirs(top, ("a", name, m.active_version), ROOT_INODE, model_ino,
+                                    max(newest, card_mtime),
+                                    extra={CARD_NAME: card_ino, VERSIONS_DIR: versions_ino}, is_top=True)
+        for i, (rec, v) in self.files.items():
+            mtime = _ns(v.card.get("installed_at") or v.card.get("created_at"))
+            self.out.append(Node(i, self.parents[i], "file", rec.size, mtime, nlink=self.links[i], model=name,
+                                 version=v.version, file=rec, source=_redacted(v.card.get("source"))))
+        self.out.append(Node(card_ino, model_ino, "card", len(card), card_mtime, model=name,
+                             version=m.active_version, data=card,
+                             source=_redacted(active.card.get("source")) if active else None))
+        self.out.remove(model_node)
+        return (model_node, *self.out)
 
 
 def _redacted(text: Any) -> str | None:
