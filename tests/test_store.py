@@ -1,4 +1,4 @@
-"""The store end to end: import, list, dedup, verify, rm, crash recovery, and the CLI's errors.
+"""The store end to end: import, list, dedup, verify, rm, crash recovery, and the CLI's errors."""
 
 from __future__ import annotations
 
