@@ -39,9 +39,11 @@ class Ctx:
         """The store directory, absolute (the daemon runs with ``/`` as its directory)."""
         return Path(self.root if self.root else default_root()).absolute()
 
-    def check_root(self) -> None:
-        """Refuse a mistyped --store before a daemon would create it (see :attr:`store`)."""
-        self.become_owner()
+    def check_root(self, *, become_owner: bool = True) -> None:
+        """Refuse a mistyped --store before a daemon would create it (see :attr:`store`).
+        Unless told otherwise, root acting on another user's store becomes that user."""
+        if become_owner:
+            self.become_owner()
         if self.root is not None:
             check_store_root(Layout(self.root_path))
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -13,7 +15,7 @@ from modelfs.mount.openfiles import READ_MODES
 from modelfs.mount.tree import AllowAll
 from modelfs_store.layout import Layout
 
-from ._context import Ctx, pass_ctx
+from ._context import ARGV, Ctx, pass_ctx
 
 
 @click.command()
@@ -34,16 +36,19 @@ from ._context import Ctx, pass_ctx
 def mount(c: Ctx, mountpoint: str, foreground: bool, offline: bool, fetch_timeout: float,
           read_mode: str, allow_other: bool, no_app_rules: bool) -> None:
     """Mount the store at MOUNTPOINT: one read-only directory per model."""
-    c.check_root()
+    # In the foreground, root serving another user's store (a system store) mounts first
+    # and becomes that user in the daemon (modelfs.mount.caps); in the background, the
+    # whole command runs as that user.
+    c.check_root(become_owner=not foreground)
     cfg = MountConfig(Path(mountpoint).absolute(), c.root_path, offline=offline,
                       fetch_timeout=fetch_timeout or None, read_mode=read_mode, verbose=c.verbose,
                       allow_other=allow_other, visibility=AllowAll() if no_app_rules else None)
-    if allow_other:
+    if allow_other and not (foreground and os.geteuid() == 0):  # as root, the daemon mounts first
         check_allow_other()  # refuse here, in one line, rather than in the daemon's log
     if foreground:
         from modelfs.mount.daemon import log_to_stderr, run_foreground
         log_to_stderr(c.verbose)
-        raise SystemExit(run_foreground(cfg))
+        raise SystemExit(run_foreground(cfg, [sys.executable, "-P", "-m", "modelfs", *ARGV]))
     from modelfs.mount.control import start_background
     pid = start_background(cfg)
     click.echo(f"mounted {cfg.store_root} at {cfg.mountpoint} (daemon pid {pid})")

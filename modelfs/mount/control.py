@@ -107,6 +107,8 @@ def unmount(mountpoint: Path, layout: Layout, timeout: float = 30.0) -> str:
             raise Conflict(f"could not unmount {mountpoint}: {r.stderr.strip() or 'busy'}")
         return f"unmounted {mountpoint}"
     pid = int(status["pid"])
+    if os.geteuid() == 0 and _uid_of(pid) not in (0, None):
+        lazy_unmount(mountpoint)  # a system store's daemon no longer may: root detaches it
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while os.path.ismount(mountpoint) and time.monotonic() < deadline:
@@ -119,6 +121,13 @@ def unmount(mountpoint: Path, layout: Layout, timeout: float = 30.0) -> str:
     while _pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     return f"unmounted {mountpoint}"
+
+
+def _uid_of(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except FileNotFoundError:
+        return None
 
 
 def _pid_alive(pid: int) -> bool:

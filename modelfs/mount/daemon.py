@@ -45,8 +45,9 @@ from modelfs_store.blobs import lock_free
 from modelfs_store.catalog import Catalog
 from modelfs_store.core import Store
 from modelfs_store.download import Downloader
-from modelfs_store.owner import open_file
+from modelfs_store.owner import foreign_owner, open_file, owner_gid, user_name
 
+from . import caps
 from .access import AppVisibility
 from .config import READY_ENV, MountConfig
 from .mountpoint import check_allow_other, lazy_unmount, prepare_mountpoint
@@ -83,8 +84,9 @@ def mount_options(allow_other: bool) -> set[str]:
 
 # -- the daemon --------------------------------------------------------------------------------
 class Daemon:
-    def __init__(self, cfg: MountConfig) -> None:
+    def __init__(self, cfg: MountConfig, *, privileged_mount: bool = False) -> None:
         self.cfg = cfg
+        self.privileged_mount = privileged_mount  # holds CAP_SYS_ADMIN until mounted (system store)
         self.store = Store.open(cfg.store_root)
         self.layout = self.store.layout
         self.mountpoint = cfg.mountpoint
@@ -230,7 +232,8 @@ class Daemon:
                     log.info("already unmounted; %d file(s) still open", len(self.files))
                     continue
                 log.info("%s: unmounting %s", signal.Signals(signum).name, self.mountpoint)
-                await trio.to_thread.run_sync(lazy_unmount, self.mountpoint)
+                if os.path.ismount(self.mountpoint):  # `modelfs unmount` as root may have detached it
+                    await trio.to_thread.run_sync(lazy_unmount, self.mountpoint)
                 self._detach()
                 if len(self.files):
                     log.info("%d file(s) still open; serving them until they are closed", len(self.files))
@@ -264,6 +267,10 @@ class Daemon:
         ops = ModelOps(self.ns, self.files, lambda sha: "local" if blobs.has(sha) else "dehydrated")
         fetcher = self.materialiser.fetcher = Downloader(self.store.blobs, offline=self.cfg.offline)
         pyfuse3.init(ops, str(self.mountpoint), mount_options(self.cfg.allow_other))
+        if self.privileged_mount:
+            caps.set_caps(caps.SERVING)  # mounted: CAP_SYS_ADMIN and CAP_DAC_OVERRIDE go for good
+            log.info("mounted; keeping only %s (app identities of other users' processes)",
+                     caps.names(caps.effective()))
         clean = False
         try:
             async with trio.open_nursery() as nursery:
@@ -317,9 +324,19 @@ def _invalidate_inodes(inodes: tuple[int, ...]) -> None:
                 log.warning("could not invalidate inode %d: %s", ino, exc)
 
 
-def run_foreground(cfg: MountConfig) -> int:
-    """Mount and serve until unmounted or signalled. Returns the exit status."""
-    daemon = Daemon(cfg)
+def run_foreground(cfg: MountConfig, argv: list[str] | None = None) -> int:
+    """Mount and serve until unmounted or signalled. Returns the exit status.
+
+    Started as root for another user's store (a system store, or root serving a user),
+    the daemon becomes that user before it opens anything in the store and starts
+    again as ``argv``, keeping only the capabilities of :mod:`.caps`: it mounts with
+    ``allow_other`` without /etc/fuse.conf, then keeps CAP_SYS_PTRACE alone."""
+    uid = foreign_owner(cfg.store_root)
+    if uid is not None and argv is not None:
+        log.info("becoming %s (the store's owner) with %s until mounted", user_name(uid), caps.names(caps.MOUNTING))
+        caps.exec_as(uid, owner_gid(cfg.store_root, uid), caps.MOUNTING, argv)
+    privileged = os.geteuid() != 0 and caps.CAP_SYS_ADMIN in caps.effective()
+    daemon = Daemon(cfg, privileged_mount=privileged)
     try:
         trio.run(daemon.serve)
     finally:

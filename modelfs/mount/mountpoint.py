@@ -70,7 +70,10 @@ def fuse_conf_allows_other(path: str = "/etc/fuse.conf") -> bool:
 
 def check_allow_other() -> None:
     """As a user, the kernel lets other uids in only with ``user_allow_other`` in
-    /etc/fuse.conf (which belongs to the fuse3 package: modelfs never edits it)."""
-    if os.geteuid() != 0 and not fuse_conf_allows_other():
+    /etc/fuse.conf (which belongs to the fuse3 package: modelfs never edits it), or to a
+    daemon that mounts with CAP_SYS_ADMIN (a system store's, see ``caps``)."""
+    from .caps import CAP_SYS_ADMIN, effective
+
+    if os.geteuid() != 0 and CAP_SYS_ADMIN not in effective() and not fuse_conf_allows_other():
         raise UsageError("--allow-other needs `user_allow_other` in /etc/fuse.conf (ask root to add it; "
                          "modelfs never edits that file), or a system store's daemon started as root")

@@ -1,0 +1,112 @@
+"""A system store (issue 10): a dedicated user owns the store; its daemon starts as root,
+mounts with allow_other, then runs as that user keeping only CAP_SYS_PTRACE; root's CLI
+becomes that user to administer it; the packaging creates the user and the directories.
+
+The store's user here is ``nobody``; the packaging test runs sysusers and tmpfiles into
+a scratch root, never into this machine's /etc.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import CLI, REPO, wait_for
+from ggufgen import write_model
+from test_mount import Mount
+from test_visibility import PROBE
+
+NOBODY = 65534
+A = "org.example.A"
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="!!! needs root: the system store tests CANNOT run !!!")
+
+
+def test_the_packaging_makes_the_user_and_the_directories(tmp_path: Path) -> None:
+    for tool in ("systemd-sysusers", "systemd-tmpfiles"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"!!! {tool} is missing: the packaging test CANNOT run !!!")
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    for name in ("passwd", "group"):
+        (root / "etc" / name).write_text("root:x:0:0:root:/root:/bin/sh\n" if name == "passwd" else "root:x:0:\n")
+    subprocess.run(["systemd-sysusers", f"--root={root}", str(REPO / "packaging/sysusers.d/modelfs.conf")],
+                   check=True, capture_output=True)
+    user = next(line.split(":") for line in (root / "etc/passwd").read_text().splitlines()
+                if line.startswith("modelfs:"))
+    assert user[5] == "/var/lib/modelfs"
+    subprocess.run(["systemd-tmpfiles", f"--root={root}", "--create", str(REPO / "packaging/tmpfiles.d/modelfs.conf")],
+                   check=True, capture_output=True)
+    store, mnt = (root / "var/lib/modelfs").stat(), (root / "srv/models").stat()
+    assert (store.st_mode & 0o777, store.st_uid) == (0o750, int(user[2]))
+    assert (mnt.st_mode & 0o777, mnt.st_uid) == (0o755, int(user[2]))
+    unit = (REPO / "packaging/systemd/modelfs-system.service").read_text()
+    assert "--store /var/lib/modelfs mount /srv/models --foreground --allow-other" in unit
+
+
+@pytest.fixture
+def system_store() -> Iterator[tuple[Path, CLI]]:
+    top = Path(tempfile.mkdtemp(prefix="modelfs-sys-", dir="/tmp"))
+    top.chmod(0o755)
+    store = top / "store"
+    store.mkdir()
+    cli = CLI(store)
+    for name, seed, extra in (("open", 1, []), ("secret", 2, ["--app", A, "--private"])):
+        w = top / f"{name}.gguf"
+        write_model(w, name=name, tensor_bytes=4096, seed=seed)
+        cli.run("import", name, str(w), *extra)
+    app = top / "appA" / "python3"
+    app.parent.mkdir()
+    shutil.copy2("/usr/bin/python3", app)
+    cli.run("apps", "add", A, "--exe", str(app))
+    for p in [store, *store.rglob("*")]:
+        os.lchown(p, NOBODY, NOBODY)
+    # Root administers it as its user; app A as run by root: root is not this store's owner.
+    cli.run("grant", A, "secret", "--uid", "0", process=True)
+    (top / "mnt").mkdir()
+    os.chown(top / "mnt", NOBODY, NOBODY)
+    yield top, cli
+    shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"),
+                    reason="!!! /dev/fuse is missing: the system store mount test CANNOT run !!!")
+def test_the_daemon_runs_as_the_stores_user_with_only_cap_sys_ptrace(system_store: tuple[Path, CLI]) -> None:
+    top, cli = system_store
+    m = Mount(cli, top / "mnt", "--allow-other")
+    try:
+        pid = json.loads((cli.root / "run" / "daemon.json").read_text())["pid"]
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        assert status["Uid"].split() == [str(NOBODY)] * 4 and status["Gid"].split()[0] == str(NOBODY)
+        assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == 1 << 19  # CAP_SYS_PTRACE alone
+        assert int(status["CapAmb"], 16) == int(status["CapInh"], 16) == 0
+        options = next(line.split()[3] for line in Path("/proc/mounts").read_text().splitlines()
+                       if line.split()[1] == str(m.path))
+        assert "allow_other" in options.split(",") and f"user_id={NOBODY}" in options
+
+        def see(exe: str, *setpriv: str) -> dict:
+            r = subprocess.run([*setpriv, exe, "-c", PROBE, str(m.path), "open", "secret"], capture_output=True,
+                               text=True, timeout=60, cwd="/", check=True)
+            return json.loads(r.stdout)
+
+        other = ("setpriv", "--reuid=1000", "--regid=1000", "--clear-groups")
+        assert see("/usr/bin/python3", *other)["list"] == ["open"]
+        assert see("/usr/bin/python3")["list"] == ["open"]            # root is not this store's owner
+        # Root running app A: its /proc/PID/exe is readable to the daemon only through CAP_SYS_PTRACE.
+        assert see(str(top / "appA" / "python3"))["list"] == ["open", "secret"]
+        # Root administers the store as its user: what it writes is the user's.
+        cli.run("pin", "open", process=True)
+        assert {p.lstat().st_uid for p in [cli.root, *cli.root.rglob("*")]} == {NOBODY}
+        out = cli.run("unmount", str(m.path), process=True)
+        assert "unmounted" in out.stdout
+        wait_for(lambda: m.proc.poll() is not None, 30, "the daemon to exit")
+        assert not os.path.ismount(m.path)
+    finally:
+        m.stop()
