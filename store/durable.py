@@ -2,6 +2,7 @@
 
     fsync_file(fd)          the file's data and metadata are on disk
     fsync_dir(path)         a rename or create in ``path`` is on disk
+    create_new(path, b)     a new file holding ``b``, never over another or through a link
     atomic_write(path, b)   ``path`` holds exactly ``b`` or its old content, never a mix,
                             after a crash at any point: private temp in the same
                             directory, write, fsync, rename over, fsync of the directory
@@ -34,19 +35,30 @@ def fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
+def create_new(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Create ``path`` (never over an existing file or through a link) holding ``data``,
+    durably: written, fsynced, its directory fsynced."""
+    _create(path, data, mode)
+    fsync_dir(path.absolute().parent)
+
+
+def _create(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fsync_file(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` durably. The temp name is unique per writer, so two
     writers of one path never share a temp; the last rename wins whole."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            fsync_file(fd)
-        finally:
-            os.close(fd)
+        _create(tmp, data, mode)
         os.rename(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -52,7 +52,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .catalog import Action, Catalog
-from .durable import fsync_dir, fsync_file
+from .durable import create_new
 from .errors import Conflict, NotFound, TrustError, UsageError
 from .names import filename_problem
 
@@ -217,15 +217,7 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
 
 def write_private_key(path: str | os.PathLike[str], pem: bytes) -> None:
     """Create ``path`` mode 0600 (never overwriting) and write the PEM key, durably."""
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(pem)
-        while view:
-            view = view[os.write(fd, view):]
-        fsync_file(fd)
-    finally:
-        os.close(fd)
-    fsync_dir(Path(path).absolute().parent)
+    create_new(Path(path), pem, mode=0o600)
 
 
 def sign_payload(payload: bytes, private_key: Ed25519PrivateKey, key_id: str) -> bytes:
