@@ -22,11 +22,14 @@ Faults (keyword arguments of :meth:`FaultServer.add`):
 ===================  ===========================================================
 ``drop_after``       close the connection after N body bytes (int: first GET only;
                      a list: one entry per GET, ``None`` = no drop)
+``drop_every``       close every GET's connection after N body bytes (with
+                     ``ignore_range``: an origin no client can finish from)
 ``stall_after``      on the first GET, send N body bytes then go silent (connection open)
 ``after_first_get``  attributes to change once the first GET was answered, e.g.
                      ``{"data": new_bytes, "etag": None}`` (the file changes upstream)
 ``corrupt_at``       flip the byte at this file offset, on the first
                      ``corrupt_times`` GETs (default 1)
+``corrupt_every``    flip the byte at this file offset in every response, forever
 ``ignore_range``     answer every GET with 200 and the whole file
 ``wrong_range``      answer a Range request with 206 whose Content-Range starts at 0
 ``ignore_if_range``  serve the range even when If-Range does not match
@@ -89,9 +92,11 @@ class RecordedRequest:
 class Resource:
     data: bytes | Path
     drop_after: int | Sequence[int | None] | None = None
+    drop_every: int | None = None
     stall_after: int | None = None
     corrupt_at: int | None = None
     corrupt_times: int = 1
+    corrupt_every: int | None = None
     ignore_range: bool = False
     wrong_range: bool = False
     ignore_if_range: bool = False
@@ -236,7 +241,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             drop = drop[get_no - 1] if get_no <= len(drop) else None
         elif get_no > 1:
             drop = None
+        if res.drop_every is not None:
+            drop = res.drop_every
         corrupt = res.corrupt_at if get_no <= res.corrupt_times else None
+        if res.corrupt_every is not None:
+            corrupt = res.corrupt_every
         stall = res.stall_after if get_no == 1 else None
         self.wfile.flush()
         try:
