@@ -355,6 +355,7 @@ class Downloader:
                 transfer.progress(-await sink.reset("the server sent the whole file (200) to a Range request"))
             if body_from == 0:
                 sink.set_validators(response.headers.get("etag"), response.headers.get("last-modified"))
+                await sink.save_state()  # resumable from its first bytes, with the validators
             expected = size if size is not None else sink.state.size
             if size is None and expected is not None:
                 transfer.set_total(expected)
