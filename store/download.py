@@ -21,7 +21,16 @@ on the lock: the commit checks the hash whoever wins.
 Robustness: connection errors, 5xx and 429 are retried with exponential backoff and
 jitter (``Retry-After`` honoured, capped); a stall (no byte for ``stall_timeout``)
 or a rate under ``min_speed`` reconnects and resumes; free space is checked before
-writing; a body longer than the expected size is refused. Every request goes through
+writing; a body longer than the expected size is refused.
+
+When to give up (issue 11): only NEW bytes count as progress, bytes past the most the
+partial ever held in this fetch (a server that ignores Range and drops every connection
+sends the same first bytes again and again). ``max_retries`` failures in a row without
+:data:`MIN_PROGRESS` new bytes end the fetch with the last error, and so does receiving
+more than twice the file plus :data:`BUDGET_SLACK` over all attempts, whatever the
+server does (FetchError, exit 9).
+
+Every request goes through
 the store's one HTTP layer (:class:`~store.http.Http`, ``Downloader.http``), which
 follows redirects by the one rule, keeps credentials with their origin and says which
 failures are transient; the retries and their backoff are decided here.
@@ -55,11 +64,16 @@ from .partial import PartialInfo, PartialLock, discard_partial, list_partials
 from .redact import REDACTED, redact_url
 from .sink import ALIGN, Sink
 
-__all__ = ["Downloader", "FetchResult", "PartialInfo", "discard_partial", "list_partials"]
+__all__ = ["BUDGET_SLACK", "MIN_PROGRESS", "Downloader", "FetchResult", "PartialInfo", "discard_partial",
+           "list_partials"]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
+Bytes = bytes | bytearray | memoryview
+
+MIN_PROGRESS = 1 << 20     # new bytes an attempt must add for its failure not to count
+BUDGET_SLACK = 64 << 20    # a fetch gives up once it received more than 2 x size + this
 
 
 @dataclass(frozen=True)
@@ -76,22 +90,45 @@ class FetchResult:
 # -- retry plumbing ----------------------------------------------------------------------
 class _Retry(Exception):
     """An attempt failed in a way worth retrying. ``error`` is what the user sees if the
-    retries run out; ``progressed`` says the attempt moved the download forward."""
+    retries run out."""
 
-    def __init__(self, error: FetchError, *, retry_after: float | None = None, progressed: bool = False) -> None:
+    def __init__(self, error: FetchError, *, retry_after: float | None = None) -> None:
         super().__init__(str(error))
         self.error = error
         self.retry_after = retry_after
-        self.progressed = progressed
 
     @classmethod
-    def of(cls, error: FetchError, *, progressed: bool = False) -> _Retry:
+    def of(cls, error: FetchError) -> _Retry:
         """A transient error of the HTTP layer, as a retry."""
-        return cls(error, retry_after=error.fields.get("retry_after"), progressed=progressed)
+        return cls(error, retry_after=error.fields.get("retry_after"))
 
 
 class _Restart(Exception):
     """The partial was discarded; try again at once (does not count as a failure)."""
+
+
+@dataclass
+class _State:
+    """One transfer of one blob, across its attempts: what it cost and what is new."""
+    received: int = 0      # body bytes over the network, all attempts
+    html: bool = False     # the last response was an HTML page
+    high: int = 0          # the most bytes the partial held: only bytes past this are new
+
+    def take(self, data: Bytes, expected: int | None, shown: str) -> None:
+        """Account for ``data`` just received (before it is written): the byte budget."""
+        self.received += len(data)
+        if expected is not None and self.received > 2 * expected + BUDGET_SLACK:
+            raise FetchError(
+                f"{shown}: gave up after receiving {self.received} bytes for a file of {expected} bytes "
+                "(more than twice its size): the connection keeps breaking and the server does not resume "
+                "where it broke off", received=self.received, expected=expected)
+
+
+def _gave_up(error: FetchError, attempts: int) -> FetchError:
+    """The last error, saying how many attempts in a row brought nothing new."""
+    if attempts <= 1:
+        return error
+    return type(error)(f"{error}; gave up after {attempts} attempts in a row without new bytes", **error.fields)
 
 
 @dataclass
@@ -273,7 +310,7 @@ class Downloader:
     async def _transfer(self, url: str, sha256: Sha256, size: int | None, headers: Mapping[str, str],
                         transfer: _Transfer, directory: Path) -> FetchResult:
         shown = redact_url(url)
-        counters: dict[str, int] = {"received": 0, "html": 0}
+        st = _State()
         integrity_restarts = 0
         while True:
             sink = await Sink.open(self.blobs, directory, sha256, shown, size, direct_io=self.direct_io)
@@ -281,7 +318,8 @@ class Downloader:
             try:
                 if sink.resumed_from:
                     transfer.progress(sink.resumed_from)
-                await self._attempts(url, sink, size, headers, transfer, counters)
+                st.high = sink.resumed_from
+                await self._attempts(url, sink, size, headers, transfer, st)
                 expected = size if size is not None else sink.state.size
                 try:
                     committed = await sink.commit(expected)
@@ -289,7 +327,7 @@ class Downloader:
                     transfer.progress(-sink.written)
                     if integrity_restarts:
                         hint = (" (the server sent an HTML page: a captive portal or login page?)"
-                                if counters.get("html") else "")
+                                if st.html else "")
                         raise IntegrityError(
                             f"download of {shown} failed verification twice ({exc}){hint}; the bytes are "
                             "in quarantine", **exc.fields) from exc
@@ -298,14 +336,18 @@ class Downloader:
                                 "from zero", shown, exc)
                     continue
                 return FetchResult(sha256, committed.size, committed.path, committed.new,
-                                   sink.state.etag, sink.state.last_modified, counters["received"])
+                                   sink.state.etag, sink.state.last_modified, st.received)
             finally:
                 with trio.CancelScope(shield=True):
                     await sink.close()
 
+    async def _reset(self, sink: Sink, st: _State, transfer: _Transfer, reason: str) -> None:
+        """Discard the partial: the next bytes are the file's first."""
+        transfer.progress(-await sink.reset(reason))
+
     async def _attempts(self, url: str, sink: Sink, size: int | None, headers: Mapping[str, str],
-                        transfer: _Transfer, counters: dict[str, int]) -> None:
-        failures = 0
+                        transfer: _Transfer, st: _State) -> None:
+        in_a_row = 0
         restarts = 0
         while True:
             expected = size if size is not None else sink.state.size
@@ -314,28 +356,31 @@ class Downloader:
             if expected is not None:
                 sink.check_space(expected - sink.total)  # refuse before the first byte
             try:
-                await self._attempt(url, sink, size, headers, transfer, counters)
+                await self._attempt(url, sink, size, headers, transfer, st)
                 return
             except _Restart as r:
                 restarts += 1
                 if restarts > 3:
                     raise FetchError(f"{redact_url(url)}: the server keeps answering ranges inconsistently") from None
-                transfer.progress(-await sink.reset(str(r)))
+                await self._reset(sink, st, transfer, str(r))
                 continue
             except _Retry as r:
-                # A failure after real progress (a dropped connection mid-file) starts the
-                # count again: a flaky link still finishes a 40 GB file. ``max_retries=0``
-                # never retries.
-                failures = 0 if r.progressed else failures + 1
+                # Only new bytes are progress: past the most the partial ever held. A failure
+                # after progress (a dropped connection mid-file) starts the count again, so a
+                # flaky link still finishes a 40 GB file; one that sends the same first bytes
+                # again and again does not. ``max_retries=0`` never retries.
+                new = sink.total - st.high
+                st.high = max(st.high, sink.total)
+                in_a_row = 0 if new >= MIN_PROGRESS else in_a_row + 1
                 policy = self.http.retry
-                if policy.max_retries == 0 or failures > policy.max_retries:
-                    raise r.error from None
-                delay = policy.delay(failures or 1, r.retry_after)
-                log.warning("%s; retrying in %.1fs (%d/%d)", r.error, delay, failures, policy.max_retries)
+                if policy.max_retries == 0 or in_a_row > policy.max_retries:
+                    raise _gave_up(r.error, in_a_row) from None
+                delay = policy.delay(in_a_row or 1, r.retry_after)
+                log.warning("%s; retrying in %.1fs (%d/%d)", r.error, delay, in_a_row, policy.max_retries)
                 await policy.sleep(delay)
 
     async def _attempt(self, url: str, sink: Sink, size: int | None, headers: Mapping[str, str],
-                       transfer: _Transfer, counters: dict[str, int]) -> None:
+                       transfer: _Transfer, st: _State) -> None:
         shown = redact_url(url)
         start = sink.total
         # Ours to set: the bytes must arrive exactly as stored (no content coding), and
@@ -350,17 +395,17 @@ class Downloader:
         response = await self._open(url, req, shown)
         try:
             body_from = self._check_response(response, sink, start, size, shown)
-            counters["html"] = int(_is_html(response))
+            st.html = _is_html(response)
             if body_from == 0 and start:
-                transfer.progress(-await sink.reset("the server sent the whole file (200) to a Range request"))
-            if body_from == 0:
-                sink.set_validators(response.headers.get("etag"), response.headers.get("last-modified"))
-                await sink.save_state()  # resumable from its first bytes, with the validators
+                await self._reset(sink, st, transfer, "the server sent the whole file (200) to a Range request")
             expected = size if size is not None else sink.state.size
             if size is None and expected is not None:
                 transfer.set_total(expected)
             sink.check_space((expected or 0) - sink.total)
-            await self._stream(response, sink, expected, transfer, counters, shown)
+            if body_from == 0:
+                sink.set_validators(response.headers.get("etag"), response.headers.get("last-modified"))
+                await sink.save_state()  # resumable from its first bytes, with the validators
+            await self._stream(response, sink, expected, transfer, st, shown)
         finally:
             with trio.CancelScope(shield=True):
                 await response.aclose()
@@ -432,10 +477,9 @@ class Downloader:
             raise
 
     async def _stream(self, response: httpx.Response, sink: Sink, expected: int | None, transfer: _Transfer,
-                      counters: dict[str, int], shown: str) -> None:
+                      st: _State, shown: str) -> None:
         """Copy the body into the sink, watching for stalls and a too-low rate."""
         host = response.url.host
-        begun = sink.total
         stream = response.extensions.get("network_stream")
         stream = stream if isinstance(stream, BigReadStream) else None
         # A plain-TCP body of known length is read straight off the socket once h11 has
@@ -451,25 +495,25 @@ class Downloader:
                 async for chunk in response.aiter_raw():
                     n = len(chunk)
                     if expected is not None and sink.total + n > expected:
-                        transfer.progress(-await sink.reset("the server sent more bytes than expected"))
+                        await self._reset(sink, st, transfer, "the server sent more bytes than expected")
                         raise FetchError(f"{shown}: the server sent more than the expected {expected} bytes",
                                          expected=expected)
+                    st.take(chunk, expected, shown)
                     await sink.write(chunk)
                     if stream is not None and expected is not None:
                         # Every byte read from the socket so far has been delivered (h11
                         # hands over its buffer before it reads again), so this is exact.
                         stream.expect(expected - sink.total)
-                    counters["received"] += n
                     transfer.progress(n)
                     watch.got(n)
                     if direct and expected is not None and sink.total < expected:
                         assert stream is not None
-                        await self._read_direct(stream, sink, expected, transfer, counters, watch, shown)
+                        await self._read_direct(stream, sink, expected, transfer, st, watch, shown)
                         break
         except FetchError as exc:
             if not is_transient(exc):
                 raise
-            raise _Retry.of(exc, progressed=sink.total - begun >= (1 << 20)) from None
+            raise _Retry.of(exc) from None
         finally:
             if stream is not None:
                 stream.expect(None)  # the connection may carry another response next
@@ -482,10 +526,10 @@ class Downloader:
                                     f"{self.stall_timeout:g}s)"))
         if expected is not None and sink.total < expected:
             raise _Retry(FetchError(f"{shown}: connection to {host} closed after {sink.total} of {expected} "
-                                    "bytes"), progressed=sink.total - begun >= (1 << 20))
+                                    "bytes"))
 
     async def _read_direct(self, stream: BigReadStream, sink: Sink, expected: int, transfer: _Transfer,
-                           counters: dict[str, int], watch: _Watch, shown: str) -> None:
+                           st: _State, watch: _Watch, shown: str) -> None:
         """The rest of the body, from the socket into pooled buffers handed to the sink."""
         while sink.total < expected:
             buf = sink.take_buffer()
@@ -499,8 +543,8 @@ class Downloader:
                 while fill < want:
                     stream.expect(want - fill)
                     n = await stream.recv_into(view[fill:want])
+                    st.take(view[fill:fill + n], expected, shown)
                     fill += n
-                    counters["received"] += n
                     transfer.progress(n)
                     watch.got(n)
             finally:
