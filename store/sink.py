@@ -28,6 +28,7 @@ received and checkpoints it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -199,10 +200,8 @@ class Sink:
                     raise StoreError("a partial download shrank while it was being resumed")
                 self.hasher.update(view[:n])
                 pos += n
-            try:
+            with contextlib.suppress(OSError):
                 os.posix_fadvise(self.fd, 0, present, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass
 
         await trio.to_thread.run_sync(rehash)
         self.written = self.hashed = self.batch_start = present
@@ -392,10 +391,8 @@ class Sink:
             if n:
                 views[0] = views[0][n:]
         start = max(0, self.written - WRITEBACK_WINDOW)
-        try:
+        with contextlib.suppress(OSError):
             os.posix_fadvise(self.fd, start, self.written - start, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
 
     def _checkpoint(self) -> None:
         """Make ``written`` bytes durable, then say so in state.json. Worker thread."""

@@ -57,6 +57,7 @@ file costs no memory).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import http.server
@@ -300,10 +301,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             pass  # the client went away (killed, or gave up): that is a test scenario, not an error
         if drop is not None or res.endless or pos < end:
             self.close_connection = True
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 def _parse_range(value: str, size: int) -> tuple[int, int] | str | None:
@@ -410,7 +409,8 @@ class FaultServer:
         cdn = cdn or self
         blob_path = f"/repos/{sha[:2]}/{sha}"
         cdn.add(blob_path, data, **faults)
-        location = cdn.url(blob_path) + f"?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Expires=3600&X-Amz-Signature={signature}"
+        location = (cdn.url(blob_path)
+                    + f"?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Expires=3600&X-Amz-Signature={signature}")
         for rev in {revision, commit}:  # the hub answers for the branch and for the commit
             self.add(f"/{repo}/resolve/{rev}/{filename}", b"", redirect=location,
                      require_auth=f"Bearer {token}" if token else None,
@@ -436,15 +436,16 @@ class FaultServer:
 
     # -- TLS ----------------------------------------------------------------------------
     def _make_tls(self) -> ssl.SSLContext:
+        import ipaddress
+
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import NameOID
-        import ipaddress
 
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(days=1))
