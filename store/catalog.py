@@ -437,6 +437,12 @@ class Catalog:
         return [(r["model"], r["version"], FileRecord.from_row(dict(r)))
                 for r in self.conn.execute("SELECT * FROM files ORDER BY model, version, filename")]
 
+    def largest_version_bytes(self) -> int:
+        """The size of the largest version of any model (the sum of its files), 0 when none."""
+        row = self.conn.execute("SELECT MAX(total) FROM (SELECT SUM(size) AS total FROM files "
+                                "GROUP BY model, version)").fetchone()
+        return int(row[0] or 0)
+
     def referenced_shas(self) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT DISTINCT sha256 FROM files")}
 

@@ -118,7 +118,9 @@ class Store:
         layout.ensure()
         blobs = BlobStore(layout)
         report = blobs.recover() if recover else RecoveryReport()
-        return cls(layout, blobs, Catalog(layout.catalog), report)
+        store = cls(layout, blobs, Catalog(layout.catalog), report)
+        blobs.quarantine_cap = store.quarantine_cap
+        return store
 
     @classmethod
     def init(cls, root: Path | str) -> tuple[Store, bool]:
@@ -133,6 +135,15 @@ class Store:
 
     def close(self) -> None:
         self.catalog.close()
+
+    def quarantine_cap(self) -> int:
+        """How many bytes ``quarantine/`` may hold (see :mod:`store.blobs`):
+        ``MODELFS_QUARANTINE_CAP`` bytes, else the size of the largest model version in
+        the store, so a failed download of any of its models keeps one copy."""
+        env = os.environ.get("MODELFS_QUARANTINE_CAP", "")
+        if env.isdigit():
+            return int(env)
+        return self.catalog.largest_version_bytes()
 
     # -- import ------------------------------------------------------------------
     def import_model(self, name: str, weights: Path, *, mmproj: Path | None = None,

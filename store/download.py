@@ -30,6 +30,11 @@ sends the same first bytes again and again). ``max_retries`` failures in a row w
 more than twice the file plus :data:`BUDGET_SLACK` over all attempts, whatever the
 server does (FetchError, exit 9).
 
+A fetch whose bytes failed verification twice is remembered (:mod:`store.failures`):
+until its backoff expires, a fetch of that SHA-256 is refused at once with
+IntegrityError, before any request (the mount answers EIO). A verified fetch forgets it;
+``retry_failed`` (``modelfs pull --retry``) forgets it before trying.
+
 Every request goes through
 the store's one HTTP layer (:class:`~store.http.Http`, ``Downloader.http``), which
 follows redirects by the one rule, keeps credentials with their origin and says which
@@ -48,6 +53,7 @@ from __future__ import annotations
 import logging
 import random
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +61,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from . import failures
 from .blobs import BlobStore
 from .catalog import FileRecord
 from .errors import FetchError, IntegrityError, NotFound, OfflineError, StoreError, UsageError
@@ -175,7 +182,9 @@ class Downloader:
 
     ``auth`` is the per-URL credential hook (default: the hub token for the hub's
     origin, :func:`store.hf.auth_headers`); the other network options configure
-    :attr:`http`, through which every request goes."""
+    :attr:`http`, through which every request goes. ``wallclock`` (unix time) dates
+    the remembered verification failures; ``retry_failed`` forgets them instead of
+    refusing (``modelfs pull --retry``)."""
 
     def __init__(self, blobs: BlobStore, *, offline: bool = False, stall_timeout: float = 30.0,
                  min_speed: tuple[int, float] | None = None, max_retries: int = 5,
@@ -185,11 +194,14 @@ class Downloader:
                  backoff: tuple[float, float] = (0.5, 30.0), retry_after_cap: float = 60.0,
                  auth: Auth | None = None, verify: ssl.SSLContext | str | bool = True,
                  user_agent: str = "modelfs/0.1", rng: random.Random | None = None,
-                 direct_io: bool = True) -> None:
+                 direct_io: bool = True, wallclock: Callable[[], float] = time.time,
+                 retry_failed: bool = False) -> None:
         self.blobs = blobs
         self.stall_timeout = stall_timeout
         self.min_speed = min_speed
         self.clock = clock
+        self.wallclock = wallclock          # unix time, for the remembered failures
+        self.retry_failed = retry_failed    # forget remembered failures instead of refusing
         self.direct_io = direct_io
         if auth is None:
             from .hf import auth_headers
@@ -246,6 +258,7 @@ class Downloader:
                 return self._present(sha256)
             if self.offline:
                 raise OfflineError(f"blob {sha256[:12]}… is not local and the store is offline", sha256=sha256)
+            self._refuse_if_failed(sha256, redact_url(url))
             joined = self._inflight.get(sha256)
             if joined is None:
                 break
@@ -288,6 +301,22 @@ class Downloader:
         path = self.blobs.path(sha256)
         return FetchResult(sha256, path.stat().st_size, path, False, None, None, 0)
 
+    def _refuse_if_failed(self, sha256: Sha256, shown: str) -> None:
+        """IntegrityError while the remembered failed verification of ``sha256`` backs off
+        (:mod:`store.failures`); with ``retry_failed``, forget it instead."""
+        layout = self.blobs.layout
+        if self.retry_failed:
+            failures.forget(layout, sha256)
+            return
+        mem = failures.load(layout, sha256)
+        if mem is None or not mem.blocks(self.wallclock()):
+            return
+        raise IntegrityError(
+            f"{shown}: not fetched again before {failures.when(mem.retry_at)}: its download failed verification "
+            f"{mem.failures} time(s), last at {failures.when(mem.last_failed_at)} ({mem.reason}); "
+            "`modelfs pull --retry` tries now", sha256=sha256, retry_at=mem.retry_at, failures=mem.failures,
+            reason="backoff")
+
     async def _fetch_locked(self, url: str, sha256: Sha256, size: int | None, headers: Mapping[str, str],
                             transfer: _Transfer) -> FetchResult:
         directory = self.blobs.layout.partial / sha256
@@ -303,6 +332,7 @@ class Downloader:
         try:
             if self.blobs.has(sha256):  # the other process finished it
                 return self._present(sha256)
+            self._refuse_if_failed(sha256, redact_url(url))  # another process may just have failed it
             return await self._transfer(url, sha256, size, headers, transfer, directory)
         finally:
             lock.release()
@@ -326,20 +356,27 @@ class Downloader:
                 except IntegrityError as exc:
                     transfer.progress(-sink.written)
                     if integrity_restarts:
-                        hint = (" (the server sent an HTML page: a captive portal or login page?)"
-                                if st.html else "")
-                        raise IntegrityError(
-                            f"download of {shown} failed verification twice ({exc}){hint}; the bytes are "
-                            "in quarantine", **exc.fields) from exc
+                        raise self._failed_twice(exc, sha256, shown, st) from exc
                     integrity_restarts += 1
                     log.warning("download of %s failed verification (%s); quarantined, fetching again "
                                 "from zero", shown, exc)
                     continue
+                failures.forget(self.blobs.layout, sha256)
                 return FetchResult(sha256, committed.size, committed.path, committed.new,
                                    sink.state.etag, sink.state.last_modified, st.received)
             finally:
                 with trio.CancelScope(shield=True):
                     await sink.close()
+
+    def _failed_twice(self, exc: IntegrityError, sha256: Sha256, shown: str, st: _State) -> IntegrityError:
+        """The second failed verification of one fetch: remembered, so no caller pays for it
+        again before the backoff expires (:mod:`store.failures`)."""
+        hint = " (the server sent an HTML page: a captive portal or login page?)" if st.html else ""
+        mem = failures.remember(self.blobs.layout, sha256, reason=str(exc), url=shown, now=self.wallclock())
+        return IntegrityError(
+            f"download of {shown} failed verification twice ({exc}){hint}; the bytes are in quarantine; no new "
+            f"attempt before {failures.when(mem.retry_at)} (`modelfs pull --retry` tries now)",
+            **{**exc.fields, "retry_at": mem.retry_at, "failures": mem.failures})
 
     async def _reset(self, sink: Sink, st: _State, transfer: _Transfer, reason: str) -> None:
         """Discard the partial: the next bytes are the file's first."""

@@ -86,6 +86,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from . import failures
 from .archive import extract_zip
 from .catalog import Action, FileRecord
 from .crashpoints import crash_point
@@ -379,6 +380,8 @@ class _Installer:
                     out += await self._archive(art, directory)
                 continue
             etag = last_modified = None
+            if self.lazy and self.downloader.retry_failed and not self.store.blobs.has(art.sha256):
+                failures.forget(self.store.layout, art.sha256)  # --retry: the mount may try it at once
             if not self.store.blobs.has(art.sha256) and not self.lazy:
                 res = await self.downloader.fetch(art.url, sha256=art.sha256, size=art.size,
                                                   progress=self.progress)

@@ -220,6 +220,7 @@ class PullOptions:
     license: str | None = None
     owner_app: str | None = None
     platform: str | None = None       # signed: whose artifacts to install (default: this one)
+    retry: bool = False               # try files whose verification failed recently now (store.failures)
 
 
 class PullReporter(Protocol):
@@ -235,6 +236,8 @@ async def pull_source(store: Store, downloader: Downloader, source: str, options
                       reporter: PullReporter | None = None) -> InstallResult | PullResult:
     """``modelfs pull SOURCE``: decide what SOURCE is (module docstring) and pull it.
     Returns the signed pack's :class:`InstallResult` or the unsigned :class:`PullResult`."""
+    if options.retry:
+        downloader.retry_failed = True
     is_url = source.startswith(("http://", "https://"))
     if options.pack or (not is_url and os.path.isfile(source)):
         return await _pull_pack(store, downloader, source, None, options, reporter)

@@ -620,6 +620,29 @@ def test_a_failing_download_is_eio_with_no_partial_bytes(tmp_path, store, origin
     assert cli.run("status", "--json").json()["mount"]["fetch_errors"] == errors
 
 
+def test_three_opens_against_a_corrupting_origin_cost_at_most_twice_the_file(tmp_path, store, origin, cli,
+                                                                             mount_at):
+    """Issue 11: a failed verification is remembered, so the opens after the first answer
+    EIO at once, and quarantine keeps the bad bytes once."""
+    data = write_model(tmp_path / "c.gguf", tensor_bytes=8 << 20, seed=6).read_bytes()
+    sha = add_remote(store, "corrupt", "c.gguf", data, origin.url("/c.gguf"))
+    origin.add("/c.gguf", data, corrupt_every=len(data) // 3)
+    m = mount_at()
+    for _ in range(3):
+        r = run_py(READER, str(m.path / "corrupt" / "c.gguf"))
+        assert r.stdout.split() == ["errno", str(errno.EIO)]
+    assert origin.bytes_sent("/c.gguf") <= 2 * len(data)
+    assert sum(p.stat().st_size for p in store.layout.quarantine.iterdir()) <= len(data)
+    assert not store.blobs.has(sha)
+    errors = m.status()["fetch_errors"]
+    assert [e["error"] for e in errors] == ["IntegrityError"] * 3
+    assert "failed verification twice" in errors[0]["reason"]
+    assert all("not fetched again before" in e["reason"] for e in errors[1:])
+    [f] = cli.run("status", "--json").json()["failed_verifications"]
+    assert f["sha256"] == sha and f["blocked"] and f["failures"] == 1
+    assert "no new attempt before" in cli.run("status").stdout
+
+
 def test_offline_answers_enetunreach_and_local_files_still_open(tiny, tmp_path, store, origin, cli,
                                                                mount_at):
     data = os.urandom(4096)
