@@ -35,6 +35,10 @@ until its backoff expires, a fetch of that SHA-256 is refused at once with
 IntegrityError, before any request (the mount answers EIO). A verified fetch forgets it;
 ``retry_failed`` (``modelfs pull --retry``) forgets it before trying.
 
+A caller may pass a :class:`PrefixCheck`, fed the first bytes as they arrive (and the
+bytes of a resumed partial first); when it refuses them the partial is deleted, so a
+refused file leaves nothing behind (an unsigned pull checks the GGUF header this way).
+
 Every request goes through
 the store's one HTTP layer (:class:`~store.http.Http`, ``Downloader.http``), which
 follows redirects by the one rule, keeps credentials with their origin and says which
@@ -57,6 +61,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import trio
@@ -67,12 +72,12 @@ from .catalog import FileRecord
 from .errors import FetchError, IntegrityError, NotFound, OfflineError, StoreError, UsageError
 from .http import Auth, BigReadStream, Http, RetryPolicy, is_transient, status_error
 from .layout import Sha256, check_sha256
-from .partial import PartialInfo, PartialLock, discard_partial, list_partials
+from .partial import PartialInfo, PartialLock, discard_partial, list_partials, remove_empty
 from .redact import REDACTED, redact_url
 from .sink import ALIGN, Sink
 
-__all__ = ["BUDGET_SLACK", "MIN_PROGRESS", "Downloader", "FetchResult", "PartialInfo", "discard_partial",
-           "list_partials"]
+__all__ = ["BUDGET_SLACK", "MIN_PROGRESS", "Bytes", "Downloader", "FetchResult", "PartialInfo", "PrefixCheck",
+           "discard_partial", "list_partials"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +86,22 @@ Bytes = bytes | bytearray | memoryview
 
 MIN_PROGRESS = 1 << 20     # new bytes an attempt must add for its failure not to count
 BUDGET_SLACK = 64 << 20    # a fetch gives up once it received more than 2 x size + this
+PREFIX_READ = 1 << 20      # read size when a resumed partial's first bytes are checked again
+
+
+class PrefixCheck(Protocol):
+    """Inspects the first bytes of a download as they arrive, in order from byte 0, and
+    refuses them by raising a StoreError (what ``pull`` does with a GGUF header)."""
+
+    @property
+    def done(self) -> bool:
+        """Nothing more to see: the rest of the file is not fed."""
+
+    def feed(self, data: Bytes, size: int | None) -> None:
+        """The next bytes; ``size`` is the whole file's, when known."""
+
+    def reset(self) -> None:
+        """The download restarts from byte 0."""
 
 
 @dataclass(frozen=True)
@@ -114,21 +135,40 @@ class _Restart(Exception):
     """The partial was discarded; try again at once (does not count as a failure)."""
 
 
+class _Refused(Exception):
+    """The caller's :class:`PrefixCheck` refused the first bytes: ``error`` says why."""
+
+    def __init__(self, error: StoreError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 @dataclass
 class _State:
     """One transfer of one blob, across its attempts: what it cost and what is new."""
+    check: PrefixCheck | None = None
     received: int = 0      # body bytes over the network, all attempts
     html: bool = False     # the last response was an HTML page
     high: int = 0          # the most bytes the partial held: only bytes past this are new
 
     def take(self, data: Bytes, expected: int | None, shown: str) -> None:
-        """Account for ``data`` just received (before it is written): the byte budget."""
+        """Account for ``data`` just received (before it is written): the byte budget,
+        then the prefix check."""
         self.received += len(data)
         if expected is not None and self.received > 2 * expected + BUDGET_SLACK:
             raise FetchError(
                 f"{shown}: gave up after receiving {self.received} bytes for a file of {expected} bytes "
                 "(more than twice its size): the connection keeps breaking and the server does not resume "
                 "where it broke off", received=self.received, expected=expected)
+        if self.check is not None and not self.check.done:
+            try:
+                self.check.feed(data, expected)
+            except StoreError as exc:
+                raise _Refused(exc) from None
+
+    def reset_check(self) -> None:
+        if self.check is not None:
+            self.check.reset()
 
 
 def _gave_up(error: FetchError, attempts: int) -> FetchError:
@@ -136,6 +176,19 @@ def _gave_up(error: FetchError, attempts: int) -> FetchError:
     if attempts <= 1:
         return error
     return type(error)(f"{error}; gave up after {attempts} attempts in a row without new bytes", **error.fields)
+
+
+def _feed_prefix(check: PrefixCheck, path: Path, present: int, size: int | None) -> None:
+    """Feed ``check`` the first bytes of a resumed partial, until it has seen enough.
+    Worker thread."""
+    with open(path, "rb", buffering=0) as f:
+        pos = 0
+        while pos < present and not check.done:
+            data = f.read(min(PREFIX_READ, present - pos))
+            if not data:
+                return
+            check.feed(data, size)
+            pos += len(data)
 
 
 @dataclass
@@ -240,16 +293,19 @@ class Downloader:
         return await self.fetch(rec.url, sha256=sha256, size=rec.size, progress=progress)
 
     async def fetch(self, url: str, *, sha256: str, size: int | None,
-                    headers: Mapping[str, str] | None = None, progress: Progress | None = None) -> FetchResult:
+                    headers: Mapping[str, str] | None = None, progress: Progress | None = None,
+                    check: PrefixCheck | None = None) -> FetchResult:
         """Download ``url`` into the blob ``sha256`` (of ``size`` bytes, when known).
 
         ``progress(n)`` is called with byte deltas as they arrive (negative when a partial
         is discarded); when ``size`` is None and ``progress`` has a ``set_total(size)``
-        method, it is told the size once the server states it."""
-        return await self._fetch(url, check_sha256(sha256), size, headers or {}, progress)
+        method, it is told the size once the server states it. ``check`` sees the first
+        bytes as they arrive and may refuse them (module docstring); a caller that joins a
+        transfer already running in this process relies on that transfer's check."""
+        return await self._fetch(url, check_sha256(sha256), size, headers or {}, progress, check)
 
     async def _fetch(self, url: str, sha256: Sha256, size: int | None, headers: Mapping[str, str],
-                     progress: Progress | None) -> FetchResult:
+                     progress: Progress | None, check: PrefixCheck | None) -> FetchResult:
         if size is not None and size < 0:
             raise UsageError(f"invalid size {size}")
         blobs = self.blobs
@@ -286,7 +342,7 @@ class Downloader:
             transfer.listeners.append(progress)
         self._inflight[sha256] = transfer
         try:
-            result = await self._fetch_locked(url, sha256, size, headers, transfer)
+            result = await self._fetch_locked(url, sha256, size, headers, transfer, check)
             transfer.result = result
             return result
         except StoreError as exc:
@@ -318,7 +374,7 @@ class Downloader:
             reason="backoff")
 
     async def _fetch_locked(self, url: str, sha256: Sha256, size: int | None, headers: Mapping[str, str],
-                            transfer: _Transfer) -> FetchResult:
+                            transfer: _Transfer, check: PrefixCheck | None) -> FetchResult:
         directory = self.blobs.layout.partial / sha256
         lock = PartialLock.try_acquire(directory)
         delay = 0.01
@@ -333,14 +389,15 @@ class Downloader:
             if self.blobs.has(sha256):  # the other process finished it
                 return self._present(sha256)
             self._refuse_if_failed(sha256, redact_url(url))  # another process may just have failed it
-            return await self._transfer(url, sha256, size, headers, transfer, directory)
+            return await self._transfer(url, sha256, size, headers, transfer, directory, check)
         finally:
+            remove_empty(directory)  # nothing left to resume: no empty partial/<sha>/ stays behind
             lock.release()
 
     async def _transfer(self, url: str, sha256: Sha256, size: int | None, headers: Mapping[str, str],
-                        transfer: _Transfer, directory: Path) -> FetchResult:
+                        transfer: _Transfer, directory: Path, check: PrefixCheck | None) -> FetchResult:
         shown = redact_url(url)
-        st = _State()
+        st = _State(check)
         integrity_restarts = 0
         while True:
             sink = await Sink.open(self.blobs, directory, sha256, shown, size, direct_io=self.direct_io)
@@ -349,7 +406,7 @@ class Downloader:
                 if sink.resumed_from:
                     transfer.progress(sink.resumed_from)
                 st.high = sink.resumed_from
-                await self._attempts(url, sink, size, headers, transfer, st)
+                await self._checked_attempts(url, sink, size, headers, transfer, st)
                 expected = size if size is not None else sink.state.size
                 try:
                     committed = await sink.commit(expected)
@@ -358,6 +415,7 @@ class Downloader:
                     if integrity_restarts:
                         raise self._failed_twice(exc, sha256, shown, st) from exc
                     integrity_restarts += 1
+                    st.reset_check()
                     log.warning("download of %s failed verification (%s); quarantined, fetching again "
                                 "from zero", shown, exc)
                     continue
@@ -378,9 +436,26 @@ class Downloader:
             f"attempt before {failures.when(mem.retry_at)} (`modelfs pull --retry` tries now)",
             **{**exc.fields, "retry_at": mem.retry_at, "failures": mem.failures})
 
+    async def _checked_attempts(self, url: str, sink: Sink, size: int | None, headers: Mapping[str, str],
+                                transfer: _Transfer, st: _State) -> None:
+        """:meth:`_attempts`, after the check has seen what a resumed partial holds; bytes
+        the check refuses are deleted with their partial, and its error raised."""
+        try:
+            if st.check is not None and sink.resumed_from:
+                try:
+                    await trio.to_thread.run_sync(_feed_prefix, st.check, sink.data_path, sink.resumed_from,
+                                                  size if size is not None else sink.state.size)
+                except StoreError as exc:
+                    raise _Refused(exc) from None
+            await self._attempts(url, sink, size, headers, transfer, st)
+        except _Refused as r:
+            await self._reset(sink, st, transfer, f"refused: {r.error}")
+            raise r.error from None
+
     async def _reset(self, sink: Sink, st: _State, transfer: _Transfer, reason: str) -> None:
         """Discard the partial: the next bytes are the file's first."""
         transfer.progress(-await sink.reset(reason))
+        st.reset_check()
 
     async def _attempts(self, url: str, sink: Sink, size: int | None, headers: Mapping[str, str],
                         transfer: _Transfer, st: _State) -> None:

@@ -1,0 +1,142 @@
+"""Issue 11: what a pull refuses, and when. Each refusal comes as early as the facts
+allow, with one clear line, and leaves nothing behind.
+
+Fault server on 127.0.0.1 and ``modelfs`` as a child process, as in
+``tests/test_download.py`` and ``tests/test_packs.py``.
+"""
+# The fault server's fixtures are imported by name, so every test taking one redefines
+# that name: F811 is expected in this file.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from conftest import CLI
+from faultserver import FaultServer, origin  # noqa: F401 - fixture
+from ggufgen import write_model
+from modelfs_store.core import Store
+from modelfs_store.download import Downloader
+from modelfs_store.errors import GGUFError
+from modelfs_store.partial import PartialState
+from modelfs_store.pull import PullSource, pull
+
+MB = 1 << 20
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def the_error(stderr: str) -> str:
+    assert "Traceback" not in stderr
+    [line] = [ln for ln in stderr.splitlines() if ln.startswith("modelfs: error: ")]
+    return line
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Any:
+    s = Store.open(tmp_path / "store")
+    yield s
+    s.close()
+
+
+def unsigned_pull(store: Store, url: str, data: bytes, filename: str = "m.gguf") -> Any:
+    src = PullSource(url, filename, "weights", sha(data), len(data), source=url)  # type: ignore[arg-type]
+
+    async def main() -> Any:
+        async with Downloader(store.blobs, backoff=(0.001, 0.002), max_retries=1) as dl:
+            return await pull(store, dl, [src])
+    return trio.run(main)
+
+
+def nothing_left(store: Store, digest: str) -> None:
+    assert store.blobs.iter_blobs() == []
+    assert not (store.layout.partial / digest).exists(), "an (empty) partial directory stayed behind"
+    assert list(store.layout.quarantine.iterdir()) == []
+
+
+# -- item 4: an unsigned pull parses the GGUF header as its bytes arrive -------------------------------
+def test_a_non_gguf_is_refused_at_its_first_bytes_and_leaves_nothing(cli: CLI, store_dir: Path,
+                                                                     origin: FaultServer, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.gguf"
+    with open(junk, "wb") as f:
+        for i in range(64):
+            f.write(hashlib.shake_256(i.to_bytes(4, "little")).digest(MB))
+    digest = sha_file(junk)
+    origin.add("/junk.gguf", junk, rate=32 * MB)  # 2 s for the whole file
+    r = cli.run("pull", origin.url("/junk.gguf"), "--sha256", digest, check=False)
+    assert r.returncode == 6 and "not a GGUF file" in the_error(r.stderr)
+    assert origin.bytes_sent("/junk.gguf") < 16 * MB  # refused at the first bytes, not after 64 MiB
+    s = Store.open(store_dir)
+    try:
+        nothing_left(s, digest)
+        assert cli.run("status", "--json").json()["partials"] == []
+    finally:
+        s.close()
+
+
+def test_a_header_malformed_deep_inside_is_refused_before_the_file_ends(store: Store, origin: FaultServer,
+                                                                        tmp_path: Path) -> None:
+    w = write_model(tmp_path / "deep.gguf", tensor_bytes=48 * MB, seed=3, context_length=4096)
+    data = bytearray(w.read_bytes())
+    key = b"llama.context_length"
+    at = data.index(key) + len(key)  # the value type of that KV: 4 (UINT32) becomes 99
+    assert data[at:at + 4] == (4).to_bytes(4, "little")
+    data[at:at + 4] = (99).to_bytes(4, "little")
+    origin.add("/deep.gguf", bytes(data), rate=64 * MB)
+    with pytest.raises(GGUFError, match="deep.gguf: .*value type") as e:
+        unsigned_pull(store, origin.url("/deep.gguf"), bytes(data), "deep.gguf")
+    assert "\n" not in str(e.value) and e.value.exit_code == 6
+    assert origin.bytes_sent("/deep.gguf") < 16 * MB
+    nothing_left(store, sha(bytes(data)))
+
+
+def test_a_resumed_partial_that_is_not_a_gguf_is_refused_and_deleted(store: Store, origin: FaultServer) -> None:
+    data = b"<html>" + os.urandom(3 * MB)
+    digest = sha(data)
+    d = store.layout.partial / digest
+    d.mkdir(mode=0o700)
+    (d / "data").write_bytes(data[:MB])
+    PartialState(digest, "http://old", len(data), MB, '"e"', None).save(d / "state.json")
+    origin.add("/r.gguf", data, etag='"e"')
+    with pytest.raises(GGUFError, match="not a GGUF file.*HTML"):
+        unsigned_pull(store, origin.url("/r.gguf"), data, "r.gguf")
+    assert origin.requests("/r.gguf") == []  # the bytes on disk were enough to refuse it
+    nothing_left(store, digest)
+
+
+def test_a_gguf_whose_tensor_data_is_short_leaves_no_blob(store: Store, origin: FaultServer,
+                                                          tmp_path: Path) -> None:
+    """The header is fine (so the transfer completes) but the tensors do not fit: the
+    verified blob is refused after its commit, and removed again."""
+    w = write_model(tmp_path / "short.gguf", tensor_bytes=2 * MB, seed=4)
+    data = w.read_bytes()[:-4096]
+    origin.add("/short.gguf", data)
+    with pytest.raises(GGUFError, match="truncated"):
+        unsigned_pull(store, origin.url("/short.gguf"), data, "short.gguf")
+    nothing_left(store, sha(data))
+
+
+def test_a_gguf_passes_the_check_as_it_arrives_even_after_a_dropped_connection(store: Store, origin: FaultServer,
+                                                                               tmp_path: Path) -> None:
+    w = write_model(tmp_path / "ok.gguf", tensor_bytes=6 * MB, seed=5)
+    data = w.read_bytes()
+    origin.add("/ok.gguf", data, drop_after=[100, 3 * MB], ignore_range=True)
+    res = unsigned_pull(store, origin.url("/ok.gguf"), data, "ok.gguf")
+    assert res.version == 1 and store.blobs.has(sha(data))
+    assert [r.status for r in origin.requests("/ok.gguf")] == [200, 200, 200]
