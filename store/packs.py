@@ -21,7 +21,11 @@ The checks, in order (:func:`check_pack`; each refusal is one line with a stable
 7. at least one artifact for this platform; the model name is not held by
    unsigned (imported) versions.
 
-Only then are artifacts fetched (``platform`` absent/``any``, or this platform).
+Only then are artifacts fetched (``platform`` absent/``any``, or this platform). An
+artifact whose blob is already local must have the signed size (its SHA-256 alone would
+let the mount list a size the bytes do not have): refused with TrustError
+(``size-mismatch``) before anything is fetched or activated. A blob that is not local is
+checked for size and SHA-256 when it is fetched.
 
 Deliberate difference from the order listed in issue 5: the payload is parsed (and
 its schema and file names checked) only *after* its signature verifies. Nothing
@@ -367,8 +371,19 @@ class _Installer:
                              tuple(f.filename for f in files if not blobs.has(f.sha256)))
 
     # -- bytes ---------------------------------------------------------------------
+    def _check_local_sizes(self, arts: list[Artifact]) -> None:
+        """Every artifact whose blob is local has the size the pack signs."""
+        blobs = self.store.blobs
+        for art in arts:
+            if blobs.has(art.sha256) and (actual := blobs.size(art.sha256)) != art.size:
+                raise TrustError(
+                    f"manifest refused: {art.filename} is signed as {art.size} bytes, but the blob with its SHA-256 "
+                    f"holds {actual} bytes", reason="size-mismatch", filename=art.filename, signed_size=art.size,
+                    size=actual)
+
     async def _materialise(self, arts: list[Artifact], recorded: dict[str, FileRecord]) -> tuple[FileRecord, ...]:
         """Make every artifact's bytes local and verified; returns the file rows."""
+        self._check_local_sizes(arts)
         out: list[FileRecord] = []
         for art in arts:
             directory = art.extract_name

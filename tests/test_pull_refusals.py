@@ -140,3 +140,52 @@ def test_a_gguf_passes_the_check_as_it_arrives_even_after_a_dropped_connection(s
     res = unsigned_pull(store, origin.url("/ok.gguf"), data, "ok.gguf")
     assert res.version == 1 and store.blobs.has(sha(data))
     assert [r.status for r in origin.requests("/ok.gguf")] == [200, 200, 200]
+
+
+# -- item 5: a signed size is checked even when the blob is local ----------------------------------------
+@pytest.fixture
+def pub(origin: FaultServer) -> Any:
+    from test_packs import Publisher
+
+    return Publisher(origin)
+
+
+@pytest.fixture
+def pack_store(tmp_path: Path, pub: Any) -> Any:
+    from modelfs_store.keys import trust_key
+
+    s = Store.open(tmp_path / "packs")
+    trust_key(s.catalog, "k1", pub.pub("k1"), actor="test")
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("wrong", ["zero", "plus-one", "one-tib"])
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+def test_a_wrong_signed_size_is_refused_when_the_blob_is_local(pack_store: Store, pub: Any, wrong: str,
+                                                               lazy: bool) -> None:
+    from modelfs_store.errors import TrustError
+    from test_packs import assert_refused_cleanly, run_install
+
+    data = b"GGUF" + os.urandom(100_000)
+    art = pub.artifact("demo-Q4_K_M.gguf", data)
+    run_install(pack_store, pub.envelope(pub.payload(1, [art])))
+    size = {"zero": 0, "plus-one": len(data) + 1, "one-tib": 1 << 40}[wrong]
+    bad = pub.envelope(pub.payload(2, [{**art, "size": size}]))
+    exc = assert_refused_cleanly(pack_store, pub, lambda: run_install(pack_store, bad, lazy=lazy), TrustError,
+                                 "size-mismatch")
+    assert exc.exit_code == 7
+    assert f"signed as {size} bytes" in str(exc) and f"holds {len(data)} bytes" in str(exc)
+    assert [v.version for v in pack_store.catalog.versions("demo")] == [1]
+    assert pack_store.catalog.get_model("demo").active_version == 1
+
+
+def test_a_wrong_signed_size_is_exit_7_through_the_cli(cli: CLI, pub: Any) -> None:
+    data = b"GGUF" + os.urandom(50_000)
+    art = pub.artifact("demo-Q4_K_M.gguf", data)
+    cli.run("keys", "add", "k1", pub.pub("k1"))
+    cli.run("pull", pub.serve("v1.json", pub.envelope(pub.payload(1, [art]))))
+    r = cli.run("pull", pub.serve("v2.json", pub.envelope(pub.payload(2, [{**art, "size": len(data) + 1}]))),
+                check=False)
+    assert r.returncode == 7 and "is signed as" in the_error(r.stderr)
+    assert [v["version"] for v in cli.run("show", "demo", "--json").json()["versions"]] == [1]
