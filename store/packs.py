@@ -66,7 +66,10 @@ Install (:func:`install_pack`), decisions:
   the one exception to "verified before visible": names and sizes are visible
   (they are signed), bytes never are before verification. Archive artifacts are
   still fetched and extracted at once (their contents have no URL of their own).
-  The card then comes from the payload alone (no GGUF header is read).
+  The card then comes from the payload alone (no GGUF header is read). A file that would
+  stay dehydrated but whose URL carries a signed query string or credentials is refused
+  at once (UsageError, ``lazy-secret-url``): the catalog keeps only the redacted URL, so
+  the mount could never fetch it; an eager pull fetches it with the full URL now.
 * A pack refused after download (an archive the extractor rejects, a SHA-256
   mismatch) has the blobs this call added removed again; a network failure keeps
   them, verified, for the next attempt.
@@ -110,7 +113,7 @@ from .gguf import GGUFInfo, parse_gguf
 from .keys import MAX_ENVELOPE_BYTES, load_keyring
 from .manifest import PLATFORMS, Artifact, Keyring, Manifest, check_version_floor, parse_envelope, verify_envelope
 from .names import check_relpath
-from .redact import redact_text, redact_url
+from .redact import drops_secrets, redact_text, redact_url
 
 if TYPE_CHECKING:
     from .core import Store
@@ -381,9 +384,20 @@ class _Installer:
                     f"holds {actual} bytes", reason="size-mismatch", filename=art.filename, signed_size=art.size,
                     size=actual)
 
+    def _check_lazy_urls(self, arts: list[Artifact]) -> None:
+        """A file left to fetch on first open must have a URL that survives redaction."""
+        for art in arts:
+            if self.lazy and art.extract_name is None and not self.store.blobs.has(art.sha256) \
+                    and drops_secrets(art.url):
+                raise UsageError(
+                    f"{art.filename} cannot be pulled --lazy: its URL ({redact_url(art.url)}) carries a signature "
+                    "or credentials, which the store never keeps, so it could not be fetched when first opened; "
+                    "pull the pack without --lazy to fetch it now", reason="lazy-secret-url", filename=art.filename)
+
     async def _materialise(self, arts: list[Artifact], recorded: dict[str, FileRecord]) -> tuple[FileRecord, ...]:
         """Make every artifact's bytes local and verified; returns the file rows."""
         self._check_local_sizes(arts)
+        self._check_lazy_urls(arts)
         out: list[FileRecord] = []
         for art in arts:
             directory = art.extract_name

@@ -189,3 +189,43 @@ def test_a_wrong_signed_size_is_exit_7_through_the_cli(cli: CLI, pub: Any) -> No
                 check=False)
     assert r.returncode == 7 and "is signed as" in the_error(r.stderr)
     assert [v["version"] for v in cli.run("show", "demo", "--json").json()["versions"]] == [1]
+
+
+# -- item 6: a --lazy pull of a URL whose secrets the store would not keep -------------------------------
+SIGNED_QUERY = "?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Expires=3600&X-Amz-Signature=s3cr3t"
+
+
+def test_a_lazy_pull_of_a_signed_url_is_refused_at_pull_time(pack_store: Store, pub: Any) -> None:
+    from modelfs_store.errors import UsageError
+    from test_packs import run_install
+
+    data = b"GGUF" + os.urandom(20_000)
+    art = pub.artifact("demo-Q4_K_M.gguf", data)
+    signed = pub.envelope(pub.payload(1, [{**art, "url": art["url"] + SIGNED_QUERY}]))
+    with pytest.raises(UsageError, match="cannot be pulled --lazy") as e:
+        run_install(pack_store, signed, lazy=True)
+    msg = str(e.value)
+    assert "without --lazy" in msg and "s3cr3t" not in msg and "\n" not in msg and e.value.exit_code == 2
+    assert not pack_store.catalog.has_model("demo") and pub.artifact_bytes() == 0
+    # Eagerly, the full URL fetches it now; only its redacted form is recorded.
+    res = run_install(pack_store, signed)
+    assert res.outcome == "installed" and pub.artifact_bytes() == len(data)
+    [f] = pack_store.catalog.get_version("demo", 1).files
+    assert f.url is not None and "X-Amz-Signature=REDACTED" in f.url
+
+
+@pytest.mark.parametrize("url", ["http://{host}{path}?token=abc", "http://{host}{path}?download=1&sig=abc"])
+def test_a_lazy_pull_of_a_url_with_a_token_is_refused_through_the_cli(cli: CLI, pub: Any, url: str) -> None:
+    """(Userinfo in an artifact URL is refused by the manifest parser already.)"""
+    data = b"GGUF" + os.urandom(20_000)
+    art = pub.artifact("demo-Q4_K_M.gguf", data)
+    host, path = art["url"].split("/", 3)[2], "/" + art["url"].split("/", 3)[3]
+    cli.run("keys", "add", "k1", pub.pub("k1"))
+    env = pub.serve("v1.json", pub.envelope(pub.payload(1, [{**art, "url": url.format(host=host, path=path)}])))
+    r = cli.run("pull", "--lazy", env, check=False)
+    assert r.returncode == 2 and "pull the pack without --lazy" in the_error(r.stderr)
+    assert "abc" not in r.stderr
+    assert cli.run("list", "--json").json() == []
+    # A plain URL in the same pack is fine lazily.
+    r = cli.run("pull", "--lazy", pub.serve("v1b.json", pub.envelope(pub.payload(1, [art]))))
+    assert "not fetched yet" in r.stdout
