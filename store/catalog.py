@@ -574,6 +574,11 @@ class Catalog:
                           "ON CONFLICT(url) DO UPDATE SET key_ids = excluded.key_ids",
                           (url, json.dumps(sorted(key_ids))))
 
+    def channel_keys(self, url: str) -> list[str] | None:
+        """The key ids ``url`` allows, or None when it is not a channel."""
+        row = self.conn.execute("SELECT key_ids FROM channels WHERE url = ?", (url,)).fetchone()
+        return None if row is None else list(json.loads(row[0]))
+
     def channels(self) -> list[dict[str, Any]]:
         out = []
         for r in self.conn.execute("SELECT * FROM channels ORDER BY url"):

@@ -540,8 +540,11 @@ def read_envelope_file(path: str | os.PathLike[str]) -> bytes:
 # --------------------------------------------------------------------------- channels
 
 
-def add_channel(store: Store, url: str, key_ids: Collection[str], *, actor: str | None = None) -> None:
-    """Trust ``url`` as a feed of packs signed by one of ``key_ids``."""
+def add_channel(store: Store, url: str, key_ids: Collection[str], *, actor: str | None = None,
+                replace: bool = False) -> None:
+    """Trust ``url`` as a feed of packs signed by one of ``key_ids``. A URL that is a
+    channel already is a Conflict unless ``replace``: its keys are what it trusts, and
+    they never change silently."""
     from .keys import check_key_id
 
     try:
@@ -559,9 +562,15 @@ def add_channel(store: Store, url: str, key_ids: Collection[str], *, actor: str 
     for k in key_ids:
         check_key_id(k)
     with store.catalog.txn():
+        before = store.catalog.channel_keys(url)
+        if before is not None and not replace:
+            raise Conflict(f"channel {url} exists already (keys: {', '.join(before) or 'none'}); pass --replace "
+                           "to replace its keys", url=url, key_ids=before)
         store.catalog.add_channel(url, list(key_ids))
-        store.catalog.audit(actor or store.actor, Action.CHANNEL_ADD, reason=f"channel {url}",
-                            detail={"url": url, "key_ids": sorted(key_ids)})
+        detail: dict[str, Any] = {"url": url, "key_ids": sorted(key_ids)}
+        if before is not None:
+            detail["replaced_key_ids"] = before
+        store.catalog.audit(actor or store.actor, Action.CHANNEL_ADD, reason=f"channel {url}", detail=detail)
 
 
 async def update_channels(store: Store, downloader: Downloader, *, platform: str | None = None,

@@ -229,3 +229,20 @@ def test_a_lazy_pull_of_a_url_with_a_token_is_refused_through_the_cli(cli: CLI, 
     # A plain URL in the same pack is fine lazily.
     r = cli.run("pull", "--lazy", pub.serve("v1b.json", pub.envelope(pub.payload(1, [art]))))
     assert "not fetched yet" in r.stdout
+
+
+# -- item 7: channels add never replaces a channel's keys silently ---------------------------------------
+def test_channels_add_on_an_existing_url_is_a_conflict_unless_replace(cli: CLI) -> None:
+    import sqlite3
+
+    url = "https://packs.example.test/demo.json"
+    cli.run("channels", "add", url, "--key", "k1")
+    r = cli.run("channels", "add", url, "--key", "mallory", check=False)
+    assert r.returncode == 4 and "--replace" in the_error(r.stderr) and "k1" in the_error(r.stderr)
+    assert [ch["key_ids"] for ch in cli.run("channels", "list", "--json").json()] == [["k1"]]
+    cli.run("channels", "add", url, "--key", "k2", "--key", "k3", "--replace")
+    assert [ch["key_ids"] for ch in cli.run("channels", "list", "--json").json()] == [["k2", "k3"]]
+    rows = sqlite3.connect(cli.root / "catalog.db").execute(
+        "SELECT action, outcome, detail FROM audit WHERE action = 'channel-add' ORDER BY id").fetchall()
+    assert [(a, o) for a, o, _ in rows] == [("channel-add", "ok")] * 2  # the refusal changed nothing
+    assert '"replaced_key_ids": ["k1"]' in rows[1][2]
