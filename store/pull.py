@@ -3,11 +3,13 @@
 :func:`pull_source` is the one entry point of ``modelfs pull``. It decides, with one
 Downloader on one event loop, what the source is:
 
-* ``--pack``, or an existing local file: a signed pack envelope (``store.packs``);
+* ``--pack``, or an existing local file: a signed pack envelope (``store.packs``); a
+  local GGUF is refused with a pointer to ``modelfs import``;
 * an http(s) URL without ``--sha256``: its body is fetched as an envelope (the size
   cap refuses a model file from its Content-Length, before its body); a signed pack
-  is installed, anything else goes on as an unsigned pull, which then says it needs
-  ``--sha256``;
+  is installed; otherwise the refusal says what was found (an empty body, an HTML
+  page, a document that is not an envelope, an HTTP error) and that an unsigned pull
+  needs ``--sha256``;
 * anything else (an https URL with ``--sha256``, ``hf://``): an unsigned pull.
   ``--lazy`` is for signed packs only.
 
@@ -41,11 +43,11 @@ from . import gguf, hf
 from .blobs import BlobStore
 from .catalog import Action, FileRecord
 from .download import Bytes, Downloader, FetchResult
-from .errors import StoreError, UsageError
+from .errors import ManifestError, StoreError, UsageError
 from .layout import Sha256, check_sha256
 from .names import check_filename, check_model_name
 from .packs import InstallResult, fetch_envelope, install_pack, looks_like_envelope, pull_pack_url, read_envelope_file
-from .redact import redact_url
+from .redact import redact_text, redact_url
 
 if TYPE_CHECKING:
     from .core import Store
@@ -322,15 +324,22 @@ async def pull_source(store: Store, downloader: Downloader, source: str, options
     if options.retry:
         downloader.retry_failed = True
     is_url = source.startswith(("http://", "https://"))
+    if not is_url and os.path.isfile(source) and gguf.looks_like_gguf(source):
+        raise UsageError(f"{source} is a GGUF file, not a signed pack envelope: add a local model with "
+                         f"`modelfs import NAME {source}`")
     if options.pack or (not is_url and os.path.isfile(source)):
         return await _pull_pack(store, downloader, source, None, options, reporter)
+    found = None
     if is_url and options.sha256 is None:
-        envelope = await _probe_envelope(downloader, source)
+        envelope, found = await _probe_envelope(downloader, source)
         if envelope is not None:
             return await _pull_pack(store, downloader, source, envelope, options, reporter)
     if options.lazy:
         raise UsageError("--lazy needs a signed pack: only its manifest vouches for every file's size and "
                          "SHA-256 before a byte is local")
+    if found is not None:
+        raise UsageError(f"{redact_url(source)}: not a signed pack ({found}); to pull an unsigned file from "
+                         "there, pass --sha256 HEX")
     sources = [await resolve(downloader, source, role="weights", sha256=options.sha256, size=options.size)]
     if options.mmproj:
         base = hf.parse_hf_url(source) if source.startswith("hf://") and "://" not in options.mmproj else None
@@ -340,14 +349,36 @@ async def pull_source(store: Store, downloader: Downloader, source: str, options
                       license=options.license, progress=reporter)
 
 
-async def _probe_envelope(downloader: Downloader, url: str) -> bytes | None:
-    """The body of ``url`` when it is a signed envelope, else None (a model file is
-    refused by the size cap from its Content-Length, before its body)."""
+async def _probe_envelope(downloader: Downloader, url: str) -> tuple[bytes | None, str | None]:
+    """(the body of ``url``, None) when it is a signed envelope, else (None, what was
+    found instead), or (None, None) for a body over the size cap (a model file, refused
+    from its Content-Length before its body: the unsigned pull says what it needs)."""
     try:
         data = await fetch_envelope(downloader, url)
-    except StoreError:
-        return None  # not a small document: the unsigned pull says what is wrong
-    return data if looks_like_envelope(data) else None
+    except ManifestError as exc:
+        if exc.fields.get("reason") == "too-large":
+            return None, None
+        return None, redact_text(str(exc))
+    except StoreError as exc:
+        why = redact_text(str(exc)).removeprefix(f"{redact_url(url)}: ")
+        return None, f"it could not be fetched: {why}"
+    if looks_like_envelope(data):
+        return data, None
+    return None, _what_is(data)
+
+
+def _what_is(data: bytes) -> str:
+    """What a body that is not an envelope looks like, for a message."""
+    head = data.lstrip()[:16].lower()
+    if not head:
+        return "the server sent an empty body" if not data else "the server sent only white space"
+    if head.startswith((b"<!doctype html", b"<html")):
+        return "the server sent an HTML page (a captive portal or login page?)"
+    if head[:1] in (b"{", b"["):
+        return "the server sent JSON that is not a signed envelope"
+    if data[:4] == b"GGUF":
+        return "the server sent a GGUF file"
+    return f"the server sent {len(data)} bytes that are not a signed envelope"
 
 
 async def _pull_pack(store: Store, downloader: Downloader, source: str, envelope: bytes | None,

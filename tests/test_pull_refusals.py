@@ -246,3 +246,42 @@ def test_channels_add_on_an_existing_url_is_a_conflict_unless_replace(cli: CLI) 
         "SELECT action, outcome, detail FROM audit WHERE action = 'channel-add' ORDER BY id").fetchall()
     assert [(a, o) for a, o, _ in rows] == [("channel-add", "ok")] * 2  # the refusal changed nothing
     assert '"replaced_key_ids": ["k1"]' in rows[1][2]
+
+
+# -- item 8: small things in pull ------------------------------------------------------------------------
+def test_sha256_help_says_http_and_https(cli: CLI) -> None:
+    out = cli.run("pull", "--help").stdout
+    assert "https:// sources" not in out and out.count("http(s):// sources") == 2
+
+
+def test_pulling_a_local_gguf_points_to_import(cli: CLI, tmp_path: Path) -> None:
+    w = write_model(tmp_path / "local.gguf")
+    for args in (("pull", str(w)), ("pull", "--pack", str(w))):
+        r = cli.run(*args, check=False)
+        err = the_error(r.stderr)
+        assert r.returncode == 2 and "is a GGUF file, not a signed pack envelope" in err
+        assert f"modelfs import NAME {w}" in err
+
+
+@pytest.mark.parametrize(("body", "faults", "found"), [
+    (b"", {}, "the server sent an empty body"),
+    (b"<!DOCTYPE html><html>sign in</html>", {"content_type": "text/html"}, "an HTML page"),
+    (b'{"models": []}', {}, "JSON that is not a signed envelope"),
+    (b"\x00\x01junk", {}, "6 bytes that are not a signed envelope"),
+    (None, {}, "it could not be fetched: HTTP 404"),
+], ids=["empty", "html", "json", "bytes", "404"])
+def test_a_pack_url_that_is_not_a_pack_says_what_was_found(cli: CLI, origin: FaultServer, body: bytes | None,
+                                                           faults: dict[str, Any], found: str) -> None:
+    if body is not None:
+        origin.add("/pack.json", body, **faults)
+    r = cli.run("pull", origin.url("/pack.json"), check=False)
+    err = the_error(r.stderr)
+    assert r.returncode == 2 and found in err and "not a signed pack" in err and "--sha256" in err, err
+    assert "needs its SHA-256" not in err
+
+
+def test_a_model_file_url_without_sha256_still_asks_for_it(cli: CLI, origin: FaultServer, tmp_path: Path) -> None:
+    origin.add("/big.gguf", write_model(tmp_path / "big.gguf", tensor_bytes=2 * MB))  # over the envelope cap
+    r = cli.run("pull", origin.url("/big.gguf"), check=False)
+    assert r.returncode == 2 and "needs its SHA-256: pass --sha256 HEX" in the_error(r.stderr)
+

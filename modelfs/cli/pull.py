@@ -121,11 +121,11 @@ async def _cancel_on_signal(scope: Any) -> None:
 
 @click.command()
 @click.argument("source")
-@click.option("--sha256", help="Expected SHA-256 of the weights (required for https:// sources).")
+@click.option("--sha256", help="Expected SHA-256 of the weights (required for http(s):// sources).")
 @click.option("--size", type=int, help="Expected size in bytes, when known.")
 @click.option("--name", help="Model name (default: from the file name).")
 @click.option("--mmproj", help="Multimodal projector: a URL, or a path in the same hf:// repository.")
-@click.option("--mmproj-sha256", help="Expected SHA-256 of the mmproj (required for https:// sources).")
+@click.option("--mmproj-sha256", help="Expected SHA-256 of the mmproj (required for http(s):// sources).")
 @click.option("--license", "license_", help="Licence of the model.")
 @click.option("--app", "owner_app", help="App that owns the model.")
 @click.option("--json", "as_json", is_flag=True, help="Progress events and the result as JSON lines.")
