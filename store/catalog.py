@@ -446,6 +446,25 @@ class Catalog:
     def referenced_shas(self) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT DISTINCT sha256 FROM files")}
 
+    def card_gaps(self, sha256: str) -> bool:
+        """Whether a version whose weights are ``sha256`` lacks an architecture, a
+        quantization or a context length on its card."""
+        return self.conn.execute(
+            "SELECT 1 FROM versions v JOIN files f ON f.model = v.model AND f.version = v.version "
+            "WHERE f.sha256 = ? AND f.role = 'weights' AND (v.architecture IS NULL OR v.quantization IS NULL "
+            "OR v.context_length IS NULL) LIMIT 1", (sha256,)).fetchone() is not None
+
+    def fill_card(self, sha256: str, *, architecture: str | None, quantization: str | None,
+                  context_length: int | None) -> None:
+        """Fill the card fields that are still empty on every version whose weights are
+        ``sha256`` (what the signed payload did not give, from the GGUF header)."""
+        card = _redacted_card({"architecture": architecture, "quantization": quantization})
+        self.conn.execute(
+            "UPDATE versions SET architecture = COALESCE(architecture, ?), quantization = COALESCE(quantization, ?), "
+            "context_length = COALESCE(context_length, ?) WHERE (model, version) IN "
+            "(SELECT model, version FROM files WHERE sha256 = ? AND role = 'weights')",
+            (card["architecture"], card["quantization"], context_length, sha256))
+
     def set_validators(self, sha256: str, etag: str | None, last_modified: str | None) -> None:
         self.conn.execute("UPDATE files SET etag = ?, last_modified = ? WHERE sha256 = ?",
                           (etag, last_modified, sha256))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from . import gguf
 from .blobs import BlobStore, RecoveryReport
 from .catalog import Action, Catalog, FileRecord, ModelRecord, VersionRecord
-from .errors import Conflict, NotFound, TrustError, UsageError
+from .errors import Conflict, GGUFError, NotFound, TrustError, UsageError
 from .layout import Layout, default_root
 from .names import check_filename, check_model_name
 from .redact import redact_url
@@ -230,6 +230,21 @@ class Store:
         fresh = (result.etag, result.last_modified)
         if result.new and any(fresh) and fresh != (rec.etag, rec.last_modified):
             self.catalog.set_validators(rec.sha256, result.etag, result.last_modified)
+
+    def record_gguf_card(self, rec: FileRecord) -> None:
+        """After a weights file became local (a lazily pulled pack, fetched on first open or
+        by a later pull): its GGUF header fills the card fields the signed payload left
+        empty (architecture, quantization, context length), so ``list`` and the card show
+        them. A file that is not a GGUF (a CoreML pack) fills nothing."""
+        if rec.role != "weights" or not self.blobs.has(rec.sha256) or not self.catalog.card_gaps(rec.sha256):
+            return
+        try:
+            info = gguf.parse_gguf(self.blobs.path(rec.sha256), name=rec.filename)
+        except GGUFError as exc:
+            log.debug("no GGUF card from %s: %s", rec.filename, exc)
+            return
+        self.catalog.fill_card(rec.sha256, architecture=info.architecture, quantization=info.quantization,
+                               context_length=info.context_length)
 
     # -- reading -------------------------------------------------------------------
     def file_state(self, rec: FileRecord) -> str:

@@ -356,6 +356,8 @@ class _Installer:
         v = cat.get_version(m.model_id, m.version)
         files = await self._materialise(m.artifacts_for_platform(self.platform),
                                         {f.filename: f for f in v.files})
+        for f in files:
+            self.store.record_gguf_card(f)  # weights a --lazy pull left to fetch may be local now
         self._drop_zips()
         active = cat.get_model(m.model_id).active_version
         outcome = "already-active" if active == m.version else "already-installed"

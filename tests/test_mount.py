@@ -604,6 +604,30 @@ def test_a_lazily_pulled_signed_pack_materialises_on_open(tmp_path, cli, origin,
     assert row[2] == "llama" and row[-2:] == ["partly", "local"]  # the signed family; one file of two
 
 
+def test_weights_fetched_through_the_mount_fill_the_card_of_a_lazy_pack(tmp_path, cli, origin, mount_at):
+    """Issue 11: a lazily pulled pack's card has no GGUF fields until its weights are
+    local; once an open through the mount fetched them, ``list`` shows the quantization."""
+    from test_packs import Publisher
+
+    pub = Publisher(origin)
+    w = write_model(tmp_path / "demo-Q4_K_M.gguf", tensor_bytes=1 << 20)
+    art = pub.artifact(w.name, w.read_bytes())
+    cli.run("keys", "add", "k1", pub.pub("k1"))
+    cli.run("pull", "--lazy", pub.serve("v1.json", pub.envelope(pub.payload(1, [art]))))
+
+    def row() -> list[str]:
+        [line] = [ln.split() for ln in cli.run("list").stdout.splitlines() if ln.startswith("demo ")]
+        return line
+
+    assert row()[2:4] == ["llama", "-"]  # the signed family stands in; no quantization yet
+    m = mount_at()
+    assert sha256_of(m.path / "demo" / w.name) == art["sha256"]
+    assert row()[2:4] == ["llama", "Q4_K_M"]
+    assert cli.run("show", "demo", "--json").json()["architecture"] == "llama"
+    wait_for(lambda: json.loads((m.path / "demo" / "model.json").read_bytes()).get("quantization") == "Q4_K_M",
+             what="the card in the mount")
+
+
 def test_a_failing_download_is_eio_with_no_partial_bytes(tmp_path, store, origin, cli, mount_at):
     data = os.urandom(1 << 20)
     sha = add_remote(store, "bad", "bad.gguf", data, origin.url("/bad.gguf"))

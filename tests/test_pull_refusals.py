@@ -285,3 +285,18 @@ def test_a_model_file_url_without_sha256_still_asks_for_it(cli: CLI, origin: Fau
     r = cli.run("pull", origin.url("/big.gguf"), check=False)
     assert r.returncode == 2 and "needs its SHA-256: pass --sha256 HEX" in the_error(r.stderr)
 
+
+def test_a_later_eager_pull_fills_the_card_of_a_lazily_pulled_pack(cli: CLI, pub: Any, tmp_path: Path) -> None:
+    w = write_model(tmp_path / "demo-Q4_K_M.gguf", tensor_bytes=MB, context_length=8192)
+    art = pub.artifact(w.name, w.read_bytes())
+    cli.run("keys", "add", "k1", pub.pub("k1"))
+    env = pub.serve("v1.json", pub.envelope(pub.payload(1, [art])))
+    cli.run("pull", "--lazy", env)
+    [row] = cli.run("list", "--json").json()
+    assert row["quantization"] is None and row["architecture"] is None and row["context_length"] == 4096
+    cli.run("pull", env)  # fetches the weights now
+    [row] = cli.run("list", "--json").json()
+    assert (row["quantization"], row["architecture"]) == ("Q4_K_M", "llama")
+    assert row["context_length"] == 4096  # the signed payload's, not the header's 8192
+    [line] = [ln.split() for ln in cli.run("list").stdout.splitlines() if ln.startswith("demo ")]
+    assert line[2:5] == ["llama", "Q4_K_M", "4096"]
