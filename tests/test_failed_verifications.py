@@ -9,6 +9,7 @@ daemon in ``tests/test_mount.py``).
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +170,32 @@ def test_pull_refuses_until_when_status_says_why_and_retry_tries_now(cli: CLI, o
     r = cli.run("pull", url, "--sha256", digest, "--retry")
     assert "pulled fv version 1" in r.stdout
     assert cli.run("status", "--json").json()["failed_verifications"] == []
+
+
+def test_pull_lazy_retry_lets_the_mount_try_a_pack_file_at_once(tmp_path: Path, origin: FaultServer) -> None:  # noqa: F811
+    """``modelfs pull --lazy --retry PACK`` fetches nothing, but forgets the remembered
+    failures of the files it leaves to the mount, so the next open tries at once."""
+    from modelfs_store.keys import trust_key
+    from modelfs_store.packs import install_pack
+    from test_packs import Publisher
+
+    pub = Publisher(origin)
+    store = Store.open(tmp_path / "store")
+    try:
+        trust_key(store.catalog, "k1", pub.pub("k1"), actor="test")
+        data = b"GGUF" + blob_data(10_000, seed=7)
+        envelope = pub.envelope(pub.payload(1, [pub.artifact("demo.gguf", data)]))
+        failures.remember(store.layout, sha(data), reason="SHA-256 mismatch", url=None, now=time.time())
+
+        def lazy_pull(retry: bool) -> None:
+            async def main() -> None:
+                async with Downloader(store.blobs, retry_failed=retry) as dl:
+                    await install_pack(store, dl, envelope, lazy=True)
+            trio.run(main)
+
+        lazy_pull(retry=False)
+        assert failures.load(store.layout, sha(data)) is not None  # a plain pull keeps the memory
+        lazy_pull(retry=True)
+        assert failures.load(store.layout, sha(data)) is None and pub.artifact_bytes() == 0
+    finally:
+        store.close()
