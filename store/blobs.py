@@ -5,6 +5,12 @@ Bytes reach ``blobs/`` only through :meth:`BlobStore.commit_temp`: private temp 
 fsync, size and SHA-256 check, chmod, rename, fsync of the directory. A mismatch goes
 to ``quarantine/``; a temp whose fsync failed is discarded, never trusted.
 
+Quarantine keeps one copy per distinct bad content (its name ends in ``sha256-<hex>`` of
+the bytes it holds; the same bad bytes again are dropped, not kept twice), within a cap
+in bytes that the owner of this object sets (:attr:`BlobStore.quarantine_cap`; the
+store's default is the size of its largest model): the oldest copies go first, the
+newest is always kept.
+
 Temp files are held under an exclusive ``flock`` for as long as their writer lives, so
 :meth:`BlobStore.recover` can tell a stale temp (its writer died, e.g. ``kill -9``)
 from one still being written by another process, without trusting pids.
@@ -116,8 +122,11 @@ class TempBlob:
 
 
 class BlobStore:
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, *, quarantine_cap: Callable[[], int | None] | None = None) -> None:
         self.layout = layout
+        #: How many bytes quarantine may hold (None, or no callable: no cap). Asked only
+        #: when something is quarantined.
+        self.quarantine_cap = quarantine_cap
 
     # -- reading ---------------------------------------------------------------
     def path(self, sha256: str) -> Path:
@@ -177,12 +186,12 @@ class BlobStore:
                      expected_size: int | None, on_done: Callable[[], None] | None = None) -> Committed:
         try:
             if expected_size is not None and size != expected_size:
-                q = self.quarantine_path(path, f"size-{size}-expected-{expected_size}")
+                q = self.quarantine_path(path, f"size-{size}-expected-{expected_size}", sha256)
                 raise IntegrityError(
                     f"size mismatch: got {size} bytes, expected {expected_size}",
                     got=size, expected=expected_size, quarantined=str(q))
             if expected_sha256 is not None and sha256 != expected_sha256:
-                q = self.quarantine_path(path, f"sha256-{sha256}")
+                q = self.quarantine_path(path, f"sha256-{sha256}", sha256)
                 raise IntegrityError(
                     f"SHA-256 mismatch: got {sha256[:16]}…, expected {expected_sha256[:16]}…",
                     got=sha256, expected=expected_sha256, quarantined=str(q))
@@ -234,11 +243,47 @@ class BlobStore:
                 need=need, free=free)
 
     # -- verification and removal -----------------------------------------------
-    def quarantine_path(self, path: Path, why: str) -> Path:
+    def quarantine_path(self, path: Path, why: str, content_sha256: str | None = None) -> Path:
+        """Move ``path`` (bytes whose SHA-256 is ``content_sha256``) to quarantine; returns
+        where those bytes are kept. Bytes already quarantined are not kept twice."""
+        if content_sha256 is not None:
+            kept = self._quarantined(content_sha256)
+            if kept is not None:
+                path.unlink()
+                log.warning("%s holds the same bytes as the quarantined %s; not kept twice", path.name, kept.name)
+                return kept
+            if not why.endswith(content_sha256):
+                why = f"{why}-sha256-{content_sha256}"
         dest = self.layout.quarantine / f"{int(time.time())}-{secrets.token_hex(4)}-{why}"
         os.rename(path, dest)
         log.warning("quarantined %s (%s)", path.name, why)
+        self._trim_quarantine(dest)
         return dest
+
+    def _quarantined(self, content_sha256: str) -> Path | None:
+        suffix = f"sha256-{content_sha256}"
+        return next((e for e in self.layout.quarantine.iterdir() if e.name.endswith(suffix) and e.is_file()), None)
+
+    def _trim_quarantine(self, newest: Path) -> None:
+        """Remove the oldest copies while quarantine holds more than its cap (never ``newest``)."""
+        cap = self.quarantine_cap() if self.quarantine_cap is not None else None
+        if cap is None:
+            return
+        entries = []
+        for e in self.layout.quarantine.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                st = e.lstat()
+                if e.is_file():
+                    entries.append((_quarantined_at(e.name), st.st_ctime_ns, e, st.st_size))
+        total = sum(n for *_, n in entries)
+        for _, _, e, n in sorted(entries):
+            if total <= cap:
+                break
+            if e == newest:
+                continue
+            e.unlink()
+            total -= n
+            log.warning("quarantine holds more than its cap of %d bytes: removed its oldest copy %s", cap, e.name)
 
     def verify(self, sha256: str, progress: Callable[[int], None] | None = None) -> bool:
         """Re-hash a blob. A corrupt blob is moved to quarantine and False returned."""
@@ -248,7 +293,7 @@ class BlobStore:
         got, _ = hash_file(path, progress)
         if got == sha256:
             return True
-        self.quarantine_path(path, f"corrupt-{sha256}")
+        self.quarantine_path(path, f"corrupt-{sha256}", got)
         return False
 
     def remove(self, sha256: str) -> int:
@@ -294,6 +339,12 @@ class BlobStore:
             log.warning("removed %d stale temp file(s), %d bytes, left by an interrupted writer",
                         len(report.stale_temps), report.freed_bytes)
         return report
+
+
+def _quarantined_at(name: str) -> int:
+    """The unix time at the start of a quarantine entry's name (0 when there is none)."""
+    head = name.split("-", 1)[0]
+    return int(head) if head.isdigit() else 0
 
 
 def lock_free(path: Path) -> bool:

@@ -466,8 +466,33 @@ class Catalog:
         return [(r["model"], r["version"], FileRecord.from_row(dict(r)))
                 for r in self.conn.execute("SELECT * FROM files ORDER BY model, version, filename")]
 
+    def largest_version_bytes(self) -> int:
+        """The size of the largest version of any model (the sum of its files), 0 when none."""
+        row = self.conn.execute("SELECT MAX(total) FROM (SELECT SUM(size) AS total FROM files "
+                                "GROUP BY model, version)").fetchone()
+        return int(row[0] or 0)
+
     def referenced_shas(self) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT DISTINCT sha256 FROM files")}
+
+    def card_gaps(self, sha256: str) -> bool:
+        """Whether a version whose weights are ``sha256`` lacks an architecture, a
+        quantization or a context length on its card."""
+        return self.conn.execute(
+            "SELECT 1 FROM versions v JOIN files f ON f.model = v.model AND f.version = v.version "
+            "WHERE f.sha256 = ? AND f.role = 'weights' AND (v.architecture IS NULL OR v.quantization IS NULL "
+            "OR v.context_length IS NULL) LIMIT 1", (sha256,)).fetchone() is not None
+
+    def fill_card(self, sha256: str, *, architecture: str | None, quantization: str | None,
+                  context_length: int | None) -> None:
+        """Fill the card fields that are still empty on every version whose weights are
+        ``sha256`` (what the signed payload did not give, from the GGUF header)."""
+        card = _redacted_card({"architecture": architecture, "quantization": quantization})
+        self.conn.execute(
+            "UPDATE versions SET architecture = COALESCE(architecture, ?), quantization = COALESCE(quantization, ?), "
+            "context_length = COALESCE(context_length, ?) WHERE (model, version) IN "
+            "(SELECT model, version FROM files WHERE sha256 = ? AND role = 'weights')",
+            (card["architecture"], card["quantization"], context_length, sha256))
 
     def set_validators(self, sha256: str, etag: str | None, last_modified: str | None) -> None:
         self.conn.execute("UPDATE files SET etag = ?, last_modified = ? WHERE sha256 = ?",
@@ -637,6 +662,11 @@ class Catalog:
         self.conn.execute("INSERT INTO channels (url, key_ids) VALUES (?, ?) "
                           "ON CONFLICT(url) DO UPDATE SET key_ids = excluded.key_ids",
                           (url, json.dumps(sorted(key_ids))))
+
+    def channel_keys(self, url: str) -> list[str] | None:
+        """The key ids ``url`` allows, or None when it is not a channel."""
+        row = self.conn.execute("SELECT key_ids FROM channels WHERE url = ?", (url,)).fetchone()
+        return None if row is None else list(json.loads(row[0]))
 
     def channels(self) -> list[dict[str, Any]]:
         out = []

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from . import gguf, owner
 from .blobs import BlobStore, RecoveryReport
 from .catalog import Action, Catalog, FileRecord, ModelRecord, VersionRecord
-from .errors import Conflict, NotFound, TrustError, UsageError
+from .errors import Conflict, GGUFError, NotFound, TrustError, UsageError
 from .layout import Layout, default_root
 from .names import check_filename, check_model_name
 from .redact import redact_url
@@ -121,7 +121,9 @@ class Store:
         secured = owner.secure(layout, os.geteuid())
         blobs = BlobStore(layout)
         report = blobs.recover() if recover else RecoveryReport()
-        return cls(layout, blobs, Catalog(layout.catalog), report, repairs=tuple(secured.repairs))
+        store = cls(layout, blobs, Catalog(layout.catalog), report, repairs=tuple(secured.repairs))
+        blobs.quarantine_cap = store.quarantine_cap
+        return store
 
     @classmethod
     def init(cls, root: Path | str) -> tuple[Store, bool]:
@@ -136,6 +138,15 @@ class Store:
 
     def close(self) -> None:
         self.catalog.close()
+
+    def quarantine_cap(self) -> int:
+        """How many bytes ``quarantine/`` may hold (see :mod:`store.blobs`):
+        ``MODELFS_QUARANTINE_CAP`` bytes, else the size of the largest model version in
+        the store, so a failed download of any of its models keeps one copy."""
+        env = os.environ.get("MODELFS_QUARANTINE_CAP", "")
+        if env.isdigit():
+            return int(env)
+        return self.catalog.largest_version_bytes()
 
     # -- import ------------------------------------------------------------------
     def import_model(self, name: str, weights: Path, *, mmproj: Path | None = None,
@@ -227,6 +238,21 @@ class Store:
         fresh = (result.etag, result.last_modified)
         if result.new and any(fresh) and fresh != (rec.etag, rec.last_modified):
             self.catalog.set_validators(rec.sha256, result.etag, result.last_modified)
+
+    def record_gguf_card(self, rec: FileRecord) -> None:
+        """After a weights file became local (a lazily pulled pack, fetched on first open or
+        by a later pull): its GGUF header fills the card fields the signed payload left
+        empty (architecture, quantization, context length), so ``list`` and the card show
+        them. A file that is not a GGUF (a CoreML pack) fills nothing."""
+        if rec.role != "weights" or not self.blobs.has(rec.sha256) or not self.catalog.card_gaps(rec.sha256):
+            return
+        try:
+            info = gguf.parse_gguf(self.blobs.path(rec.sha256), name=rec.filename)
+        except GGUFError as exc:
+            log.debug("no GGUF card from %s: %s", rec.filename, exc)
+            return
+        self.catalog.fill_card(rec.sha256, architecture=info.architecture, quantization=info.quantization,
+                               context_length=info.context_length)
 
     # -- reading -------------------------------------------------------------------
     def file_state(self, rec: FileRecord) -> str:

@@ -21,7 +21,25 @@ on the lock: the commit checks the hash whoever wins.
 Robustness: connection errors, 5xx and 429 are retried with exponential backoff and
 jitter (``Retry-After`` honoured, capped); a stall (no byte for ``stall_timeout``)
 or a rate under ``min_speed`` reconnects and resumes; free space is checked before
-writing; a body longer than the expected size is refused. Every request goes through
+writing; a body longer than the expected size is refused.
+
+When to give up (issue 11): only NEW bytes count as progress, bytes past the most the
+partial ever held in this fetch (a server that ignores Range and drops every connection
+sends the same first bytes again and again). ``max_retries`` failures in a row without
+:data:`MIN_PROGRESS` new bytes end the fetch with the last error, and so does receiving
+more than twice the file plus :data:`BUDGET_SLACK` over all attempts, whatever the
+server does (FetchError, exit 9).
+
+A fetch whose bytes failed verification twice is remembered (:mod:`store.failures`):
+until its backoff expires, a fetch of that SHA-256 is refused at once with
+IntegrityError, before any request (the mount answers EIO). A verified fetch forgets it;
+``retry_failed`` (``modelfs pull --retry``) forgets it before trying.
+
+A caller may pass a :class:`PrefixCheck`, fed the first bytes as they arrive (and the
+bytes of a resumed partial first); when it refuses them the partial is deleted, so a
+refused file leaves nothing behind (an unsigned pull checks the GGUF header this way).
+
+Every request goes through
 the store's one HTTP layer (:class:`~store.http.Http`, ``Downloader.http``), which
 follows redirects by the one rule, keeps credentials with their origin and says which
 failures are transient; the retries and their backoff are decided here.
@@ -39,27 +57,51 @@ from __future__ import annotations
 import logging
 import random
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import trio
 
+from . import failures
 from .blobs import BlobStore
 from .catalog import FileRecord
 from .errors import FetchError, IntegrityError, NotFound, OfflineError, StoreError, UsageError
 from .http import Auth, BigReadStream, Http, RetryPolicy, is_transient, status_error
 from .layout import Sha256, check_sha256
-from .partial import PartialInfo, PartialLock, discard_partial, list_partials
+from .partial import PartialInfo, PartialLock, discard_partial, list_partials, remove_empty
 from .redact import REDACTED, redact_url
 from .sink import ALIGN, Sink
 
-__all__ = ["Downloader", "FetchResult", "PartialInfo", "discard_partial", "list_partials"]
+__all__ = ["BUDGET_SLACK", "MIN_PROGRESS", "Bytes", "Downloader", "FetchResult", "PartialInfo", "PrefixCheck",
+           "discard_partial", "list_partials"]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
+Bytes = bytes | bytearray | memoryview
+
+MIN_PROGRESS = 1 << 20     # new bytes an attempt must add for its failure not to count
+BUDGET_SLACK = 64 << 20    # a fetch gives up once it received more than 2 x size + this
+PREFIX_READ = 1 << 20      # read size when a resumed partial's first bytes are checked again
+
+
+class PrefixCheck(Protocol):
+    """Inspects the first bytes of a download as they arrive, in order from byte 0, and
+    refuses them by raising a StoreError (what ``pull`` does with a GGUF header)."""
+
+    @property
+    def done(self) -> bool:
+        """Nothing more to see: the rest of the file is not fed."""
+
+    def feed(self, data: Bytes, size: int | None) -> None:
+        """The next bytes; ``size`` is the whole file's, when known."""
+
+    def reset(self) -> None:
+        """The download restarts from byte 0."""
 
 
 @dataclass(frozen=True)
@@ -76,22 +118,77 @@ class FetchResult:
 # -- retry plumbing ----------------------------------------------------------------------
 class _Retry(Exception):
     """An attempt failed in a way worth retrying. ``error`` is what the user sees if the
-    retries run out; ``progressed`` says the attempt moved the download forward."""
+    retries run out."""
 
-    def __init__(self, error: FetchError, *, retry_after: float | None = None, progressed: bool = False) -> None:
+    def __init__(self, error: FetchError, *, retry_after: float | None = None) -> None:
         super().__init__(str(error))
         self.error = error
         self.retry_after = retry_after
-        self.progressed = progressed
 
     @classmethod
-    def of(cls, error: FetchError, *, progressed: bool = False) -> _Retry:
+    def of(cls, error: FetchError) -> _Retry:
         """A transient error of the HTTP layer, as a retry."""
-        return cls(error, retry_after=error.fields.get("retry_after"), progressed=progressed)
+        return cls(error, retry_after=error.fields.get("retry_after"))
 
 
 class _Restart(Exception):
     """The partial was discarded; try again at once (does not count as a failure)."""
+
+
+class _Refused(Exception):
+    """The caller's :class:`PrefixCheck` refused the first bytes: ``error`` says why."""
+
+    def __init__(self, error: StoreError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass
+class _State:
+    """One transfer of one blob, across its attempts: what it cost and what is new."""
+    check: PrefixCheck | None = None
+    received: int = 0      # body bytes over the network, all attempts
+    html: bool = False     # the last response was an HTML page
+    high: int = 0          # the most bytes the partial held: only bytes past this are new
+
+    def take(self, data: Bytes, expected: int | None, shown: str) -> None:
+        """Account for ``data`` just received (before it is written): the byte budget,
+        then the prefix check."""
+        self.received += len(data)
+        if expected is not None and self.received > 2 * expected + BUDGET_SLACK:
+            raise FetchError(
+                f"{shown}: gave up after receiving {self.received} bytes for a file of {expected} bytes "
+                "(more than twice its size): the connection keeps breaking and the server does not resume "
+                "where it broke off", received=self.received, expected=expected)
+        if self.check is not None and not self.check.done:
+            try:
+                self.check.feed(data, expected)
+            except StoreError as exc:
+                raise _Refused(exc) from None
+
+    def reset_check(self) -> None:
+        if self.check is not None:
+            self.check.reset()
+
+
+def _gave_up(error: FetchError, attempts: int) -> FetchError:
+    """The last error, saying how many attempts in a row brought nothing new."""
+    if attempts <= 1:
+        return error
+    return type(error)(f"{error}; gave up after {attempts} attempts in a row without new bytes", **error.fields)
+
+
+def _feed_prefix(check: PrefixCheck, path: Path, present: int, size: int | None) -> None:
+    """Feed ``check`` the first bytes of a resumed partial, until it has seen enough.
+    Worker thread."""
+    with open(path, "rb", buffering=0) as f:
+        pos = 0
+        while pos < present and not check.done:
+            data = f.read(min(PREFIX_READ, present - pos))
+            if not data:
+                return
+            check.feed(data, size)
+            pos += len(data)
 
 
 @dataclass
@@ -138,7 +235,9 @@ class Downloader:
 
     ``auth`` is the per-URL credential hook (default: the hub token for the hub's
     origin, :func:`store.hf.auth_headers`); the other network options configure
-    :attr:`http`, through which every request goes."""
+    :attr:`http`, through which every request goes. ``wallclock`` (unix time) dates
+    the remembered verification failures; ``retry_failed`` forgets them instead of
+    refusing (``modelfs pull --retry``)."""
 
     def __init__(self, blobs: BlobStore, *, offline: bool = False, stall_timeout: float = 30.0,
                  min_speed: tuple[int, float] | None = None, max_retries: int = 5,
@@ -148,11 +247,14 @@ class Downloader:
                  backoff: tuple[float, float] = (0.5, 30.0), retry_after_cap: float = 60.0,
                  auth: Auth | None = None, verify: ssl.SSLContext | str | bool = True,
                  user_agent: str = "modelfs/0.1", rng: random.Random | None = None,
-                 direct_io: bool = True) -> None:
+                 direct_io: bool = True, wallclock: Callable[[], float] = time.time,
+                 retry_failed: bool = False) -> None:
         self.blobs = blobs
         self.stall_timeout = stall_timeout
         self.min_speed = min_speed
         self.clock = clock
+        self.wallclock = wallclock          # unix time, for the remembered failures
+        self.retry_failed = retry_failed    # forget remembered failures instead of refusing
         self.direct_io = direct_io
         if auth is None:
             from .hf import auth_headers
@@ -191,16 +293,19 @@ class Downloader:
         return await self.fetch(rec.url, sha256=sha256, size=rec.size, progress=progress)
 
     async def fetch(self, url: str, *, sha256: str, size: int | None,
-                    headers: Mapping[str, str] | None = None, progress: Progress | None = None) -> FetchResult:
+                    headers: Mapping[str, str] | None = None, progress: Progress | None = None,
+                    check: PrefixCheck | None = None) -> FetchResult:
         """Download ``url`` into the blob ``sha256`` (of ``size`` bytes, when known).
 
         ``progress(n)`` is called with byte deltas as they arrive (negative when a partial
         is discarded); when ``size`` is None and ``progress`` has a ``set_total(size)``
-        method, it is told the size once the server states it."""
-        return await self._fetch(url, check_sha256(sha256), size, headers or {}, progress)
+        method, it is told the size once the server states it. ``check`` sees the first
+        bytes as they arrive and may refuse them (module docstring); a caller that joins a
+        transfer already running in this process relies on that transfer's check."""
+        return await self._fetch(url, check_sha256(sha256), size, headers or {}, progress, check)
 
     async def _fetch(self, url: str, sha256: Sha256, size: int | None, headers: Mapping[str, str],
-                     progress: Progress | None) -> FetchResult:
+                     progress: Progress | None, check: PrefixCheck | None) -> FetchResult:
         if size is not None and size < 0:
             raise UsageError(f"invalid size {size}")
         blobs = self.blobs
@@ -209,6 +314,7 @@ class Downloader:
                 return self._present(sha256)
             if self.offline:
                 raise OfflineError(f"blob {sha256[:12]}… is not local and the store is offline", sha256=sha256)
+            self._refuse_if_failed(sha256, redact_url(url))
             joined = self._inflight.get(sha256)
             if joined is None:
                 break
@@ -236,7 +342,7 @@ class Downloader:
             transfer.listeners.append(progress)
         self._inflight[sha256] = transfer
         try:
-            result = await self._fetch_locked(url, sha256, size, headers, transfer)
+            result = await self._fetch_locked(url, sha256, size, headers, transfer, check)
             transfer.result = result
             return result
         except StoreError as exc:
@@ -251,8 +357,24 @@ class Downloader:
         path = self.blobs.path(sha256)
         return FetchResult(sha256, path.stat().st_size, path, False, None, None, 0)
 
+    def _refuse_if_failed(self, sha256: Sha256, shown: str) -> None:
+        """IntegrityError while the remembered failed verification of ``sha256`` backs off
+        (:mod:`store.failures`); with ``retry_failed``, forget it instead."""
+        layout = self.blobs.layout
+        if self.retry_failed:
+            failures.forget(layout, sha256)
+            return
+        mem = failures.load(layout, sha256)
+        if mem is None or not mem.blocks(self.wallclock()):
+            return
+        raise IntegrityError(
+            f"{shown}: not fetched again before {failures.when(mem.retry_at)}: its download failed verification "
+            f"{mem.failures} time(s), last at {failures.when(mem.last_failed_at)} ({mem.reason}); "
+            "`modelfs pull --retry` tries now", sha256=sha256, retry_at=mem.retry_at, failures=mem.failures,
+            reason="backoff")
+
     async def _fetch_locked(self, url: str, sha256: Sha256, size: int | None, headers: Mapping[str, str],
-                            transfer: _Transfer) -> FetchResult:
+                            transfer: _Transfer, check: PrefixCheck | None) -> FetchResult:
         directory = self.blobs.layout.partial / sha256
         lock = PartialLock.try_acquire(directory)
         delay = 0.01
@@ -266,14 +388,16 @@ class Downloader:
         try:
             if self.blobs.has(sha256):  # the other process finished it
                 return self._present(sha256)
-            return await self._transfer(url, sha256, size, headers, transfer, directory)
+            self._refuse_if_failed(sha256, redact_url(url))  # another process may just have failed it
+            return await self._transfer(url, sha256, size, headers, transfer, directory, check)
         finally:
+            remove_empty(directory)  # nothing left to resume: no empty partial/<sha>/ stays behind
             lock.release()
 
     async def _transfer(self, url: str, sha256: Sha256, size: int | None, headers: Mapping[str, str],
-                        transfer: _Transfer, directory: Path) -> FetchResult:
+                        transfer: _Transfer, directory: Path, check: PrefixCheck | None) -> FetchResult:
         shown = redact_url(url)
-        counters: dict[str, int] = {"received": 0, "html": 0}
+        st = _State(check)
         integrity_restarts = 0
         while True:
             sink = await Sink.open(self.blobs, directory, sha256, shown, size, direct_io=self.direct_io)
@@ -281,31 +405,61 @@ class Downloader:
             try:
                 if sink.resumed_from:
                     transfer.progress(sink.resumed_from)
-                await self._attempts(url, sink, size, headers, transfer, counters)
+                st.high = sink.resumed_from
+                await self._checked_attempts(url, sink, size, headers, transfer, st)
                 expected = size if size is not None else sink.state.size
                 try:
                     committed = await sink.commit(expected)
                 except IntegrityError as exc:
                     transfer.progress(-sink.written)
                     if integrity_restarts:
-                        hint = (" (the server sent an HTML page: a captive portal or login page?)"
-                                if counters.get("html") else "")
-                        raise IntegrityError(
-                            f"download of {shown} failed verification twice ({exc}){hint}; the bytes are "
-                            "in quarantine", **exc.fields) from exc
+                        raise self._failed_twice(exc, sha256, shown, st) from exc
                     integrity_restarts += 1
+                    st.reset_check()
                     log.warning("download of %s failed verification (%s); quarantined, fetching again "
                                 "from zero", shown, exc)
                     continue
+                failures.forget(self.blobs.layout, sha256)
                 return FetchResult(sha256, committed.size, committed.path, committed.new,
-                                   sink.state.etag, sink.state.last_modified, counters["received"])
+                                   sink.state.etag, sink.state.last_modified, st.received)
             finally:
                 with trio.CancelScope(shield=True):
                     await sink.close()
 
+    def _failed_twice(self, exc: IntegrityError, sha256: Sha256, shown: str, st: _State) -> IntegrityError:
+        """The second failed verification of one fetch: remembered, so no caller pays for it
+        again before the backoff expires (:mod:`store.failures`)."""
+        hint = " (the server sent an HTML page: a captive portal or login page?)" if st.html else ""
+        mem = failures.remember(self.blobs.layout, sha256, reason=str(exc), url=shown, now=self.wallclock())
+        return IntegrityError(
+            f"download of {shown} failed verification twice ({exc}){hint}; the bytes are in quarantine; no new "
+            f"attempt before {failures.when(mem.retry_at)} (`modelfs pull --retry` tries now)",
+            **{**exc.fields, "retry_at": mem.retry_at, "failures": mem.failures})
+
+    async def _checked_attempts(self, url: str, sink: Sink, size: int | None, headers: Mapping[str, str],
+                                transfer: _Transfer, st: _State) -> None:
+        """:meth:`_attempts`, after the check has seen what a resumed partial holds; bytes
+        the check refuses are deleted with their partial, and its error raised."""
+        try:
+            if st.check is not None and sink.resumed_from:
+                try:
+                    await trio.to_thread.run_sync(_feed_prefix, st.check, sink.data_path, sink.resumed_from,
+                                                  size if size is not None else sink.state.size)
+                except StoreError as exc:
+                    raise _Refused(exc) from None
+            await self._attempts(url, sink, size, headers, transfer, st)
+        except _Refused as r:
+            await self._reset(sink, st, transfer, f"refused: {r.error}")
+            raise r.error from None
+
+    async def _reset(self, sink: Sink, st: _State, transfer: _Transfer, reason: str) -> None:
+        """Discard the partial: the next bytes are the file's first."""
+        transfer.progress(-await sink.reset(reason))
+        st.reset_check()
+
     async def _attempts(self, url: str, sink: Sink, size: int | None, headers: Mapping[str, str],
-                        transfer: _Transfer, counters: dict[str, int]) -> None:
-        failures = 0
+                        transfer: _Transfer, st: _State) -> None:
+        in_a_row = 0
         restarts = 0
         while True:
             expected = size if size is not None else sink.state.size
@@ -314,28 +468,31 @@ class Downloader:
             if expected is not None:
                 sink.check_space(expected - sink.total)  # refuse before the first byte
             try:
-                await self._attempt(url, sink, size, headers, transfer, counters)
+                await self._attempt(url, sink, size, headers, transfer, st)
                 return
             except _Restart as r:
                 restarts += 1
                 if restarts > 3:
                     raise FetchError(f"{redact_url(url)}: the server keeps answering ranges inconsistently") from None
-                transfer.progress(-await sink.reset(str(r)))
+                await self._reset(sink, st, transfer, str(r))
                 continue
             except _Retry as r:
-                # A failure after real progress (a dropped connection mid-file) starts the
-                # count again: a flaky link still finishes a 40 GB file. ``max_retries=0``
-                # never retries.
-                failures = 0 if r.progressed else failures + 1
+                # Only new bytes are progress: past the most the partial ever held. A failure
+                # after progress (a dropped connection mid-file) starts the count again, so a
+                # flaky link still finishes a 40 GB file; one that sends the same first bytes
+                # again and again does not. ``max_retries=0`` never retries.
+                new = sink.total - st.high
+                st.high = max(st.high, sink.total)
+                in_a_row = 0 if new >= MIN_PROGRESS else in_a_row + 1
                 policy = self.http.retry
-                if policy.max_retries == 0 or failures > policy.max_retries:
-                    raise r.error from None
-                delay = policy.delay(failures or 1, r.retry_after)
-                log.warning("%s; retrying in %.1fs (%d/%d)", r.error, delay, failures, policy.max_retries)
+                if policy.max_retries == 0 or in_a_row > policy.max_retries:
+                    raise _gave_up(r.error, in_a_row) from None
+                delay = policy.delay(in_a_row or 1, r.retry_after)
+                log.warning("%s; retrying in %.1fs (%d/%d)", r.error, delay, in_a_row, policy.max_retries)
                 await policy.sleep(delay)
 
     async def _attempt(self, url: str, sink: Sink, size: int | None, headers: Mapping[str, str],
-                       transfer: _Transfer, counters: dict[str, int]) -> None:
+                       transfer: _Transfer, st: _State) -> None:
         shown = redact_url(url)
         start = sink.total
         # Ours to set: the bytes must arrive exactly as stored (no content coding), and
@@ -350,16 +507,17 @@ class Downloader:
         response = await self._open(url, req, shown)
         try:
             body_from = self._check_response(response, sink, start, size, shown)
-            counters["html"] = int(_is_html(response))
+            st.html = _is_html(response)
             if body_from == 0 and start:
-                transfer.progress(-await sink.reset("the server sent the whole file (200) to a Range request"))
-            if body_from == 0:
-                sink.set_validators(response.headers.get("etag"), response.headers.get("last-modified"))
+                await self._reset(sink, st, transfer, "the server sent the whole file (200) to a Range request")
             expected = size if size is not None else sink.state.size
             if size is None and expected is not None:
                 transfer.set_total(expected)
             sink.check_space((expected or 0) - sink.total)
-            await self._stream(response, sink, expected, transfer, counters, shown)
+            if body_from == 0:
+                sink.set_validators(response.headers.get("etag"), response.headers.get("last-modified"))
+                await sink.save_state()  # resumable from its first bytes, with the validators
+            await self._stream(response, sink, expected, transfer, st, shown)
         finally:
             with trio.CancelScope(shield=True):
                 await response.aclose()
@@ -431,10 +589,9 @@ class Downloader:
             raise
 
     async def _stream(self, response: httpx.Response, sink: Sink, expected: int | None, transfer: _Transfer,
-                      counters: dict[str, int], shown: str) -> None:
+                      st: _State, shown: str) -> None:
         """Copy the body into the sink, watching for stalls and a too-low rate."""
         host = response.url.host
-        begun = sink.total
         stream = response.extensions.get("network_stream")
         stream = stream if isinstance(stream, BigReadStream) else None
         # A plain-TCP body of known length is read straight off the socket once h11 has
@@ -450,25 +607,25 @@ class Downloader:
                 async for chunk in response.aiter_raw():
                     n = len(chunk)
                     if expected is not None and sink.total + n > expected:
-                        transfer.progress(-await sink.reset("the server sent more bytes than expected"))
+                        await self._reset(sink, st, transfer, "the server sent more bytes than expected")
                         raise FetchError(f"{shown}: the server sent more than the expected {expected} bytes",
                                          expected=expected)
+                    st.take(chunk, expected, shown)
                     await sink.write(chunk)
                     if stream is not None and expected is not None:
                         # Every byte read from the socket so far has been delivered (h11
                         # hands over its buffer before it reads again), so this is exact.
                         stream.expect(expected - sink.total)
-                    counters["received"] += n
                     transfer.progress(n)
                     watch.got(n)
                     if direct and expected is not None and sink.total < expected:
                         assert stream is not None
-                        await self._read_direct(stream, sink, expected, transfer, counters, watch, shown)
+                        await self._read_direct(stream, sink, expected, transfer, st, watch, shown)
                         break
         except FetchError as exc:
             if not is_transient(exc):
                 raise
-            raise _Retry.of(exc, progressed=sink.total - begun >= (1 << 20)) from None
+            raise _Retry.of(exc) from None
         finally:
             if stream is not None:
                 stream.expect(None)  # the connection may carry another response next
@@ -481,10 +638,10 @@ class Downloader:
                                     f"{self.stall_timeout:g}s)"))
         if expected is not None and sink.total < expected:
             raise _Retry(FetchError(f"{shown}: connection to {host} closed after {sink.total} of {expected} "
-                                    "bytes"), progressed=sink.total - begun >= (1 << 20))
+                                    "bytes"))
 
     async def _read_direct(self, stream: BigReadStream, sink: Sink, expected: int, transfer: _Transfer,
-                           counters: dict[str, int], watch: _Watch, shown: str) -> None:
+                           st: _State, watch: _Watch, shown: str) -> None:
         """The rest of the body, from the socket into pooled buffers handed to the sink."""
         while sink.total < expected:
             buf = sink.take_buffer()
@@ -498,8 +655,8 @@ class Downloader:
                 while fill < want:
                     stream.expect(want - fill)
                     n = await stream.recv_into(view[fill:want])
+                    st.take(view[fill:fill + n], expected, shown)
                     fill += n
-                    counters["received"] += n
                     transfer.progress(n)
                     watch.got(n)
             finally:

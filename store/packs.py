@@ -21,7 +21,11 @@ The checks, in order (:func:`check_pack`; each refusal is one line with a stable
 7. at least one artifact for this platform; the model name is not held by
    unsigned (imported) versions.
 
-Only then are artifacts fetched (``platform`` absent/``any``, or this platform).
+Only then are artifacts fetched (``platform`` absent/``any``, or this platform). An
+artifact whose blob is already local must have the signed size (its SHA-256 alone would
+let the mount list a size the bytes do not have): refused with TrustError
+(``size-mismatch``) before anything is fetched or activated. A blob that is not local is
+checked for size and SHA-256 when it is fetched.
 
 Deliberate difference from the order listed in issue 5: the payload is parsed (and
 its schema and file names checked) only *after* its signature verifies. Nothing
@@ -62,7 +66,10 @@ Install (:func:`install_pack`), decisions:
   the one exception to "verified before visible": names and sizes are visible
   (they are signed), bytes never are before verification. Archive artifacts are
   still fetched and extracted at once (their contents have no URL of their own).
-  The card then comes from the payload alone (no GGUF header is read).
+  The card then comes from the payload alone (no GGUF header is read). A file that would
+  stay dehydrated but whose URL carries a signed query string or credentials is refused
+  at once (UsageError, ``lazy-secret-url``): the catalog keeps only the redacted URL, so
+  the mount could never fetch it; an eager pull fetches it with the full URL now.
 * A pack refused after download (an archive the extractor rejects, a SHA-256
   mismatch) has the blobs this call added removed again; a network failure keeps
   them, verified, for the next attempt.
@@ -86,6 +93,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from . import failures
 from .archive import extract_zip
 from .catalog import Action, FileRecord
 from .crashpoints import crash_point
@@ -105,7 +113,7 @@ from .gguf import GGUFInfo, parse_gguf
 from .keys import MAX_ENVELOPE_BYTES, load_keyring
 from .manifest import PLATFORMS, Artifact, Keyring, Manifest, check_version_floor, parse_envelope, verify_envelope
 from .names import check_relpath
-from .redact import redact_text, redact_url
+from .redact import drops_secrets, redact_text, redact_url
 
 if TYPE_CHECKING:
     from .core import Store
@@ -348,6 +356,8 @@ class _Installer:
         v = cat.get_version(m.model_id, m.version)
         files = await self._materialise(m.artifacts_for_platform(self.platform),
                                         {f.filename: f for f in v.files})
+        for f in files:
+            self.store.record_gguf_card(f)  # weights a --lazy pull left to fetch may be local now
         self._drop_zips()
         active = cat.get_model(m.model_id).active_version
         outcome = "already-active" if active == m.version else "already-installed"
@@ -366,8 +376,30 @@ class _Installer:
                              tuple(f.filename for f in files if not blobs.has(f.sha256)))
 
     # -- bytes ---------------------------------------------------------------------
+    def _check_local_sizes(self, arts: list[Artifact]) -> None:
+        """Every artifact whose blob is local has the size the pack signs."""
+        blobs = self.store.blobs
+        for art in arts:
+            if blobs.has(art.sha256) and (actual := blobs.size(art.sha256)) != art.size:
+                raise TrustError(
+                    f"manifest refused: {art.filename} is signed as {art.size} bytes, but the blob with its SHA-256 "
+                    f"holds {actual} bytes", reason="size-mismatch", filename=art.filename, signed_size=art.size,
+                    size=actual)
+
+    def _check_lazy_urls(self, arts: list[Artifact]) -> None:
+        """A file left to fetch on first open must have a URL that survives redaction."""
+        for art in arts:
+            if self.lazy and art.extract_name is None and not self.store.blobs.has(art.sha256) \
+                    and drops_secrets(art.url):
+                raise UsageError(
+                    f"{art.filename} cannot be pulled --lazy: its URL ({redact_url(art.url)}) carries a signature "
+                    "or credentials, which the store never keeps, so it could not be fetched when first opened; "
+                    "pull the pack without --lazy to fetch it now", reason="lazy-secret-url", filename=art.filename)
+
     async def _materialise(self, arts: list[Artifact], recorded: dict[str, FileRecord]) -> tuple[FileRecord, ...]:
         """Make every artifact's bytes local and verified; returns the file rows."""
+        self._check_local_sizes(arts)
+        self._check_lazy_urls(arts)
         out: list[FileRecord] = []
         for art in arts:
             directory = art.extract_name
@@ -379,6 +411,8 @@ class _Installer:
                     out += await self._archive(art, directory)
                 continue
             etag = last_modified = None
+            if self.lazy and self.downloader.retry_failed and not self.store.blobs.has(art.sha256):
+                failures.forget(self.store.layout, art.sha256)  # --retry: the mount may try it at once
             if not self.store.blobs.has(art.sha256) and not self.lazy:
                 res = await self.downloader.fetch(art.url, sha256=art.sha256, size=art.size,
                                                   progress=self.progress)
@@ -508,8 +542,11 @@ def read_envelope_file(path: str | os.PathLike[str]) -> bytes:
 # --------------------------------------------------------------------------- channels
 
 
-def add_channel(store: Store, url: str, key_ids: Collection[str], *, actor: str | None = None) -> None:
-    """Trust ``url`` as a feed of packs signed by one of ``key_ids``."""
+def add_channel(store: Store, url: str, key_ids: Collection[str], *, actor: str | None = None,
+                replace: bool = False) -> None:
+    """Trust ``url`` as a feed of packs signed by one of ``key_ids``. A URL that is a
+    channel already is a Conflict unless ``replace``: its keys are what it trusts, and
+    they never change silently."""
     from .keys import check_key_id
 
     try:
@@ -527,9 +564,15 @@ def add_channel(store: Store, url: str, key_ids: Collection[str], *, actor: str 
     for k in key_ids:
         check_key_id(k)
     with store.catalog.txn():
+        before = store.catalog.channel_keys(url)
+        if before is not None and not replace:
+            raise Conflict(f"channel {url} exists already (keys: {', '.join(before) or 'none'}); pass --replace "
+                           "to replace its keys", url=url, key_ids=before)
         store.catalog.add_channel(url, list(key_ids))
-        store.catalog.audit(actor or store.actor, Action.CHANNEL_ADD, reason=f"channel {url}",
-                            detail={"url": url, "key_ids": sorted(key_ids)})
+        detail: dict[str, Any] = {"url": url, "key_ids": sorted(key_ids)}
+        if before is not None:
+            detail["replaced_key_ids"] = before
+        store.catalog.audit(actor or store.actor, Action.CHANNEL_ADD, reason=f"channel {url}", detail=detail)
 
 
 async def update_channels(store: Store, downloader: Downloader, *, platform: str | None = None,

@@ -3,13 +3,23 @@
     partial/<expected sha256>/
         data         the bytes received so far, unverified, 0600 in a 0700 directory
         state.json   redacted URL, validators, bytes present, expected size
+        written      8 bytes, little-endian: how much of ``data`` the writer has written
 
 ``state.json`` is replaced atomically (write, fsync, rename, fsync dir) only after the
 data it describes was fsynced, so after ``kill -9`` or a power cut ``state.json`` never
 claims bytes the disk does not hold. The writer (:mod:`store.sink`) rewrites it at least
-every :data:`CHECKPOINT_BYTES`. Bytes beyond what ``state.json`` claims are not trusted
-and are cut off on resume. Nothing here runs at start-up: a partial stays until it is
-resumed to completion or discarded with :func:`discard_partial`.
+every :data:`CHECKPOINT_BYTES`, and writes it once as a transfer begins (0 bytes, with
+the validators), so a transfer is resumable from its first bytes.
+
+``written`` is rewritten in place after every batch the writer writes, never fsynced:
+after ``kill -9`` the page cache still holds every byte written, so a resume keeps
+them (:func:`usable_bytes`): a kill costs what was received but not yet written, never
+a checkpoint's worth. Those bytes are not vouched for by ``state.json``: they are
+re-hashed on resume like the rest and checked by the final SHA-256 before the blob is
+committed (after a power cut they may be lost; the commit then quarantines the file and
+fetches it again). Bytes beyond ``written`` and ``state.json`` (what no writer of ours
+claims) are cut off on resume. Nothing here runs at start-up: a partial stays until it
+is resumed to completion or discarded with :func:`discard_partial`.
 
 The directory itself is the lock: a writer holds an exclusive ``flock`` on it for its
 whole life, so two processes never fill the same partial, and :func:`discard_partial`
@@ -42,6 +52,7 @@ STATE_VERSION = 1
 
 DATA = "data"
 STATE = "state.json"
+WRITTEN = "written"
 
 
 class HasLayout(Protocol):
@@ -100,6 +111,33 @@ class PartialState:
         atomic_write(path, json.dumps(doc, sort_keys=True).encode())
 
 
+def read_written(fd: int) -> int:
+    """The count in a ``written`` file (0 when it is empty or short)."""
+    raw = os.pread(fd, 8, 0)
+    return int.from_bytes(raw, "little") if len(raw) == 8 else 0
+
+
+def usable_bytes(state: PartialState, written: int, data_size: int) -> int:
+    """How many bytes of ``data`` a resume keeps: what ``state.json`` vouches for, and
+    what the writer wrote after it (module docstring), never more than ``data`` holds."""
+    return min(max(state.bytes, written), data_size)
+
+
+def _bytes_present(entry: Path, st: PartialState) -> int:
+    try:
+        size = (entry / DATA).stat().st_size
+    except FileNotFoundError:
+        return 0
+    try:
+        fd = os.open(entry / WRITTEN, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return min(st.bytes, size)
+    try:
+        return usable_bytes(st, read_written(fd), size)
+    finally:
+        os.close(fd)
+
+
 # -- the directory lock ------------------------------------------------------------
 class PartialLock:
     """An exclusive flock on ``partial/<sha256>/``, held by the one writer of that partial."""
@@ -152,7 +190,7 @@ def list_partials(store: HasLayout) -> list[PartialInfo]:
             if not active:
                 remove_empty(entry)  # an empty directory left by a writer that never wrote
             continue
-        out.append(PartialInfo(entry.name, st.url if st else None, st.bytes if st else 0,
+        out.append(PartialInfo(entry.name, st.url if st else None, _bytes_present(entry, st) if st else 0,
                                st.size if st else None, st.etag if st else None,
                                st.last_modified if st else None, st.updated_at if st else None, active))
     return out
@@ -182,9 +220,10 @@ def discard_partial(store: HasLayout, sha256: str) -> int:
 
 
 def files_of(path: Path) -> list[Path]:
-    """The files a partial directory may hold: its data, its state, and the temps of
-    state writes a crash interrupted (``atomic_write`` names them ``.state.json.*.tmp``)."""
-    return [path / DATA, path / STATE, path / (STATE + ".tmp"), *path.glob(f".{STATE}.*.tmp")]
+    """The files a partial directory may hold: its data, its state, the writer's count, and
+    the temps of state writes a crash interrupted (``atomic_write`` names them
+    ``.state.json.*.tmp``)."""
+    return [path / DATA, path / STATE, path / WRITTEN, path / (STATE + ".tmp"), *path.glob(f".{STATE}.*.tmp")]
 
 
 def remove_empty(path: Path) -> None:

@@ -3,20 +3,24 @@
 :func:`pull_source` is the one entry point of ``modelfs pull``. It decides, with one
 Downloader on one event loop, what the source is:
 
-* ``--pack``, or an existing local file: a signed pack envelope (``store.packs``);
+* ``--pack``, or an existing local file: a signed pack envelope (``store.packs``); a
+  local GGUF is refused with a pointer to ``modelfs import``;
 * an http(s) URL without ``--sha256``: its body is fetched as an envelope (the size
   cap refuses a model file from its Content-Length, before its body); a signed pack
-  is installed, anything else goes on as an unsigned pull, which then says it needs
-  ``--sha256``;
+  is installed; otherwise the refusal says what was found (an empty body, an HTML
+  page, a document that is not an envelope, an HTTP error) and that an unsigned pull
+  needs ``--sha256``;
 * anything else (an https URL with ``--sha256``, ``hf://``): an unsigned pull.
   ``--lazy`` is for signed packs only.
 
 An unsigned pull (:func:`pull`) mirrors :meth:`Store.import_model`: resolve each source to a URL with an
 expected SHA-256 (given, or the hub's LFS hash) and size; fetch every blob through the
-:class:`~store.download.Downloader` (resumable, verified, deduplicated); read the GGUF
-header of the committed blobs; then record one version in one transaction, marked
-unsigned, and activate it. A pull of bytes the active version already has records
-nothing new.
+:class:`~store.download.Downloader` (resumable, verified, deduplicated), its GGUF header
+parsed as its bytes arrive (:class:`GGUFHeaderCheck`: a file that is not a GGUF is
+refused at its first malformed bytes, and its partial deleted); read the GGUF header of
+the committed blobs; then record one version in one transaction, marked unsigned, and
+activate it. A pull refused after a commit removes the blobs it added that nothing
+references. A pull of bytes the active version already has records nothing new.
 
 What reaches the catalog is redacted: file URLs keep scheme, host and path (the hub's
 resolve URL pinned to a commit; a signed URL loses its query values), and the source
@@ -25,6 +29,7 @@ names no credentials. The full URL lives only in memory for the transfer.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -37,12 +42,12 @@ from urllib.parse import unquote, urlsplit
 from . import gguf, hf
 from .blobs import BlobStore
 from .catalog import Action, FileRecord
-from .download import Downloader, FetchResult
-from .errors import StoreError, UsageError
+from .download import Bytes, Downloader, FetchResult
+from .errors import ManifestError, StoreError, UsageError
 from .layout import Sha256, check_sha256
 from .names import check_filename, check_model_name
 from .packs import InstallResult, fetch_envelope, install_pack, looks_like_envelope, pull_pack_url, read_envelope_file
-from .redact import redact_url
+from .redact import redact_text, redact_url
 
 if TYPE_CHECKING:
     from .core import Store
@@ -126,6 +131,68 @@ async def resolve(downloader: Downloader, spec: str, *, role: str, sha256: str |
     return PullSource(spec, _url_filename(spec), role, expected, size, source=redact_url(spec))
 
 
+class _NeedMore(Exception):
+    """The parser wants bytes that have not arrived yet."""
+
+
+class _Arrived(io.RawIOBase):
+    """The bytes received so far as a file that cannot seek; reading past them raises
+    :class:`_NeedMore` (not end of file: the parser knows the file's real size)."""
+
+    def __init__(self, data: bytearray) -> None:
+        self._data = data
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), len(self._data) - self._pos)
+        if n <= 0 < len(view):
+            raise _NeedMore
+        view[:n] = self._data[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+
+class GGUFHeaderCheck:
+    """The :class:`~store.download.PrefixCheck` of an unsigned pull: the GGUF header, parsed
+    by the bounded parser (``check_data=False``) as its bytes arrive, so a file that is
+    not a GGUF is refused at its first malformed bytes, not after its last one.
+
+    The bytes are kept until the header is whole (never past ``MAX_HEADER_BYTES``) and
+    parsed again each time they have doubled: parsing costs at most twice the header."""
+
+    FIRST_REPARSE = 64 << 10
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.done = False
+        self.info: gguf.GGUFInfo | None = None
+        self._buf = bytearray()
+        self._next = 1  # parse once this many bytes are in
+
+    def reset(self) -> None:
+        self.done, self.info, self._buf, self._next = False, None, bytearray(), 1
+
+    def feed(self, data: Bytes, size: int | None) -> None:
+        if self.done:
+            return
+        self._buf += data[:max(0, gguf.MAX_HEADER_BYTES - len(self._buf))]
+        whole = len(self._buf) >= gguf.MAX_HEADER_BYTES or (size is not None and len(self._buf) >= size)
+        if len(self._buf) < self._next and not whole:
+            return
+        self._next = max(2 * len(self._buf), self.FIRST_REPARSE)
+        try:
+            self.info = gguf.parse_gguf_file(io.BufferedReader(_Arrived(self._buf)), name=self.name, size=size,
+                                             check_data=False)
+        except _NeedMore:
+            return
+        self.done = True
+        self._buf = bytearray()
+
+
 async def pull(store: Store, downloader: Downloader, sources: list[PullSource], *, name: str | None = None,
                owner_app: str | None = None, license: str | None = None,
                progress: ProgressFactory | None = None) -> PullResult:
@@ -141,17 +208,14 @@ async def pull(store: Store, downloader: Downloader, sources: list[PullSource], 
     for src in sources:
         cb = progress(src) if progress else None
         log.info("pulling %s (%s) from %s", src.filename, src.role, src.shown)
-        res = await downloader.fetch(src.url, sha256=src.sha256, size=src.size, progress=cb)
+        res = await downloader.fetch(src.url, sha256=src.sha256, size=src.size, progress=cb,
+                                     check=GGUFHeaderCheck(src.filename))
         fetched.append((src, res))
-
-    # Only verified blobs are parsed; a malformed header refuses the pull, the blob stays
-    # (unreferenced, so prune reclaims it).
-    info = gguf.parse_gguf(fetched[0][1].path, name=sources[0].filename)
-    if info.is_mmproj:
-        raise UsageError(f"{sources[0].filename} is a multimodal projector; pass it with --mmproj")
-    for src, res in fetched[1:]:
-        if src.role == "mmproj" and not gguf.parse_gguf(res.path, name=src.filename).is_mmproj:
-            raise UsageError(f"{src.filename} is not a multimodal projector (mmproj) GGUF")
+    try:
+        info = _check_files(fetched)
+    except StoreError:
+        _drop_new_blobs(store, fetched)
+        raise
 
     records = sorted((FileRecord(src.filename, src.role, res.size, res.sha256, url=redact_url(src.url),
                                  etag=res.etag, last_modified=res.last_modified)
@@ -164,6 +228,27 @@ async def pull(store: Store, downloader: Downloader, sources: list[PullSource], 
         name, records, info, action=Action.PULL, source=weights.source, license=license,
         source_url=weights.source_url, owner_app=owner_app, new_bytes=new_bytes)
     return PullResult(name, version, created, new_bytes, transferred, tuple(records))
+
+
+def _check_files(fetched: list[tuple[PullSource, FetchResult]]) -> gguf.GGUFInfo:
+    """The whole files, verified: GGUF headers whose tensors fit, the weights no
+    projector, the mmproj one. Returns the weights' header."""
+    (weights, res), *rest = fetched
+    info = gguf.parse_gguf(res.path, name=weights.filename)
+    if info.is_mmproj:
+        raise UsageError(f"{weights.filename} is a multimodal projector; pass it with --mmproj")
+    for src, r in rest:
+        if src.role == "mmproj" and not gguf.parse_gguf(r.path, name=src.filename).is_mmproj:
+            raise UsageError(f"{src.filename} is not a multimodal projector (mmproj) GGUF")
+    return info
+
+
+def _drop_new_blobs(store: Store, fetched: list[tuple[PullSource, FetchResult]]) -> None:
+    """A refused pull leaves nothing behind: the blobs it committed that nothing references."""
+    referenced = store.catalog.referenced_shas()
+    for _, res in fetched:
+        if res.new and res.sha256 not in referenced:
+            store.blobs.remove(res.sha256)
 
 
 class DownloaderOptions(TypedDict, total=False):
@@ -220,6 +305,7 @@ class PullOptions:
     license: str | None = None
     owner_app: str | None = None
     platform: str | None = None       # signed: whose artifacts to install (default: this one)
+    retry: bool = False               # try files whose verification failed recently now (store.failures)
 
 
 class PullReporter(Protocol):
@@ -235,16 +321,25 @@ async def pull_source(store: Store, downloader: Downloader, source: str, options
                       reporter: PullReporter | None = None) -> InstallResult | PullResult:
     """``modelfs pull SOURCE``: decide what SOURCE is (module docstring) and pull it.
     Returns the signed pack's :class:`InstallResult` or the unsigned :class:`PullResult`."""
+    if options.retry:
+        downloader.retry_failed = True
     is_url = source.startswith(("http://", "https://"))
+    if not is_url and os.path.isfile(source) and gguf.looks_like_gguf(source):
+        raise UsageError(f"{source} is a GGUF file, not a signed pack envelope: add a local model with "
+                         f"`modelfs import NAME {source}`")
     if options.pack or (not is_url and os.path.isfile(source)):
         return await _pull_pack(store, downloader, source, None, options, reporter)
+    found = None
     if is_url and options.sha256 is None:
-        envelope = await _probe_envelope(downloader, source)
+        envelope, found = await _probe_envelope(downloader, source)
         if envelope is not None:
             return await _pull_pack(store, downloader, source, envelope, options, reporter)
     if options.lazy:
         raise UsageError("--lazy needs a signed pack: only its manifest vouches for every file's size and "
                          "SHA-256 before a byte is local")
+    if found is not None:
+        raise UsageError(f"{redact_url(source)}: not a signed pack ({found}); to pull an unsigned file from "
+                         "there, pass --sha256 HEX")
     sources = [await resolve(downloader, source, role="weights", sha256=options.sha256, size=options.size)]
     if options.mmproj:
         base = hf.parse_hf_url(source) if source.startswith("hf://") and "://" not in options.mmproj else None
@@ -254,14 +349,36 @@ async def pull_source(store: Store, downloader: Downloader, source: str, options
                       license=options.license, progress=reporter)
 
 
-async def _probe_envelope(downloader: Downloader, url: str) -> bytes | None:
-    """The body of ``url`` when it is a signed envelope, else None (a model file is
-    refused by the size cap from its Content-Length, before its body)."""
+async def _probe_envelope(downloader: Downloader, url: str) -> tuple[bytes | None, str | None]:
+    """(the body of ``url``, None) when it is a signed envelope, else (None, what was
+    found instead), or (None, None) for a body over the size cap (a model file, refused
+    from its Content-Length before its body: the unsigned pull says what it needs)."""
     try:
         data = await fetch_envelope(downloader, url)
-    except StoreError:
-        return None  # not a small document: the unsigned pull says what is wrong
-    return data if looks_like_envelope(data) else None
+    except ManifestError as exc:
+        if exc.fields.get("reason") == "too-large":
+            return None, None
+        return None, redact_text(str(exc))
+    except StoreError as exc:
+        why = redact_text(str(exc)).removeprefix(f"{redact_url(url)}: ")
+        return None, f"it could not be fetched: {why}"
+    if looks_like_envelope(data):
+        return data, None
+    return None, _what_is(data)
+
+
+def _what_is(data: bytes) -> str:
+    """What a body that is not an envelope looks like, for a message."""
+    head = data.lstrip()[:16].lower()
+    if not head:
+        return "the server sent an empty body" if not data else "the server sent only white space"
+    if head.startswith((b"<!doctype html", b"<html")):
+        return "the server sent an HTML page (a captive portal or login page?)"
+    if head[:1] in (b"{", b"["):
+        return "the server sent JSON that is not a signed envelope"
+    if data[:4] == b"GGUF":
+        return "the server sent a GGUF file"
+    return f"the server sent {len(data)} bytes that are not a signed envelope"
 
 
 async def _pull_pack(store: Store, downloader: Downloader, source: str, envelope: bytes | None,

@@ -47,6 +47,19 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+def drops_secrets(url: str) -> bool:
+    """Whether :func:`redact_url` takes from ``url`` something a request may need: userinfo,
+    or the value of a query parameter not on the allowlist (a signed URL's signature).
+    What is stored of such a URL cannot fetch it again."""
+    try:
+        parts = urlsplit(url)
+        if parts.username is not None or parts.password is not None:
+            return True
+    except ValueError:
+        return True
+    return any(key.lower() not in SAFE_QUERY_KEYS for key, _ in parse_qsl(parts.query, keep_blank_values=True))
+
+
 def redact_text(text: str) -> str:
     """Redact every URL and token-looking thing in free text (log lines, error messages)."""
     text = _URL.sub(lambda m: redact_url(m.group(0)), text)

@@ -18,14 +18,17 @@ download leaves no second copy in the page cache either way. A resumed prefix is
 opens; there is no other pass over the file.
 
 Every ``CHECKPOINT_BYTES`` the writer fsyncs and replaces ``state.json`` (see
-:mod:`store.partial`). Cancellation at any await leaves the counters, the file and
-``state.json`` consistent: a batch taken by a consumer is processed whole, and
-:meth:`Sink.close` (called shielded) writes what was received and checkpoints it.
+:mod:`store.partial`); after every batch it updates the ``written`` count (no fsync), so
+a ``kill -9`` loses only what was received and not yet written. Cancellation at any
+await leaves the counters, the file and ``state.json`` consistent: a batch taken by a
+consumer is processed whole, and :meth:`Sink.close` (called shielded) writes what was
+received and checkpoints it.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -33,6 +36,7 @@ import logging
 import mmap
 import os
 import queue
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +48,7 @@ import trio
 from .blobs import BlobStore, Committed
 from .crashpoints import crash_point
 from .errors import InternalError, SpaceError, StoreError
-from .partial import CHECKPOINT_BYTES, DATA, STATE, PartialState, files_of
+from .partial import CHECKPOINT_BYTES, DATA, STATE, WRITTEN, PartialState, files_of, read_written, usable_bytes
 from .partial import unlink_quiet as _unlink
 
 log = logging.getLogger(__name__)
@@ -129,6 +133,7 @@ class Sink:
         self.resumed_from = 0
         self.fd = -1          # buffered descriptor: unaligned tails, and filesystems without O_DIRECT
         self.dfd = -1         # O_DIRECT descriptor, when the filesystem allows it
+        self.mfd = -1         # the ``written`` count (see store.partial)
         # producer side (trio thread)
         self.batch: list[Chunk] = []
         self.batch_owned: list[Any] = []
@@ -155,7 +160,8 @@ class Sink:
         sink._open_files()
         try:
             usable = prev is not None and (size is None or prev.size in (None, size))
-            present = min(prev.bytes, os.fstat(sink.fd).st_size) if usable and prev else 0
+            present = (usable_bytes(prev, read_written(sink.mfd), os.fstat(sink.fd).st_size)
+                       if usable and prev else 0)
             if usable and prev and prev.size is not None and present > prev.size:
                 present = 0
             if present:
@@ -165,6 +171,7 @@ class Sink:
                 await sink._load_prefix(present)
             else:
                 os.ftruncate(sink.fd, 0)
+            sink._mark()  # what a stale count claimed beyond this is not ours
         except BaseException:
             sink._close_files()
             raise
@@ -173,6 +180,7 @@ class Sink:
     def _open_files(self) -> None:
         flags = os.O_CREAT | os.O_CLOEXEC
         self.fd = os.open(self.data_path, os.O_RDWR | flags, 0o600)
+        self.mfd = os.open(self.dir / WRITTEN, os.O_RDWR | flags, 0o600)
         try:
             self.dfd = os.open(self.data_path, os.O_WRONLY | os.O_DIRECT | flags, 0o600)
         except OSError:
@@ -192,10 +200,8 @@ class Sink:
                     raise StoreError("a partial download shrank while it was being resumed")
                 self.hasher.update(view[:n])
                 pos += n
-            try:
+            with contextlib.suppress(OSError):
                 os.posix_fadvise(self.fd, 0, present, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass
 
         await trio.to_thread.run_sync(rehash)
         self.written = self.hashed = self.batch_start = present
@@ -226,6 +232,13 @@ class Sink:
 
     def check_space(self, remaining: int) -> None:
         self.blobs.check_space(max(0, remaining))
+
+    async def save_state(self) -> None:
+        """Write ``state.json`` now (validators, size, the bytes already durable), as a
+        transfer from byte 0 begins: with the ``written`` count, even a transfer killed
+        before its first checkpoint resumes. Only while no batch is in flight."""
+        self.state.bytes = self.durable
+        await trio.to_thread.run_sync(self.state.save, self.state_path)
 
     # -- the pipeline ---------------------------------------------------------------------
     def start(self) -> None:
@@ -307,9 +320,15 @@ class Sink:
             self._write_direct(item.chunks)
         else:
             self._writev(item.chunks)
+        self._mark()
         if self.written - self.durable >= CHECKPOINT_BYTES:
+            crash_point("download-before-checkpoint")
             self._checkpoint()
             crash_point("download-after-checkpoint")
+
+    def _mark(self) -> None:
+        """Record how much of ``data`` is written (not fsynced: see store.partial)."""
+        os.pwrite(self.mfd, struct.pack("<Q", self.written), 0)
 
     # -- writer thread ----------------------------------------------------------------------
     def _write_direct(self, chunks: tuple[Chunk, ...]) -> None:
@@ -372,10 +391,8 @@ class Sink:
             if n:
                 views[0] = views[0][n:]
         start = max(0, self.written - WRITEBACK_WINDOW)
-        try:
+        with contextlib.suppress(OSError):
             os.posix_fadvise(self.fd, start, self.written - start, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
 
     def _checkpoint(self) -> None:
         """Make ``written`` bytes durable, then say so in state.json. Worker thread."""
@@ -425,6 +442,7 @@ class Sink:
         self.state.bytes = 0
         self.state.etag = self.state.last_modified = None
         _unlink(self.state_path)
+        self._mark()
         return dropped
 
     # -- finishing ------------------------------------------------------------------------
@@ -471,7 +489,7 @@ class Sink:
             _unlink(path)
 
     def _close_files(self) -> None:
-        for attr in ("dfd", "fd"):
+        for attr in ("dfd", "fd", "mfd"):
             fd = getattr(self, attr)
             if fd >= 0:
                 os.close(fd)

@@ -22,11 +22,14 @@ Faults (keyword arguments of :meth:`FaultServer.add`):
 ===================  ===========================================================
 ``drop_after``       close the connection after N body bytes (int: first GET only;
                      a list: one entry per GET, ``None`` = no drop)
+``drop_every``       close every GET's connection after N body bytes (with
+                     ``ignore_range``: an origin no client can finish from)
 ``stall_after``      on the first GET, send N body bytes then go silent (connection open)
 ``after_first_get``  attributes to change once the first GET was answered, e.g.
                      ``{"data": new_bytes, "etag": None}`` (the file changes upstream)
 ``corrupt_at``       flip the byte at this file offset, on the first
                      ``corrupt_times`` GETs (default 1)
+``corrupt_every``    flip the byte at this file offset in every response, forever
 ``ignore_range``     answer every GET with 200 and the whole file
 ``wrong_range``      answer a Range request with 206 whose Content-Range starts at 0
 ``ignore_if_range``  serve the range even when If-Range does not match
@@ -54,6 +57,7 @@ file costs no memory).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import http.server
@@ -89,9 +93,11 @@ class RecordedRequest:
 class Resource:
     data: bytes | Path
     drop_after: int | Sequence[int | None] | None = None
+    drop_every: int | None = None
     stall_after: int | None = None
     corrupt_at: int | None = None
     corrupt_times: int = 1
+    corrupt_every: int | None = None
     ignore_range: bool = False
     wrong_range: bool = False
     ignore_if_range: bool = False
@@ -236,7 +242,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             drop = drop[get_no - 1] if get_no <= len(drop) else None
         elif get_no > 1:
             drop = None
+        if res.drop_every is not None:
+            drop = res.drop_every
         corrupt = res.corrupt_at if get_no <= res.corrupt_times else None
+        if res.corrupt_every is not None:
+            corrupt = res.corrupt_every
         stall = res.stall_after if get_no == 1 else None
         self.wfile.flush()
         try:
@@ -291,10 +301,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             pass  # the client went away (killed, or gave up): that is a test scenario, not an error
         if drop is not None or res.endless or pos < end:
             self.close_connection = True
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 def _parse_range(value: str, size: int) -> tuple[int, int] | str | None:
@@ -401,7 +409,8 @@ class FaultServer:
         cdn = cdn or self
         blob_path = f"/repos/{sha[:2]}/{sha}"
         cdn.add(blob_path, data, **faults)
-        location = cdn.url(blob_path) + f"?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Expires=3600&X-Amz-Signature={signature}"
+        location = (cdn.url(blob_path)
+                    + f"?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Expires=3600&X-Amz-Signature={signature}")
         for rev in {revision, commit}:  # the hub answers for the branch and for the commit
             self.add(f"/{repo}/resolve/{rev}/{filename}", b"", redirect=location,
                      require_auth=f"Bearer {token}" if token else None,
@@ -427,15 +436,16 @@ class FaultServer:
 
     # -- TLS ----------------------------------------------------------------------------
     def _make_tls(self) -> ssl.SSLContext:
+        import ipaddress
+
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import NameOID
-        import ipaddress
 
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(days=1))

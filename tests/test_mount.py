@@ -611,6 +611,30 @@ def test_a_lazily_pulled_signed_pack_materialises_on_open(tmp_path, cli, origin,
     assert row[2] == "llama" and row[-2:] == ["partly", "local"]  # the signed family; one file of two
 
 
+def test_weights_fetched_through_the_mount_fill_the_card_of_a_lazy_pack(tmp_path, cli, origin, mount_at):
+    """Issue 11: a lazily pulled pack's card has no GGUF fields until its weights are
+    local; once an open through the mount fetched them, ``list`` shows the quantization."""
+    from test_packs import Publisher
+
+    pub = Publisher(origin)
+    w = write_model(tmp_path / "demo-Q4_K_M.gguf", tensor_bytes=1 << 20)
+    art = pub.artifact(w.name, w.read_bytes())
+    cli.run("keys", "add", "k1", pub.pub("k1"))
+    cli.run("pull", "--lazy", pub.serve("v1.json", pub.envelope(pub.payload(1, [art]))))
+
+    def row() -> list[str]:
+        [line] = [ln.split() for ln in cli.run("list").stdout.splitlines() if ln.startswith("demo ")]
+        return line
+
+    assert row()[2:4] == ["llama", "-"]  # the signed family stands in; no quantization yet
+    m = mount_at()
+    assert sha256_of(m.path / "demo" / w.name) == art["sha256"]
+    assert row()[2:4] == ["llama", "Q4_K_M"]
+    assert cli.run("show", "demo", "--json").json()["architecture"] == "llama"
+    wait_for(lambda: json.loads((m.path / "demo" / "model.json").read_bytes()).get("quantization") == "Q4_K_M",
+             what="the card in the mount")
+
+
 def test_a_failing_download_is_eio_with_no_partial_bytes(tmp_path, store, origin, cli, mount_at):
     data = os.urandom(1 << 20)
     sha = add_remote(store, "bad", "bad.gguf", data, origin.url("/bad.gguf"))
@@ -625,6 +649,29 @@ def test_a_failing_download_is_eio_with_no_partial_bytes(tmp_path, store, origin
     out = cli.run("status").stdout  # the reason a reader got EIO, where people look
     assert f"bad/bad.gguf: {errors[-1]['reason']} ({errors[-1]['error']})" in out
     assert cli.run("status", "--json").json()["mount"]["fetch_errors"] == errors
+
+
+def test_three_opens_against_a_corrupting_origin_cost_at_most_twice_the_file(tmp_path, store, origin, cli,
+                                                                             mount_at):
+    """Issue 11: a failed verification is remembered, so the opens after the first answer
+    EIO at once, and quarantine keeps the bad bytes once."""
+    data = write_model(tmp_path / "c.gguf", tensor_bytes=8 << 20, seed=6).read_bytes()
+    sha = add_remote(store, "corrupt", "c.gguf", data, origin.url("/c.gguf"))
+    origin.add("/c.gguf", data, corrupt_every=len(data) // 3)
+    m = mount_at()
+    for _ in range(3):
+        r = run_py(READER, str(m.path / "corrupt" / "c.gguf"))
+        assert r.stdout.split() == ["errno", str(errno.EIO)]
+    assert origin.bytes_sent("/c.gguf") <= 2 * len(data)
+    assert sum(p.stat().st_size for p in store.layout.quarantine.iterdir()) <= len(data)
+    assert not store.blobs.has(sha)
+    errors = m.status()["fetch_errors"]
+    assert [e["error"] for e in errors] == ["IntegrityError"] * 3
+    assert "failed verification twice" in errors[0]["reason"]
+    assert all("not fetched again before" in e["reason"] for e in errors[1:])
+    [f] = cli.run("status", "--json").json()["failed_verifications"]
+    assert f["sha256"] == sha and f["blocked"] and f["failures"] == 1
+    assert "no new attempt before" in cli.run("status").stdout
 
 
 def test_offline_answers_enetunreach_and_local_files_still_open(tiny, tmp_path, store, origin, cli,

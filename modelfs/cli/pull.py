@@ -121,21 +121,24 @@ async def _cancel_on_signal(scope: Any) -> None:
 
 @click.command()
 @click.argument("source")
-@click.option("--sha256", help="Expected SHA-256 of the weights (required for https:// sources).")
+@click.option("--sha256", help="Expected SHA-256 of the weights (required for http(s):// sources).")
 @click.option("--size", type=int, help="Expected size in bytes, when known.")
 @click.option("--name", help="Model name (default: from the file name).")
 @click.option("--mmproj", help="Multimodal projector: a URL, or a path in the same hf:// repository.")
-@click.option("--mmproj-sha256", help="Expected SHA-256 of the mmproj (required for https:// sources).")
+@click.option("--mmproj-sha256", help="Expected SHA-256 of the mmproj (required for http(s):// sources).")
 @click.option("--license", "license_", help="Licence of the model.")
 @click.option("--app", "owner_app", help="App that owns the model.")
 @click.option("--json", "as_json", is_flag=True, help="Progress events and the result as JSON lines.")
 @click.option("--pack", is_flag=True, help="SOURCE is a signed pack envelope (a file or an http(s) URL).")
 @click.option("--lazy", is_flag=True,
               help="Signed packs only: record the model now, fetch each file on first open through the mount.")
+@click.option("--retry", is_flag=True,
+              help="Try now the files whose download failed verification recently, instead of refusing "
+                   "them until their backoff expires (see 'modelfs status').")
 @click.pass_obj
 def pull(c: Ctx, source: str, sha256: str | None, size: int | None, name: str | None, mmproj: str | None,
          mmproj_sha256: str | None, license_: str | None, owner_app: str | None, as_json: bool,
-         pack: bool, lazy: bool) -> None:
+         pack: bool, lazy: bool, retry: bool) -> None:
     """Download a model from SOURCE (https://… with --sha256, or hf://org/repo[@rev]/file.gguf),
     verify it, and make it the active version of NAME. Interrupted pulls resume.
     A signed pack (an envelope file or URL) is verified and installed as its model_id;
@@ -145,7 +148,7 @@ def pull(c: Ctx, source: str, sha256: str | None, size: int | None, name: str | 
     from modelfs_store.pull import PullOptions, PullResult
 
     options = PullOptions(pack=pack, lazy=lazy, sha256=sha256, size=size, name=name, mmproj=mmproj,
-                          mmproj_sha256=mmproj_sha256, license=license_, owner_app=owner_app)
+                          mmproj_sha256=mmproj_sha256, license=license_, owner_app=owner_app, retry=retry)
     store = c.store
     with ExitStack() as stack:
         reporter = _Reporter(as_json, stack)

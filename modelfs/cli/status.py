@@ -1,6 +1,7 @@
 """The store itself: ``modelfs init`` makes one; ``modelfs status`` shows it (models,
-blobs, partial downloads, quarantine) and its mount (the daemon, what is open through
-it, why recent opens failed)."""
+blobs, partial downloads, quarantine, downloads that failed verification and until when
+they are not tried again) and its mount (the daemon, what is open through it, why
+recent opens failed)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import click
 
 from modelfs.mount.runstate import OpenFile, detached_daemons, open_files_of, read_status, stale_mountpoint
 from modelfs_store.core import Store
+from modelfs_store.failures import FailedVerification, list_failed, when
 from modelfs_store.partial import list_partials
 
 from ._context import Ctx, json_option, pass_ctx
@@ -37,11 +39,14 @@ def init(path: str, as_json: bool) -> None:
 @json_option
 @pass_ctx
 def status(c: Ctx, as_json: bool) -> None:
-    """Show the store: models, blobs, partial downloads, quarantine, and the mount: what
-    is open through it and why recent opens failed (the reasons behind an EIO, an
-    ENETUNREACH or an ETIMEDOUT a reader saw)."""
+    """Show the store: models, blobs, partial downloads, quarantine, downloads that failed
+    verification (not tried again before the time shown), and the mount: what is open
+    through it and why recent opens failed (the reasons behind an EIO, an ENETUNREACH or
+    an ETIMEDOUT a reader saw)."""
     store = c.store
     partials = list_partials(store)
+    failed = [f for f in list_failed(store.layout) if not store.blobs.has(f.sha256)]
+    now = time.time()
     blobs = store.blobs.iter_blobs()
     blob_bytes = sum(store.blobs.size(s) for s in blobs)
     quarantined = sorted(p.name for p in store.layout.quarantine.iterdir())
@@ -55,7 +60,8 @@ def status(c: Ctx, as_json: bool) -> None:
         print_json({"store": str(store.layout.root), "models": len(models), "blobs": len(blobs),
                     "blob_bytes": blob_bytes, "quarantine": quarantined,
                     "partials": [p.as_dict() for p in partials], "mount": mount, "stale_mountpoint": stale,
-                    "detached": detached})
+                    "detached": detached,
+                    "failed_verifications": [{**f.as_dict(), "blocked": f.blocks(now)} for f in failed]})
         return
     click.echo(f"store: {store.layout.root}")
     click.echo(f"models: {len(models)}  blobs: {len(blobs)} ({human_size(blob_bytes)})  "
@@ -68,6 +74,7 @@ def status(c: Ctx, as_json: bool) -> None:
         click.echo(f"unmounted daemon (pid {d['pid']}, was at {d['mountpoint']}) still serves "
                    f"{len(d['open_files'])} open file(s); it exits after the last close")
         _echo_open(d["open_files"])
+    _echo_failed(failed, now)
     if not partials:
         click.echo("no partial downloads")
         return
@@ -77,6 +84,18 @@ def status(c: Ctx, as_json: bool) -> None:
         total = human_size(p.expected_size) if p.expected_size else "?"
         state = "  [downloading]" if p.active else ""
         click.echo(f"  {p.sha256}  {human_size(p.bytes_present)} of {total} {pct}  {p.url or '-'}{state}")
+
+
+def _echo_failed(failed: list[FailedVerification], now: float) -> None:
+    """One line per file whose download failed verification: why, and until when a fetch
+    of it is refused (the mount answers EIO, a pull refuses)."""
+    if not failed:
+        return
+    click.echo("downloads that failed verification (`modelfs pull --retry` tries again now):")
+    for f in failed:
+        until = f"no new attempt before {when(f.retry_at)}" if f.blocks(now) else "may be tried again"
+        click.echo(f"  {f.sha256}  failed {f.failures} time(s), last at {when(f.last_failed_at)}; {until}: "
+                   f"{f.reason}  {f.url or '-'}")
 
 
 SHOWN_FETCH_ERRORS = 5  # the daemon keeps 20; --json and the daemon log have them all

@@ -205,13 +205,15 @@ def channels() -> None:
 @channels.command("add")
 @click.argument("url")
 @click.option("--key", "key_ids", multiple=True, required=True, help="Key id allowed to sign (repeatable).")
+@click.option("--replace", is_flag=True, help="URL is a channel already: replace its keys with these.")
 @pass_ctx
-def channels_add(c: Ctx, url: str, key_ids: tuple[str, ...]) -> None:
-    """Fetch URL on every 'modelfs update'; accept only packs signed by --key."""
+def channels_add(c: Ctx, url: str, key_ids: tuple[str, ...], replace: bool) -> None:
+    """Fetch URL on every 'modelfs update'; accept only packs signed by --key. A URL that
+    is a channel already keeps its keys unless --replace is given."""
     from modelfs_store.keys import load_keyring
     from modelfs_store.packs import add_channel
 
-    add_channel(c.store, url, key_ids)
+    add_channel(c.store, url, key_ids, replace=replace)
     ring = load_keyring(c.store.catalog)
     untrusted = [k for k in key_ids if k not in ring or ring[k].revoked or ring[k].problem]
     if untrusted:

@@ -5,7 +5,8 @@ once; a dehydrated one is fetched (or joined) through the downloader under a dea
 and any failure is a store error that ``errnos`` turns into EIO / ENETUNREACH /
 ETIMEDOUT. No byte is served before the whole file is verified, and no partial file is
 ever opened. The server's validators of a fetched file go to the catalog through
-``Store.record_validators`` (the downloader writes no SQL).
+``Store.record_validators`` (the downloader writes no SQL), and a fetched weights file
+fills the card fields its signed payload left empty (``Store.record_gguf_card``).
 
 The descriptor is held from ``open`` to ``release``. That is what pins a blob: ``rm``
 and ``prune`` unlink it, but its bytes stay readable through the descriptor for every
@@ -118,6 +119,7 @@ class Materialiser:
             raise FetchTimeout(f"{rec.filename} was not fetched within {deadline:g}s",
                                sha256=rec.sha256, timeout=deadline) from None
         self.store.record_validators(rec, result)
+        self.store.record_gguf_card(rec)
         return result.path
 
     def _record(self, node: Node, exc: StoreError) -> None:
