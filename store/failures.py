@@ -35,6 +35,7 @@ from typing import Any
 from .durable import atomic_write
 from .errors import UsageError
 from .layout import Layout, check_sha256
+from .owner import read_small
 from .redact import redact_text
 
 __all__ = ["BACKOFF_FIRST", "BACKOFF_MAX", "FailedVerification", "backoff", "failed_dir", "forget",
@@ -87,7 +88,7 @@ def _path(layout: Layout, sha256: str) -> Path:
 def load(layout: Layout, sha256: str) -> FailedVerification | None:
     """The memory of ``sha256``, or None (never failed, forgotten, or unreadable)."""
     try:
-        raw = json.loads(_path(layout, sha256).read_text())
+        raw = json.loads(read_small(_path(layout, sha256)))
     except (FileNotFoundError, ValueError):
         return None
     return _parse(raw, sha256)

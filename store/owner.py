@@ -152,6 +152,16 @@ def open_file(path: str | Path, flags: int, mode: int = FILE_MODE, dir_fd: int |
         raise
 
 
+def read_small(path: str | Path, limit: int = 1 << 20) -> bytes:
+    """The bytes of a small store file (a state, a memory, a run/ file), never through a
+    link; FileNotFoundError when it is missing."""
+    fd = open_file(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def opened_dir(name: str | Path, dir_fd: int | None = None, *, shown: str | Path | None = None) -> Iterator[int]:
     fd = open_dir(name, dir_fd, shown=shown)
@@ -174,7 +184,7 @@ def secure(layout: Layout, owner: int) -> Secured:
     fresh = not os.path.lexists(layout.catalog)
     with opened_dir(root) as fd:
         _check(fd, str(root), owner, _root_mode(fd), done)
-        for rel in ("blobs", "blobs/sha256", "tmp", "partial", "quarantine", "run"):
+        for rel in ("blobs", "blobs/sha256", "tmp", "partial", "partial/failed", "quarantine", "run"):
             _ensure_dir(fd, rel, root, owner, done)
         with opened_dir("blobs/sha256", fd, shown=layout.blobs) as blobs:
             for entry in os.scandir(blobs):

@@ -44,6 +44,7 @@ from typing import Any, Protocol
 from .durable import atomic_write, fsync_dir
 from .errors import Conflict, NotFound
 from .layout import Layout, check_sha256
+from .owner import open_dir, open_file, read_small
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class PartialState:
     @classmethod
     def load(cls, path: Path, sha256: str) -> PartialState | None:
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(read_small(path))
         except (FileNotFoundError, ValueError):
             return None
         if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION or raw.get("sha256") != sha256:
@@ -129,7 +130,7 @@ def _bytes_present(entry: Path, st: PartialState) -> int:
     except FileNotFoundError:
         return 0
     try:
-        fd = os.open(entry / WRITTEN, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_file(entry / WRITTEN, os.O_RDONLY)
     except FileNotFoundError:
         return min(st.bytes, size)
     try:
@@ -149,7 +150,7 @@ class PartialLock:
     @classmethod
     def try_acquire(cls, path: Path) -> PartialLock | None:
         path.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = open_dir(path)  # a link planted in a partial's place is refused, never written through
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -179,7 +180,7 @@ def list_partials(store: HasLayout) -> list[PartialInfo]:
     """Every partial download of ``store``, sorted by SHA-256."""
     out = []
     for entry in sorted(store.layout.partial.iterdir()):
-        if not entry.is_dir() or len(entry.name) != 64:
+        if not entry.is_dir() or entry.is_symlink() or len(entry.name) != 64:
             continue
         st = PartialState.load(entry / STATE, entry.name)
         lock = PartialLock.try_acquire(entry) if entry.exists() else None

@@ -48,6 +48,7 @@ import trio
 from .blobs import BlobStore, Committed
 from .crashpoints import crash_point
 from .errors import InternalError, SpaceError, StoreError
+from .owner import open_file
 from .partial import CHECKPOINT_BYTES, DATA, STATE, WRITTEN, PartialState, files_of, read_written, usable_bytes
 from .partial import unlink_quiet as _unlink
 
@@ -178,11 +179,11 @@ class Sink:
         return sink
 
     def _open_files(self) -> None:
-        flags = os.O_CREAT | os.O_CLOEXEC
-        self.fd = os.open(self.data_path, os.O_RDWR | flags, 0o600)
-        self.mfd = os.open(self.dir / WRITTEN, os.O_RDWR | flags, 0o600)
+        # Never through a link: a planted partial/<sha>/data -> /etc/... is refused.
+        self.fd = open_file(self.data_path, os.O_RDWR | os.O_CREAT)
+        self.mfd = open_file(self.dir / WRITTEN, os.O_RDWR | os.O_CREAT)
         try:
-            self.dfd = os.open(self.data_path, os.O_WRONLY | os.O_DIRECT | flags, 0o600)
+            self.dfd = open_file(self.data_path, os.O_WRONLY | os.O_DIRECT | os.O_CREAT)
         except OSError:
             self.dfd = -1  # tmpfs and some FUSE filesystems refuse O_DIRECT
 

@@ -12,8 +12,10 @@ Commands that drop privileges run in a child process (the drop is for good).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from faultserver import origin  # noqa: F401 - fixture
 from ggufgen import write_model
 from modelfs_store.core import Store
 
@@ -112,6 +115,31 @@ def test_root_on_a_store_with_a_planted_daemon_log_refuses_to_append_to_it(world
     assert snapshot(v) == before
 
 
+def test_root_pulling_into_a_store_with_a_planted_partial_link_refuses_it(world, origin,  # noqa: F811
+                                                                          nobody_can_run_modelfs):
+    store, v = make_store(world, NOBODY), victim(world)
+    before = snapshot(v)
+    data = (world / "w.gguf").read_bytes()
+    sha = hashlib.sha256(data + b"x").hexdigest()
+    origin.add("/m.gguf", data + b"x")
+    partial = store / "partial" / sha
+    partial.mkdir(mode=0o700)
+    os.symlink(v / "precious", partial / "data")
+    for p in (partial, partial / "data"):
+        os.lchown(p, NOBODY, NOBODY)
+    r = modelfs(store, "pull", origin.url("/m.gguf"), "--sha256", sha)
+    assert r.returncode == 7, r.stderr
+    assert "data is a symbolic link" in r.stderr and "Traceback" not in r.stderr
+    assert snapshot(v) == before  # not overwritten, not chmodded 0444
+    # ... and a link in place of the partial directory itself
+    shutil.rmtree(partial)
+    os.symlink(v, partial)
+    os.lchown(partial, NOBODY, NOBODY)
+    r = modelfs(store, "pull", origin.url("/m.gguf"), "--sha256", sha)
+    assert r.returncode == 7 and "is not a directory (a symbolic link?)" in r.stderr, r.stderr
+    assert snapshot(v) == before
+
+
 def test_root_works_on_another_users_store_as_that_user(world, nobody_can_run_modelfs):
     store = make_store(world, NOBODY)
     w = world / "w2.gguf"
@@ -142,14 +170,20 @@ def _loose(root: Path) -> list[str]:
             if not p.is_symlink() and p.lstat().st_mode & 0o022]
 
 
-def test_under_umask_000_nothing_in_the_store_is_writable_by_group_or_other(world):
+def test_under_umask_000_nothing_in_the_store_is_writable_by_group_or_other(world, origin):  # noqa: F811
     root = world / "store"
     root.mkdir()
-    w = world / "w.gguf"
+    w, p = world / "w.gguf", world / "p.gguf"
     write_model(w, tensor_bytes=4096, seed=9)
-    for args in (["import", "m", str(w)], ["list"], ["verify"]):
+    write_model(p, tensor_bytes=8192, seed=10)
+    origin.add("/p.gguf", p.read_bytes())
+    sha = hashlib.sha256(p.read_bytes()).hexdigest()
+    steps = [["import", "m", str(w)], ["pull", origin.url("/p.gguf"), "--sha256", sha], ["list"], ["verify"]]
+    if os.path.exists("/dev/fuse"):
+        steps += [["mount", str(world / "mnt")], ["status"], ["unmount", str(world / "mnt")]]
+    for args in steps:
         r = modelfs(root, *args, umask=0)
-        assert r.returncode == 0, r.stderr
+        assert r.returncode == 0, (args, r.stderr)
     assert _loose(root) == []
     modes = {p.relative_to(root).as_posix(): stat.S_IMODE(p.lstat().st_mode) for p in [root, *root.rglob("*")]}
     assert modes["."] == 0o700 and modes["catalog.db"] == 0o600 and modes["blobs/sha256"] == 0o700
