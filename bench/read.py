@@ -104,7 +104,7 @@ class Daemon:
         mnt.mkdir(parents=True, exist_ok=True)
         self.mnt = mnt
         env = {**os.environ, "PYTHONPATH": str(REPO), "MODELFS_STORE": str(store)}
-        self.log = open(mnt.parent / f"{mnt.name}.log", "ab")
+        self.log = open(mnt.parent / f"{mnt.name}.log", "ab")  # noqa: SIM115 - the daemon's, until stop()
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "modelfs", "mount", str(mnt), "--foreground",
                                       *args], env=env, stdout=self.log, stderr=self.log)
@@ -284,7 +284,7 @@ def bench_listing(work: Path, models: int, rounds: int) -> dict:
 
 
 # -- report ---------------------------------------------------------------------------------------------
-def report(r: dict, l: dict | None, command: str) -> str:
+def report(r: dict, listing: dict | None, command: str) -> str:
     modes = r["modes"]
     main = modes[0]
     cold, warm, scan = r["cold_seq_gbps"], r["warm_seq_gbps"], r["warm_mmap_gbps"]
@@ -325,15 +325,17 @@ def report(r: dict, l: dict | None, command: str) -> str:
     lines += ["", f"One cold pass through the mount (`{main}`) grew the page cache by "
                   f"{r['cold_pass_cache_growth_gib']:.2f} GiB for a {r['size'] / 2**30:.1f} GiB file "
                   "(twice the size would mean the blob's pages and the mount's pages are both kept)."]
-    if l:
-        lines += ["", f"Listing {l['models']:,} models (`ls -l` of the mount root):", "",
+    if listing:
+        n = listing["models"]
+        lines += ["", f"Listing {n:,} models (`ls -l` of the mount root):", "",
                   "| Measure | Time |", "|---|---|",
-                  f"| mount start-up (tree of {l['models']:,} models built) | {l['mount_startup_s']:.2f} s |",
-                  f"| `ls -l`, first after mounting | {l['ls_l_first_s']:.3f} s |",
-                  f"| `ls -l`, mount (median) | {l['ls_l_s']['mount']:.3f} s |",
-                  f"| `ls -l`, native directory of {l['models']:,} dirs (median) | {l['ls_l_s']['native']:.3f} s |",
-                  f"| `os.listdir` of the mount | {l['listdir_s'] * 1e3:.1f} ms |",
-                  f"| a new model visible in the mount after its catalog commit | {l['change_visible_s']:.2f} s |"]
+                  f"| mount start-up (tree of {n:,} models built) | {listing['mount_startup_s']:.2f} s |",
+                  f"| `ls -l`, first after mounting | {listing['ls_l_first_s']:.3f} s |",
+                  f"| `ls -l`, mount (median) | {listing['ls_l_s']['mount']:.3f} s |",
+                  f"| `ls -l`, native directory of {n:,} dirs (median) | {listing['ls_l_s']['native']:.3f} s |",
+                  f"| `os.listdir` of the mount | {listing['listdir_s'] * 1e3:.1f} ms |",
+                  "| a new model visible in the mount after its catalog commit | "
+                  f"{listing['change_visible_s']:.2f} s |"]
     lines += ["", NOTES.strip()]
     return "\n".join(lines) + "\n"
 

@@ -71,7 +71,7 @@ def _write(
                 w.add_key_value(key, value, vtype)
         norm_name = "output_norm.weight" if arch != "clip" else "v.post_ln.weight"
         w.add_tensor_info(norm_name, (ROW,), np.dtype(np.float32), _ROW_BYTES)
-        for name, size in zip(names, sizes):
+        for name, size in zip(names, sizes, strict=True):
             w.add_tensor_info(name, (size // _ROW_BYTES, ROW), np.dtype(np.float32), size)
         w.write_header_to_file()
         w.write_kv_data_to_file()

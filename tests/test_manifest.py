@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import hashlib
 import json
 import os
 import stat
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -38,7 +39,7 @@ from modelfs_store.manifest import (
 )
 from modelfs_store.names import filename_problem
 
-NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 SHA_A = "a" * 64
 SHA_B = "b" * 64
 
@@ -82,7 +83,7 @@ def envelope_bytes(key: Ed25519PrivateKey, key_id: str, payload: bytes) -> bytes
 
 
 def raw_envelope(key_id: str, payload_b64: str, sig_b64: str) -> bytes:
-    return ('{"key_id": "%s", "payload_b64": "%s", "sig_b64": "%s"}' % (key_id, payload_b64, sig_b64)).encode()
+    return f'{{"key_id": "{key_id}", "payload_b64": "{payload_b64}", "sig_b64": "{sig_b64}"}}'.encode()
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_envelope_from_plain_cryptography_verifies(key, keyring) -> None:
     assert manifest.key_id == "pub-2026"
     assert manifest.raw_payload == payload
     assert manifest.payload_sha256 == hashlib.sha256(payload).hexdigest()
-    assert manifest.expires == datetime(2027, 1, 1, tzinfo=timezone.utc)
+    assert manifest.expires == datetime(2027, 1, 1, tzinfo=UTC)
     assert [a.role for a in manifest.artifacts] == ["weights", "mmproj"]
     assert all(a.platform == "any" for a in manifest.artifacts)
     assert len(checks) >= 6 and any("signature" in c for c in checks)
@@ -302,8 +303,8 @@ def test_sloppy_signature_base64_is_refused(key) -> None:
 def test_duplicate_keys_in_envelope_are_refused(key) -> None:
     payload = json.dumps(payload_dict()).encode()
     sig = _b64(key.sign(payload))
-    data = ('{"key_id": "evil", "key_id": "pub-2026", "payload_b64": "%s", "sig_b64": "%s"}'
-            % (_b64(payload), sig)).encode()
+    data = (f'{{"key_id": "evil", "key_id": "pub-2026", "payload_b64": "{_b64(payload)}", '
+            f'"sig_b64": "{sig}"}}').encode()
     exc = refused(ManifestError, "duplicate-key", parse_envelope, data)
     assert "'key_id'" in str(exc)
 
@@ -377,7 +378,7 @@ def test_expired_manifest_is_refused(key, keyring) -> None:
     data = signed(key, payload_dict(expires="2026-03-01T12:00:00Z"))
     exc = refused(TrustError, "expired", load_manifest, data, keyring, now=NOW)
     assert exc.fields["version"] == 3
-    later = datetime(2026, 3, 1, 11, 59, 59, tzinfo=timezone.utc)
+    later = datetime(2026, 3, 1, 11, 59, 59, tzinfo=UTC)
     assert load_manifest(data, keyring, now=later).version == 3
 
 
@@ -584,6 +585,6 @@ def test_floor_without_its_hash_is_a_caller_bug(key, keyring) -> None:
 
 def test_manifest_is_frozen(key, keyring) -> None:
     m = _manifest_v(key, keyring, 3)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         m.version = 4  # type: ignore[misc]
     assert copy.copy(m) == m

@@ -75,13 +75,13 @@ def test_a_sequential_pass_leaves_one_copy_in_memory(blob) -> None:
     for mode in ("inline", "inline-keep"):
         files = OpenFiles(Materialiser(store, None), read_mode=mode)
 
-        async def main() -> None:
+        async def main(files: OpenFiles) -> None:
             fh = await files.open(node, ME)
             for off in range(0, SIZE, MB):
                 assert bytes(await files.read(fh, off, MB)) == data[off:off + MB]
             files.release(fh)
 
-        trio.run(main)
+        trio.run(main, files)
         files.close_all()
         shares[mode] = resident(path, 0, SIZE)
         drop(path)
@@ -94,11 +94,11 @@ def test_every_read_mode_keeps_no_descriptor_after_release(blob) -> None:
         files = OpenFiles(Materialiser(store, None), read_mode=mode)
         before = open_fds()
 
-        async def main() -> None:
+        async def main(files: OpenFiles) -> None:
             fh = await files.open(node, ME)
             assert bytes(await files.read(fh, SIZE - MB, MB)) == data[-MB:]
             files.release(fh)
 
-        trio.run(main)
+        trio.run(main, files)
         files.close_all()
         assert open_fds() == before, mode

@@ -33,8 +33,14 @@ from modelfs_store.core import Store
 from modelfs_store.download import Downloader
 from modelfs_store.errors import ArchiveError, Conflict, IntegrityError, ManifestError, StoreError, TrustError
 from modelfs_store.keys import revoke_key, trust_key
-from modelfs_store.packs import (CRASH_BEFORE_ACTIVATE, InstallResult, add_channel, install_pack, pull_pack_url,
-                         update_channels)
+from modelfs_store.packs import (
+    CRASH_BEFORE_ACTIVATE,
+    InstallResult,
+    add_channel,
+    install_pack,
+    pull_pack_url,
+    update_channels,
+)
 from test_archive import build_zip, member
 
 SCHEMA = "modelfs.manifest/1"
@@ -426,7 +432,6 @@ def test_signed_pack_cannot_take_over_an_imported_model(store: Store, pub: Publi
 def test_an_unsigned_import_or_pull_cannot_add_to_a_signed_model(store: Store, pub: Publisher,
                                                                  tmp_path: Path) -> None:
     from ggufgen import write_model
-
     from modelfs_store.pull import PullSource, pull
 
     run_install(store, release(pub, 1))
@@ -711,7 +716,8 @@ def test_pull_lazy_through_the_cli(trusted_cli: CLI, pub: Publisher) -> None:
     [row] = cli.run("list", "--json").json()
     assert row["name"] == "demo" and {f["state"] for f in row["files"]} == {"dehydrated"}
     assert "dehydrated" in cli.run("list").stdout
-    assert [v["status"] for v in cli.run("verify", "--json").json()] == ["dehydrated", "dehydrated"]  # a source: not lost
+    # Not local but with a source: dehydrated, not lost.
+    assert [v["status"] for v in cli.run("verify", "--json").json()] == ["dehydrated", "dehydrated"]
     # --lazy is for signed packs only: an unsigned source has nothing that vouches for it yet.
     r = cli.run("pull", "--lazy", pub.server.url("/x.gguf"), "--sha256", "0" * 64, check=False)
     assert r.returncode == 2 and "--lazy needs a signed pack" in r.stderr

@@ -15,11 +15,34 @@ import trio
 
 from modelfs.mount import tree
 from modelfs.mount.errnos import errno_for
-from modelfs.mount.tree import (CARD_NAME, LONG_TIMEOUT, ROOT_INODE, VERSIONS_DIR, Caller, InodeMap, ModelEntry,
-                          Namespace, NoAttribute, build, diff, load_snapshot)
+from modelfs.mount.tree import (
+    CARD_NAME,
+    LONG_TIMEOUT,
+    ROOT_INODE,
+    VERSIONS_DIR,
+    Caller,
+    InodeMap,
+    ModelEntry,
+    Namespace,
+    NoAttribute,
+    build,
+    diff,
+    load_snapshot,
+)
 from modelfs_store.catalog import Catalog, FileRecord, ModelRecord, VersionRecord
-from modelfs_store.errors import (Conflict, FetchError, FetchTimeout, IntegrityError, InternalError, NotFound,
-                                  OfflineError, SpaceError, StoreError, TrustError, UsageError)
+from modelfs_store.errors import (
+    Conflict,
+    FetchError,
+    FetchTimeout,
+    IntegrityError,
+    InternalError,
+    NotFound,
+    OfflineError,
+    SpaceError,
+    StoreError,
+    TrustError,
+    UsageError,
+)
 
 ME = Caller(1000, 1000, 4242)
 
@@ -386,9 +409,8 @@ def test_adapter_handlers_only_ever_raise_fuse_errors(ns, caplog):
             await ops.lookup(ROOT_INODE, b"nope", Ctx())
         assert e.value.errno == errno.ENOENT
         f = walk(ns, "Alpha/a.gguf")
-        with caplog.at_level(logging.ERROR):
-            with pytest.raises(pyfuse3.FUSEError) as e:
-                await ops.open(f.ino, os.O_RDONLY, Ctx())
+        with caplog.at_level(logging.ERROR), pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.open(f.ino, os.O_RDONLY, Ctx())
         assert e.value.errno == errno.EIO and "a bug" in caplog.text
         for call in (ops.open(f.ino, os.O_WRONLY, Ctx()), ops.unlink(ROOT_INODE, b"Alpha", Ctx()),
                      ops.setxattr(f.ino, b"user.x", b"1", Ctx())):
