@@ -5,7 +5,7 @@
 :meth:`BlobStore.commit_file` (size and SHA-256 checked; a mismatch is quarantined).
 Unverified bytes are never visible under ``blobs/``.
 
-Resume rules (issue 3): a partial is always resumable here because the expected
+Resume rules: a partial is always resumable here because the expected
 SHA-256 is always known. A resumed request sends ``Range: bytes=N-`` with ``If-Range``
 (a strong ETag, else Last-Modified). A 206 must carry ``Content-Range`` starting at N,
 else the transfer restarts from zero; a 200 restarts from zero; a 416 discards the
@@ -23,7 +23,7 @@ jitter (``Retry-After`` honoured, capped); a stall (no byte for ``stall_timeout`
 or a rate under ``min_speed`` reconnects and resumes; free space is checked before
 writing; a body longer than the expected size is refused.
 
-When to give up (issue 11): only NEW bytes count as progress, bytes past the most the
+When to give up: only NEW bytes count as progress, bytes past the most the
 partial ever held in this fetch (a server that ignores Range and drops every connection
 sends the same first bytes again and again). ``max_retries`` failures in a row without
 :data:`MIN_PROGRESS` new bytes end the fetch with the last error, and so does receiving

@@ -27,7 +27,7 @@ let the mount list a size the bytes do not have): refused with TrustError
 (``size-mismatch``) before anything is fetched or activated. A blob that is not local is
 checked for size and SHA-256 when it is fetched.
 
-Deliberate difference from the order listed in issue 5: the payload is parsed (and
+Deliberate difference from the order a reader might expect: the payload is parsed (and
 its schema and file names checked) only *after* its signature verifies. Nothing
 unauthenticated beyond the three-field envelope is parsed, which is the rule
 ``store.manifest`` is built and tested on. Every check still runs before any

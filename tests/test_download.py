@@ -1,4 +1,4 @@
-"""Issue 3: resumable, verified, deduplicated downloads, against a real fault-injecting server.
+"""Resumable, verified, deduplicated downloads, against a real fault-injecting server.
 
 Layer 2 of DESIGN §7: every test talks to ``tests/faultserver.py`` over real sockets on
 127.0.0.1. In-process tests drive :class:`store.download.Downloader` under ``trio.run``
@@ -260,7 +260,7 @@ def test_corrupted_twice_is_a_clear_error(store, origin):
         fetch(store, origin.url("/x2"), data)
     msg = str(e.value)
     assert "failed verification twice" in msg and "\n" not in msg
-    # Both transfers brought the same bad bytes: quarantine keeps one copy (issue 11).
+    # Both transfers brought the same bad bytes: quarantine keeps one copy per content.
     assert len(quarantined(store)) == 1 and store.blobs.iter_blobs() == []
     assert list_partials(store) == []
 
@@ -513,7 +513,7 @@ def test_discard_partial(store, origin):
 
 
 def test_crash_after_checkpoint_loses_at_most_64_mib(tmp_path, origin):
-    # A GGUF: an unsigned pull refuses anything else at its first bytes (issue 11).
+    # A GGUF: an unsigned pull refuses anything else at its first bytes.
     data = write_model(tmp_path / "cp.gguf", tensor_bytes=80 * MB, seed=25).read_bytes()
     size = len(data)
     origin.add("/cp", data)

@@ -1,4 +1,4 @@
-"""Issue 11, item 2: a failed verification is remembered, with backoff, and quarantine
+"""A failed verification is remembered, with backoff, and quarantine
 keeps one copy per distinct bad content within a cap.
 
 In process against the fault server (the downloader with an injected wall clock), then

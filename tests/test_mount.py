@@ -612,7 +612,7 @@ def test_a_lazily_pulled_signed_pack_materialises_on_open(tmp_path, cli, origin,
 
 
 def test_weights_fetched_through_the_mount_fill_the_card_of_a_lazy_pack(tmp_path, cli, origin, mount_at):
-    """Issue 11: a lazily pulled pack's card has no GGUF fields until its weights are
+    """A lazily pulled pack's card has no GGUF fields until its weights are
     local; once an open through the mount fetched them, ``list`` shows the quantization."""
     from test_packs import Publisher
 
@@ -653,7 +653,7 @@ def test_a_failing_download_is_eio_with_no_partial_bytes(tmp_path, store, origin
 
 def test_three_opens_against_a_corrupting_origin_cost_at_most_twice_the_file(tmp_path, store, origin, cli,
                                                                              mount_at):
-    """Issue 11: a failed verification is remembered, so the opens after the first answer
+    """A failed verification is remembered, so the opens after the first answer
     EIO at once, and quarantine keeps the bad bytes once."""
     data = write_model(tmp_path / "c.gguf", tensor_bytes=8 << 20, seed=6).read_bytes()
     sha = add_remote(store, "corrupt", "c.gguf", data, origin.url("/c.gguf"))

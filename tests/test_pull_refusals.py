@@ -1,4 +1,4 @@
-"""Issue 11: what a pull refuses, and when. Each refusal comes as early as the facts
+"""What a pull refuses, and when. Each refusal comes as early as the facts
 allow, with one clear line, and leaves nothing behind.
 
 Fault server on 127.0.0.1 and ``modelfs`` as a child process, as in

@@ -1,4 +1,4 @@
-"""Issue 11, item 3: whatever the moment of a ``kill -9``, a resumed pull fetches at most
+"""Whatever the moment of a ``kill -9``, a resumed pull fetches at most
 64 MiB more than what was missing, socket buffers included.
 
 Each case starts ``modelfs pull`` of a 512 MiB GGUF in a child process, kills it (a crash

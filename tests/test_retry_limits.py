@@ -1,4 +1,4 @@
-"""Issue 11, items 1 and 9: a fetch gives up, clearly and within a byte bound, against
+"""A fetch gives up, clearly and within a byte bound, against
 origins no client can finish from; fault server on 127.0.0.1, real sockets.
 
 Rules under test (``store/download.py``): only new bytes, past the most the partial ever

@@ -1,4 +1,4 @@
-"""A system store (issue 10): a dedicated user owns the store; its daemon starts as root,
+"""A system store: a dedicated user owns the store; its daemon starts as root,
 mounts with allow_other, then runs as that user keeping only CAP_SYS_PTRACE; root's CLI
 becomes that user to administer it; the packaging creates the user and the directories.
 

@@ -1,4 +1,4 @@
-"""Per-app visibility, enforced by a real mount (issue 10, acceptance 3 and 4).
+"""Per-app visibility, enforced by a real mount.
 
 A store owned by root (the test's uid), mounted with ``--allow-other``: a shared model
 and a private model of app A. Processes of a second uid (``nobody``, through setpriv)
