@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any
 from .durable import atomic_write
 from .errors import UsageError
 from .layout import Layout, check_sha256
-from .owner import read_small
+from .owner import open_dir, read_small
 from .redact import redact_text
 
 __all__ = ["BACKOFF_FIRST", "BACKOFF_MAX", "FailedVerification", "backoff", "failed_dir", "forget",
@@ -113,6 +114,7 @@ def remember(layout: Layout, sha256: str, *, reason: str, url: str | None, now: 
                              now + backoff(failures), redact_text(" ".join(reason.split())), url)
     directory = failed_dir(layout)
     directory.mkdir(mode=0o700, exist_ok=True)
+    os.close(open_dir(directory))  # a link planted in its place is refused, never written through
     atomic_write(_path(layout, sha256), json.dumps({"version": FORMAT_VERSION, **mem.as_dict()},
                                                    sort_keys=True).encode())
     log.warning("%s… failed verification %d time(s); no new attempt before %s", sha256[:12], failures,

@@ -184,8 +184,10 @@ def secure(layout: Layout, owner: int) -> Secured:
     fresh = not os.path.lexists(layout.catalog)
     with opened_dir(root) as fd:
         _check(fd, str(root), owner, _root_mode(fd), done)
-        for rel in ("blobs", "blobs/sha256", "tmp", "partial", "partial/failed", "quarantine", "run"):
+        for rel in ("blobs", "blobs/sha256", "tmp", "partial", "quarantine", "run"):
             _ensure_dir(fd, rel, root, owner, done)
+        if os.path.lexists(root / "partial" / "failed"):  # made when first needed (store.failures)
+            _ensure_dir(fd, "partial/failed", root, owner, done)
         with opened_dir("blobs/sha256", fd, shown=layout.blobs) as blobs:
             for entry in os.scandir(blobs):
                 if entry.is_dir(follow_symlinks=False) or entry.is_symlink():

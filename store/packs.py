@@ -150,7 +150,9 @@ class InstallResult:
     dehydrated: tuple[str, ...] = ()  # files left to fetch on first open (lazy installs)
 
     def as_dict(self) -> dict[str, Any]:
+        """The JSON shape (docs/json.md): the model is ``name``, as in ``list``."""
         d = dict(self.__dict__)
+        d["name"] = d.pop("model")
         d["files"] = [{k: v for k, v in f.__dict__.items()} for f in self.files]
         return d
 

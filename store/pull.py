@@ -83,7 +83,7 @@ class PullResult:
     files: tuple[FileRecord, ...]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "version": self.version, "new_version": self.new_version,
+        return {"name": self.model, "version": self.version, "new_version": self.new_version,
                 "new_bytes": self.new_bytes, "bytes_transferred": self.bytes_transferred,
                 "signed": False, "files": [f.__dict__ for f in self.files]}
 

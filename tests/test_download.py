@@ -571,7 +571,7 @@ def test_cli_pull_json_progress_lines(cli, origin, small_gguf):
     assert events[0]["event"] == "start" and events[0]["total"] is None  # no --size: learnt from the server
     assert events[-2] == {"event": "progress", "file": w.name, "bytes": w.stat().st_size,
                           "total": w.stat().st_size}
-    assert events[-1]["event"] == "result" and events[-1]["model"] == "tiny-Q4_K_M"
+    assert events[-1]["event"] == "result" and events[-1]["name"] == "tiny-Q4_K_M"
     assert events[-1]["signed"] is False
 
 

@@ -213,7 +213,7 @@ def test_generate_sign_trust_verify_through_the_cli(keys_env: CLI, tmp_path: Pat
     for what in ("cap", "canonical base64", "signature verifies", "not expired", "first version"):
         assert any(what in ln for ln in lines), (what, lines)
     j = cli.run("manifest", "verify", str(env_file), "--json").json()
-    assert j["ok"] and j["model_id"] == "demo" and j["key_id"] == "pub-2026" and len(j["checks"]) >= 7
+    assert j["ok"] and j["model"] == "demo" and j["key_id"] == "pub-2026" and len(j["checks"]) >= 7
 
     tampered = json.loads(data)
     tampered["payload_b64"] = base64.b64encode(payload(version=2)).decode()

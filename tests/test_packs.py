@@ -692,7 +692,7 @@ def test_channels_and_update_through_the_cli(trusted_cli: CLI, pub: Publisher) -
     r = cli.run("channels", "add", url, "--key", "k1", "--key", "k-next")
     assert "k-next not trusted yet" in r.stderr
     [res] = cli.run("update", "--json").json()
-    assert res["outcome"] == "installed" and res["install"]["model"] == "demo"
+    assert res["outcome"] == "installed" and res["install"]["name"] == "demo"
     [res] = cli.run("update", "--json").json()
     assert res["outcome"] == "up-to-date" and res["install"]["bytes_downloaded"] == 0
     [ch] = cli.run("channels", "list", "--json").json()

@@ -44,7 +44,7 @@ def import_cmd(c: Ctx, name: str, weights: str, mmproj: str | None, license_: st
                                    license=license_, source_url=source_url, owner_app=owner_app, private=private,
                                    progress=advance)
     if as_json:
-        print_json({"model": res.model, "version": res.version, "new_version": res.new_version,
+        print_json({"name": res.model, "version": res.version, "new_version": res.new_version,
                     "new_bytes": res.new_bytes, "files": [f.__dict__ for f in res.files]})
         return
     what = f"version {res.version}" if res.new_version else f"version {res.version} (unchanged)"
@@ -251,20 +251,28 @@ def rollback(c: Ctx, name: str, force: bool, as_json: bool) -> None:
 @click.command()
 @click.argument("name")
 @click.option("--reason", help="Why it is pinned.")
+@json_option
 @pass_ctx
-def pin(c: Ctx, name: str, reason: str | None) -> None:
+def pin(c: Ctx, name: str, reason: str | None, as_json: bool) -> None:
     """Keep NAME and all its versions through prune."""
     c.store.catalog.pin(name, reason)
+    if as_json:
+        print_json({"name": name, "pinned": True, "reason": reason})
+        return
     click.echo(f"pinned {name}")
 
 
 @click.command()
 @click.argument("name")
+@json_option
 @pass_ctx
-def unpin(c: Ctx, name: str) -> None:
+def unpin(c: Ctx, name: str, as_json: bool) -> None:
     """Let prune consider NAME again."""
     if not c.store.catalog.unpin(name):
         raise UsageError(f"{name!r} is not pinned")
+    if as_json:
+        print_json({"name": name, "pinned": False})
+        return
     click.echo(f"unpinned {name}")
 
 

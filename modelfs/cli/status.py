@@ -57,7 +57,7 @@ def status(c: Ctx, as_json: bool) -> None:
     if as_json:
         keys = ("pid", "mountpoint", "offline", "started_at", "open_files", "fetch_errors")
         mount = None if daemon is None else {k: daemon.get(k) for k in keys}
-        print_json({"store": str(store.layout.root), "models": len(models), "blobs": len(blobs),
+        print_json({"store": str(store.layout.root), "model_count": len(models), "blob_count": len(blobs),
                     "blob_bytes": blob_bytes, "quarantine": quarantined,
                     "partials": [p.as_dict() for p in partials], "mount": mount, "stale_mountpoint": stale,
                     "detached": detached,

@@ -181,7 +181,7 @@ def manifest_verify(c: Ctx, envelope: str, platform: str | None, as_json: bool) 
         print_json({"source": source, "ok": error is None, "checks": checks,
                     "refused": str(error) if error else None,
                     "reason": error.fields.get("reason") if error else None,
-                    "model_id": m.model_id if m else None, "version": m.version if m else None,
+                    "model": m.model_id if m else None, "version": m.version if m else None,
                     "key_id": m.key_id if m else None, "payload_sha256": m.payload_sha256 if m else None,
                     "artifacts": [a.__dict__ for a in m.artifacts] if m else []})
     else:
