@@ -84,7 +84,7 @@ class PullResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.model, "version": self.version, "new_version": self.new_version,
-                "new_bytes": self.new_bytes, "bytes_transferred": self.bytes_transferred,
+                "new_bytes": self.new_bytes, "bytes_downloaded": self.bytes_transferred,
                 "signed": False, "files": [f.__dict__ for f in self.files]}
 
 

@@ -117,7 +117,7 @@ def _echo_mount(daemon: dict[str, Any] | None) -> None:
     elif errors:
         click.echo("  recent fetch errors:")
     for e in errors[-SHOWN_FETCH_ERRORS:]:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["failed_at"]))
         where = f"{e['model']}/{e['filename']}" if e.get("model") else e["filename"]
         click.echo(f"    {when}  {where}: {e['reason']} ({e['error']})")
 

@@ -206,8 +206,9 @@ def channels() -> None:
 @click.argument("url")
 @click.option("--key", "key_ids", multiple=True, required=True, help="Key id allowed to sign (repeatable).")
 @click.option("--replace", is_flag=True, help="URL is a channel already: replace its keys with these.")
+@json_option
 @pass_ctx
-def channels_add(c: Ctx, url: str, key_ids: tuple[str, ...], replace: bool) -> None:
+def channels_add(c: Ctx, url: str, key_ids: tuple[str, ...], replace: bool, as_json: bool) -> None:
     """Fetch URL on every 'modelfs update'; accept only packs signed by --key. A URL that
     is a channel already keeps its keys unless --replace is given."""
     from modelfs_store.keys import load_keyring
@@ -218,6 +219,9 @@ def channels_add(c: Ctx, url: str, key_ids: tuple[str, ...], replace: bool) -> N
     untrusted = [k for k in key_ids if k not in ring or ring[k].revoked or ring[k].problem]
     if untrusted:
         info(f"note: {', '.join(untrusted)} not trusted yet; add with 'modelfs keys add'")
+    if as_json:
+        print_json({"url": url, "key_ids": sorted(key_ids), "untrusted": untrusted})
+        return
     click.echo(f"channel {url} (keys: {', '.join(sorted(key_ids))})")
 
 

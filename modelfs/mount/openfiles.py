@@ -65,7 +65,7 @@ class Fetcher(Protocol):
 
 @dataclass
 class FetchFailure:
-    at: float
+    failed_at: float
     model: str | None
     filename: str
     sha256: str
