@@ -194,7 +194,7 @@ class GGUFHeaderCheck:
 
 
 async def pull(store: Store, downloader: Downloader, sources: list[PullSource], *, name: str | None = None,
-               owner_app: str | None = None, license: str | None = None,
+               owner_app: str | None = None, private: bool = False, license: str | None = None,
                progress: ProgressFactory | None = None) -> PullResult:
     """Fetch every source, check the GGUF headers, record and activate an unsigned version."""
     if not sources or sources[0].role != "weights":
@@ -226,7 +226,7 @@ async def pull(store: Store, downloader: Downloader, sources: list[PullSource], 
 
     version, created = store.record_unsigned(
         name, records, info, action=Action.PULL, source=weights.source, license=license,
-        source_url=weights.source_url, owner_app=owner_app, new_bytes=new_bytes)
+        source_url=weights.source_url, owner_app=owner_app, new_bytes=new_bytes, private=private)
     return PullResult(name, version, created, new_bytes, transferred, tuple(records))
 
 
@@ -304,6 +304,7 @@ class PullOptions:
     mmproj_sha256: str | None = None
     license: str | None = None
     owner_app: str | None = None
+    private: bool = False             # only its app, apps granted it and the owner's shell see it
     platform: str | None = None       # signed: whose artifacts to install (default: this one)
     retry: bool = False               # try files whose verification failed recently now (store.failures)
 
@@ -346,7 +347,7 @@ async def pull_source(store: Store, downloader: Downloader, source: str, options
         sources.append(await resolve(downloader, options.mmproj, role="mmproj", sha256=options.mmproj_sha256,
                                      base=base))
     return await pull(store, downloader, sources, name=options.name, owner_app=options.owner_app,
-                      license=options.license, progress=reporter)
+                      private=options.private, license=options.license, progress=reporter)
 
 
 async def _probe_envelope(downloader: Downloader, url: str) -> tuple[bytes | None, str | None]:
@@ -388,10 +389,15 @@ async def _pull_pack(store: Store, downloader: Downloader, source: str, envelope
     progress = reporter.pack() if reporter is not None else None
     is_url = source.startswith(("http://", "https://"))
     if envelope is None and is_url:
-        return await pull_pack_url(store, downloader, source, platform=options.platform, progress=progress,
-                                   lazy=options.lazy)
-    if envelope is None:
-        envelope = read_envelope_file(source)
-    origin = redact_url(source) if is_url else f"file:{Path(source).name}"
-    return await install_pack(store, downloader, envelope, platform=options.platform, source=origin,
-                              progress=progress, lazy=options.lazy)
+        res = await pull_pack_url(store, downloader, source, platform=options.platform, progress=progress,
+                                  lazy=options.lazy)
+    else:
+        envelope = envelope if envelope is not None else read_envelope_file(source)
+        origin = redact_url(source) if is_url else f"file:{Path(source).name}"
+        res = await install_pack(store, downloader, envelope, platform=options.platform, source=origin,
+                                 progress=progress, lazy=options.lazy)
+    if options.private or options.owner_app:  # the publisher names the model; who sees it is local
+        store.catalog.set_visibility(res.model, "private" if options.private else
+                                     store.catalog.get_model(res.model).visibility,
+                                     owner_app=options.owner_app, actor=store.actor)
+    return res

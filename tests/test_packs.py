@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from conftest import CLI, wait_for
 from faultserver import FaultServer, origin  # noqa: F401 - fixture
+from ggufgen import write_model
 from modelfs_store.core import Store
 from modelfs_store.download import Downloader
 from modelfs_store.errors import ArchiveError, Conflict, IntegrityError, ManifestError, StoreError, TrustError
@@ -790,3 +791,18 @@ def test_show_names_the_signing_key_and_the_version_states(trusted_cli: CLI, pub
     cli.run("pull", pub.serve("2.json", release(pub, 2)))
     out = cli.run("show", "demo").stdout
     assert "version 1  last-good  signed by k1" in out and "version 2  active  signed by k1" in out
+
+
+def test_pull_private_makes_the_pack_and_an_unsigned_pull_private(trusted_cli: CLI, pub: Publisher,
+                                                                   tmp_path: Path) -> None:
+    cli = trusted_cli
+    cli.run("pull", pub.serve("v1.json", release(pub, 1)), "--app", "org.example.A", "--private")
+    d = show(cli)
+    assert (d["visibility"], d["owner_app"]) == ("private", "org.example.A")
+    w = tmp_path / "u.gguf"
+    write_model(w, tensor_bytes=4096, seed=3)
+    data = w.read_bytes()
+    pub.server.add("/u.gguf", data)
+    cli.run("pull", pub.server.url("/u.gguf"), "--sha256", sha(data), "--name", "u", "--private")
+    u = show(cli, "u")
+    assert (u["visibility"], u["owner_app"]) == ("private", None)

@@ -128,6 +128,7 @@ async def _cancel_on_signal(scope: Any) -> None:
 @click.option("--mmproj-sha256", help="Expected SHA-256 of the mmproj (required for http(s):// sources).")
 @click.option("--license", "license_", help="Licence of the model.")
 @click.option("--app", "owner_app", help="App that owns the model.")
+@click.option("--private", is_flag=True, help="Only its app, apps granted it and your own shell see it in the mount.")
 @click.option("--json", "as_json", is_flag=True, help="Progress events and the result as JSON lines.")
 @click.option("--pack", is_flag=True, help="SOURCE is a signed pack envelope (a file or an http(s) URL).")
 @click.option("--lazy", is_flag=True,
@@ -137,7 +138,7 @@ async def _cancel_on_signal(scope: Any) -> None:
                    "them until their backoff expires (see 'modelfs status').")
 @click.pass_obj
 def pull(c: Ctx, source: str, sha256: str | None, size: int | None, name: str | None, mmproj: str | None,
-         mmproj_sha256: str | None, license_: str | None, owner_app: str | None, as_json: bool,
+         mmproj_sha256: str | None, license_: str | None, owner_app: str | None, private: bool, as_json: bool,
          pack: bool, lazy: bool, retry: bool) -> None:
     """Download a model from SOURCE (https://… with --sha256, or hf://org/repo[@rev]/file.gguf),
     verify it, and make it the active version of NAME. Interrupted pulls resume.
@@ -148,7 +149,8 @@ def pull(c: Ctx, source: str, sha256: str | None, size: int | None, name: str | 
     from modelfs_store.pull import PullOptions, PullResult
 
     options = PullOptions(pack=pack, lazy=lazy, sha256=sha256, size=size, name=name, mmproj=mmproj,
-                          mmproj_sha256=mmproj_sha256, license=license_, owner_app=owner_app, retry=retry)
+                          mmproj_sha256=mmproj_sha256, license=license_, owner_app=owner_app, private=private,
+                          retry=retry)
     store = c.store
     with ExitStack() as stack:
         reporter = _Reporter(as_json, stack)
