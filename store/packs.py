@@ -579,11 +579,16 @@ def add_channel(store: Store, url: str, key_ids: Collection[str], *, actor: str 
 
 async def update_channels(store: Store, downloader: Downloader, *, platform: str | None = None,
                           now: datetime | None = None, actor: str | None = None,
-                          progress: Progress | None = None) -> list[ChannelResult]:
-    """Fetch each channel once, install what is newer, record when and how it went."""
+                          progress: Progress | None = None, check: bool = False) -> list[ChannelResult]:
+    """Fetch each channel once, install what is newer, record when and how it went.
+    ``check``: every check of the envelope, and what would be installed, but no
+    artifact fetched and nothing recorded."""
     out: list[ChannelResult] = []
     for ch in store.catalog.channels():
         url = ch["url"]
+        if check:
+            out.append(await _check_channel(store, downloader, url, ch["key_ids"], platform, now))
+            continue
         try:
             res = await pull_pack_url(store, downloader, url, platform=platform, now=now, actor=actor,
                                       allowed_keys=ch["key_ids"], progress=progress)
@@ -601,3 +606,20 @@ async def update_channels(store: Store, downloader: Downloader, *, platform: str
         store.catalog.channel_checked(url, result.message)
         out.append(result)
     return out
+
+
+async def _check_channel(store: Store, downloader: Downloader, url: str, key_ids: Collection[str],
+                         platform: str | None, now: datetime | None) -> ChannelResult:
+    """What ``update`` would do for one channel, without installing or recording it."""
+    try:
+        envelope = await fetch_envelope(downloader, url)
+        m = check_pack(store, envelope, now=now or datetime.now(UTC), platform=platform or current_platform(),
+                       allowed_keys=key_ids)
+    except StoreError as exc:
+        outcome = "refused" if isinstance(exc, _CONTENT_REFUSALS) else "failed"
+        return ChannelResult(url, outcome, f"{outcome}: {redact_text(str(exc))}")
+    if m.version in _signed_versions(store, m.model_id):
+        return ChannelResult(url, "up-to-date", f"up to date: {m.model_id} version {m.version} is installed")
+    size = sum(a.size for a in m.artifacts_for_platform(platform or current_platform()))
+    return ChannelResult(url, "available", f"available: {m.model_id} version {m.version} ({size} bytes), "
+                                           f"signed by {m.key_id}; `modelfs update` installs it")

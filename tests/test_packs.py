@@ -806,3 +806,19 @@ def test_pull_private_makes_the_pack_and_an_unsigned_pull_private(trusted_cli: C
     cli.run("pull", pub.server.url("/u.gguf"), "--sha256", sha(data), "--name", "u", "--private")
     u = show(cli, "u")
     assert (u["visibility"], u["owner_app"]) == ("private", None)
+
+
+def test_update_check_reports_what_is_newer_and_fetches_nothing(trusted_cli: CLI, pub: Publisher) -> None:
+    cli = trusted_cli
+    url = pub.serve("feed.json", release(pub, 1))
+    cli.run("channels", "add", url, "--key", "k1")
+    pub.server.reset_counts()
+    [res] = cli.run("update", "--check", "--json").json()
+    assert res["outcome"] == "available" and "demo version 1" in res["message"] and res["install"] is None
+    assert pub.artifact_bytes() == 0 and not cli.run("list", "--json").json()
+    [ch] = cli.run("channels", "list", "--json").json()
+    assert ch["last_checked"] is None  # a check records nothing
+    cli.run("update")
+    pub.server.reset_counts()
+    [res] = cli.run("update", "--check", "--json").json()
+    assert res["outcome"] == "up-to-date" and pub.artifact_bytes() == 0

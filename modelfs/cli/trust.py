@@ -245,9 +245,10 @@ def channels_list(c: Ctx, as_json: bool) -> None:
 
 @click.command()
 @click.option("--platform", help="Platform whose artifacts to install (default: this one).")
+@click.option("--check", is_flag=True, help="Check every channel and report what is newer; install nothing.")
 @json_option
 @pass_ctx
-def update(c: Ctx, platform: str | None, as_json: bool) -> None:
+def update(c: Ctx, platform: str | None, check: bool, as_json: bool) -> None:
     """Fetch every channel once and install newer signed versions."""
     import trio
 
@@ -260,7 +261,7 @@ def update(c: Ctx, platform: str | None, as_json: bool) -> None:
 
     async def run(advance: Any) -> list[Any]:
         async with downloader_from_env(store.blobs) as dl:
-            return await update_channels(store, dl, platform=platform, progress=advance)
+            return await update_channels(store, dl, platform=platform, progress=advance, check=check)
 
     with progress_bar(None, "updating") as advance:
         results = trio.run(run, advance)
