@@ -91,7 +91,7 @@ SCHEMA = "modelfs.manifest/1"
 KNOWN_SCHEMAS = frozenset({SCHEMA})
 
 ROLES = frozenset({"weights", "mmproj", "shard", "aux", "archive"})
-PLATFORMS = frozenset({"any", "linux", "macos", "windows"})
+PLATFORMS = frozenset({"any", "linux", "macos", "windows", "android", "ios"})
 ARCHIVE_SUFFIX = ".zip"
 
 _REQUIRED = frozenset(
@@ -151,13 +151,33 @@ class Artifact:
 
 
 @dataclass(frozen=True)
+class MinDevice:
+    """``min_device`` as an object: a soft gate, evaluated on the installing machine
+    (``store.device``). Absent fields ask nothing."""
+    min_ram_bytes: int | None = None
+    min_free_disk_bytes: int | None = None
+    cpu_features: tuple[str, ...] = ()
+    gpu: str | None = None
+    os_min: str | None = None
+
+    def as_text(self) -> str:
+        """The catalog's and the card's form: canonical JSON."""
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
+             if v not in (None, ())}
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+
+_MIN_DEVICE_FIELDS = frozenset({"min_ram_bytes", "min_free_disk_bytes", "cpu_features", "gpu", "os_min"})
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema: str
     model_id: str
     version: int
     family: str
     context_len: int
-    min_device: str
+    min_device: str | MinDevice   # free text, or the soft gate of an object
     license: str
     source_url: str
     expires: datetime
@@ -607,6 +627,19 @@ def _check_unique_names(artifacts: tuple[Artifact, ...]) -> None:
             seen[key] = name
 
 
+def _min_device(value: dict[str, Any]) -> MinDevice:
+    _check_fields(value, frozenset(), _MIN_DEVICE_FIELDS, "min_device", "min_device.")
+    ints = {k: _int(value, k, f"min_device.{k}", minimum=0) for k in ("min_ram_bytes", "min_free_disk_bytes")
+            if k in value}
+    features = value.get("cpu_features", [])
+    if not isinstance(features, list) or len(features) > 64 or not all(
+            isinstance(f, str) and re.fullmatch(r"[a-z0-9_.]{1,32}", f) for f in features):
+        raise _refuse("bad-field", "min_device.cpu_features is not a list of cpu flag names", field="min_device")
+    texts = {k: _text(value, k, f"min_device.{k}", limit=64) for k in ("gpu", "os_min") if k in value}
+    return MinDevice(ints.get("min_ram_bytes"), ints.get("min_free_disk_bytes"), tuple(features),
+                     texts.get("gpu"), texts.get("os_min"))
+
+
 def _validate_payload(obj: Any, env: Envelope) -> Manifest:
     if not isinstance(obj, dict):
         raise _refuse("not-an-object", f"payload is a JSON {type(obj).__name__}, not an object")
@@ -622,7 +655,8 @@ def _validate_payload(obj: Any, env: Envelope) -> Manifest:
     version = _int(obj, "version", "version", minimum=1)
     family = _text(obj, "family", "family")
     context_len = _int(obj, "context_len", "context_len", minimum=1)
-    min_device = _text(obj, "min_device", "min_device")
+    min_device = _min_device(obj["min_device"]) if isinstance(obj.get("min_device"), dict) else \
+        _text(obj, "min_device", "min_device")
     license_ = _text(obj, "license", "license")
     source_url = _url(obj, "source_url", "source_url")
     expires = _timestamp(obj, "expires", "expires")

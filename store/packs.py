@@ -79,6 +79,7 @@ Every accept, refusal, install and activation is in the audit log with its reaso
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
@@ -97,6 +98,7 @@ from . import failures
 from .archive import extract_zip
 from .catalog import Action, FileRecord
 from .crashpoints import crash_point
+from .device import Machine, shortfalls
 from .download import Downloader
 from .errors import (
     ArchiveError,
@@ -148,6 +150,7 @@ class InstallResult:
     bytes_downloaded: int         # body bytes received over the network by this call
     new_bytes: int                # bytes added to blobs/ by this call
     dehydrated: tuple[str, ...] = ()  # files left to fetch on first open (lazy installs)
+    below_min_device: tuple[str, ...] = ()  # the soft gate's shortfalls on this machine (store.device)
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON shape (docs/json.md): the model is ``name``, as in ``list``."""
@@ -227,12 +230,16 @@ def _signed_versions(store: Store, model: str) -> dict[int, str]:
 async def install_pack(store: Store, downloader: Downloader, envelope: bytes, *, platform: str | None = None,
                        now: datetime | None = None, actor: str | None = None, source: str = "pack",
                        allowed_keys: Collection[str] | None = None,
-                       progress: Progress | None = None, lazy: bool = False) -> InstallResult:
+                       progress: Progress | None = None, lazy: bool = False,
+                       background: bool = False) -> InstallResult:
     """Verify ``envelope`` and install (and activate) its version; see the module docstring.
 
     ``source`` says where the envelope came from (a URL is redacted before it is
     written anywhere). ``allowed_keys`` restricts the signer (trusted channels).
     ``lazy`` records the files without fetching them (see the module docstring).
+    ``min_device`` is a soft gate: a foreground install reports its shortfalls in the
+    result; a ``background`` one (a channel update) skips a version this machine does
+    not meet, fetching and recording nothing (outcome ``skipped``).
     """
     platform = platform or current_platform()
     if platform not in PLATFORMS:
@@ -246,9 +253,14 @@ async def install_pack(store: Store, downloader: Downloader, envelope: bytes, *,
     except StoreError as exc:
         _audit_refusal(store, actor, exc, source)
         raise
+    short = tuple(shortfalls(manifest.min_device, Machine(disk=store.layout.root)))
+    if short and background:
+        active = cat.get_model(manifest.model_id).active_version if cat.has_model(manifest.model_id) else None
+        return InstallResult(manifest.model_id, manifest.version, "skipped", False, active, active, manifest.key_id,
+                             manifest.payload_sha256, (), 0, 0, (), short)
     installer = _Installer(store, downloader, manifest, platform, actor, source, progress, lazy)
     try:
-        return await installer.run()
+        return dataclasses.replace(await installer.run(), below_min_device=short)
     except StoreError as exc:
         if isinstance(exc, _CONTENT_REFUSALS):
             installer.discard_new_blobs()
@@ -487,7 +499,8 @@ def _card(m: Manifest, source: str, header: GGUFInfo | None) -> dict[str, Any]:
         "license": m.license, "source_url": redact_url(m.source_url), "family": m.family,
         "architecture": m.architecture or (header.architecture if header else None),
         "quantization": m.quantization or (header.quantization if header else None),
-        "context_length": m.context_len, "min_device": m.min_device, "compat_notes": m.notes,
+        "context_length": m.context_len, "compat_notes": m.notes,
+        "min_device": m.min_device if isinstance(m.min_device, str) else m.min_device.as_text(),
         "runtime_params": dict(m.runtime) or None,
         "expires": m.expires.isoformat().replace("+00:00", "Z"),
     }
@@ -512,7 +525,7 @@ def looks_like_envelope(data: bytes) -> bool:
 async def pull_pack_url(store: Store, downloader: Downloader, url: str, *, platform: str | None = None,
                         now: datetime | None = None, actor: str | None = None,
                         allowed_keys: Collection[str] | None = None, progress: Progress | None = None,
-                        lazy: bool = False) -> InstallResult:
+                        lazy: bool = False, background: bool = False) -> InstallResult:
     """Fetch an envelope from ``url`` and install it. A refused or failed fetch is audited."""
     actor = actor or store.actor
     try:
@@ -525,7 +538,8 @@ async def pull_pack_url(store: Store, downloader: Downloader, url: str, *, platf
                                 detail={"source": redact_url(url)})
         raise
     return await install_pack(store, downloader, data, platform=platform, now=now, actor=actor,
-                              source=redact_url(url), allowed_keys=allowed_keys, progress=progress, lazy=lazy)
+                              source=redact_url(url), allowed_keys=allowed_keys, progress=progress, lazy=lazy,
+                              background=background)
 
 
 def read_envelope_file(path: str | os.PathLike[str]) -> bytes:
@@ -591,7 +605,7 @@ async def update_channels(store: Store, downloader: Downloader, *, platform: str
             continue
         try:
             res = await pull_pack_url(store, downloader, url, platform=platform, now=now, actor=actor,
-                                      allowed_keys=ch["key_ids"], progress=progress)
+                                      allowed_keys=ch["key_ids"], progress=progress, background=True)
         except StoreError as exc:
             outcome = "refused" if isinstance(exc, _CONTENT_REFUSALS) or exc.fields.get("reason") == \
                 "unsigned-model" else "failed"
@@ -600,6 +614,9 @@ async def update_channels(store: Store, downloader: Downloader, *, platform: str
             if res.outcome == "installed":
                 msg = f"installed {res.model} version {res.version}" + (" (active)" if res.activated else "")
                 result = ChannelResult(url, "installed", msg, res)
+            elif res.outcome == "skipped":
+                result = ChannelResult(url, "skipped", f"skipped {res.model} version {res.version}: below its "
+                                                       f"min_device ({'; '.join(res.below_min_device)})", res)
             else:
                 result = ChannelResult(url, "up-to-date",
                                        f"up to date: {res.model} version {res.version} is installed", res)

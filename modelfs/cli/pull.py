@@ -24,7 +24,7 @@ from modelfs_store.errors import StoreError
 from modelfs_store.partial import list_partials
 
 from ._context import Ctx
-from ._output import human_size, progress_bar
+from ._output import human_size, info, progress_bar
 
 if TYPE_CHECKING:
     from modelfs_store.core import Store
@@ -185,6 +185,8 @@ def _print_unsigned(result: PullResult, as_json: bool) -> None:
 
 
 def _print_pack(res: InstallResult, as_json: bool) -> None:
+    for line in res.below_min_device:  # a soft gate: installed anyway, and said so
+        info(f"modelfs: warning: this machine is below the pack's min_device: {line}")
     if as_json:  # one JSON line, like the unsigned pull's final event
         click.echo(json.dumps({"event": "result", "signed": True, **res.as_dict()}, sort_keys=True))
         return
