@@ -15,7 +15,8 @@ from __future__ import annotations
 import getpass
 import logging
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from .catalog import Action, Catalog, FileRecord, ModelRecord, VersionRecord
 from .errors import Conflict, GGUFError, NotFound, TrustError, UsageError
 from .layout import Layout, default_root
 from .names import check_filename, check_model_name
+from .prune import PrunePolicy, PruneStep, select
 from .redact import redact_url
 
 if TYPE_CHECKING:
@@ -70,6 +72,7 @@ class RemovalPlan:
     blobs: tuple[tuple[str, int], ...]        # (sha256, size) that will be deleted
     kept_shared: tuple[tuple[str, str], ...]  # (sha256, other model) kept because still used
     quarantine: tuple[str, ...] = ()          # quarantine entries removed (prune only)
+    steps: tuple[PruneStep, ...] = ()         # a policy prune's steps, least recently used first
 
     @property
     def freed_bytes(self) -> int:
@@ -79,7 +82,8 @@ class RemovalPlan:
         return {"models": list(self.models), "versions": [list(v) for v in self.versions],
                 "blobs": [{"sha256": s, "size": n} for s, n in self.blobs],
                 "kept_shared": [{"sha256": s, "model": m} for s, m in self.kept_shared],
-                "quarantine": list(self.quarantine), "freed_bytes": self.freed_bytes}
+                "quarantine": list(self.quarantine), "freed_bytes": self.freed_bytes,
+                "steps": [s.as_dict() for s in self.steps]}
 
 
 @dataclass(frozen=True)
@@ -436,6 +440,13 @@ class Store:
         quarantine = tuple(sorted(p.name for p in self.layout.quarantine.iterdir())) if include_quarantine else ()
         return RemovalPlan((), plan.versions, tuple(sorted(set(plan.blobs) | set(orphans))),
                            plan.kept_shared, quarantine)
+
+
+    def plan_policy(self, policy: PrunePolicy, *, in_use: Iterable[tuple[str, int]] = (),
+                    now: float | None = None) -> RemovalPlan:
+        """A prune by last use and size (``store.prune``)."""
+        s = select(self.catalog, self.blobs, policy, in_use=in_use, now=time.time() if now is None else now)
+        return RemovalPlan(s.models, s.versions, s.blobs, s.kept_shared, (), s.steps)
 
 
 def _same_files(a: tuple[FileRecord, ...], b: list[FileRecord]) -> bool:

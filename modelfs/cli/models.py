@@ -8,6 +8,7 @@ mount's run-state to warn about readers that still hold the model open.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import click
@@ -17,6 +18,7 @@ from modelfs_store.catalog import Action, ModelRecord
 from modelfs_store.core import RemovalPlan
 from modelfs_store.errors import UsageError
 from modelfs_store.owner import user_name
+from modelfs_store.prune import PrunePolicy
 
 from ._context import Ctx, json_option, pass_ctx
 from ._output import human_size, info, print_json, progress_bar, table
@@ -133,7 +135,11 @@ def verify(c: Ctx, name: str | None, as_json: bool) -> None:
 
 # -- removal ---------------------------------------------------------------------------
 def _print_plan(plan: RemovalPlan, verb: str) -> None:
-    for model, version in plan.versions:
+    for s in plan.steps:  # a policy prune: one line per step, least recently used first
+        when = time.strftime("%Y-%m-%d", time.localtime(s.last_used_at))
+        click.echo(f"{verb} {s.model} version {s.version} (last used {when}, {s.reason}): frees "
+                   f"{human_size(s.freed_bytes)}, keeps {human_size(s.kept_shared_bytes)} shared")
+    for model, version in plan.versions if not plan.steps else ():
         click.echo(f"{verb} {model} version {version}")
     for sha, size in plan.blobs:
         click.echo(f"  delete blob {sha[:16]}…  {human_size(size)}")
@@ -193,12 +199,29 @@ def rm(c: Ctx, name: str | None, version: int | None, partial: str | None, dry_r
 
 
 @click.command()
+@click.option("--older-than", "older_than", metavar="DURATION",
+              help="Remove what was last used longer ago than this (e.g. 30d, 12h), least recently used first.")
+@click.option("--max-bytes", "max_bytes", metavar="SIZE",
+              help="Remove least recently used first until the store holds at most this (e.g. 50G, 800M).")
+@click.option("--app", help="With --older-than or --max-bytes: only models this app owns.")
+@click.option("--include-active", is_flag=True, help="Active and last-good versions may go too (whole models).")
 @click.option("--dry-run", is_flag=True, help="Print the plan, change nothing.")
 @json_option
 @pass_ctx
-def prune(c: Ctx, dry_run: bool, as_json: bool) -> None:
-    """Remove old versions (not active, last-good or pinned), orphan blobs and quarantine."""
-    plan = c.store.plan_prune()
+def prune(c: Ctx, older_than: str | None, max_bytes: str | None, app: str | None, include_active: bool,
+          dry_run: bool, as_json: bool) -> None:
+    """Remove old versions (not active, last-good or pinned), orphan blobs and quarantine.
+    With --older-than or --max-bytes: remove by last use instead, never a pinned model
+    nor a file a reader holds open."""
+    if older_than is None and max_bytes is None:
+        if app is not None or include_active:
+            raise UsageError("--app and --include-active go with --older-than or --max-bytes")
+        plan = c.store.plan_prune()
+    else:
+        policy = PrunePolicy(parse_duration(older_than) if older_than else None,
+                             parse_size(max_bytes) if max_bytes else None, app, include_active)
+        held = {(f["model"], f["version"]) for f in open_files(c.store.layout)}
+        plan = c.store.plan_policy(policy, in_use=held)
     in_use = _warn_in_use(c, plan, list(plan.versions), dry_run)
     if as_json:
         print_json({**plan.as_dict(), "dry_run": dry_run, "in_use": in_use})
@@ -276,6 +299,28 @@ def unpin(c: Ctx, name: str, as_json: bool) -> None:
     click.echo(f"unpinned {name}")
 
 
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_SIZES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_duration(text: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``3600s`` or ``2w`` -> seconds."""
+    value, unit = text[:-1], text[-1:].lower()
+    if unit not in _UNITS or not value.replace(".", "", 1).isdigit():
+        raise UsageError(f"invalid duration {text!r}: use a number and s, m, h, d or w (e.g. 30d)")
+    return float(value) * _UNITS[unit]
+
+
+def parse_size(text: str) -> int:
+    """``50G``, ``800M``, ``1.5T``, ``1024`` (binary units, as everywhere here) -> bytes."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    value, unit = (t[:-1], t[-1]) if t and t[-1] in _SIZES else (t, "")
+    try:
+        return int(float(value) * _SIZES[unit])
+    except ValueError:
+        raise UsageError(f"invalid size {text!r}: use a number and K, M, G or T (e.g. 50G)") from None
 
 
 def _discard_partial(c: Ctx, sha256: str, as_json: bool) -> None:
