@@ -110,3 +110,18 @@ def test_the_status_line_follows_the_catalog(tmp_path: Path) -> None:
     with notified_daemon(tmp_path) as (_proc, sock, mnt, cli):
         cli.run("rm", "tiny")
         assert receive(sock, "STATUS")[0] == {"STATUS": f"serving 0 models at {mnt}"}
+
+
+@pytest.mark.fuse
+@needs_fuse
+def test_a_stop_right_after_a_change_detaches(tmp_path: Path) -> None:
+    """A removal invalidates the root's attributes; on SIGTERM the daemon looks at its
+    own mountpoint, a FUSE request to itself. From the event loop it waited for itself
+    forever (and ``systemctl stop``, with TimeoutStopSec=infinity, with it). The STATUS
+    line comes after the invalidation, without a look at the mount that would refresh it."""
+    with notified_daemon(tmp_path) as (proc, sock, mnt, cli):
+        cli.run("rm", "tiny")
+        receive(sock, "STATUS")
+        proc.terminate()
+        assert receive(sock, "STOPPING", timeout=30)[0]["STOPPING"] == "1"
+        assert proc.wait(timeout=30) == 0 and not os.path.ismount(mnt)

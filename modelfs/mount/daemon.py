@@ -237,7 +237,9 @@ class Daemon:
                     log.info("already unmounted; %d file(s) still open", len(self.files))
                     continue
                 log.info("%s: unmounting %s", signal.Signals(signum).name, self.mountpoint)
-                if os.path.ismount(self.mountpoint):  # `modelfs unmount` as root may have detached it
+                # `modelfs unmount` as root may have detached it. Asked from a worker thread: a stat of
+                # the mountpoint whose attributes were invalidated is a request to this very loop.
+                if await trio.to_thread.run_sync(os.path.ismount, self.mountpoint):
                     await trio.to_thread.run_sync(lazy_unmount, self.mountpoint)
                 self._detach()
                 self.notify.stopping(f"unmounted {self.mountpoint}; serving {len(self.files)} open file(s)")
