@@ -8,6 +8,7 @@ import contextlib
 import os
 import secrets
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ def notify_socket(address: str) -> Iterator[socket.socket]:
     bound = socket_address(address)
     assert bound is not None
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # who sent it, as systemd checks
         sock.bind(bound)
         yield sock
 
@@ -35,20 +37,28 @@ def abstract_address() -> str:
     return f"@modelfs-test-{secrets.token_hex(6)}"
 
 
-def receive(sock: socket.socket, key: str, timeout: float = 60) -> tuple[dict[str, str], list[dict[str, str]]]:
-    """Datagrams until one carries ``key``: (that one, those before it)."""
-    before: list[dict[str, str]] = []
+def receive_from(sock: socket.socket, key: str, timeout: float = 60) -> tuple[dict[str, str], int, int]:
+    """The first datagram that carries ``key``, and its sender's pid and uid (the kernel's
+    word: systemd accepts a notification only from the unit's main pid)."""
     deadline = time.monotonic() + timeout
+    before: list[dict[str, str]] = []
     while True:
         sock.settimeout(max(0.01, deadline - time.monotonic()))
         try:
-            data = sock.recv(4096).decode()
+            data, ancillary, _flags, _addr = sock.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("iII")))
         except TimeoutError:
             raise AssertionError(f"no {key} within {timeout}s; got {before}") from None
-        fields = dict(line.split("=", 1) for line in data.splitlines())
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines())
         if key in fields:
-            return fields, before
+            [(level, kind, cred)] = ancillary
+            assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS)
+            pid, uid, _gid = struct.unpack("iII", cred)
+            return fields, pid, uid
         before.append(fields)
+
+
+def receive(sock: socket.socket, key: str, timeout: float = 60) -> dict[str, str]:
+    return receive_from(sock, key, timeout)[0]
 
 
 def test_notifier_speaks_to_paths_and_abstract_sockets_and_is_taken_from_the_environment(tmp_path: Path) -> None:
@@ -84,9 +94,10 @@ def notified_daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], s
         proc = subprocess.Popen([str(modelfs), "--store", str(store), "mount", str(mnt), "--foreground"],
                                 cwd="/", env={**os.environ, "NOTIFY_SOCKET": address}, stdout=log, stderr=log)
         try:
-            ready, before = receive(sock, "READY")
+            ready, pid, _uid = receive_from(sock, "READY")
             live = os.path.ismount(mnt) and os.listdir(mnt) == ["tiny"]  # at once: nothing may lag READY
-            assert live and ready == {"READY": "1", "STATUS": f"serving 1 model at {mnt}"}, before
+            assert live and ready == {"READY": "1", "STATUS": f"serving 1 model at {mnt}"}
+            assert pid == proc.pid  # the main pid, as NotifyAccess=main requires
             yield proc, sock, mnt, cli
         finally:
             if proc.poll() is None:
@@ -100,7 +111,7 @@ def notified_daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], s
 def test_the_daemon_is_ready_only_once_its_mount_answers_and_says_when_it_stops(tmp_path: Path) -> None:
     with notified_daemon(tmp_path) as (proc, sock, mnt, _cli):
         proc.terminate()  # what systemd's stop does after ExecStop: detach
-        assert receive(sock, "STOPPING")[0] == {"STOPPING": "1", "STATUS": f"unmounted {mnt}; serving 0 open file(s)"}
+        assert receive(sock, "STOPPING") == {"STOPPING": "1", "STATUS": f"unmounted {mnt}; serving 0 open file(s)"}
         assert proc.wait(timeout=30) == 0 and not os.path.ismount(mnt)
 
 
@@ -109,7 +120,7 @@ def test_the_daemon_is_ready_only_once_its_mount_answers_and_says_when_it_stops(
 def test_the_status_line_follows_the_catalog(tmp_path: Path) -> None:
     with notified_daemon(tmp_path) as (_proc, sock, mnt, cli):
         cli.run("rm", "tiny")
-        assert receive(sock, "STATUS")[0] == {"STATUS": f"serving 0 models at {mnt}"}
+        assert receive(sock, "STATUS") == {"STATUS": f"serving 0 models at {mnt}"}
 
 
 @pytest.mark.fuse
@@ -123,5 +134,5 @@ def test_a_stop_right_after_a_change_detaches(tmp_path: Path) -> None:
         cli.run("rm", "tiny")
         receive(sock, "STATUS")
         proc.terminate()
-        assert receive(sock, "STOPPING", timeout=30)[0]["STOPPING"] == "1"
+        assert receive(sock, "STOPPING", timeout=30)["STOPPING"] == "1"
         assert proc.wait(timeout=30) == 0 and not os.path.ismount(mnt)
