@@ -31,15 +31,22 @@ trap 'rm -rf "$stage"' EXIT
 root=$stage/root
 venv=$root$prefix
 
+# What the wheel is made of, copied: a build in the checkout would reuse its build/ directory,
+# which keeps modules since deleted.
+mkdir "$stage/src"
+cp -r "$repo/pyproject.toml" "$repo/README.md" "$repo/store" "$repo/modelfs" "$stage/src/"
 "$python" -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-warn-script-location --no-compile "$repo"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-warn-script-location --no-compile \
+    "$stage/src"
+rm "$venv"/lib/python*/site-packages/modelfs-*.dist-info/direct_url.json  # it names $stage/src
+sed -i '/direct_url\.json/d' "$venv"/lib/python*/site-packages/modelfs-*.dist-info/RECORD
 "$venv/bin/python" -m pip uninstall --quiet --yes pip setuptools
 rm -f "$venv"/bin/[Aa]ctivate*
 # Byte code, compiled once here (a command starts faster), naming the installed paths.
 "$venv/bin/python" -m compileall -q -f -j 0 -s "$root" -p / "$venv/lib"
 grep -rlZ --fixed-strings "$venv" "$venv/bin" "$venv/pyvenv.cfg" | xargs -0 --no-run-if-empty sed -i "s|$venv|$prefix|g"
-if grep -rl --fixed-strings "$venv" "$venv/bin" "$venv/pyvenv.cfg"; then
-    echo "build-deb: the scratch path is still named in the files above" >&2
+if grep -rl --fixed-strings "$stage" "$root"; then
+    echo "build-deb: the scratch directory is still named in the files above" >&2
     exit 1
 fi
 
