@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 
 from modelfs.cli import EX_SOFTWARE, VERBS, main
@@ -47,13 +48,45 @@ def test_every_verb_resolves_to_a_command() -> None:
         assert command is not None and command.name in (verb, f"{verb}_cmd", verb.replace("-", "_")), verb
 
 
-def test_list_loads_neither_trio_httpx_nor_pyfuse3(tmp_path: Path) -> None:
-    (tmp_path / "s").mkdir()
+#: What a listing, a status or the help must not load: the daemon's and the downloader's
+#: libraries and the mount's tree, the progress bar, sqlite-utils (and numpy behind it), the
+#: gguf package (numpy again; the store's own header parser is stdlib only and cheap).
+HEAVY = ("trio", "httpx", "httpcore", "pyfuse3", "cryptography", "rich", "sqlite_utils", "numpy", "gguf",
+         "modelfs.mount.openfiles", "modelfs.mount.tree")
+
+
+def _imported_by(argv: list[str], store: Path) -> set[str]:
+    """The modules ``modelfs ARGV`` imports, in a fresh interpreter."""
     code = ("import sys\nfrom modelfs.cli import main\n"
-            f"assert main(['--store', {str(tmp_path / 's')!r}, 'list']) == 0\n"
-            "print(sorted(m for m in ('trio', 'httpx', 'pyfuse3', 'cryptography') if m in sys.modules))\n")
+            f"assert main({['--store', str(store), *argv]!r}) == 0\n"
+            "print(' '.join(sorted(sys.modules)))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    assert r.stdout.strip().splitlines()[-1] == "[]"
+    return set(r.stdout.strip().splitlines()[-1].split())
+
+
+@pytest.mark.parametrize("argv", [["list"], ["status"], ["--help"], ["list", "--json"], ["status", "--json"]])
+def test_list_status_and_help_load_nothing_heavy(tmp_path: Path, argv: list[str]) -> None:
+    """Not a timing (docs/performance.md has those, from bench/cli_start.py): what makes one."""
+    (tmp_path / "s").mkdir()
+    modules = _imported_by(argv, tmp_path / "s")
+    assert sorted(m for m in modules if m in HEAVY or m.split(".")[0] in HEAVY) == []
+    if argv == ["--help"]:  # the verbs' summaries come from VERBS: no verb, and no store, is loaded
+        assert sorted(m for m in modules if m.startswith("modelfs.cli.") and m.count(".") == 2
+                      and not m.startswith("modelfs.cli._")) == []
+        assert "modelfs_store.core" not in modules
+
+
+def test_the_help_lists_every_verb_with_its_own_summary() -> None:
+    """``modelfs --help`` shows VERBS' summaries; they must be what click would show from
+    each verb's own help, at any width."""
+    from modelfs.cli import cli
+
+    ctx = cli.make_context("modelfs", ["list"], resilient_parsing=True)
+    for width in (60, 80, 200):
+        ours, theirs = click.HelpFormatter(width=width), click.HelpFormatter(width=width)
+        cli.format_commands(ctx, ours)
+        click.Group.format_commands(cli, ctx, theirs)  # click's own: imports every verb
+        assert ours.getvalue() == theirs.getvalue()
 
 
 def test_a_named_store_must_exist_and_init_makes_one(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -17,6 +17,9 @@ def test_readme_opens_with_demo_and_test_commands():
     assert cmds[1].endswith("python -m pytest")
     for cmd in cmds[:2]:
         assert "apt-get install -y fuse3 libfuse3-dev pkg-config" in cmd
+        # systemd: systemd-analyze, which verifies the units (a Debian 12 container image lacks it)
+        packages = cmd.split("apt-get install -y ", 1)[1].split(" && ", 1)[0].split()
+        assert "systemd" in packages
         assert "pip install -e '.[test]'" in cmd
 
 

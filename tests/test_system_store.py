@@ -21,6 +21,7 @@ import pytest
 from conftest import CLI, REPO, wait_for
 from ggufgen import write_model
 from test_mount import Mount
+from test_notify import abstract_address, notify_socket, receive_from
 from test_visibility import PROBE
 
 NOBODY = 65534
@@ -110,3 +111,26 @@ def test_the_daemon_runs_as_the_stores_user_with_only_cap_sys_ptrace(system_stor
         assert not os.path.ismount(m.path)
     finally:
         m.stop()
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"),
+                    reason="!!! /dev/fuse is missing: the system store mount test CANNOT run !!!")
+def test_the_system_daemon_is_ready_from_its_main_pid_once_it_is_the_stores_user(
+        system_store: tuple[Path, CLI]) -> None:
+    """modelfs-system.service is Type=notify: the daemon changes user by exec (same pid), and
+    READY=1 must come from that pid once mounted, or systemd would never see the unit start."""
+    top, cli = system_store
+    mnt = top / "mnt"
+    address = abstract_address()
+    with notify_socket(address) as sock:
+        proc = cli.popen("mount", str(mnt), "--foreground", "--allow-other", env={"NOTIFY_SOCKET": address},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            ready, pid, uid = receive_from(sock, "READY")
+            assert os.path.ismount(mnt) and os.listdir(mnt) == ["open"]
+            assert ready["READY"] == "1" and (pid, uid) == (proc.pid, NOBODY)
+        finally:
+            proc.terminate()
+            if proc.wait(timeout=30) != 0 or os.path.ismount(mnt):
+                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)

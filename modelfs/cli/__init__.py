@@ -1,7 +1,7 @@
 """The ``modelfs`` command: a click group whose verbs load on first use.
 
 Each verb lives in the module of its family (``models``, ``access``, ``pull``,
-``status``, ``mount``, ``trust``, ``doctor``) and only parses, calls the store (or
+``status``, ``mount``, ``trust``, ``doctor``, ``service``) and only parses, calls the store (or
 ``modelfs.mount`` for the daemon), and prints. :func:`main` runs the command in this
 process and returns its exit code, so tests and scripts can call it without a
 subprocess.
@@ -20,6 +20,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import click
 
@@ -34,51 +35,73 @@ log = logging.getLogger("modelfs")
 EX_SOFTWARE = 70
 EX_INTERRUPTED = 130
 
-#: verb -> "module:attribute" inside this package; imported when the verb runs.
-VERBS: dict[str, str] = {
-    "activate": "models:activate",
-    "apps": "access:apps",
-    "channels": "trust:channels",
-    "doctor": "doctor:doctor",
-    "grant": "access:grant",
-    "import": "models:import_cmd",
-    "init": "status:init",
-    "keys": "trust:keys",
-    "list": "models:list_cmd",
-    "manifest": "trust:manifest",
-    "mount": "mount:mount",
-    "pin": "models:pin",
-    "prune": "models:prune",
-    "pull": "pull:pull",
-    "revoke": "access:revoke",
-    "rm": "models:rm",
-    "rollback": "models:rollback",
-    "show": "models:show",
-    "status": "status:status",
-    "unmount": "mount:unmount",
-    "unpin": "models:unpin",
-    "update": "trust:update",
-    "verify": "models:verify",
-    "visibility": "access:visibility",
-    "whoami": "access:whoami",
+class Verb(NamedTuple):
+    target: str   # "module:attribute" inside this package, imported when the verb runs
+    summary: str  # the first sentence of its help, shown by `modelfs --help` (tests/test_cli.py keeps them equal)
+
+
+#: Every verb: where it lives, and its line in ``modelfs --help`` (which imports no verb).
+VERBS: dict[str, Verb] = {
+    "activate": Verb("models:activate", "Make VERSION the active version of NAME (atomic)."),
+    "apps": Verb("access:apps", "Apps that use the store (for per-app visibility)."),
+    "channels": Verb("trust:channels", "Trusted manifest URLs, each bound to the keys allowed to sign it."),
+    "doctor": Verb("doctor:doctor", "Check the machine and the store; exit non-zero when something is wrong."),
+    "grant": Verb("access:grant", "Let APP_ID (running as --uid, by default the store owner) see model NAME."),
+    "import": Verb("models:import_cmd", "Copy a local GGUF (and its mmproj) into the store as model NAME."),
+    "init": Verb("status:init", "Make PATH a store (a new or empty directory)."),
+    "keys": Verb("trust:keys", "Trusted publisher keys (user keyring + system directory)."),
+    "list": Verb("models:list_cmd", "List the models in the store."),
+    "manifest": Verb("trust:manifest", "Sign and check signed manifests (packs)."),
+    "mount": Verb("mount:mount", "Mount the store at MOUNTPOINT: one read-only directory per model."),
+    "pin": Verb("models:pin", "Keep NAME and all its versions through prune."),
+    "prune": Verb("models:prune", "Remove old versions (not active, last-good or pinned), orphan blobs and "
+                  "quarantine."),
+    "pull": Verb("pull:pull", "Download a model from SOURCE (https://… with --sha256, or "
+                 "hf://org/repo[@rev]/file.gguf), verify it, and make it the active version of NAME."),
+    "revoke": Verb("access:revoke", "Take back a grant of NAME from APP_ID (the one for --uid, by default the "
+                   "owner's)."),
+    "rm": Verb("models:rm", "Remove a model (or one version)."),
+    "rollback": Verb("models:rollback", "Go back to the last-good version of NAME (atomic)."),
+    "service": Verb("service:service", "Install or remove the systemd units that mount the store."),
+    "show": Verb("models:show", "Show a model's metadata card, versions and files."),
+    "status": Verb("status:status", "Show the store: models, blobs, partial downloads, quarantine, and the mount: "
+                   "what is open through it and why recent opens failed (the reasons behind an EIO, an "
+                   "ENETUNREACH or an ETIMEDOUT a reader saw)."),
+    "unmount": Verb("mount:unmount", "Unmount MOUNTPOINT."),
+    "unpin": Verb("models:unpin", "Let prune consider NAME again."),
+    "update": Verb("trust:update", "Fetch every channel once and install newer signed versions."),
+    "verify": Verb("models:verify", "Re-hash every local blob (of NAME, or of all models); quarantine corrupt ones."),
+    "visibility": Verb("access:visibility", "Make model NAME private (its app, granted apps and the owner's "
+                       "shell see it) or shared."),
+    "whoami": Verb("access:whoami", "The identity the mount resolves for a process, by which rule, and what it "
+                   "sees."),
 }
 
 
 class LazyGroup(click.Group):
     """A group whose commands are imported when asked for, so ``modelfs list`` never
-    loads trio, httpx or pyfuse3."""
+    loads trio, httpx or pyfuse3, and ``modelfs --help`` loads no verb at all."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(VERBS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = VERBS.get(cmd_name)
-        if target is None:
+        verb = VERBS.get(cmd_name)
+        if verb is None:
             return None
-        module, attr = target.split(":")
+        module, attr = verb.target.split(":")
         command = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
         assert isinstance(command, click.Command)
         return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """click's own listing, from the summaries: a stand-in command per verb, shortened
+        by click as it would shorten the verb's help."""
+        limit = formatter.width - 6 - max(len(verb) for verb in VERBS)
+        rows = [(verb, click.Command(verb, help=VERBS[verb].summary).get_short_help_str(limit))
+                for verb in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

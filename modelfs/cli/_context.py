@@ -1,7 +1,8 @@
 """What every verb of the ``modelfs`` command shares: the context object with its
 lazily opened store, the decorators that hand it over, and logging set-up.
 
-Verbs import from here; nothing here imports a verb.
+Verbs import from here; nothing here imports a verb. The store's modules load when a
+verb first needs the store: ``modelfs --help`` and ``--version`` never do.
 """
 
 from __future__ import annotations
@@ -10,15 +11,17 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from modelfs_store import owner
-from modelfs_store.core import Store, check_store_root
 from modelfs_store.layout import Layout, default_root
 from modelfs_store.redact import redact_text
 
 from ._output import human_size, info
+
+if TYPE_CHECKING:
+    from modelfs_store.core import Store
 
 #: This command's arguments (without the program name), for running it again as the
 #: owner of another user's store (:meth:`Ctx.become_owner`). Set by ``modelfs.cli.main``.
@@ -42,6 +45,8 @@ class Ctx:
     def check_root(self, *, become_owner: bool = True) -> None:
         """Refuse a mistyped --store before a daemon would create it (see :attr:`store`).
         Unless told otherwise, root acting on another user's store becomes that user."""
+        from modelfs_store.core import check_store_root
+
         if become_owner:
             self.become_owner()
         if self.root is not None:
@@ -52,6 +57,8 @@ class Ctx:
         drops to them and starts this command again, so that every module it imports
         later comes from where that user can read (the store itself drops in-process
         too, but a Python installed under root's home may be unreadable afterwards)."""
+        from modelfs_store import owner
+
         uid = owner.foreign_owner(self.root_path)
         if uid is None:
             return
@@ -67,6 +74,8 @@ class Ctx:
     @property
     def store(self) -> Store:
         if self._store is None:
+            from modelfs_store.core import Store
+
             # Only the default location is created implicitly; a path the user named
             # (--store, MODELFS_STORE) must be a store already, or an empty directory.
             self.become_owner()

@@ -7,7 +7,8 @@ Life of a mount::
               lazily unmounted first; the first tree is built before mounting
     mount     pyfuse3.init, then pyfuse3.main under trio with several worker tasks,
               beside: the catalog poller, the signal handler, the announcer (sets the
-              bdi's read_ahead_kb, writes run/daemon.json, tells a waiting parent)
+              bdi's read_ahead_kb, writes run/daemon.json, tells a waiting parent and
+              systemd: READY=1, see :mod:`.notify`)
     serve     every ~200 ms the poller checks ``PRAGMA data_version``; on a change it
               rebuilds the tree (in a worker thread) and invalidates the kernel's
               entries and attributes that changed, so CLI changes show within a second
@@ -51,6 +52,7 @@ from . import caps
 from .access import AppVisibility
 from .config import READY_ENV, MountConfig
 from .mountpoint import check_allow_other, lazy_unmount, prepare_mountpoint
+from .notify import Notifier
 from .openfiles import Materialiser, OpenFiles
 from .runstate import already_mounted, detached_path, lock_path, write_json
 from .tree import Invalidation, Namespace, SnapshotReader, Tree, build
@@ -104,6 +106,7 @@ class Daemon:
         self._detached_fd = -1
         self._lock_fd = -1
         self._data_version: int | None = None
+        self.notify = Notifier.from_environ()  # systemd's Type=notify; a no-op elsewhere
 
     # -- state files ----------------------------------------------------------------------
     def publish_status(self) -> None:
@@ -196,6 +199,8 @@ class Daemon:
         change = self.ns.swap(new)
         if change:
             await self._invalidate(change)
+        if not self.detached:
+            self.notify.status(self._serving())
         log.debug("catalog changed: tree of %d models rebuilt in %.0f ms", len(new.entries),
                   (time.perf_counter() - t0) * 1e3)
         return True
@@ -232,9 +237,12 @@ class Daemon:
                     log.info("already unmounted; %d file(s) still open", len(self.files))
                     continue
                 log.info("%s: unmounting %s", signal.Signals(signum).name, self.mountpoint)
-                if os.path.ismount(self.mountpoint):  # `modelfs unmount` as root may have detached it
+                # `modelfs unmount` as root may have detached it. Asked from a worker thread: a stat of
+                # the mountpoint whose attributes were invalidated is a request to this very loop.
+                if await trio.to_thread.run_sync(os.path.ismount, self.mountpoint):
                     await trio.to_thread.run_sync(lazy_unmount, self.mountpoint)
                 self._detach()
+                self.notify.stopping(f"unmounted {self.mountpoint}; serving {len(self.files)} open file(s)")
                 if len(self.files):
                     log.info("%d file(s) still open; serving them until they are closed", len(self.files))
 
@@ -250,7 +258,12 @@ class Daemon:
         if ready:
             with os.fdopen(int(ready), "w") as f:
                 f.write(f"ready {os.getpid()}\n")
+        self.notify.ready(self._serving())
 
+    def _serving(self) -> str:
+        n = len(self.ns.tree.entries)
+        return (f"serving {n} model{'' if n == 1 else 's'} at {self.mountpoint}"
+                + (" (offline)" if self.cfg.offline else ""))
 
     async def serve(self) -> None:
         import pyfuse3
