@@ -64,9 +64,10 @@ VERBS: dict[str, Verb] = {
     "rollback": Verb("models:rollback", "Go back to the last-good version of NAME (atomic)."),
     "service": Verb("service:service", "Install or remove the systemd units that mount the store."),
     "show": Verb("models:show", "Show a model's metadata card, versions and files."),
-    "status": Verb("status:status", "Show the store: models, blobs, partial downloads, quarantine, and the mount: "
-                   "what is open through it and why recent opens failed (the reasons behind an EIO, an "
-                   "ENETUNREACH or an ETIMEDOUT a reader saw)."),
+    "status": Verb("status:status", "Show the store: models, blobs, partial downloads, quarantine, downloads "
+                   "that failed verification (not tried again before the time shown), and the mount: what is "
+                   "open through it and why recent opens failed (the reasons behind an EIO, an ENETUNREACH or an "
+                   "ETIMEDOUT a reader saw)."),
     "unmount": Verb("mount:unmount", "Unmount MOUNTPOINT."),
     "unpin": Verb("models:unpin", "Let prune consider NAME again."),
     "update": Verb("trust:update", "Fetch every channel once and install newer signed versions."),
