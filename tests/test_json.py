@@ -92,6 +92,7 @@ def commands(world: dict[str, str]) -> dict[str, list[str]]:
         "status --json": ["status", "--json"],
         "doctor --json": ["doctor", "--json"],
         "init PATH --json": ["init", str(Path(world["weights"]).parent / "another"), "--json"],
+        "service install --user --dry-run --json": ["service", "install", "--user", "--dry-run", "--json"],
     }
 
 
