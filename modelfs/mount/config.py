@@ -22,4 +22,5 @@ class MountConfig:
     read_mode: str = "inline"
     verbose: int = 0
     allow_other: bool = False  # let other uids use the mount (they see shared models and their grants)
+    links: str = "auto"        # 'auto': a local file is a link to its blob for callers that could read it anyway
     visibility: Visibility | None = field(default=None, repr=False)
