@@ -27,7 +27,7 @@ FORBIDDEN_IN_STORE = {"modelfs", "pyfuse3", "click", "rich", "typer"}
 ALLOWED_THIRD_PARTY_IN_STORE = {"httpx", "httpcore", "trio", "cryptography", "sqlite_utils"}
 NO_PYFUSE3 = ("modelfs.mount.tree", "modelfs.mount.errnos", "modelfs.mount.openfiles",
               "modelfs.mount.runstate", "modelfs.mount.config", "modelfs.mount.control", "modelfs.mount.identity",
-              "modelfs.mount.notify", "modelfs.mount.links")
+              "modelfs.mount.notify", "modelfs.mount.links", "modelfs.mount.holders")
 MAY_IMPORT_CLI = {"modelfs.__main__"}
 
 
