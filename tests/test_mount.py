@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 
 from conftest import CLI, wait_for
+from conftest import sha_file as sha256_of
 from ggufgen import write_mmproj, write_model
 from modelfs.mount.runstate import daemon_alive
 from modelfs_store.catalog import FileRecord
@@ -50,13 +51,6 @@ pytestmark = [
 # in a test it would measure the machine's load as much as the daemon.
 LIVE = 30.0
 
-
-def sha256_of(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Mount:
