@@ -122,6 +122,8 @@ log = logging.getLogger(__name__)
 
 CRASH_BEFORE_ACTIVATE = "pack-before-activate"
 Progress = Callable[[int], None]
+#: (model name, bytes it will hold or None) -> None, or a StoreError: may this caller pull it?
+Admit = Callable[[str, int | None], None]
 # Refusals of the pack's content, as opposed to failures to get it.
 _CONTENT_REFUSALS = (ManifestError, TrustError, ArchiveError, IntegrityError)
 
@@ -227,12 +229,15 @@ def _signed_versions(store: Store, model: str) -> dict[int, str]:
 async def install_pack(store: Store, downloader: Downloader, envelope: bytes, *, platform: str | None = None,
                        now: datetime | None = None, actor: str | None = None, source: str = "pack",
                        allowed_keys: Collection[str] | None = None,
-                       progress: Progress | None = None, lazy: bool = False) -> InstallResult:
+                       progress: Progress | None = None, lazy: bool = False,
+                       admit: Admit | None = None) -> InstallResult:
     """Verify ``envelope`` and install (and activate) its version; see the module docstring.
 
     ``source`` says where the envelope came from (a URL is redacted before it is
     written anywhere). ``allowed_keys`` restricts the signer (trusted channels).
     ``lazy`` records the files without fetching them (see the module docstring).
+    ``admit(model, size)``, once every check has passed and before any download, may
+    refuse the pack for its caller (a StoreError, audited as a refusal).
     """
     platform = platform or current_platform()
     if platform not in PLATFORMS:
@@ -246,6 +251,12 @@ async def install_pack(store: Store, downloader: Downloader, envelope: bytes, *,
     except StoreError as exc:
         _audit_refusal(store, actor, exc, source)
         raise
+    if admit is not None:
+        try:
+            admit(manifest.model_id, sum(a.size for a in manifest.artifacts_for_platform(platform)))
+        except StoreError as exc:
+            _audit_refusal(store, actor, exc, source, manifest)
+            raise
     installer = _Installer(store, downloader, manifest, platform, actor, source, progress, lazy)
     try:
         return await installer.run()
@@ -512,7 +523,7 @@ def looks_like_envelope(data: bytes) -> bool:
 async def pull_pack_url(store: Store, downloader: Downloader, url: str, *, platform: str | None = None,
                         now: datetime | None = None, actor: str | None = None,
                         allowed_keys: Collection[str] | None = None, progress: Progress | None = None,
-                        lazy: bool = False) -> InstallResult:
+                        lazy: bool = False, admit: Admit | None = None) -> InstallResult:
     """Fetch an envelope from ``url`` and install it. A refused or failed fetch is audited."""
     actor = actor or store.actor
     try:
@@ -525,7 +536,8 @@ async def pull_pack_url(store: Store, downloader: Downloader, url: str, *, platf
                                 detail={"source": redact_url(url)})
         raise
     return await install_pack(store, downloader, data, platform=platform, now=now, actor=actor,
-                              source=redact_url(url), allowed_keys=allowed_keys, progress=progress, lazy=lazy)
+                              source=redact_url(url), allowed_keys=allowed_keys, progress=progress, lazy=lazy,
+                              admit=admit)
 
 
 def read_envelope_file(path: str | os.PathLike[str]) -> bytes:
