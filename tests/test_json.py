@@ -92,6 +92,9 @@ def commands(world: dict[str, str]) -> dict[str, list[str]]:
         "status --json": ["status", "--json"],
         "doctor --json": ["doctor", "--json"],
         "init PATH --json": ["init", str(Path(world["weights"]).parent / "another"), "--json"],
+        "config list --json": ["config", "list", "--json"],
+        "config set KEY VALUE --json": ["config", "set", "apps.quota_bytes", "20G", "--json"],
+        "config get KEY --json": ["config", "get", "pulls.concurrency", "--json"],
     }
 
 

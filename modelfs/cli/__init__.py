@@ -1,7 +1,7 @@
 """The ``modelfs`` command: a click group whose verbs load on first use.
 
 Each verb lives in the module of its family (``models``, ``access``, ``pull``,
-``status``, ``mount``, ``trust``, ``doctor``) and only parses, calls the store (or
+``status``, ``mount``, ``trust``, ``doctor``, ``config``) and only parses, calls the store (or
 ``modelfs.mount`` for the daemon), and prints. :func:`main` runs the command in this
 process and returns its exit code, so tests and scripts can call it without a
 subprocess.
@@ -39,6 +39,7 @@ VERBS: dict[str, str] = {
     "activate": "models:activate",
     "apps": "access:apps",
     "channels": "trust:channels",
+    "config": "config:config",
     "doctor": "doctor:doctor",
     "grant": "access:grant",
     "import": "models:import_cmd",
