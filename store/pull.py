@@ -96,6 +96,14 @@ class PullResult:
                 "signed": False, "files": [f.__dict__ for f in self.files]}
 
 
+def result_json(result: InstallResult | PullResult) -> dict[str, Any]:
+    """A pull's result as ``modelfs pull --json`` prints it (without its ``event`` key),
+    and as the daemon keeps it for a job: one shape for both, signed or not."""
+    if isinstance(result, PullResult):
+        return result.as_dict()
+    return {**result.as_dict(), "signed": True}
+
+
 def default_name(filename: str) -> str:
     """A model name from a file name: ``Qwen2-7B.Q4_K_M.gguf`` -> ``Qwen2-7B.Q4_K_M``."""
     stem = filename[:-5] if filename.lower().endswith(".gguf") else filename
