@@ -1,7 +1,7 @@
 """The ``modelfs`` command: a click group whose verbs load on first use.
 
 Each verb lives in the module of its family (``models``, ``access``, ``pull``,
-``status``, ``mount``, ``trust``, ``doctor``, ``config``) and only parses, calls the store (or
+``status``, ``mount``, ``trust``, ``doctor``, ``config``, ``pulls``) and only parses, calls the store (or
 ``modelfs.mount`` for the daemon), and prints. :func:`main` runs the command in this
 process and returns its exit code, so tests and scripts can call it without a
 subprocess.
@@ -51,6 +51,7 @@ VERBS: dict[str, str] = {
     "pin": "models:pin",
     "prune": "models:prune",
     "pull": "pull:pull",
+    "pulls": "pulls:pulls",
     "revoke": "access:revoke",
     "rm": "models:rm",
     "rollback": "models:rollback",

@@ -10,15 +10,20 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from modelfs_store import owner
 from modelfs_store.core import Store, check_store_root
+from modelfs_store.errors import StoreError
 from modelfs_store.layout import Layout, default_root
 from modelfs_store.redact import redact_text
 
 from ._output import human_size, info
+
+if TYPE_CHECKING:
+    from modelfs.mount.socketclient import ControlClient
 
 #: This command's arguments (without the program name), for running it again as the
 #: owner of another user's store (:meth:`Ctx.become_owner`). Set by ``modelfs.cli.main``.
@@ -63,6 +68,20 @@ class Ctx:
         os.set_inheritable(exe, True)
         owner.drop_privileges(uid, owner.owner_gid(self.root_path, uid))
         os.execv(f"/proc/self/fd/{exe}", [sys.executable, "-P", "-m", "modelfs", *ARGV])
+
+    def daemon(self) -> ControlClient | None:
+        """A client of the daemon serving this store (the work is then its), or None: no
+        daemon answers, and the command works in this process. Root acting on another
+        user's store becomes that user first; another user of a system store finds its
+        daemon at the system socket."""
+        self.become_owner()
+        from modelfs.mount.socketclient import find_daemon
+
+        try:
+            own = owner.owner_of(self.root_path) == os.geteuid()
+        except StoreError:
+            own = False
+        return find_daemon(self.root_path, own_store=own)
 
     @property
     def store(self) -> Store:
