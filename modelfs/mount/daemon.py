@@ -257,7 +257,10 @@ class Daemon:
                     log.info("already unmounted; %d file(s) still open", len(self.files))
                     continue
                 log.info("%s: unmounting %s", signal.Signals(signum).name, self.mountpoint)
-                if os.path.ismount(self.mountpoint):  # `modelfs unmount` as root may have detached it
+                # `modelfs unmount` as root may have detached it. Asked from a worker thread:
+                # once the root's attributes are no longer cached, the stat is a request to
+                # this very loop, which must be free to answer it.
+                if await trio.to_thread.run_sync(os.path.ismount, self.mountpoint):
                     await trio.to_thread.run_sync(lazy_unmount, self.mountpoint)
                 self._detach()
                 if len(self.files):
