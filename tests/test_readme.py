@@ -16,7 +16,7 @@ def test_readme_opens_with_demo_and_test_commands():
     assert cmds[0].endswith("python -m modelfs.demo")
     assert cmds[1].endswith("python -m pytest")
     for cmd in cmds[:2]:
-        assert "apt-get install -y fuse3 libfuse3-dev pkg-config" in cmd
+        assert "apt-get install -y fuse3 libfuse3-dev pkg-config curl" in cmd  # curl: the control socket's tests
         assert "pip install -e '.[test]'" in cmd
 
 

@@ -62,7 +62,7 @@ from modelfs_store.policy import Caller, Owned, Policy, owner_key, pull_refusal,
 from modelfs_store.redact import redact_url
 
 from .identity import Identity
-from .jobs import Job, JobQueue
+from .jobs import Job, JobQueue, State
 from .server import Request, Response
 
 if TYPE_CHECKING:
@@ -180,10 +180,10 @@ class Api:
     # -- status and models ---------------------------------------------------------------------
     async def _status(self, req: Request, who: Who) -> Response:
         d = self.daemon()
-        counts: dict[str, int] = {}
+        counts = dict.fromkeys((s.value for s in State), 0)
         for job in self.jobs.jobs.values():
             if who.owns_job(job):
-                counts[job.state.value] = counts.get(job.state.value, 0) + 1
+                counts[job.state.value] += 1
         return Response(200, {
             "api_version": API_VERSION, "pid": os.getpid(), "store": str(self.store.layout.root),
             "mountpoint": d.get("mountpoint"), "offline": d.get("offline"), "started_at": d.get("started_at"),
