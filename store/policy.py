@@ -20,7 +20,7 @@ A caller is (uid, app id), plus whether that identity could be established at al
 
 What a caller may do through the daemon (DESIGN §8, :class:`Policy` below):
 
-    the store owner   everything: its uid (or root) without an app id, identity sure
+    the store owner   everything: its uid without an app id, identity sure
     anyone else       list what it sees, start pulls within ``apps.pull`` (deny |
                       signed | any) and its quota, see, pause, resume or cancel its
                       own pulls, remove the private models it owns. What it creates
@@ -125,8 +125,9 @@ class Policy:
         return caller.app == model.owner_app and caller.uid == owner_uid
 
     def is_admin(self, caller: Caller) -> bool:
-        """The store owner, who may do everything: its uid (or root's), no app id, sure."""
-        return caller.sure and caller.app is None and caller.uid in (self.store_owner, 0)
+        """The store owner, who may do everything: its uid, no app id, sure. Root is not
+        (as in the mount): root's CLI acts on a store as its owner, by becoming it."""
+        return caller.sure and caller.app is None and caller.uid == self.store_owner
 
     @staticmethod
     def uniform(model: Owned) -> bool:

@@ -69,7 +69,7 @@ def test_owner_key_records_the_store_owner_as_null() -> None:
 
 def test_who_is_the_store_owner_on_the_socket() -> None:
     policy = Policy(OWNER)
-    assert policy.is_admin(Caller(OWNER, None)) and policy.is_admin(Caller(0, None))
+    assert policy.is_admin(Caller(OWNER, None)) and not policy.is_admin(Caller(0, None))  # root becomes the owner
     assert not policy.is_admin(Caller(OWNER, A))               # an app of the owner is that app
     assert not policy.is_admin(Caller(OWNER, None, sure=False))
     assert not policy.is_admin(Caller(OTHER, None))

@@ -17,7 +17,7 @@ call it with made-up callers. ``docs/api.md`` has an example of every route.
     GET    /v1/grants, POST /v1/grants, POST /v1/grants/revoke        the owner only
     GET    /v1/settings, POST /v1/settings                            the owner only
 
-The store owner (``Policy.is_admin``: its uid or root, no app id) may do everything.
+The store owner (``Policy.is_admin``: its uid, no app id) may do everything.
 Anyone else is an app (its app id), or another user without one, and may only: list
 what it sees, start pulls within ``apps.pull`` and ``apps.quota_bytes`` (a source that
 is an http(s) URL, or hf:// when unsigned pulls are allowed; never a local path), see,
