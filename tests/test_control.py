@@ -324,3 +324,27 @@ def test_a_lazy_open_and_a_job_share_one_transfer(daemon: Daemon, origin: FaultS
     assert reader.communicate(timeout=60)[0].strip() == art["sha256"]
     wait_for(lambda: daemon.job(job["id"])["state"] == "done", 60, "the job")
     assert len(origin.requests(path)) == 1 and origin.bytes_sent(path) == art["size"]
+
+
+def test_the_socket_is_in_the_runtime_dir_unless_another_store_holds_it(tmp_path: Path, origin: FaultServer) -> None:
+    run = Path(tempfile.mkdtemp(prefix="mfs-xdg-", dir="/tmp"))
+    mounts: list[Mount] = []
+    try:
+        clis = [CLI(tmp_path / f"s{i}", {"XDG_RUNTIME_DIR": str(run)}) for i in (1, 2)]
+        for i, c in enumerate(clis, 1):
+            mounts.append(Mount(c, tmp_path / f"m{i}"))
+        first, second = (c.run("status", "--json").json()["mount"]["control_socket"] for c in clis)
+        assert first == {"path": str(run / "modelfs" / "control.sock"), "where": "runtime-dir"}
+        assert second == {"path": str(tmp_path / "s2" / "run" / "control.sock"), "where": "store"}
+        assert (run / "modelfs").stat().st_mode & 0o777 == 0o700
+        assert Path(first["path"]).stat().st_mode & 0o777 == 0o600
+        assert "(in the store (no $XDG_RUNTIME_DIR, or it was taken))" in clis[1].run("status").stdout
+        # Each store's CLI hands its pulls to its own daemon.
+        url, digest = gguf_at(origin, tmp_path, "x.gguf", MB, 27)
+        clis[1].run("pull", url, "--sha256", digest, "--detach")
+        assert clis[0].run("pulls", "--json").json() == []
+        assert [j["source"] for j in clis[1].run("pulls", "--json").json()] == [url]
+    finally:
+        for m in mounts:
+            m.stop()
+        shutil.rmtree(run, ignore_errors=True)
