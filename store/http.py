@@ -436,6 +436,7 @@ class Http:
             raise InternalError("an address rule needs the store's own transport")
         self.offline = offline
         self.timeout = timeout
+        self.addresses = addresses  # installed in the transport: kept here to be asked about
         self.auth: Auth = auth or _no_credentials
         self.retry = retry or RetryPolicy()
         self._client = httpx.AsyncClient(

@@ -184,3 +184,60 @@ def test_a_caller_removes_only_the_private_models_it_owns(world: World) -> None:
     r = world.call("DELETE", "/v1/models/mine", uid=OTHER)
     assert r.status == 200 and r.body["models"] == ["mine"] and not cat.has_model("mine")
     assert world.call("DELETE", "/v1/models/secret").status == 200               # the owner may
+
+
+def test_a_running_app_job_is_held_to_ownership_quota_addresses_and_its_own_token(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelfs_store.errors import Forbidden
+
+    monkeypatch.setenv("HF_TOKEN", "hf_theownerstoken1")  # the daemon user's: never an app's
+    monkeypatch.setenv("MODELFS_HF_ENDPOINT", "https://hub.example")
+    created = world.call("POST", "/v1/pulls", {"source": "https://example.org/p.json"}, uid=OTHER, app=A).body
+    job = world.jobs.get(created["id"])
+    dl, admit = world.api.gate.prepare(job)
+    assert admit is not None and dl.http.auth("https://hub.example/x") == {}
+    assert dl.http.addresses is not None and dl.http.addresses.allowed == ()
+    with pytest.raises(Forbidden, match="exists and is not this caller's"):
+        admit("open", 10)
+    admit("new-model", 10**12)  # no quota by default
+    settings.set_value(world.store.catalog, "apps.quota_bytes", 1 << 20, actor="t")
+    with pytest.raises(Forbidden, match="over the quota"):
+        admit("new-model", 2 << 20)
+    with pytest.raises(Forbidden, match="not known"):
+        admit("new-model", None)
+    admit("new-model", 1 << 20)
+    assert [r["reason"] for r in world.denials()][:1] == ["a quota of 1048576 bytes applies, and the size of this "
+                                                          "pull is not known (give its size)"]
+    # The setting changed since the job was queued: it is judged again when it starts.
+    settings.set_value(world.store.catalog, "apps.pull", "deny", actor="t")
+    with pytest.raises(Forbidden, match="apps.pull = deny"):
+        world.api.gate.prepare(job)
+    # The owner's jobs use the daemon user's token, unless the request brought one.
+    owner_job = world.jobs.get(world.call("POST", "/v1/pulls", {"source": "https://example.org/o.json"}).body["id"])
+    dl, admit = world.api.gate.prepare(owner_job)
+    assert admit is None and dl.http.addresses is None
+    assert dl.http.auth("https://hub.example/x") == {"Authorization": "Bearer hf_theownerstoken1"}
+
+
+def test_a_channel_url_holds_its_pack_to_the_channel_s_keys(tmp_path: Path, origin: FaultServer) -> None:
+    from modelfs_store.download import Downloader
+    from modelfs_store.errors import TrustError
+    from modelfs_store.keys import trust_key
+    from modelfs_store.pull import PullOptions, pull_source
+    from test_packs import Publisher, release
+
+    store = Store.open(tmp_path / "store")
+    pub = Publisher(origin)
+    for key in ("k1", "k2"):
+        trust_key(store.catalog, key, pub.pub(key), actor="t")
+    url = pub.serve("chan.json", release(pub, 1, key_id="k2"))
+    store.catalog.add_channel(url, ["k1"])
+
+    async def main() -> object:
+        async with Downloader(store.blobs) as dl:
+            return await pull_source(store, dl, url, PullOptions())
+
+    with pytest.raises(TrustError, match="may not sign packs from this channel"):
+        trio.run(main)
+    assert pub.artifact_bytes() == 0
+    store.close()

@@ -109,5 +109,5 @@ def test_every_example_answers_as_documented(daemon: Daemon, origin: FaultServer
         problems[where] = mismatches(shape(json.loads(example)), shape(got))
         if (method, path, code) == ("POST", "/v1/pulls", 201):
             env["ID"] = str(got["id"])
-            wait_for(lambda: daemon.job(got["id"])["state"] == "done", 60, "the example's pull")
+            wait_for(lambda job=got["id"]: daemon.job(job)["state"] == "done", 60, "the example's pull")
     assert {k: v for k, v in problems.items() if v} == {}

@@ -162,7 +162,8 @@ def test_pause_resume_and_cancel(store: Store, model: tuple[str, str, int], orig
 
     async def body(q: JobQueue) -> Job:
         job, _ = q.submit(url, {"sha256": digest}, {}, uid=0, app_id=None)
-        await until(lambda: job.bytes_done > MB)
+        await until(lambda: job.bytes_done > MB and job.rate())
+        assert 0 < (job.as_dict()["rate"] or 0) < 64 * MB  # the origin sends 16 MiB/s
         q.act(job, "pause")
         assert job.state is State.PAUSED and store.catalog.jobs()[0]["state"] == "paused"
         await until(lambda: job.id not in q._scopes)
