@@ -384,6 +384,9 @@ class JobQueue:
             self.events.publish(job, {"event": "result", "job": job.id, **job.result})
         self._save(job, state=state, finished_at=self.clock(), bytes_total=job.bytes_total, **fields)
         log.info("pull job %d: %s%s", job.id, state.value, f" ({job.reason})" if job.reason else "")
+        finished = [j.id for j in self.jobs.values() if j.state in FINAL]
+        for old in finished[:-KEEP_FINISHED]:  # the catalog keeps them all
+            del self.jobs[old]
 
     def progress(self, job: Job, n: int) -> None:
         job.bytes_done += n

@@ -208,13 +208,25 @@ class _Connection:
                 if request is None:  # closed, or silent for too long
                     return
             except _BadRequest as bad:
-                if self.conn.our_state is h11.SEND_RESPONSE:
-                    await self._send(Response(bad.status, {"error": {"message": bad.message, "exit_code": 2}}))
+                await self._refuse(bad)
                 return
             await self._send(await self._answer(request))
             if self.conn.our_state is not h11.DONE or self.conn.their_state is not h11.DONE:
                 return
             self.conn.start_next_cycle()
+
+    async def _refuse(self, bad: _BadRequest) -> None:
+        """Answer a request h11 could not take, then close (h11 may no longer let us
+        respond through it: the bytes are written as they are)."""
+        response = Response(bad.status, {"error": {"message": bad.message, "exit_code": 2}},
+                            headers={"connection": "close"})
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and self.conn.their_state is not h11.ERROR:
+            await self._send(response)
+            return
+        body = (json.dumps(response.body) + "\n").encode()
+        head = (f"HTTP/1.1 {bad.status} {'Bad Request' if bad.status == 400 else 'Error'}\r\n"
+                f"content-type: {JSON}\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+        await self.stream.send_all(head + body)
 
     async def _answer(self, request: Request) -> Response:
         try:
@@ -244,6 +256,8 @@ class _Connection:
         length = dict(event.headers).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY:
             raise _BadRequest(413, f"request body over {MAX_BODY} bytes")
+        if self.conn.they_are_waiting_for_100_continue:  # curl asks before a body over 1 KiB
+            await self._write(h11.InformationalResponse(status_code=100, headers=[]))
         body = bytearray()
         while not isinstance(ev := await self._event(), h11.EndOfMessage):
             if isinstance(ev, h11.Data):
