@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -510,6 +511,22 @@ def test_sigterm_detaches_but_serves_open_files_until_closed(tiny, cli, mount_at
     assert m.proc.wait(timeout=10) == 0
     assert cli.run("status", "--json").json()["detached"] == []
     assert not list((cli.root / "run").glob("detached-*"))
+
+
+def test_an_idle_daemon_stops_at_once_on_sigterm(cli, mount_at):
+    """Once the kernel no longer caches the root's attributes (DIR_ATTR_TIMEOUT), the
+    daemon's own check of its mountpoint is a FUSE request: asked from the event loop it
+    would wait for itself forever."""
+    from modelfs.mount.tree import DIR_ATTR_TIMEOUT
+
+    m = mount_at()
+    os.stat(m.path)
+    seen = time.monotonic()
+    wait_for(lambda: time.monotonic() > seen + DIR_ATTR_TIMEOUT + 0.2, 10, "the root's attributes to expire")
+    m.proc.send_signal(signal.SIGTERM)
+    assert m.proc.wait(timeout=10) == 0
+    assert not os.path.ismount(m.path)
+    assert not (cli.root / "run" / "control.sock").exists()  # the socket goes with the daemon
 
 
 def test_what_a_killed_detached_daemon_left_is_ignored_then_swept(tiny, cli, mount_at, mounts):

@@ -22,4 +22,6 @@ class MountConfig:
     read_mode: str = "inline"
     verbose: int = 0
     allow_other: bool = False  # let other uids use the mount (they see shared models and their grants)
+    socket: Path | None = None       # the control socket's path (default: modelfs.mount.server.socket_choice)
+    socket_mode: int | None = None   # its mode (default 0600; a system store's 0666)
     visibility: Visibility | None = field(default=None, repr=False)
