@@ -52,6 +52,9 @@ class Action(enum.StrEnum):
     APP_ADD = "app-add"          # an app registered (or its executables or uid changed)
     APP_RM = "app-rm"            # an app and its grants removed
     VISIBILITY = "visibility"    # a model made private or shared
+    SETTING = "setting"          # a setting changed (modelfs config set, the control socket)
+    JOB = "job"                  # a pull job of the daemon created, paused, resumed or cancelled
+    DENY = "deny"                # a control-socket call refused (403): who asked for what, and why
 
 
 Outcome = Literal["ok", "refused", "failed"]
@@ -186,6 +189,34 @@ INSERT INTO grants_v3 (app_id, model, uid, any_uid, granted_at) SELECT app_id, m
 DROP TABLE grants;
 ALTER TABLE grants_v3 RENAME TO grants;
 CREATE UNIQUE INDEX grants_unique ON grants(app_id, model, IFNULL(uid, -1), any_uid);
+""",
+    # 4: the daemon owns the work: settings (modelfs config) and pull jobs that outlive
+    #    the client that started them and the daemon that ran them.
+    """
+CREATE TABLE settings (
+    key        TEXT PRIMARY KEY,         -- dotted name known to store/settings.py, e.g. 'apps.pull'
+    value      TEXT NOT NULL,            -- the value as JSON; a key without a row has its default
+    updated_at REAL NOT NULL             -- unix time it was last set
+);
+CREATE TABLE jobs (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,  -- job number, never reused
+    state       TEXT NOT NULL,           -- queued, running, paused, needs_credentials, done, failed, cancelled
+    source      TEXT NOT NULL,           -- what to pull, redacted (a URL with a secret keeps none of it)
+    options     TEXT NOT NULL,           -- JSON of the pull options (names, hashes, flags; never a secret)
+    uid         INTEGER NOT NULL,        -- uid of the caller that created it (the socket's peer credentials)
+    app_id      TEXT,                    -- app id of that caller; NULL: it had none
+    secret      INTEGER NOT NULL DEFAULT 0,  -- 1: it needs a credential the catalog never keeps (token, signed URL)
+    model       TEXT,                    -- model it pulled into, once known
+    bytes_done  INTEGER NOT NULL DEFAULT 0,  -- bytes received or present at its last state change
+    bytes_total INTEGER,                 -- bytes of the whole pull, when known
+    reason      TEXT,                    -- why it is in its state (a failure, a pause, a missing token), redacted
+    exit_code   INTEGER,                 -- what `modelfs pull` exits with for its outcome (0: done)
+    result      TEXT,                    -- JSON result of a done job, as `modelfs pull --json` prints it
+    created_at  REAL NOT NULL,           -- unix time it was created
+    updated_at  REAL NOT NULL,           -- unix time of its last state change
+    finished_at REAL                     -- unix time it became done, failed or cancelled
+);
+CREATE INDEX jobs_by_state ON jobs(state);
 """,
 ]
 
@@ -341,10 +372,11 @@ class Catalog:
     def list_models(self) -> list[ModelRecord]:
         return [_model(dict(r)) for r in self.conn.execute("SELECT * FROM models ORDER BY name")]
 
-    def ensure_model(self, name: str, owner_app: str | None = None, visibility: str = "shared") -> None:
+    def ensure_model(self, name: str, owner_app: str | None = None, visibility: str = "shared",
+                     owner_uid: int | None = None) -> None:
         self.conn.execute(
-            "INSERT OR IGNORE INTO models (name, owner_app, visibility, created_at) VALUES (?, ?, ?, ?)",
-            (name, owner_app, visibility, self.clock()))
+            "INSERT OR IGNORE INTO models (name, owner_app, visibility, created_at, owner_uid) VALUES (?, ?, ?, ?, ?)",
+            (name, owner_app, visibility, self.clock(), owner_uid))
 
     def delete_model(self, name: str) -> None:
         with self.txn():
@@ -604,17 +636,29 @@ class Catalog:
                 self.conn.execute("SELECT * FROM grants ORDER BY app_id, model, IFNULL(uid, -1), any_uid")]
 
     def set_visibility(self, model: str, visibility: str, *, owner_app: str | None = None,
-                       actor: str) -> None:
-        """Make ``model`` 'private' or 'shared'; ``owner_app`` (when given) becomes its owner."""
+                       owner_uid: int | None = None, actor: str) -> None:
+        """Make ``model`` 'private' or 'shared'; ``owner_app`` and ``owner_uid`` (when
+        given) become its owner."""
         if visibility not in ("shared", "private"):
             raise UsageError(f"visibility is 'shared' or 'private', not {visibility!r}")
         with self.txn():
             m = self.get_model(model)
             app = owner_app if owner_app is not None else m.owner_app
-            self.conn.execute("UPDATE models SET visibility = ?, owner_app = ? WHERE name = ?",
-                              (visibility, app, model))
-            self.audit(actor, Action.VISIBILITY, model=model, detail={"from": m.visibility, "to": visibility,
-                                                                        "owner_app": app})
+            uid = owner_uid if owner_uid is not None else m.owner_uid
+            self.conn.execute("UPDATE models SET visibility = ?, owner_app = ?, owner_uid = ? WHERE name = ?",
+                              (visibility, app, uid, model))
+            detail: dict[str, Any] = {"from": m.visibility, "to": visibility, "owner_app": app}
+            if uid is not None:
+                detail["owner_uid"] = uid
+            self.audit(actor, Action.VISIBILITY, model=model, detail=detail)
+
+    def owned_bytes(self, owner_app: str | None, owner_uid: int | None) -> int:
+        """Bytes of the distinct blobs of every version of the models owned by
+        (``owner_app``, ``owner_uid``): what an app's quota counts."""
+        row = self.conn.execute(
+            "SELECT SUM(size) FROM (SELECT DISTINCT f.sha256, f.size FROM files f JOIN models m ON m.name = f.model "
+            "WHERE m.owner_app IS ? AND m.owner_uid IS ?)", (owner_app, owner_uid)).fetchone()
+        return int(row[0] or 0)
 
     # -- keys and version floors --------------------------------------------------------
     def add_key(self, key_id: str, public_key_b64: str) -> None:
@@ -679,6 +723,62 @@ class Catalog:
     def channel_checked(self, url: str, result: str) -> None:
         self.conn.execute("UPDATE channels SET last_checked = ?, last_result = ? WHERE url = ?",
                           (self.clock(), result, url))
+
+    # -- settings and jobs ---------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """Every setting that was set (key -> value); the others have their defaults."""
+        return {r[0]: json.loads(r[1]) for r in self.conn.execute("SELECT key, value FROM settings ORDER BY key")}
+
+    def set_setting(self, key: str, value: Any, *, actor: str) -> None:
+        """Set ``key`` (already validated by ``store.settings``), audited; None restores the default."""
+        with self.txn():
+            old = self.settings().get(key)
+            if value is None:
+                self.conn.execute("DELETE FROM settings WHERE key = ?", (key,))
+            else:
+                self.conn.execute("INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT(key) "
+                                  "DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                                  (key, json.dumps(value), self.clock()))
+            self.audit(actor, Action.SETTING, detail={"key": key, "from": old, "to": value})
+
+    def add_job(self, source: str, options: dict[str, Any], *, uid: int, app_id: str | None, secret: bool,
+                state: str) -> int:
+        """A new pull job; ``source`` and ``options`` hold no secret (redacted here again)."""
+        now = self.clock()
+        cur = self.conn.execute(
+            "INSERT INTO jobs (state, source, options, uid, app_id, secret, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (state, redact_url(source), json.dumps(options, sort_keys=True), uid, app_id, int(secret), now, now))
+        return int(cur.lastrowid or 0)
+
+    JOB_FIELDS = frozenset({"state", "model", "bytes_done", "bytes_total", "reason", "exit_code", "result",
+                            "finished_at"})
+
+    def update_job(self, job_id: int, **fields: Any) -> None:
+        """Record a job's new state (and what goes with it); ``result`` is stored as JSON."""
+        unknown = set(fields) - self.JOB_FIELDS
+        if unknown:
+            raise ValueError(f"unknown job fields {sorted(unknown)}")
+        if fields.get("reason") is not None:
+            fields["reason"] = redact_text(str(fields["reason"]))
+        if "result" in fields and fields["result"] is not None:
+            fields["result"] = json.dumps(fields["result"], sort_keys=True)
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self.conn.execute(f"UPDATE jobs SET {cols}, updated_at = ? WHERE id = ?",  # noqa: S608 - names checked
+                          (*fields.values(), self.clock(), job_id))
+
+    def jobs(self, states: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Jobs, oldest first (only those in ``states`` when given), options and result decoded."""
+        rows = self.conn.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+        out = []
+        for r in rows:
+            if states is None or r["state"] in states:
+                d = dict(r)
+                d["options"] = json.loads(d["options"])
+                d["result"] = json.loads(d["result"]) if d["result"] else None
+                d["secret"] = bool(d["secret"])
+                out.append(d)
+        return out
 
     # -- audit -------------------------------------------------------------------------
     def audit(self, actor: str, action: Action, *, model: str | None = None, version: int | None = None,

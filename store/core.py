@@ -191,19 +191,19 @@ class Store:
 
     def record_unsigned(self, name: str, records: list[FileRecord], info: gguf.GGUFInfo, *, action: Action,
                         source: str, license: str | None, source_url: str | None, owner_app: str | None,
-                        new_bytes: int, private: bool = False) -> tuple[int, bool]:
+                        new_bytes: int, private: bool = False, owner_uid: int | None = None) -> tuple[int, bool]:
         """Record ``records`` (verified, committed blobs) as a new unsigned version of
         ``name`` and activate it, in one transaction; the import and the unsigned pull
         both end here. Returns (version, created): the same files as the active version
         record nothing new. A model with signed versions takes no unsigned ones: its
         name belongs to its publisher (the converse of ``check_pack``'s rule).
-        ``private`` makes the model private (owned by ``owner_app``), new or not."""
+        ``private`` makes the model private (owned by ``owner_app`` as ``owner_uid``), new or not."""
         cat = self.catalog
         with cat.txn():
             self.check_unsigned_allowed(name, action)  # again, under the write lock
             if private:
-                cat.ensure_model(name, owner_app)
-                cat.set_visibility(name, "private", owner_app=owner_app, actor=self.actor)
+                cat.ensure_model(name, owner_app, owner_uid=owner_uid)
+                cat.set_visibility(name, "private", owner_app=owner_app, owner_uid=owner_uid, actor=self.actor)
             if cat.has_model(name):
                 m = cat.get_model(name)
                 if m.active_version is not None:
@@ -213,7 +213,7 @@ class Store:
                                   reason="already present", detail={"new_bytes": new_bytes})
                         return m.active_version, False
             version = cat.next_version(name)
-            cat.ensure_model(name, owner_app)
+            cat.ensure_model(name, owner_app, owner_uid=owner_uid)
             cat.add_version(
                 name, version, records, signed=False, source=source, license=license,
                 source_url=redact_url(source_url) if source_url else None,

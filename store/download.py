@@ -14,9 +14,12 @@ a mismatch (e.g. a server that ignored If-Range) is quarantined and the file fet
 again from zero once.
 
 One transfer per blob: concurrent :meth:`Downloader.fetch` calls for one SHA-256 in a
-process join the first one; across processes the partial directory's ``flock``
-serialises them and the later one finds the committed blob. Correctness never depends
-on the lock: the commit checks the hash whoever wins.
+process join the first one, also across Downloaders that share one
+:class:`Transfers` table (the daemon's jobs, each with its own credentials and address
+rule, and the mount's lazy opens); a joiner sees the transfer's progress from its
+start. Across processes the partial directory's ``flock`` serialises them and the
+later one finds the committed blob. Correctness never depends on the lock: the commit
+checks the hash whoever wins.
 
 Robustness: connection errors, 5xx and 429 are retried with exponential backoff and
 jitter (``Retry-After`` honoured, capped); a stall (no byte for ``stall_timeout``)
@@ -70,14 +73,14 @@ from . import failures
 from .blobs import BlobStore
 from .catalog import FileRecord
 from .errors import FetchError, IntegrityError, NotFound, OfflineError, StoreError, UsageError
-from .http import Auth, BigReadStream, Http, RetryPolicy, is_transient, status_error
+from .http import AddressRule, Auth, BigReadStream, Http, RetryPolicy, is_transient, status_error
 from .layout import Sha256, check_sha256
 from .partial import PartialInfo, PartialLock, discard_partial, list_partials, remove_empty
 from .redact import REDACTED, redact_url
 from .sink import ALIGN, Sink
 
 __all__ = ["BUDGET_SLACK", "MIN_PROGRESS", "Bytes", "Downloader", "FetchResult", "PartialInfo", "PrefixCheck",
-           "discard_partial", "list_partials"]
+           "Transfers", "discard_partial", "list_partials"]
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +215,10 @@ class _Transfer:
                 hook(size)
 
 
+#: The transfers in flight, by SHA-256: shared by Downloaders that join each other's.
+Transfers = dict[Sha256, _Transfer]
+
+
 def _parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
     """``bytes a-b/total`` -> (a, b, total or None)."""
     if not value or not value.startswith("bytes "):
@@ -237,7 +244,10 @@ class Downloader:
     origin, :func:`store.hf.auth_headers`); the other network options configure
     :attr:`http`, through which every request goes. ``wallclock`` (unix time) dates
     the remembered verification failures; ``retry_failed`` forgets them instead of
-    refusing (``modelfs pull --retry``)."""
+    refusing (``modelfs pull --retry``). ``addresses`` restricts where its requests may
+    connect (a caller's URLs, :class:`~store.http.AddressRule`); ``transfers`` is the
+    table of transfers in flight it shares with other Downloaders of the same store
+    and event loop (default: its own)."""
 
     def __init__(self, blobs: BlobStore, *, offline: bool = False, stall_timeout: float = 30.0,
                  min_speed: tuple[int, float] | None = None, max_retries: int = 5,
@@ -248,7 +258,8 @@ class Downloader:
                  auth: Auth | None = None, verify: ssl.SSLContext | str | bool = True,
                  user_agent: str = "modelfs/0.1", rng: random.Random | None = None,
                  direct_io: bool = True, wallclock: Callable[[], float] = time.time,
-                 retry_failed: bool = False) -> None:
+                 retry_failed: bool = False, addresses: AddressRule | None = None,
+                 transfers: Transfers | None = None) -> None:
         self.blobs = blobs
         self.stall_timeout = stall_timeout
         self.min_speed = min_speed
@@ -261,8 +272,8 @@ class Downloader:
             auth = auth_headers
         retry = RetryPolicy(max_retries, backoff, retry_after_cap, sleep, rng or random.Random())
         self.http = Http(offline=offline, timeout=stall_timeout, transport=transport, verify=verify,
-                         user_agent=user_agent, auth=auth, retry=retry)
-        self._inflight: dict[Sha256, _Transfer] = {}
+                         user_agent=user_agent, auth=auth, retry=retry, addresses=addresses)
+        self.transfers: Transfers = {} if transfers is None else transfers
 
     @property
     def offline(self) -> bool:
@@ -315,7 +326,7 @@ class Downloader:
             if self.offline:
                 raise OfflineError(f"blob {sha256[:12]}… is not local and the store is offline", sha256=sha256)
             self._refuse_if_failed(sha256, redact_url(url))
-            joined = self._inflight.get(sha256)
+            joined = self.transfers.get(sha256)
             if joined is None:
                 break
             if progress is not None:
@@ -340,7 +351,7 @@ class Downloader:
         transfer = _Transfer()
         if progress is not None:
             transfer.listeners.append(progress)
-        self._inflight[sha256] = transfer
+        self.transfers[sha256] = transfer
         try:
             result = await self._fetch_locked(url, sha256, size, headers, transfer, check)
             transfer.result = result
@@ -349,7 +360,7 @@ class Downloader:
             transfer.error = exc
             raise
         finally:
-            del self._inflight[sha256]
+            del self.transfers[sha256]
             transfer.done.set()
 
     # -- one transfer ----------------------------------------------------------------------

@@ -10,6 +10,8 @@
     │   ├── ManifestError       an envelope or payload refused before any download
     │   └── ArchiveError        a zip artifact refused by the extractor
     ├── TrustError              signature, key, expiry or version-floor refusal
+    │   └── Forbidden           the store's policy refuses this caller (an app, another
+    │                           user): the control socket answers 403
     ├── SpaceError              not enough free space to finish
     └── FetchError              a download failed (network, HTTP status, stall, too slow)
         ├── OfflineError        the store is set offline, or the host is unreachable
@@ -76,6 +78,10 @@ class ArchiveError(FormatError):
 
 class TrustError(StoreError):
     exit_code = 7
+
+
+class Forbidden(TrustError):
+    """What a caller asked for is not its to ask: the store owner's policy refuses it."""
 
 
 class SpaceError(StoreError):

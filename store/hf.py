@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -116,16 +117,25 @@ def token() -> str | None:
     return value or None
 
 
-def auth_headers(url: str) -> dict[str, str]:
-    """Credentials for one request: the hub token, only for the endpoint's origin."""
+def auth_headers(url: str, supplied: str | None = None) -> dict[str, str]:
+    """Credentials for one request: the hub token (``supplied``, else the user's, read
+    now), only for the endpoint's origin."""
     try:
         target, hub = httpx.URL(url), httpx.URL(endpoint())
     except httpx.InvalidURL:
         return {}
     if (target.scheme, target.host, target.port) != (hub.scheme, hub.host, hub.port):
         return {}
-    tok = token()
+    tok = supplied or token()
     return {"Authorization": f"Bearer {tok}"} if tok else {}
+
+
+def token_auth(supplied: str | None) -> Callable[[str], dict[str, str]]:
+    """The credential hook of a pull run for someone else (the daemon's jobs): the token
+    they supplied, for the hub's origin only, and never the daemon user's own."""
+    def auth(url: str) -> dict[str, str]:
+        return auth_headers(url, supplied) if supplied else {}
+    return auth
 
 
 def _normalize_etag(value: str | None) -> str | None:

@@ -10,8 +10,13 @@
     │   │                        here with the downloader's backoff (RetryPolicy)
     │   └── get_envelope(url)    a signed envelope: identity encoding only, refused
     │                            over ``limit`` bytes without reading past the limit
-    └── offline                  an offline store sends nothing: every request is
-                                 refused before it is built
+    ├── offline                  an offline store sends nothing: every request is
+    │                            refused before it is built
+    └── addresses                an :class:`AddressRule` (for URLs an app submitted):
+                                 every connection, redirects included, resolves its
+                                 host once, refuses it unless every address is public
+                                 or in an allowed network, and connects to exactly the
+                                 addresses it checked (no second lookup to rebind)
 
 The redirect rule (:meth:`Http.open`): at most :data:`MAX_REDIRECTS` hops; a target
 must be a valid http(s) URL and never https downgraded to http
@@ -46,12 +51,13 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import errno
+import ipaddress
 import logging
 import random
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,11 +65,12 @@ import httpcore
 import httpx
 import trio
 
-from .errors import FetchError, ManifestError, OfflineError, StoreError, UsageError
+from .errors import FetchError, InternalError, ManifestError, OfflineError, StoreError, UsageError
 from .redact import redact_url
 
-__all__ = ["CROSS_ORIGIN_SAFE_HEADERS", "MAX_REDIRECTS", "Auth", "BigReadStream", "Http", "RetryPolicy",
-           "fast_transport", "is_transient", "map_errors", "redirect_target", "status_error"]
+__all__ = ["CROSS_ORIGIN_SAFE_HEADERS", "MAX_REDIRECTS", "AddressRule", "Auth", "BigReadStream", "Http",
+           "RetryPolicy", "address_refusal", "fast_transport", "is_transient", "map_errors", "redirect_target",
+           "status_error"]
 
 log = logging.getLogger(__name__)
 
@@ -178,17 +185,105 @@ class _BigReadBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
-def fast_transport(*, verify: ssl.SSLContext | str | bool = True) -> httpx.AsyncHTTPTransport:
-    """An ``httpx.AsyncHTTPTransport`` whose connections read 1 MiB per socket read.
+def fast_transport(*, verify: ssl.SSLContext | str | bool = True,
+                   addresses: AddressRule | None = None) -> httpx.AsyncHTTPTransport:
+    """An ``httpx.AsyncHTTPTransport`` whose connections read 1 MiB per socket read and,
+    with ``addresses``, connect only where the rule allows.
 
-    httpx offers no public knob for the read size; if its internals move, this falls
-    back to the stock transport (slower, still correct)."""
+    httpx offers no public knob for either; if its internals move, the read size falls
+    back to the stock transport (slower, still correct), but an address rule that cannot
+    be installed is an error: it must never be skipped."""
     transport = httpx.AsyncHTTPTransport(verify=verify)
     pool = getattr(transport, "_pool", None)
     backend = getattr(pool, "_network_backend", None)
     if isinstance(backend, httpcore.AsyncNetworkBackend):
+        if addresses is not None:
+            backend = _GuardedBackend(backend, addresses)
         pool._network_backend = _BigReadBackend(backend)  # type: ignore[union-attr]
+    elif addresses is not None:
+        raise InternalError("cannot enforce the address rule: httpx's transport has no network backend to wrap")
     return transport
+
+
+# -- addresses -------------------------------------------------------------------------
+#: host, port -> the IP addresses to connect to (the system resolver by default)
+Resolve = Callable[[str, int], Awaitable[list[str]]]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+async def _system_resolve(host: str, port: int) -> list[str]:
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def address_refusal(ip: str, allowed: Sequence[Network] = ()) -> str | None:
+    """Why ``ip`` may not be reached (None: it may): not public, unless in ``allowed``."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if any(addr in net for net in allowed):
+        return None
+    for kind in ("loopback", "link_local", "private", "multicast", "unspecified", "reserved"):
+        if getattr(addr, f"is_{kind}"):
+            return f"a {kind.replace('_', '-')} address"
+    return None if addr.is_global else "not a public address"
+
+
+@dataclass(frozen=True)
+class AddressRule:
+    """Connections only to public addresses, and to the ``allowed`` networks."""
+    allowed: tuple[Network, ...] = ()
+    resolve: Resolve = _system_resolve
+
+    @classmethod
+    def of(cls, networks: Sequence[str]) -> AddressRule:
+        return cls(tuple(ipaddress.ip_network(n, strict=False) for n in networks))
+
+    async def addresses(self, host: str, port: int, timeout: float | None) -> list[str]:
+        """The addresses of ``host``, every one of them checked; FetchError (not
+        transient) when one is refused, httpcore's connect errors when none resolves."""
+        try:
+            with trio.fail_after(float("inf") if timeout is None else timeout):
+                ips = await self.resolve(host, port)
+        except trio.TooSlowError:
+            raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
+        except OSError as exc:
+            raise httpcore.ConnectError(str(exc)) from exc
+        if not ips:
+            raise httpcore.ConnectError(f"{host} has no address")
+        for ip in ips:
+            why = address_refusal(ip, self.allowed)
+            if why is not None:
+                raise FetchError(f"refusing to connect to {host}: {ip} is {why} (a caller's URL may reach public "
+                                 "addresses only; see the setting apps.allowed_networks)", host=host,
+                                 reason="address-refused")
+        return ips
+
+
+class _GuardedBackend(httpcore.AsyncNetworkBackend):
+    """Connects to the checked addresses of a host only (:class:`AddressRule`)."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend, rule: AddressRule) -> None:
+        self._inner = inner
+        self._rule = rule
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                          socket_options: Any = None) -> httpcore.AsyncNetworkStream:
+        last: Exception | None = None
+        for ip in await self._rule.addresses(host, port, timeout):
+            try:
+                return await self._inner.connect_tcp(ip, port, timeout=timeout, local_address=local_address,
+                                                     socket_options=socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    async def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
+        raise FetchError("refusing a unix socket connection for a caller's URL", reason="address-refused")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
 
 
 # -- errors ----------------------------------------------------------------------------
@@ -329,18 +424,23 @@ class Http:
     """The store's HTTP client. Use from one trio thread; close with :meth:`aclose`.
 
     ``auth(url)`` gives the credentials for one URL (default: none); ``timeout`` is the
-    longest wait for a connection, a response or the next body bytes."""
+    longest wait for a connection, a response or the next body bytes; ``addresses``
+    restricts where it connects (module docstring)."""
 
     def __init__(self, *, offline: bool = False, timeout: float = 30.0,
                  transport: httpx.AsyncBaseTransport | None = None,
                  verify: ssl.SSLContext | str | bool = True, user_agent: str = "modelfs/0.1",
-                 auth: Auth | None = None, retry: RetryPolicy | None = None) -> None:
+                 auth: Auth | None = None, retry: RetryPolicy | None = None,
+                 addresses: AddressRule | None = None) -> None:
+        if addresses is not None and transport is not None:
+            raise InternalError("an address rule needs the store's own transport")
         self.offline = offline
         self.timeout = timeout
+        self.addresses = addresses  # installed in the transport: kept here to be asked about
         self.auth: Auth = auth or _no_credentials
         self.retry = retry or RetryPolicy()
         self._client = httpx.AsyncClient(
-            transport=transport or fast_transport(verify=verify),
+            transport=transport or fast_transport(verify=verify, addresses=addresses),
             follow_redirects=False,
             timeout=httpx.Timeout(timeout),
             headers={"User-Agent": user_agent},

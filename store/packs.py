@@ -124,6 +124,8 @@ log = logging.getLogger(__name__)
 
 CRASH_BEFORE_ACTIVATE = "pack-before-activate"
 Progress = Callable[[int], None]
+#: (model name, bytes it will hold or None) -> None, or a StoreError: may this caller pull it?
+Admit = Callable[[str, int | None], None]
 # Refusals of the pack's content, as opposed to failures to get it.
 _CONTENT_REFUSALS = (ManifestError, TrustError, ArchiveError, IntegrityError)
 
@@ -231,7 +233,7 @@ async def install_pack(store: Store, downloader: Downloader, envelope: bytes, *,
                        now: datetime | None = None, actor: str | None = None, source: str = "pack",
                        allowed_keys: Collection[str] | None = None,
                        progress: Progress | None = None, lazy: bool = False,
-                       background: bool = False) -> InstallResult:
+                       background: bool = False, admit: Admit | None = None) -> InstallResult:
     """Verify ``envelope`` and install (and activate) its version; see the module docstring.
 
     ``source`` says where the envelope came from (a URL is redacted before it is
@@ -240,6 +242,8 @@ async def install_pack(store: Store, downloader: Downloader, envelope: bytes, *,
     ``min_device`` is a soft gate: a foreground install reports its shortfalls in the
     result; a ``background`` one (a channel update) skips a version this machine does
     not meet, fetching and recording nothing (outcome ``skipped``).
+    ``admit(model, size)``, once every check has passed and before any download, may
+    refuse the pack for its caller (a StoreError, audited as a refusal).
     """
     platform = platform or current_platform()
     if platform not in PLATFORMS:
@@ -258,6 +262,12 @@ async def install_pack(store: Store, downloader: Downloader, envelope: bytes, *,
         active = cat.get_model(manifest.model_id).active_version if cat.has_model(manifest.model_id) else None
         return InstallResult(manifest.model_id, manifest.version, "skipped", False, active, active, manifest.key_id,
                              manifest.payload_sha256, (), 0, 0, (), short)
+    if admit is not None:
+        try:
+            admit(manifest.model_id, sum(a.size for a in manifest.artifacts_for_platform(platform)))
+        except StoreError as exc:
+            _audit_refusal(store, actor, exc, source, manifest)
+            raise
     installer = _Installer(store, downloader, manifest, platform, actor, source, progress, lazy)
     try:
         return dataclasses.replace(await installer.run(), below_min_device=short)
@@ -525,7 +535,8 @@ def looks_like_envelope(data: bytes) -> bool:
 async def pull_pack_url(store: Store, downloader: Downloader, url: str, *, platform: str | None = None,
                         now: datetime | None = None, actor: str | None = None,
                         allowed_keys: Collection[str] | None = None, progress: Progress | None = None,
-                        lazy: bool = False, background: bool = False) -> InstallResult:
+                        lazy: bool = False, background: bool = False,
+                        admit: Admit | None = None) -> InstallResult:
     """Fetch an envelope from ``url`` and install it. A refused or failed fetch is audited."""
     actor = actor or store.actor
     try:
@@ -539,7 +550,7 @@ async def pull_pack_url(store: Store, downloader: Downloader, url: str, *, platf
         raise
     return await install_pack(store, downloader, data, platform=platform, now=now, actor=actor,
                               source=redact_url(url), allowed_keys=allowed_keys, progress=progress, lazy=lazy,
-                              background=background)
+                              background=background, admit=admit)
 
 
 def read_envelope_file(path: str | os.PathLike[str]) -> bytes:

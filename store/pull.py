@@ -46,7 +46,15 @@ from .download import Bytes, Downloader, FetchResult
 from .errors import ManifestError, StoreError, UsageError
 from .layout import Sha256, check_sha256
 from .names import check_filename, check_model_name
-from .packs import InstallResult, fetch_envelope, install_pack, looks_like_envelope, pull_pack_url, read_envelope_file
+from .packs import (
+    Admit,
+    InstallResult,
+    fetch_envelope,
+    install_pack,
+    looks_like_envelope,
+    pull_pack_url,
+    read_envelope_file,
+)
 from .redact import redact_text, redact_url
 
 if TYPE_CHECKING:
@@ -86,6 +94,14 @@ class PullResult:
         return {"name": self.model, "version": self.version, "new_version": self.new_version,
                 "new_bytes": self.new_bytes, "bytes_downloaded": self.bytes_transferred,
                 "signed": False, "files": [f.__dict__ for f in self.files]}
+
+
+def result_json(result: InstallResult | PullResult) -> dict[str, Any]:
+    """A pull's result as ``modelfs pull --json`` prints it (without its ``event`` key),
+    and as the daemon keeps it for a job: one shape for both, signed or not."""
+    if isinstance(result, PullResult):
+        return result.as_dict()
+    return {**result.as_dict(), "signed": True}
 
 
 def default_name(filename: str) -> str:
@@ -194,15 +210,20 @@ class GGUFHeaderCheck:
 
 
 async def pull(store: Store, downloader: Downloader, sources: list[PullSource], *, name: str | None = None,
-               owner_app: str | None = None, private: bool = False, license: str | None = None,
-               progress: ProgressFactory | None = None) -> PullResult:
-    """Fetch every source, check the GGUF headers, record and activate an unsigned version."""
+               owner_app: str | None = None, owner_uid: int | None = None, private: bool = False,
+               license: str | None = None, progress: ProgressFactory | None = None,
+               admit: Admit | None = None) -> PullResult:
+    """Fetch every source, check the GGUF headers, record and activate an unsigned version.
+    ``admit(name, size)`` may refuse it for its caller before any byte is fetched."""
     if not sources or sources[0].role != "weights":
         raise UsageError("a pull needs the weights file first")
     name = check_model_name(name or default_name(sources[0].filename))
     if len({s.filename for s in sources}) != len(sources):
         raise UsageError("the weights and the mmproj file must have different file names")
     store.check_unsigned_allowed(name, "pull")
+    if admit is not None:
+        sizes = [s.size for s in sources]
+        admit(name, None if None in sizes else sum(s or 0 for s in sizes))
 
     fetched: list[tuple[PullSource, FetchResult]] = []
     for src in sources:
@@ -226,7 +247,8 @@ async def pull(store: Store, downloader: Downloader, sources: list[PullSource], 
 
     version, created = store.record_unsigned(
         name, records, info, action=Action.PULL, source=weights.source, license=license,
-        source_url=weights.source_url, owner_app=owner_app, new_bytes=new_bytes, private=private)
+        source_url=weights.source_url, owner_app=owner_app, owner_uid=owner_uid, new_bytes=new_bytes,
+        private=private)
     return PullResult(name, version, created, new_bytes, transferred, tuple(records))
 
 
@@ -304,6 +326,7 @@ class PullOptions:
     mmproj_sha256: str | None = None
     license: str | None = None
     owner_app: str | None = None
+    owner_uid: int | None = None      # with owner_app, the uid that owns the model (None: the store owner)
     private: bool = False             # only its app, apps granted it and the owner's shell see it
     platform: str | None = None       # signed: whose artifacts to install (default: this one)
     retry: bool = False               # try files whose verification failed recently now (store.failures)
@@ -319,9 +342,11 @@ class PullReporter(Protocol):
 
 
 async def pull_source(store: Store, downloader: Downloader, source: str, options: PullOptions,
-                      reporter: PullReporter | None = None) -> InstallResult | PullResult:
+                      reporter: PullReporter | None = None, admit: Admit | None = None) -> InstallResult | PullResult:
     """``modelfs pull SOURCE``: decide what SOURCE is (module docstring) and pull it.
-    Returns the signed pack's :class:`InstallResult` or the unsigned :class:`PullResult`."""
+    Returns the signed pack's :class:`InstallResult` or the unsigned :class:`PullResult`.
+    ``admit(model, size)`` may refuse it for its caller (the daemon's app policy) once
+    the model and its size are known, before any file is fetched."""
     if options.retry:
         downloader.retry_failed = True
     is_url = source.startswith(("http://", "https://"))
@@ -329,12 +354,12 @@ async def pull_source(store: Store, downloader: Downloader, source: str, options
         raise UsageError(f"{source} is a GGUF file, not a signed pack envelope: add a local model with "
                          f"`modelfs import NAME {source}`")
     if options.pack or (not is_url and os.path.isfile(source)):
-        return await _pull_pack(store, downloader, source, None, options, reporter)
+        return await _pull_pack(store, downloader, source, None, options, reporter, admit)
     found = None
     if is_url and options.sha256 is None:
         envelope, found = await _probe_envelope(downloader, source)
         if envelope is not None:
-            return await _pull_pack(store, downloader, source, envelope, options, reporter)
+            return await _pull_pack(store, downloader, source, envelope, options, reporter, admit)
     if options.lazy:
         raise UsageError("--lazy needs a signed pack: only its manifest vouches for every file's size and "
                          "SHA-256 before a byte is local")
@@ -347,7 +372,8 @@ async def pull_source(store: Store, downloader: Downloader, source: str, options
         sources.append(await resolve(downloader, options.mmproj, role="mmproj", sha256=options.mmproj_sha256,
                                      base=base))
     return await pull(store, downloader, sources, name=options.name, owner_app=options.owner_app,
-                      private=options.private, license=options.license, progress=reporter)
+                      owner_uid=options.owner_uid, private=options.private, license=options.license,
+                      progress=reporter, admit=admit)
 
 
 async def _probe_envelope(downloader: Downloader, url: str) -> tuple[bytes | None, str | None]:
@@ -383,21 +409,24 @@ def _what_is(data: bytes) -> str:
 
 
 async def _pull_pack(store: Store, downloader: Downloader, source: str, envelope: bytes | None,
-                     options: PullOptions, reporter: PullReporter | None) -> InstallResult:
+                     options: PullOptions, reporter: PullReporter | None, admit: Admit | None) -> InstallResult:
     """Install the pack whose envelope is ``source`` (a file or an http(s) URL), or
-    ``envelope`` when it was already fetched."""
+    ``envelope`` when it was already fetched. The URL of a trusted channel holds the pack
+    to the keys that channel allows."""
     progress = reporter.pack() if reporter is not None else None
     is_url = source.startswith(("http://", "https://"))
+    allowed = store.catalog.channel_keys(source) if is_url else None
     if envelope is None and is_url:
         res = await pull_pack_url(store, downloader, source, platform=options.platform, progress=progress,
-                                  lazy=options.lazy)
+                                  lazy=options.lazy, allowed_keys=allowed, admit=admit)
     else:
         envelope = envelope if envelope is not None else read_envelope_file(source)
         origin = redact_url(source) if is_url else f"file:{Path(source).name}"
         res = await install_pack(store, downloader, envelope, platform=options.platform, source=origin,
-                                 progress=progress, lazy=options.lazy)
-    if options.private or options.owner_app:  # the publisher names the model; who sees it is local
+                                 progress=progress, lazy=options.lazy, allowed_keys=allowed, admit=admit)
+    if options.private or options.owner_app or options.owner_uid is not None:
+        # The publisher names the model; who sees it is local.
         store.catalog.set_visibility(res.model, "private" if options.private else
                                      store.catalog.get_model(res.model).visibility,
-                                     owner_app=options.owner_app, actor=store.actor)
+                                     owner_app=options.owner_app, owner_uid=options.owner_uid, actor=store.actor)
     return res

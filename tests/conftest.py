@@ -12,6 +12,7 @@ acting on another user's store (it drops privileges and re-executes itself).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -199,6 +200,24 @@ def wait_for(cond: Callable[[], object], timeout: float = 30.0, what: str = "con
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha_file(path: Path | str) -> str:
+    """SHA-256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def blob_data(n: int, seed: int = 0) -> bytes:
+    """``n`` deterministic, incompressible bytes."""
+    return hashlib.shake_256(seed.to_bytes(8, "little")).digest(n)
 
 
 def du_bytes(path: Path) -> int:

@@ -4,7 +4,6 @@ refused with its reason and nothing left behind; and a good archive extracted ex
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import stat
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from conftest import sha
 from modelfs_store.archive import (
     DEFAULT_LIMITS,
     ExtractedFile,
@@ -111,9 +111,6 @@ def assert_refused(path: Path, dest: Path, reason: str, limits: Limits = SMALL) 
     assert list(dest.iterdir()) == [], "a refusal left something behind"
     return exc
 
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # ---------------------------------------------------------------- the good archive

@@ -39,7 +39,7 @@ def test_upgrade_from_schema_1_keeps_data(tmp_path):
     conn.close()
 
     cat = Catalog(path)
-    assert cat.schema_version() == SCHEMA_VERSION == 3
+    assert cat.schema_version() == SCHEMA_VERSION == 4
     assert cat.get_model("m").active_version == 1
     assert cat.get_version("m", 1).files[0].sha256 == SHA
     cat.add_channel("https://example.test/chan.json", ["k1"])
@@ -53,6 +53,20 @@ def test_upgrade_from_schema_1_keeps_data(tmp_path):
     assert cat.grant("org.example.A", "m", any_uid=True, actor="t")
     assert not cat.grant("org.example.A", "m", actor="t")  # the migrated one
     assert cat.revoke("org.example.A", "m", uid=1001, actor="t") and len(cat.grants()) == 2
+    # 4: settings (none set: every one has its default) and the daemon's pull jobs
+    assert cat.settings() == {}
+    cat.set_setting("apps.pull", "any", actor="t")
+    assert cat.settings() == {"apps.pull": "any"}
+    cat.set_setting("apps.pull", None, actor="t")
+    assert cat.settings() == {}
+    job = cat.add_job("https://h.example/w.gguf?X-Amz-Signature=s3cr3t", {"sha256": SHA}, uid=1001,
+                      app_id="org.example.A", secret=True, state="queued")
+    cat.update_job(job, state="failed", reason="token=abc123 refused", exit_code=9, result={"name": "m"})
+    (row,) = cat.jobs()
+    assert "s3cr3t" not in row["source"] and "abc123" not in row["reason"]
+    assert (row["state"], row["uid"], row["app_id"], row["secret"], row["options"], row["result"]) == \
+        ("failed", 1001, "org.example.A", True, {"sha256": SHA}, {"name": "m"})
+    assert cat.jobs(["queued"]) == []
 
 
 def test_newer_schema_is_refused(tmp_path):

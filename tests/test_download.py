@@ -12,7 +12,6 @@ checks that nothing unverified is ever visible under ``blobs/``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import socket
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import CLI, wait_for
+from conftest import CLI, blob_data, sha, sha_file, wait_for
 from faultserver import FaultServer, cdn, origin  # noqa: F401 - fixtures
 from ggufgen import write_mmproj, write_model
 from modelfs_store.catalog import FileRecord
@@ -36,16 +35,6 @@ MB = 1 << 20
 FAST = {"stall_timeout": 5.0, "backoff": (0.01, 0.05), "max_retries": 3}
 
 
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @pytest.fixture
@@ -54,9 +43,6 @@ def store(tmp_path: Path) -> Store:
     yield s
     s.close()
 
-
-def blob_data(n: int, seed: int = 0) -> bytes:
-    return hashlib.shake_256(seed.to_bytes(8, "little")).digest(n)
 
 
 def fetch(store: Store, url: str, data: bytes | None = None, *, digest: str | None = None,

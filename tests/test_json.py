@@ -21,6 +21,7 @@ import pytest
 from conftest import CLI, REPO
 from faultserver import FaultServer, origin  # noqa: F401 - fixture
 from ggufgen import write_model
+from modelfs_store.catalog import Catalog
 from test_packs import Publisher, release
 
 DOC = REPO / "docs" / "json.md"
@@ -63,6 +64,8 @@ def world(cli: CLI, tmp_path: Path, origin: FaultServer) -> dict[str, str]:  # n
     cli.run("keys", "add", "k1", pub.pub("k1"))
     pack = pub.serve("demo.json", release(pub, 1))
     cli.run("apps", "add", "org.example.A")
+    Catalog(cli.root / "catalog.db").add_job("https://origin.example/big.gguf", {"sha256": "7b" * 32}, uid=0,
+                                             app_id=None, secret=False, state="queued")
     return {"weights": str(w), "pack": pack, "channel": pub.serve("chan.json", release(pub, 2))}
 
 
@@ -93,6 +96,11 @@ def commands(world: dict[str, str]) -> dict[str, list[str]]:
         "doctor --json": ["doctor", "--json"],
         "init PATH --json": ["init", str(Path(world["weights"]).parent / "another"), "--json"],
         "service install --user --dry-run --json": ["service", "install", "--user", "--dry-run", "--json"],
+        "config list --json": ["config", "list", "--json"],
+        "config set KEY VALUE --json": ["config", "set", "apps.quota_bytes", "20G", "--json"],
+        "config get KEY --json": ["config", "get", "pulls.concurrency", "--json"],
+        "pulls --json": ["pulls", "--json"],
+        "pulls cancel ID --json": ["pulls", "cancel", "1", "--json"],
     }
 
 

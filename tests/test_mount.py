@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ import numpy as np
 import pytest
 
 from conftest import CLI, wait_for
+from conftest import sha_file as sha256_of
 from ggufgen import write_mmproj, write_model
 from modelfs.mount.runstate import daemon_alive
 from modelfs_store.catalog import FileRecord
@@ -54,13 +56,6 @@ pytestmark = [
 # in a test it would measure the machine's load as much as the daemon.
 LIVE = 30.0
 
-
-def sha256_of(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Mount:
@@ -522,6 +517,22 @@ def test_sigterm_detaches_but_serves_open_files_until_closed(tiny, cli, mount_at
     assert m.proc.wait(timeout=10) == 0
     assert cli.run("status", "--json").json()["detached"] == []
     assert not list((cli.root / "run").glob("detached-*"))
+
+
+def test_an_idle_daemon_stops_at_once_on_sigterm(cli, mount_at):
+    """Once the kernel no longer caches the root's attributes (DIR_ATTR_TIMEOUT), the
+    daemon's own check of its mountpoint is a FUSE request: asked from the event loop it
+    would wait for itself forever."""
+    from modelfs.mount.tree import DIR_ATTR_TIMEOUT
+
+    m = mount_at()
+    os.stat(m.path)
+    seen = time.monotonic()
+    wait_for(lambda: time.monotonic() > seen + DIR_ATTR_TIMEOUT + 0.2, 10, "the root's attributes to expire")
+    m.proc.send_signal(signal.SIGTERM)
+    assert m.proc.wait(timeout=10) == 0
+    assert not os.path.ismount(m.path)
+    assert not (cli.root / "run" / "control.sock").exists()  # the socket goes with the daemon
 
 
 def test_what_a_killed_detached_daemon_left_is_ignored_then_swept(tiny, cli, mount_at, mounts):

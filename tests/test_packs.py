@@ -8,7 +8,6 @@ artifact bytes served, blobs and catalog unchanged except one audit record.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import os
@@ -27,7 +26,7 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from conftest import CLI, wait_for
+from conftest import CLI, sha, wait_for
 from faultserver import FaultServer, origin  # noqa: F401 - fixture
 from ggufgen import write_model
 from modelfs_store.core import Store
@@ -51,9 +50,6 @@ FUTURE = "2099-01-01T00:00:00Z"
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # ---------------------------------------------------------------- a publisher, with cryptography only

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import trio
 
-from conftest import CLI
+from conftest import CLI, sha, sha_file
 from faultserver import FaultServer, origin  # noqa: F401 - fixture
 from ggufgen import write_model
 from modelfs_store.core import Store
@@ -30,16 +30,6 @@ from modelfs_store.pull import PullSource, pull
 MB = 1 << 20
 
 
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def the_error(stderr: str) -> str:

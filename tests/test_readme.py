@@ -20,6 +20,7 @@ def test_readme_opens_with_demo_and_test_commands():
         # systemd: systemd-analyze, which verifies the units (a Debian 12 container image lacks it)
         packages = cmd.split("apt-get install -y ", 1)[1].split(" && ", 1)[0].split()
         assert "systemd" in packages
+        assert "curl" in packages  # the control socket's tests
         assert "pip install -e '.[test]'" in cmd
 
 

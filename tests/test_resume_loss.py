@@ -14,14 +14,13 @@ figures in docs/performance.md come from that command.
 
 from __future__ import annotations
 
-import hashlib
 import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import CLI, wait_for
+from conftest import CLI, sha_file, wait_for
 from faultserver import FaultServer, origin  # noqa: F401 - fixture
 from ggufgen import write_model
 
@@ -29,13 +28,6 @@ MB = 1 << 20
 SIZE = 512 * MB
 BOUND = 64 * MB
 
-
-def sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,13 @@ fetch; and so does receiving more than 2 x size + 64 MiB over all attempts.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from conftest import CLI
+from conftest import CLI, blob_data, sha
 from faultserver import FaultServer, origin  # noqa: F401 - fixture
 from ggufgen import write_model
 from modelfs_store.core import Store
@@ -26,12 +25,6 @@ MB = 1 << 20
 FAST: dict[str, Any] = {"stall_timeout": 5.0, "backoff": (0.001, 0.002), "max_retries": 3}
 
 
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def blob_data(n: int, seed: int = 0) -> bytes:
-    return hashlib.shake_256(seed.to_bytes(8, "little")).digest(n)
 
 
 @pytest.fixture

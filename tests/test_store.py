@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import signal
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CLI, du_bytes, run_cli, wait_for
+from conftest import sha_file as sha
 from ggufgen import write_mmproj, write_model
 from modelfs_store import seal
 
@@ -27,13 +27,6 @@ def big_model(tmp_path_factory) -> tuple[Path, Path]:
     write_mmproj(mmproj, seed=2)
     return weights, mmproj
 
-
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def import_reading_bytes(cli: CLI, *args: str) -> int:

@@ -103,6 +103,17 @@ def test_the_daemon_runs_as_the_stores_user_with_only_cap_sys_ptrace(system_stor
         assert see("/usr/bin/python3")["list"] == ["open"]            # root is not this store's owner
         # Root running app A: its /proc/PID/exe is readable to the daemon only through CAP_SYS_PTRACE.
         assert see(str(top / "appA" / "python3"))["list"] == ["open", "secret"]
+        # Its control socket is the system one, for every user to ask: nobody's, 0666.
+        sock = Path("/run/modelfs/control.sock")
+        status = json.loads((cli.root / "run" / "daemon.json").read_text())
+        assert status["control_socket"] == {"path": str(sock), "where": "system"}
+        st = sock.stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (NOBODY, 0o666)
+        r = subprocess.run([*other, "curl", "-s", "--unix-socket", str(sock), "http://modelfs/v1/models"],
+                           capture_output=True, text=True, timeout=60, cwd="/", check=True)
+        assert [m["name"] for m in json.loads(r.stdout)] == ["open"]  # what uid 1000 sees in the mount
+        # Root's pulls go through the daemon as the store's user, found by run/daemon.json.
+        assert cli.run("pulls", "--json", process=True).json() == []
         # Root administers the store as its user: what it writes is the user's.
         cli.run("pin", "open", process=True)
         assert {p.lstat().st_uid for p in [cli.root, *cli.root.rglob("*")]} == {NOBODY}
@@ -110,6 +121,7 @@ def test_the_daemon_runs_as_the_stores_user_with_only_cap_sys_ptrace(system_stor
         assert "unmounted" in out.stdout
         wait_for(lambda: m.proc.poll() is not None, 30, "the daemon to exit")
         assert not os.path.ismount(m.path)
+        assert not sock.exists()
     finally:
         m.stop()
 

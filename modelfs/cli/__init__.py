@@ -1,10 +1,10 @@
 """The ``modelfs`` command: a click group whose verbs load on first use.
 
 Each verb lives in the module of its family (``models``, ``access``, ``pull``,
-``status``, ``mount``, ``trust``, ``doctor``, ``service``) and only parses, calls the store (or
-``modelfs.mount`` for the daemon), and prints. :func:`main` runs the command in this
-process and returns its exit code, so tests and scripts can call it without a
-subprocess.
+``status``, ``mount``, ``trust``, ``doctor``, ``service``, ``config``, ``pulls``) and only
+parses, calls the store (or ``modelfs.mount`` for the daemon), and prints. :func:`main`
+runs the command in this process and returns its exit code, so tests and scripts can
+call it without a subprocess.
 
 Exit codes: a user error (a ``StoreError``) is one line on stderr and the code its
 class carries (see ``modelfs_store.errors``); a usage error from click is 2; Ctrl-C is
@@ -45,6 +45,8 @@ VERBS: dict[str, Verb] = {
     "activate": Verb("models:activate", "Make VERSION the active version of NAME (atomic)."),
     "apps": Verb("access:apps", "Apps that use the store (for per-app visibility)."),
     "channels": Verb("trust:channels", "Trusted manifest URLs, each bound to the keys allowed to sign it."),
+    "config": Verb("config:config", "The store's settings: what apps and other users may pull through the "
+                   "daemon, and how many pulls run at once."),
     "doctor": Verb("doctor:doctor", "Check the machine and the store; exit non-zero when something is wrong."),
     "grant": Verb("access:grant", "Let APP_ID (running as --uid, by default the store owner) see model NAME."),
     "import": Verb("models:import_cmd", "Copy a local GGUF (and its mmproj) into the store as model NAME."),
@@ -58,6 +60,7 @@ VERBS: dict[str, Verb] = {
                   "quarantine."),
     "pull": Verb("pull:pull", "Download a model from SOURCE (https://… with --sha256, or "
                  "hf://org/repo[@rev]/file.gguf), verify it, and make it the active version of NAME."),
+    "pulls": Verb("pulls:pulls", "Pull jobs of the store's daemon: state, bytes, rate, reason."),
     "revoke": Verb("access:revoke", "Take back a grant of NAME from APP_ID (the one for --uid, by default the "
                    "owner's)."),
     "rm": Verb("models:rm", "Remove a model (or one version)."),

@@ -21,6 +21,7 @@ from modelfs_store.redact import redact_text
 from ._output import human_size, info
 
 if TYPE_CHECKING:
+    from modelfs.mount.socketclient import ControlClient
     from modelfs_store.core import Store
 
 #: This command's arguments (without the program name), for running it again as the
@@ -70,6 +71,22 @@ class Ctx:
         os.set_inheritable(exe, True)
         owner.drop_privileges(uid, owner.owner_gid(self.root_path, uid))
         os.execv(f"/proc/self/fd/{exe}", [sys.executable, "-P", "-m", "modelfs", *ARGV])
+
+    def daemon(self) -> ControlClient | None:
+        """A client of the daemon serving this store (the work is then its), or None: no
+        daemon answers, and the command works in this process. Root acting on another
+        user's store becomes that user first; another user of a system store finds its
+        daemon at the system socket."""
+        self.become_owner()
+        from modelfs.mount.socketclient import find_daemon
+        from modelfs_store import owner
+        from modelfs_store.errors import StoreError
+
+        try:
+            own = owner.owner_of(self.root_path) == os.geteuid()
+        except StoreError:
+            own = False
+        return find_daemon(self.root_path, own_store=own)
 
     @property
     def store(self) -> Store:

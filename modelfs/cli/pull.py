@@ -1,32 +1,45 @@
 """``modelfs pull``: a thin front end over ``modelfs_store.pull.pull_source``.
 
-The store decides what the source is (a signed pack or an unsigned file) with one
-Downloader in one ``trio.run``; this module only shows progress and prints the result.
-Progress goes to stderr as a bar on a terminal and nowhere in a pipe; ``--json`` prints
-events to stdout, one JSON object per line. Ctrl-C (or SIGTERM) cancels the transfer
-through trio, so the partial download is flushed and kept for the next run, and says so.
-Credentials are read from the environment by the store at request time, never from argv.
+When the store's daemon runs, the pull is handed to it over the control socket (a job,
+``POST /v1/pulls``) and this command follows the job's events, printing what it would
+have printed itself: the same progress, result and exit code. ``--detach`` returns at
+once; Ctrl-C (or SIGTERM, or a kill) leaves the job running, and the command says how
+to cancel it. The hub token, if this user has one and the source is on the hub, goes
+with the request (the daemon keeps it in memory only).
+
+With no daemon (or ``--no-daemon``) the store decides what the source is (a signed pack
+or an unsigned file) with one Downloader in one ``trio.run`` in this process. Ctrl-C
+(or SIGTERM) then cancels the transfer through trio, so the partial download is flushed
+and kept for the next run, and says so.
+
+Either way this module only shows progress and prints the result. Progress goes to
+stderr as a bar on a terminal and nowhere in a pipe; ``--json`` prints events to
+stdout, one JSON object per line. Credentials are read from the environment at request
+time, never from argv.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 
-from modelfs_store.errors import StoreError
+from modelfs_store.errors import StoreError, UsageError
 from modelfs_store.partial import list_partials
 
 from ._context import Ctx
 from ._output import human_size, info, progress_bar
 
 if TYPE_CHECKING:
+    from modelfs.mount.socketclient import ControlClient
     from modelfs_store.core import Store
     from modelfs_store.packs import InstallResult
     from modelfs_store.pull import PullOptions, PullResult, PullSource
@@ -136,21 +149,35 @@ async def _cancel_on_signal(scope: Any) -> None:
 @click.option("--retry", is_flag=True,
               help="Try now the files whose download failed verification recently, instead of refusing "
                    "them until their backoff expires (see 'modelfs status').")
+@click.option("--detach", is_flag=True, help="Hand the pull to the daemon and return at once ('modelfs pulls').")
+@click.option("--no-daemon", is_flag=True, help="Download in this process even when the store's daemon runs.")
 @click.pass_obj
 def pull(c: Ctx, source: str, sha256: str | None, size: int | None, name: str | None, mmproj: str | None,
          mmproj_sha256: str | None, license_: str | None, owner_app: str | None, private: bool, as_json: bool,
-         pack: bool, lazy: bool, retry: bool) -> None:
+         pack: bool, lazy: bool, retry: bool, detach: bool, no_daemon: bool) -> None:
     """Download a model from SOURCE (https://… with --sha256, or hf://org/repo[@rev]/file.gguf),
     verify it, and make it the active version of NAME. Interrupted pulls resume.
     A signed pack (an envelope file or URL) is verified and installed as its model_id;
-    with --lazy its files are listed at once and downloaded when first opened."""
-    import trio
-
-    from modelfs_store.pull import PullOptions, PullResult
+    with --lazy its files are listed at once and downloaded when first opened.
+    When the store's daemon runs, it does the work: Ctrl-C leaves the pull running."""
+    from modelfs_store.pull import PullOptions
 
     options = PullOptions(pack=pack, lazy=lazy, sha256=sha256, size=size, name=name, mmproj=mmproj,
                           mmproj_sha256=mmproj_sha256, license=license_, owner_app=owner_app, private=private,
                           retry=retry)
+    client = None if no_daemon else c.daemon()
+    if client is not None:
+        with client:
+            _remote_pull(client, source, options, as_json, detach)
+        return
+    if detach:
+        raise UsageError("--detach needs the store's daemon: start it with `modelfs mount MOUNTPOINT`")
+    _local_pull(c, source, options, as_json)
+
+
+def _local_pull(c: Ctx, source: str, options: PullOptions, as_json: bool) -> None:
+    import trio
+
     store = c.store
     with ExitStack() as stack:
         reporter = _Reporter(as_json, stack)
@@ -169,41 +196,171 @@ def pull(c: Ctx, source: str, sha256: str | None, size: int | None, name: str | 
                     "run the same command again to resume")
         click.echo(f"modelfs: {msg}", err=True)
         sys.exit(130)
-    if isinstance(result, PullResult):
-        _print_unsigned(result, as_json)
+    from modelfs_store.pull import result_json
+
+    print_result(result_json(result), as_json)
+
+
+# -- through the daemon -------------------------------------------------------------------
+def _request(source: str, options: PullOptions) -> dict[str, Any]:
+    """The POST /v1/pulls body: the options, a local envelope's absolute path, and this
+    user's hub token when the source is on the hub (in memory only, on the daemon's side)."""
+    from modelfs_store import hf
+
+    if "://" not in source and os.path.exists(source):
+        source = os.path.abspath(source)
+    body: dict[str, Any] = {k: v for k, v in options.__dict__.items() if v not in (None, False)}
+    body.pop("owner_uid", None)
+    if "owner_app" in body:
+        body["app"] = body.pop("owner_app")
+    body["source"] = source
+    if any(str(s).startswith("hf://") for s in (source, options.mmproj) if s):
+        token = hf.token()
+        if token:
+            body["token"] = token
+    return body
+
+
+def _remote_pull(client: ControlClient, source: str, options: PullOptions, as_json: bool, detach: bool) -> None:
+    job = client.call("POST", "/v1/pulls", _request(source, options))
+    if detach:
+        if as_json:
+            _emit({"event": "job", "job": job})
+        else:
+            click.echo(f"job {job['id']}: {job['state']} in the daemon; `modelfs pulls` shows it, "
+                       f"`modelfs pulls cancel {job['id']}` stops it")
+        return
+    follow(client, job["id"], as_json)
+
+
+@dataclass(frozen=True)
+class _File:
+    """What the progress display needs of a file the daemon is pulling."""
+    filename: str
+    role: str
+    sha256: str
+    size: int | None
+
+
+@contextmanager
+def _term_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops following a job the way Ctrl-C does (the job goes on)."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: nothing to install
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def follow(client: ControlClient, job_id: int, as_json: bool) -> None:
+    """Show job ``job_id``'s progress as an in-process pull would, then its result or its
+    error (with the exit code the pull would have had)."""
+    state: dict[str, Any] = {}
+    result = None
+    try:
+        with ExitStack() as stack, _term_as_interrupt():
+            feed = _Feed(_Reporter(as_json, stack))
+            for event in client.events(f"/v1/events?job={job_id}"):
+                kind = event.pop("event")
+                if kind == "job":
+                    state = event["job"]
+                elif kind == "result":
+                    event.pop("job", None)
+                    result = event
+                else:
+                    feed(kind, event)
+    except KeyboardInterrupt:
+        click.echo(f"modelfs: stopped following; job {job_id} goes on in the daemon (`modelfs pulls` shows it, "
+                   f"`modelfs pulls cancel {job_id}` stops it)", err=True)
+        sys.exit(130)
+    if result is not None:
+        print_result(result, as_json)
+        return
+    _not_done(job_id, state)
+
+
+def _not_done(job_id: int, job: dict[str, Any]) -> None:
+    """The end of a followed job that is not done: its error, or what it waits for."""
+    from modelfs.mount.socketclient import remote_error
+
+    st = job.get("state")
+    if st == "failed":
+        raise remote_error({"error": {"message": job.get("reason"), "exit_code": job.get("exit_code")}}, 500)
+    if st in ("queued", "running", None):
+        info(f"modelfs: the daemon stopped while job {job_id} was {st or 'starting'}; it resumes when the daemon "
+             "starts again (`modelfs pulls` shows it)")
     else:
-        _print_pack(result, as_json)
+        hint = f"`modelfs pulls resume {job_id}`" if st != "cancelled" else "run the pull again"
+        why = f" ({job['reason']})" if job.get("reason") else ""
+        info(f"modelfs: job {job_id} is {st}{why}; {hint}")
+    sys.exit(1)
 
 
-def _print_unsigned(result: PullResult, as_json: bool) -> None:
-    if as_json:
-        _emit({"event": "result", **result.as_dict()})
-        return
-    what = f"version {result.version}" if result.new_version else f"version {result.version} (unchanged)"
-    click.echo(f"pulled {result.model} {what}: {len(result.files)} file(s), "
-               f"{human_size(result.new_bytes)} new in the store, unsigned")
+class _Feed:
+    """The daemon's start and progress events, replayed into this command's reporter."""
+
+    def __init__(self, reporter: _Reporter) -> None:
+        self.reporter = reporter
+        self.bars: dict[str | None, Callable[[int], None]] = {}
+        self.seen: dict[str | None, int] = {}
+
+    def __call__(self, kind: str, event: dict[str, Any]) -> None:
+        name = event.get("file")
+        if kind == "start" or name not in self.bars:
+            f = _File(name or "", event.get("role", "weights"), event.get("sha256", ""), event.get("total"))
+            self.bars[name] = self.reporter.pack() if name is None else self.reporter(cast("PullSource", f))
+            self.seen[name] = 0
+        if kind != "progress":
+            return
+        bar = self.bars[name]
+        if event.get("total") is not None and hasattr(bar, "set_total"):
+            bar.set_total(event["total"])
+        delta = int(event["bytes"]) - self.seen[name]
+        self.seen[name] = int(event["bytes"])
+        if delta:
+            bar(delta)
 
 
-def _print_pack(res: InstallResult, as_json: bool) -> None:
-    for line in res.below_min_device:  # a soft gate: installed anyway, and said so
+def print_result(d: dict[str, Any], as_json: bool) -> None:
+    """A pull's result (``store.pull.result_json``), as this command prints it."""
+    for line in d.get("below_min_device") or ():  # a soft gate: installed anyway, and said so
         info(f"modelfs: warning: this machine is below the pack's min_device: {line}")
-    if as_json:  # one JSON line, like the unsigned pull's final event
-        click.echo(json.dumps({"event": "result", "signed": True, **res.as_dict()}, sort_keys=True))
-        return
-    if res.outcome == "installed":
-        state = "active" if res.activated else f"installed; version {res.active_version} stays active"
-        if res.dehydrated:
-            click.echo(f"{res.model} version {res.version} {state}: signed by {res.key_id}; "
-                       f"{len(res.dehydrated)} of {len(res.files)} file(s) not fetched yet: each is downloaded "
+    if as_json:
+        _emit({"event": "result", **d})
+    elif d.get("signed"):
+        _print_pack(d)
+    else:
+        _print_unsigned(d)
+
+
+def _print_unsigned(d: dict[str, Any]) -> None:
+    what = f"version {d['version']}" if d["new_version"] else f"version {d['version']} (unchanged)"
+    click.echo(f"pulled {d['name']} {what}: {len(d['files'])} file(s), "
+               f"{human_size(d['new_bytes'])} new in the store, unsigned")
+
+
+def _print_pack(d: dict[str, Any]) -> None:
+    model, version, files = d["name"], d["version"], d["files"]
+    if d["outcome"] == "installed":
+        state = "active" if d["activated"] else f"installed; version {d['active_version']} stays active"
+        if d["dehydrated"]:
+            click.echo(f"{model} version {version} {state}: signed by {d['key_id']}; "
+                       f"{len(d['dehydrated'])} of {len(files)} file(s) not fetched yet: each is downloaded "
                        "and verified when first opened through the mount (or pull again without --lazy)")
         else:
-            click.echo(f"{res.model} version {res.version} {state}: {len(res.files)} file(s) verified, "
-                       f"signed by {res.key_id}")
-    elif res.outcome == "already-active":
-        click.echo(f"{res.model} version {res.version} is already active; nothing downloaded"
-                   if not res.bytes_downloaded else
-                   f"{res.model} version {res.version} is already active; fetched "
-                   f"{human_size(res.bytes_downloaded)} of files that were not local")
+            click.echo(f"{model} version {version} {state}: {len(files)} file(s) verified, "
+                       f"signed by {d['key_id']}")
+    elif d["outcome"] == "already-active":
+        click.echo(f"{model} version {version} is already active; nothing downloaded"
+                   if not d["bytes_downloaded"] else
+                   f"{model} version {version} is already active; fetched "
+                   f"{human_size(d['bytes_downloaded'])} of files that were not local")
     else:
-        click.echo(f"{res.model} version {res.version} is already installed (active: "
-                   f"{res.active_version}); use 'modelfs activate {res.model} {res.version}' to switch")
+        click.echo(f"{model} version {version} is already installed (active: "
+                   f"{d['active_version']}); use 'modelfs activate {model} {version}' to switch")

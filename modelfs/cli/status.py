@@ -1,7 +1,7 @@
 """The store itself: ``modelfs init`` makes one; ``modelfs status`` shows it (models,
 blobs, partial downloads, quarantine, downloads that failed verification and until when
-they are not tried again) and its mount (the daemon, what is open through it, who
-reads a blob through a link, why recent opens failed)."""
+they are not tried again) and its mount (the daemon and its control socket, what is
+open through it, who reads a blob through a link, why recent opens failed)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def status(c: Ctx, as_json: bool) -> None:
     detached = detached_daemons(store.layout)
     linked = link_readers(store.blobs, store.catalog.all_files(), skip=daemon_pids(store.layout))
     if as_json:
-        keys = ("pid", "mountpoint", "offline", "started_at", "open_files", "fetch_errors")
+        keys = ("pid", "mountpoint", "offline", "started_at", "open_files", "fetch_errors", "control_socket")
         mount = None if daemon is None else {k: daemon.get(k) for k in keys}
         print_json({"store": str(store.layout.root), "model_count": len(models), "blob_count": len(blobs),
                     "blob_bytes": blob_bytes, "quarantine": quarantined,
@@ -122,6 +122,11 @@ def _echo_mount(daemon: dict[str, Any] | None) -> None:
     mode = "offline" if daemon.get("offline") else "online"
     up = _duration(time.time() - daemon["started_at"]) if daemon.get("started_at") else "?"
     click.echo(f"mount: {daemon['mountpoint']}  (pid {daemon['pid']}, {mode}, up {up})")
+    sock = daemon.get("control_socket")
+    if sock:
+        where = {"runtime-dir": "in $XDG_RUNTIME_DIR", "store": "in the store (no $XDG_RUNTIME_DIR, or it was taken)",
+                 "system": "the system socket", "option": "as --socket said"}.get(sock["where"], sock["where"])
+        click.echo(f"  control socket: {sock['path']} ({where})")
     _echo_open(daemon["open_files"])
     errors = daemon.get("fetch_errors") or []
     if len(errors) > SHOWN_FETCH_ERRORS:

@@ -40,6 +40,10 @@ def daemon_argv(cfg: MountConfig) -> list[str]:
         argv.append("--offline")
     if cfg.allow_other:
         argv.append("--allow-other")
+    if cfg.socket is not None:
+        argv += ["--socket", str(cfg.socket)]
+    if cfg.socket_mode is not None:
+        argv += ["--socket-mode", f"{cfg.socket_mode:o}"]
     return argv
 
 

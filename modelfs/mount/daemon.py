@@ -5,24 +5,34 @@ Life of a mount::
     prepare   take the store's daemon lock (one daemon per store); a mountpoint left
               stale by a killed daemon ("Transport endpoint is not connected") is
               lazily unmounted first; the first tree is built before mounting
-    mount     pyfuse3.init, then pyfuse3.main under trio with several worker tasks,
-              beside: the catalog poller, the signal handler, the announcer (sets the
-              bdi's read_ahead_kb, writes run/daemon.json, tells a waiting parent and
-              systemd: READY=1, see :mod:`.notify`)
+    mount     the control socket is bound (server.py: while a system store's daemon
+              may still create /run/modelfs), then pyfuse3.init, then pyfuse3.main
+              under trio with several worker tasks, beside: the catalog poller, the
+              signal handler, the announcer (sets the bdi's read_ahead_kb, writes
+              run/daemon.json, tells a waiting parent and systemd: READY=1, see
+              :mod:`.notify`), and the services: the control socket (api.py) and the
+              pull jobs (jobs.py), resumed from the catalog
     serve     every ~200 ms the poller checks ``PRAGMA data_version``; on a change it
               rebuilds the tree (in a worker thread) and invalidates the kernel's
               entries and attributes that changed, so CLI changes show within a second
     stop      SIGTERM/SIGINT detach the mount (lazy unmount): nothing new can be
               opened, files already open keep being served, and the daemon exits when
               the kernel closes the session after the last release; a second SIGINT
-              ends at once (a second SIGTERM does not: systemd sends one after ExecStop)
+              ends at once (a second SIGTERM does not: systemd sends one after ExecStop).
+              The control socket closes and running pulls stop (queued again in the
+              catalog: the next daemon resumes them from their partial bytes)
+
+The daemon is a thin owner: what the socket answers is ``api.py``'s, the queue is
+``jobs.py``'s, and a pull is the store's (``modelfs_store.pull``); the daemon builds
+them, shares one table of transfers between the jobs and the lazy opens of the mount
+(one transfer per blob, whoever waits), and runs them in its nursery.
 
 Never unmount after a crash: an unexpected error leaves the mountpoint dead
 (ENOTCONN) rather than an empty directory a consumer could mistake for "no models";
 the next ``modelfs mount`` recovers it.
 
 Runtime state goes to ``run/`` (atomic writes): ``daemon.json`` (pid, mountpoint,
-offline, last fetch errors with reasons) for ``modelfs status``, ``open.json`` (what is
+offline, the control socket, last fetch errors with reasons) for ``modelfs status``, ``open.json`` (what is
 open, by whom) so the CLI can tell what is in use. A detached daemon gives ``run/`` up
 to the next one and publishes the files it still serves in ``detached-<pid>.json``
 instead, alive while it holds an flock on ``detached-<pid>.lock``.
@@ -42,20 +52,26 @@ from typing import Any
 
 import trio
 
+from modelfs_store import settings
 from modelfs_store.blobs import lock_free
 from modelfs_store.catalog import Catalog
 from modelfs_store.core import Store
 from modelfs_store.download import Downloader
+from modelfs_store.errors import Conflict
 from modelfs_store.owner import foreign_owner, open_file, owner_gid, user_name
+from modelfs_store.pull import downloader_options_from_env
 
-from . import caps
+from . import caps, peer
 from .access import AppVisibility
+from .api import Api, Gate
 from .config import READY_ENV, MountConfig
+from .jobs import JobQueue
 from .links import FastPath
 from .mountpoint import check_allow_other, lazy_unmount, prepare_mountpoint
 from .notify import Notifier
 from .openfiles import Materialiser, OpenFiles
 from .runstate import already_mounted, detached_path, lock_path, write_json
+from .server import ControlServer, Handler, bind, socket_choice
 from .tree import Invalidation, Namespace, Node, SnapshotReader, Tree
 
 log = logging.getLogger(__name__)
@@ -110,17 +126,25 @@ class Daemon:
         self._lock_fd = -1
         self._data_version: int | None = None
         self.notify = Notifier.from_environ()  # systemd's Type=notify; a no-op elsewhere
+        self.control: ControlServer | None = None
+        self.jobs: JobQueue | None = None
+        self._services = trio.CancelScope()
 
     # -- state files ----------------------------------------------------------------------
-    def publish_status(self) -> None:
-        if self.detached:
-            return  # a newer daemon may own run/ now
-        write_json(self.layout.run / "daemon.json", {
+    def status(self) -> dict[str, Any]:
+        """What run/daemon.json says, and /v1/status tells the store owner."""
+        return {
             "pid": os.getpid(), "mountpoint": str(self.mountpoint), "store": str(self.layout.root),
             "offline": self.cfg.offline, "fetch_timeout": self.cfg.fetch_timeout,
             "read_mode": self.cfg.read_mode, "links": self.cfg.links, "started_at": self.started_at,
             "fetch_errors": [f.as_dict() for f in self.materialiser.failures],
-        })
+            "control_socket": self.control.describe() if self.control else None,
+        }
+
+    def publish_status(self) -> None:
+        if self.detached:
+            return  # a newer daemon may own run/ now
+        write_json(self.layout.run / "daemon.json", self.status())
 
     def publish_open(self, table: list[dict[str, Any]] | None = None) -> None:
         table = self.files.table() if table is None else table
@@ -143,6 +167,7 @@ class Daemon:
 
     def _detach(self) -> None:
         """After the unmount: hand run/ to the next daemon, keep telling what is open."""
+        self._stop_services()
         fd = open_file(self._detached_path(".lock"), os.O_RDWR | os.O_CREAT)
         fcntl.flock(fd, fcntl.LOCK_EX)
         self._detached_fd = fd
@@ -248,8 +273,9 @@ class Daemon:
                     log.info("already unmounted; %d file(s) still open", len(self.files))
                     continue
                 log.info("%s: unmounting %s", signal.Signals(signum).name, self.mountpoint)
-                # `modelfs unmount` as root may have detached it. Asked from a worker thread: a stat of
-                # the mountpoint whose attributes were invalidated is a request to this very loop.
+                # `modelfs unmount` as root may have detached it. Asked from a worker thread:
+                # once the root's attributes are no longer cached, the stat is a request to
+                # this very loop, which must be free to answer it.
                 if await trio.to_thread.run_sync(os.path.ismount, self.mountpoint):
                     await trio.to_thread.run_sync(lazy_unmount, self.mountpoint)
                 self._detach()
@@ -276,6 +302,50 @@ class Daemon:
         return (f"serving {n} model{'' if n == 1 else 's'} at {self.mountpoint}"
                 + (" (offline)" if self.cfg.offline else ""))
 
+    # -- the control socket and the pull jobs ------------------------------------------------
+    def _bind_control(self, handler: Handler) -> ControlServer:
+        """Listen where :func:`server.socket_choice` says; the store's run/ when the
+        per-user socket is another store's live daemon's."""
+        system = self.privileged_mount  # root-started for the store's user: a system store
+        path, where = socket_choice(self.layout, self.cfg.socket, system=system,
+                                    runtime_dir=os.environ.get("XDG_RUNTIME_DIR"))
+        mode = self.cfg.socket_mode if self.cfg.socket_mode is not None else 0o666 if system else 0o600
+        try:
+            sock = bind(path, mode, dir_mode=0o755 if system else 0o700)
+        except (Conflict, OSError) as exc:
+            if where in ("option", "store"):
+                raise
+            log.warning("%s; listening in the store instead", exc)
+            path, where = self.layout.run / "control.sock", "store"
+            sock = bind(path, mode)
+        log.info("control socket %s (%s, mode %o)", path, where, mode)
+        return ControlServer(sock, path, where, handler, lambda p: peer.identify(p, self.access.resolver))
+
+    def _start_services(self, fetcher: Downloader) -> None:
+        options: dict[str, Any] = {"offline": self.cfg.offline, **downloader_options_from_env()}
+        policy = lambda: self.access.policy  # noqa: E731 - rebuilt after every catalog change
+        gate = Gate(self.store, policy, fetcher.transfers, downloader_options=options)
+        self.jobs = JobQueue(self.store, gate.prepare,
+                             concurrency=lambda: int(settings.get(self.store.catalog, "pulls.concurrency")))
+        self.jobs.load()
+        api = Api(self.store, self.jobs, policy, self.status, gate=gate)
+        self.control = self._bind_control(api.handle)
+
+    async def _services_task(self) -> None:
+        assert self.control is not None and self.jobs is not None
+        with self._services:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.control.serve, name="control-socket")
+                nursery.start_soon(self.jobs.run, name="pull-jobs")
+
+    def _stop_services(self) -> None:
+        """Close the socket; running pulls go back to queued (the next daemon resumes them)."""
+        self._services.cancel()
+        if self.control is not None:
+            self.control.remove()
+        if self.jobs is not None:
+            self.jobs.stopped()
+
     async def serve(self) -> None:
         import pyfuse3
 
@@ -290,6 +360,7 @@ class Daemon:
         blobs = self.store.blobs
         ops = ModelOps(self.ns, self.files, lambda sha: "local" if blobs.has(sha) else "dehydrated")
         fetcher = self.materialiser.fetcher = Downloader(self.store.blobs, offline=self.cfg.offline)
+        self._start_services(fetcher)  # before the mount: a system store's daemon may still create /run/modelfs
         pyfuse3.init(ops, str(self.mountpoint), mount_options(self.cfg.allow_other))
         if self.privileged_mount:
             caps.set_caps(caps.SERVING)  # mounted: CAP_SYS_ADMIN and CAP_DAC_OVERRIDE go for good
@@ -302,6 +373,7 @@ class Daemon:
                 nursery.start_soon(self._signals, name="signals")
                 nursery.start_soon(self._announce, name="announce")
                 nursery.start_soon(self._open_publisher, name="open-publisher")
+                nursery.start_soon(self._services_task, name="services")
                 await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)
                 nursery.cancel_scope.cancel()
             clean = True
@@ -309,6 +381,7 @@ class Daemon:
             if not clean:
                 log.critical("the daemon failed; leaving %s mounted but disconnected (never an empty "
                              "directory); `modelfs mount` recovers it", self.mountpoint)
+            self._stop_services()
             self.files.close_all()
             with trio.CancelScope(shield=True):
                 await fetcher.aclose()

@@ -126,7 +126,7 @@ class Resolver:
         if pid <= 0:
             return Identity(uid, None, "no pid (outside the daemon's pid namespace)", 0, sure=False)
         try:
-            start = self._start_time(pid)  # one small read on every request: the cache's key
+            start = self.start_time(pid)  # one small read on every request: the cache's key
         except (OSError, ValueError, IndexError):
             return Identity(uid, None, "process not readable", pid, sure=False)
         now = self.clock()
@@ -149,9 +149,9 @@ class Resolver:
         finally:
             os.close(fd)
 
-    def _start_time(self, pid: int) -> int:
+    def start_time(self, pid: int) -> int:
         """Start time (clock ticks since boot) of the task ``pid``: with the pid, a key no
-        reused pid can match."""
+        reused pid can match (OSError, ValueError or IndexError when it cannot be read)."""
         return int(self._raw(pid, "stat").rsplit(b")", 1)[1].split()[19])  # field 22: starttime
 
     def _tgid(self, pid: int) -> int:

@@ -1,0 +1,145 @@
+"""The store's settings: which exist, their types, defaults and meaning, here and only here.
+
+A setting lives in the catalog (table ``settings``, one JSON value per key); a key
+with no row has its default. ``modelfs config get|set|list`` and the control socket's
+``/v1/settings`` read and write them through :func:`set_value`, which refuses a key
+this module does not know and a value of the wrong kind, so the catalog never holds
+one the daemon could misread.
+
+    apps.pull              deny | signed | any       (default signed)
+        what a caller that is not the store owner may start through the daemon:
+        nothing, signed packs from trusted keys (and a channel's keys for a channel's
+        URL), or unsigned files with a known SHA-256 too
+    apps.allowed_networks  list of CIDR networks     (default none)
+        addresses that are not public (loopback, link-local, private, ...) which such a
+        caller's URLs may reach anyway, e.g. a LAN mirror; every other one is refused
+    apps.quota_bytes       bytes, or null            (default null: no quota)
+        how many bytes the models one app (or one other user) owns may hold
+    pulls.concurrency      1..16                     (default 2)
+        how many pull jobs the daemon runs at once; the others wait, queued
+
+Settings hold no secrets. Pure logic and the catalog: no network, no daemon.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .catalog import Catalog
+
+PULL_MODES = ("deny", "signed", "any")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(?:i?b)?", re.I)
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    default: Any
+    parse: Callable[[str], Any]      # from the command line's text to the JSON value
+    check: Callable[[Any], Any]      # a JSON value (the socket's) to the stored value, or UsageError
+    help: str
+
+
+def _choice(*choices: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value not in choices:
+            raise UsageError(f"expected one of {', '.join(choices)}, not {value!r}")
+        return value
+    return check
+
+
+def _networks(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UsageError("expected a list of networks such as 192.168.1.0/24")
+    try:
+        return [str(ipaddress.ip_network(v.strip(), strict=False)) for v in value]
+    except ValueError as exc:
+        raise UsageError(f"not a network: {exc}") from None
+
+
+def _parse_networks(text: str) -> list[str]:
+    return _networks([t for t in re.split(r"[,\s]+", text) if t and t.lower() != "none"])
+
+
+def _quota(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError("expected a number of bytes (or null: no quota)")
+    return value
+
+
+def parse_size(text: str) -> int | None:
+    """``10G``, ``512MiB``, ``1000``; ``none`` for no limit."""
+    if text.strip().lower() in ("none", "null", ""):
+        return None
+    m = _SIZE.fullmatch(text.strip())
+    if m is None:
+        raise UsageError(f"not a size: {text!r} (e.g. 20G, 512MiB, or none)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def _concurrency(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16:
+        raise UsageError("expected a whole number from 1 to 16")
+    return value
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"not a whole number: {text!r}") from None
+
+
+SETTINGS: dict[str, Setting] = {s.key: s for s in (
+    Setting("apps.pull", "signed", str.strip, _choice(*PULL_MODES),
+            "what callers other than the store owner may pull through the daemon: deny, signed (packs from "
+            "trusted keys only) or any (unsigned files with a known SHA-256 too)"),
+    Setting("apps.allowed_networks", [], _parse_networks, _networks,
+            "non-public networks (CIDR, comma-separated) those callers' URLs may reach, e.g. a LAN mirror; "
+            "loopback, link-local and private addresses are refused otherwise"),
+    Setting("apps.quota_bytes", None, parse_size, _quota,
+            "bytes the models of one app (or of one other user) may hold; none: no quota"),
+    Setting("pulls.concurrency", 2, _parse_int, _concurrency,
+            "how many pull jobs the daemon runs at once"),
+)}
+
+
+def known(key: str) -> Setting:
+    setting = SETTINGS.get(key)
+    if setting is None:
+        raise UsageError(f"no setting named {key!r}; known: {', '.join(sorted(SETTINGS))}")
+    return setting
+
+
+def values(catalog: Catalog) -> dict[str, Any]:
+    """Every setting with its value (the default unless set); keys the catalog holds but
+    this version does not know are left out."""
+    stored = catalog.settings()
+    return {k: stored.get(k, s.default) for k, s in sorted(SETTINGS.items())}
+
+
+def get(catalog: Catalog, key: str) -> Any:
+    setting = known(key)
+    return catalog.settings().get(key, setting.default)
+
+
+def set_value(catalog: Catalog, key: str, value: Any, *, actor: str, text: bool = False) -> Any:
+    """Check and store ``value`` (text from the command line when ``text``); returns what
+    was stored. The default value removes the row, so a later default applies."""
+    setting = known(key)
+    try:
+        checked = setting.check(setting.parse(value) if text else value)
+    except UsageError as exc:
+        raise UsageError(f"{key}: {exc}") from None
+    catalog.set_setting(key, None if checked == setting.default else checked, actor=actor)
+    return checked
