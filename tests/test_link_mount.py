@@ -173,6 +173,17 @@ def test_a_reader_of_the_regular_file_keeps_reading_while_the_owner_looks_it_up(
 
 
 def test_a_write_open_through_the_link_fails_for_root_too(world: World) -> None:
+    store = Store.open(world.cli.root)
+    try:
+        immutable = store.blobs.marks(world.sha).immutable
+    finally:
+        store.close()
+    if not immutable:  # a file system under /tmp that refuses chattr +i: root never gets the link
+        assert world.probe() == {"kind": "file", "sha256": world.sha}
+        with pytest.raises(OSError) as refused:
+            os.open(world.file, os.O_WRONLY)
+        assert refused.value.errno == errno.EROFS
+        return
     assert os.path.islink(world.file)
     for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDWR | os.O_APPEND, os.O_WRONLY | os.O_TRUNC):
         with pytest.raises(PermissionError) as e:
@@ -264,6 +275,8 @@ def test_rm_warns_about_a_link_reader_by_pid_and_leaves_its_bytes_intact(world: 
         assert f"open: tiny: tiny-q4.gguf (pid {reader.pid})" in world.cli.run("status").stdout
         plan = world.cli.run("prune", "--max-bytes", "0", "--include-active", "--dry-run", "--json").json()
         assert plan["versions"] == []  # prune by policy never plans what a reader holds
+        dry = world.cli.run("rm", "tiny", "--dry-run", "--json").json()
+        assert [(f["pid"], f["via"], f["sha256"]) for f in dry["in_use"]] == [(reader.pid, "link", world.sha)]
         err = world.cli.run("rm", "tiny").stderr
         assert f"warning: tiny is open by 1 reader(s) (pid {reader.pid})" in err
         assert "deleted after the last close" in err
