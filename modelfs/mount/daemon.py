@@ -356,6 +356,13 @@ class Daemon:
             log.info("mounted; keeping only %s (app identities of other users' processes)",
                      caps.names(caps.effective()))
         clean = False
+        # From here on _signals answers SIGTERM and SIGINT; outside it (once the session
+        # ended, while cleaning up, until the process exits) they are ignored, not fatal:
+        # root's `modelfs unmount` detaches the mount and then signals, and a signal landing
+        # after the kernel let go must not kill the daemon before the socket and run/ are
+        # cleaned up. trio restores this disposition when _signals' receiver closes.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._poller, name="catalog-poller")
