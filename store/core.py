@@ -388,9 +388,11 @@ class Store:
     def rollout_state(self, m: ModelRecord, now: float | None = None) -> dict[str, Any] | None:
         """The probation of ``m``'s active version as ``list``, ``show`` and ``status`` show
         it; None when it is not a candidate."""
+        if m.candidate_since is None:
+            return None  # most models: no settings read, no count
         rules = self.rollout_rules()
         d = self._judge(m, rules, self.catalog.clock() if now is None else now)
-        if d is None or m.candidate_since is None:
+        if d is None:
             return None
         return {"version": m.active_version, "started_at": m.candidate_since,
                 "ends_at": m.candidate_since + rules.window, "good_loads": rules.good_loads,

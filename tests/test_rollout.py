@@ -246,3 +246,41 @@ def cli_store_audit(cli: CLI) -> list[dict[str, Any]]:
         return store.catalog.audit_log()
     finally:
         store.close()
+
+
+# -- the report route, without a socket (modelfs/mount/api.py) -------------------------------------
+def test_the_report_route_judges_reports_and_refuses_who_cannot_see(tmp_path: Path) -> None:
+    from test_api import OTHER, A, World
+
+    store = Store.open(tmp_path / "store")
+    for name, seed, private in (("open", 1, False), ("secret", 2, True), ("open", 3, False)):
+        store.import_model(name, write_model(tmp_path / f"{name}{seed}.gguf", tensor_bytes=4096, seed=seed),
+                           owner_app=A if private else None, private=private)
+    store.activate("open", 1)
+    store.catalog.activate("open", 2, actor="test", candidate=True)
+    world = World(store)
+    try:
+        r = world.call("POST", "/v1/models/open/loads", {"ok": False}, uid=OTHER, app=A)
+        assert r.status == 201 and r.body["verdict"]["verdict"] == "wait" and r.body["version"] == 2
+        # A report of version 1 is recorded, and is not the candidate's.
+        r = world.call("POST", "/v1/models/open/loads", {"ok": True, "version": 1})
+        assert r.body["version"] == 1
+        assert r.body["verdict"]["candidate"] == {"ok_count": 0, "failed_count": 1, "failed_share": 1.0}
+        # The identity comes from the peer: a caller the daemon could not identify reports nothing.
+        r = world.call("POST", "/v1/models/open/loads", {"ok": False}, uid=OTHER, sure=False)
+        assert r.status == 403 and r.body["error"]["reason"] == "identity"
+        hidden = world.call("POST", "/v1/models/secret/loads", {"ok": False}, uid=OTHER)
+        absent = world.call("POST", "/v1/models/gone/loads", {"ok": False}, uid=OTHER)
+        assert hidden.status == absent.status == 403 and hidden.body["error"]["message"].replace("secret", "gone") \
+            == absent.body["error"]["message"]
+        assert world.call("POST", "/v1/models/secret/loads", {"ok": True}, app=A).status == 201  # its own app
+        assert world.call("POST", "/v1/models/gone/loads", {"ok": True}).status == 404  # the owner is told
+        for bad in ({}, {"ok": 1}, {"ok": True, "version": "2"}, {"ok": True, "count": 5}):
+            assert world.call("POST", "/v1/models/open/loads", bad).status == 400
+        assert world.call("POST", "/v1/models/open/loads", {"ok": True, "version": 9}).status == 404
+        assert len(world.denials()) == 3
+        for _ in range(2):
+            r = world.call("POST", "/v1/models/open/loads", {"ok": False}, uid=OTHER)
+        assert r.body["verdict"]["verdict"] == "rollback" and r.body["active_version"] == 1
+    finally:
+        store.close()

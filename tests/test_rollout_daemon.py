@@ -73,12 +73,14 @@ def test_the_daemon_acts_on_a_changed_setting_and_refuses_who_cannot_see(daemon:
     pub = Publisher(origin)
     cli = daemon.cli
     cli.run("keys", "add", "k1", pub.pub("k1"))
-    cli.run("pull", pub.serve("v1.json", release(pub, 1)))
-    cli.run("pull", pub.serve("v2.json", release(pub, 2)), "--candidate")
     cli.run("apps", "add", A)
     cli.run("import", "secret", str(write_model(tmp_path / "s.gguf", tensor_bytes=4096, seed=3)), "--private",
             "--app", A)
     daemon.start()
+    cli.run("pull", pub.serve("v1.json", release(pub, 1)))  # through the daemon: jobs keep --candidate
+    cli.run("pull", pub.serve("v2.json", release(pub, 2)), "--candidate")
+    assert [j["options"].get("candidate") for j in daemon.call("GET", "/v1/pulls")] == [None, True]
+    assert daemon.call("GET", "/v1/models/demo")["rollout"]["last_good_version"] == 1
     py = Path("/usr/bin/python3")
     # Another user sees the shared model and may report on it; not the private one, nor one that is absent.
     code, ok = app_call(py, daemon, "POST", "/v1/models/demo/loads", {"ok": True}, as_nobody=True)
