@@ -629,7 +629,9 @@ async def update_channels(store: Store, downloader: Downloader, *, platform: str
             result = ChannelResult(url, outcome, f"{outcome}: {redact_text(str(exc))}")
         else:
             if res.outcome == "installed":
-                msg = f"installed {res.model} version {res.version}" + (" (active)" if res.activated else "")
+                msg = f"installed {res.model} version {res.version}" + (
+                    " (active, a candidate)"
+                    if res.activated else "")
                 result = ChannelResult(url, "installed", msg, res)
             elif res.outcome == "skipped":
                 result = ChannelResult(url, "skipped", f"skipped {res.model} version {res.version}: below its "
