@@ -55,6 +55,8 @@ class Action(enum.StrEnum):
     SETTING = "setting"          # a setting changed (modelfs config set, the control socket)
     JOB = "job"                  # a pull job of the daemon created, paused, resumed or cancelled
     DENY = "deny"                # a control-socket call refused (403): who asked for what, and why
+    LOAD = "load"                # an app reported loading a version (ok or failed): rollout supervision
+    GOOD = "good"                # a candidate version marked good (by successful loads or `mark-good`)
 
 
 Outcome = Literal["ok", "refused", "failed"]
@@ -218,6 +220,22 @@ CREATE TABLE jobs (
 );
 CREATE INDEX jobs_by_state ON jobs(state);
 """,
+    # 5: rollout supervision: a version activated by a channel update (or pull --candidate)
+    #    is on probation until apps' loads or the admin mark it good; failed loads roll it back.
+    """
+ALTER TABLE models ADD COLUMN candidate_since REAL;  -- unix time the active version became a candidate; NULL: not one
+CREATE TABLE loads (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,  -- order of reports
+    model   TEXT NOT NULL,               -- model the caller loaded
+    version INTEGER NOT NULL,            -- version it loaded
+    ok      INTEGER NOT NULL,            -- 1: the load worked; 0: it failed
+    ts      REAL NOT NULL,               -- unix time of the report
+    uid     INTEGER,                     -- uid of the reporter (the socket's peer); NULL: recorded in-process
+    app_id  TEXT,                        -- app id of the reporter; NULL: it had none
+    FOREIGN KEY (model, version) REFERENCES versions(model, version) ON DELETE CASCADE
+);
+CREATE INDEX loads_by_version ON loads(model, version, ts);
+""",
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -268,6 +286,7 @@ class ModelRecord:
     created_at: float
     last_used_at: float | None
     owner_uid: int | None = None   # with owner_app, who owns a private model; None: the store owner
+    candidate_since: float | None = None  # the active version is a candidate (on probation) since then
 
 
 CARD_FIELDS = ("key_id", "payload_sha256", "source", "license", "source_url", "family",
@@ -292,7 +311,7 @@ def _redacted_card(card: dict[str, Any]) -> dict[str, Any]:
 def _model(row: dict[str, Any]) -> ModelRecord:
     return ModelRecord(row["name"], row["active_version"], row["last_good_version"],
                        row["owner_app"], row["visibility"], row["created_at"], row["last_used_at"],
-                       row.get("owner_uid"))
+                       row.get("owner_uid"), row.get("candidate_since"))
 
 
 class Catalog:
@@ -531,11 +550,15 @@ class Catalog:
                           (etag, last_modified, sha256))
 
     # -- activation ------------------------------------------------------------
-    def activate(self, model: str, version: int, *, actor: str, reason: str | None = None) -> int | None:
+    def activate(self, model: str, version: int, *, actor: str, reason: str | None = None,
+                 candidate: bool = False) -> int | None:
         """Make ``version`` active in one durable transaction; returns the previous active one.
 
         Last-good is the version to go back to: the one that was active until now (it
-        was serving). Activating the active version changes nothing, last-good included."""
+        was serving), unless that one was still a candidate that never proved good, in
+        which case last-good stays where it was. ``candidate`` puts the new version on
+        probation (rollout supervision). Activating the active version changes nothing,
+        last-good included."""
         with self.txn():
             m = self.get_model(model)
             v = self.get_version(model, version)
@@ -544,14 +567,18 @@ class Catalog:
                                model=model, version=version)
             if m.active_version == version:
                 return m.active_version
-            last_good = m.active_version if m.active_version is not None else m.last_good_version
-            self.conn.execute("UPDATE models SET active_version = ?, last_good_version = ? WHERE name = ?",
-                              (version, last_good, model))
-            self.audit(actor, Action.ACTIVATE, model=model, version=version, reason=reason,
-                       detail={"previous": m.active_version})
+            proven = m.active_version is not None and m.candidate_since is None
+            last_good = m.active_version if proven else m.last_good_version
+            self.conn.execute("UPDATE models SET active_version = ?, last_good_version = ?, candidate_since = ? "
+                              "WHERE name = ?", (version, last_good, self.clock() if candidate else None, model))
+            detail: dict[str, Any] = {"previous": m.active_version}
+            if candidate:
+                detail["candidate"] = True
+            self.audit(actor, Action.ACTIVATE, model=model, version=version, reason=reason, detail=detail)
             return m.active_version
 
-    def rollback(self, model: str, *, actor: str, reason: str | None = None) -> int:
+    def rollback(self, model: str, *, actor: str, reason: str | None = None,
+                 detail: dict[str, Any] | None = None) -> int:
         """Make last-good active again, in one durable transaction. The version rolled
         back from is not last-good afterwards (it is the one that failed), so there is
         none until the next activation: a second rollback is refused, never a toggle."""
@@ -561,11 +588,42 @@ class Catalog:
                 raise Conflict(f"model {model!r} has no last-good version to roll back to", model=model)
             target = m.last_good_version
             self.get_version(model, target)
-            self.conn.execute("UPDATE models SET active_version = ?, last_good_version = NULL WHERE name = ?",
-                              (target, model))
+            self.conn.execute("UPDATE models SET active_version = ?, last_good_version = NULL, "
+                              "candidate_since = NULL WHERE name = ?", (target, model))
             self.audit(actor, Action.ROLLBACK, model=model, version=target, reason=reason,
-                       detail={"from": m.active_version})
+                       detail={"from": m.active_version, **(detail or {})})
             return target
+
+    # -- rollout supervision -------------------------------------------------------------
+    def add_load(self, model: str, version: int, ok: bool, *, uid: int | None, app_id: str | None) -> None:
+        """One load reported by an app (``store.rollout``): counted once, as it came."""
+        self.conn.execute("INSERT INTO loads (model, version, ok, ts, uid, app_id) VALUES (?, ?, ?, ?, ?, ?)",
+                          (model, version, int(ok), self.clock(), uid, app_id))
+
+    def load_counts(self, model: str, version: int, start: float, end: float) -> tuple[int, int]:
+        """(successful, failed) loads of a version reported in [start, end)."""
+        row = self.conn.execute("SELECT COALESCE(SUM(ok), 0), COUNT(*) - COALESCE(SUM(ok), 0) FROM loads "
+                                "WHERE model = ? AND version = ? AND ts >= ? AND ts < ?",
+                                (model, version, start, end)).fetchone()
+        return int(row[0]), int(row[1])
+
+    def mark_good(self, model: str, *, actor: str, reason: str, detail: dict[str, Any] | None = None) -> int:
+        """End the probation of the active version: it is good (a later activation makes
+        it last-good). Returns that version; Conflict when it is not a candidate."""
+        with self.txn():
+            m = self.get_model(model)
+            if m.candidate_since is None or m.active_version is None:
+                raise Conflict(f"model {model!r} has no candidate version (its active version is not on "
+                               "probation)", model=model, reason="not-candidate")
+            self.conn.execute("UPDATE models SET candidate_since = NULL WHERE name = ?", (model,))
+            self.audit(actor, Action.GOOD, model=model, version=m.active_version, reason=reason, detail=detail)
+            return m.active_version
+
+    def rollbacks(self, actor: str, limit: int = 20) -> list[dict[str, Any]]:
+        """The last rollbacks ``actor`` made (the supervisor's, for ``status``), newest first."""
+        rows = self.conn.execute("SELECT * FROM audit WHERE action = ? AND actor = ? ORDER BY id DESC LIMIT ?",
+                                 (Action.ROLLBACK.value, actor, limit))
+        return [dict(r) for r in rows]
 
     # -- apps, grants, pins ---------------------------------------------------------
     def pin(self, model: str, reason: str | None = None) -> None:

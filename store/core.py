@@ -12,6 +12,7 @@ executed second, so the CLI can print the plan or stop at ``--dry-run``.
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import logging
 import os
@@ -21,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import gguf, owner
+from . import gguf, owner, rollout, settings
 from .blobs import BlobStore, RecoveryReport
 from .catalog import Action, Catalog, FileRecord, ModelRecord, VersionRecord
-from .errors import Conflict, GGUFError, NotFound, TrustError, UsageError
+from .errors import Conflict, GGUFError, NotFound, StoreError, TrustError, UsageError
 from .layout import Layout, default_root
 from .names import check_filename, check_model_name
 from .prune import PrunePolicy, PruneStep, select
@@ -273,6 +274,7 @@ class Store:
             "name": m.name, "active_version": m.active_version,
             "last_good_version": m.last_good_version, "owner_app": m.owner_app, "owner_uid": m.owner_uid,
             "visibility": m.visibility, "pinned": pinned, "last_used_at": m.last_used_at,
+            "rollout": self.rollout_state(m),
         }
         active = next((v for v in versions if v.version == m.active_version), None)
         if active is not None:
@@ -363,6 +365,96 @@ class Store:
                              "refusing to activate it (--force does, and is audited)",
                              reason="untrusted-signer", key_id=key_id, model=v.model, version=v.version)
         return f"forced: signed by key {key_id!r}, which is {why}"
+
+    # -- rollout supervision (store.rollout decides) ----------------------------------------
+    def rollout_rules(self) -> rollout.Rules:
+        cat = self.catalog
+        return rollout.Rules(int(settings.get(cat, "rollout.good_loads")),
+                             float(settings.get(cat, "rollout.max_failure_increase")),
+                             float(settings.get(cat, "rollout.window")))
+
+    def _judge(self, m: ModelRecord, rules: rollout.Rules, now: float) -> rollout.Decision | None:
+        """The verdict on ``m``'s candidate from the catalog's counts; None when it has none."""
+        if m.candidate_since is None or m.active_version is None:
+            return None
+        (start, end), (b_start, b_end) = rollout.windows(m.candidate_since, rules)
+        cand = rollout.Tally(*self.catalog.load_counts(m.name, m.active_version, start, end))
+        base = rollout.Tally()
+        if m.last_good_version is not None:
+            base = rollout.Tally(*self.catalog.load_counts(m.name, m.last_good_version, b_start, b_end))
+        return rollout.decide(cand, base, rules, has_last_good=m.last_good_version is not None,
+                              window_over=now >= end)
+
+    def rollout_state(self, m: ModelRecord, now: float | None = None) -> dict[str, Any] | None:
+        """The probation of ``m``'s active version as ``list``, ``show`` and ``status`` show
+        it; None when it is not a candidate."""
+        if m.candidate_since is None:
+            return None  # most models: no settings read, no count
+        rules = self.rollout_rules()
+        d = self._judge(m, rules, self.catalog.clock() if now is None else now)
+        if d is None:
+            return None
+        return {"version": m.active_version, "started_at": m.candidate_since,
+                "ends_at": m.candidate_since + rules.window, "good_loads": rules.good_loads,
+                "last_good_version": m.last_good_version, **d.as_dict()}
+
+    def report_load(self, name: str, ok: bool, version: int | None = None, *, uid: int | None = None,
+                    app_id: str | None = None) -> tuple[int, rollout.Decision | None]:
+        """Record that a caller loaded ``version`` of ``name`` (default: the active one), audited,
+        and judge the candidate at once (the daemon judges again on its own). Returns the
+        version reported and the verdict carried out, if the model has a candidate."""
+        cat = self.catalog
+        with cat.txn():
+            m = cat.get_model(name)
+            version = m.active_version if version is None else version
+            if version is None:
+                raise Conflict(f"model {name!r} has no active version to report a load of", model=name)
+            cat.get_version(name, version)
+            cat.add_load(name, version, ok, uid=uid, app_id=app_id)
+            cat.audit(self.actor, Action.LOAD, model=name, version=version, outcome="ok" if ok else "failed",
+                      detail={"uid": uid, "app": app_id})
+        return version, self.supervise(name)
+
+    def supervise(self, name: str, *, now: float | None = None) -> rollout.Decision | None:
+        """Judge ``name``'s candidate and carry the verdict out: mark it good, or roll back to
+        last-good (atomic, audited as the supervisor's). None when it has no candidate."""
+        cat = self.catalog
+        with cat.txn():  # judged and acted on under the write lock: a report cannot slip in between
+            m = cat.get_model(name)
+            d = self._judge(m, self.rollout_rules(), cat.clock() if now is None else now)
+            if d is not None and d.verdict == "rollback":
+                try:  # a last-good signed by a key revoked since is not gone back to on its own
+                    self._check_activatable(cat.get_version(name, m.last_good_version or 0), force=False)
+                except StoreError as exc:
+                    d = dataclasses.replace(d, verdict="unhappy", reason=f"{d.reason}; last-good cannot be "
+                                                                         f"activated: {exc}")
+            if d is None or d.verdict in ("wait", "unhappy"):
+                return d
+            detail = {"by": "loads", **d.as_dict()}
+            if d.verdict == "good":
+                cat.mark_good(name, actor=rollout.SUPERVISOR, reason=d.reason, detail=detail)
+            else:
+                cat.rollback(name, actor=rollout.SUPERVISOR, reason=d.reason, detail=detail)
+                log.warning("rolled %s back from version %s to %s: %s", name, m.active_version,
+                            m.last_good_version, d.reason)
+        return d
+
+    def supervise_all(self, *, now: float | None = None) -> list[tuple[str, rollout.Decision]]:
+        """:meth:`supervise` every model that has a candidate (the daemon's periodic pass)."""
+        out = []
+        for m in self.catalog.list_models():
+            if m.candidate_since is not None:
+                d = self.supervise(m.name, now=now)
+                if d is not None:
+                    out.append((m.name, d))
+        return out
+
+    def mark_good(self, name: str) -> int:
+        """The admin's word that ``name``'s candidate is good (``modelfs mark-good``)."""
+        m = self.catalog.get_model(name)
+        d = self._judge(m, self.rollout_rules(), self.catalog.clock())
+        detail = {"by": "admin", **(d.as_dict() if d is not None else {})}
+        return self.catalog.mark_good(name, actor=self.actor, reason="marked good by the admin", detail=detail)
 
     # -- removal -------------------------------------------------------------------------
     def plan_remove(self, name: str, version: int | None = None) -> RemovalPlan:

@@ -50,7 +50,9 @@ Install (:func:`install_pack`), decisions:
 * A version that is already installed is never downloaded again (missing blobs of
   it are re-fetched, nothing else), and pulling it does not change which version
   is active: a pull never undoes ``rollback`` or ``activate``. A newly installed
-  version is activated unless a newer one is active.
+  version is activated unless a newer one is active. A channel update (or a pull
+  with ``candidate``) activates it as a candidate, on probation until apps' loads
+  or the admin mark it good (``store.rollout``; ``Store.supervise``).
 * Archive artifacts (role ``archive``, a ``.zip``): the zip is fetched as a blob and
   extracted by ``store.archive.extract_zip`` (reject, never sanitise) into a private,
   flocked directory under ``tmp/``; each extracted file becomes a blob (so dedup
@@ -233,7 +235,8 @@ async def install_pack(store: Store, downloader: Downloader, envelope: bytes, *,
                        now: datetime | None = None, actor: str | None = None, source: str = "pack",
                        allowed_keys: Collection[str] | None = None,
                        progress: Progress | None = None, lazy: bool = False,
-                       background: bool = False, admit: Admit | None = None) -> InstallResult:
+                       background: bool = False, admit: Admit | None = None,
+                       candidate: bool = False) -> InstallResult:
     """Verify ``envelope`` and install (and activate) its version; see the module docstring.
 
     ``source`` says where the envelope came from (a URL is redacted before it is
@@ -244,6 +247,7 @@ async def install_pack(store: Store, downloader: Downloader, envelope: bytes, *,
     not meet, fetching and recording nothing (outcome ``skipped``).
     ``admit(model, size)``, once every check has passed and before any download, may
     refuse the pack for its caller (a StoreError, audited as a refusal).
+    ``candidate``: the version it activates is a candidate, on probation (``store.rollout``).
     """
     platform = platform or current_platform()
     if platform not in PLATFORMS:
@@ -268,7 +272,7 @@ async def install_pack(store: Store, downloader: Downloader, envelope: bytes, *,
         except StoreError as exc:
             _audit_refusal(store, actor, exc, source, manifest)
             raise
-    installer = _Installer(store, downloader, manifest, platform, actor, source, progress, lazy)
+    installer = _Installer(store, downloader, manifest, platform, actor, source, progress, lazy, candidate)
     try:
         return dataclasses.replace(await installer.run(), below_min_device=short)
     except StoreError as exc:
@@ -313,6 +317,7 @@ class _Installer:
     source: str
     progress: Progress | None
     lazy: bool = False
+    candidate: bool = False          # activate as a candidate version (rollout supervision)
     downloaded: int = 0
     new_bytes: int = 0
     added: set[str] = field(default_factory=set)      # blobs this call committed
@@ -358,7 +363,7 @@ class _Installer:
         previous = cat.get_model(m.model_id).active_version
         activated = previous is None or m.version > previous
         if activated:
-            cat.activate(m.model_id, m.version, actor=self.actor,
+            cat.activate(m.model_id, m.version, actor=self.actor, candidate=self.candidate,
                          reason=f"signed pack from {self.source}")
         return previous, activated
 
@@ -536,7 +541,7 @@ async def pull_pack_url(store: Store, downloader: Downloader, url: str, *, platf
                         now: datetime | None = None, actor: str | None = None,
                         allowed_keys: Collection[str] | None = None, progress: Progress | None = None,
                         lazy: bool = False, background: bool = False,
-                        admit: Admit | None = None) -> InstallResult:
+                        admit: Admit | None = None, candidate: bool = False) -> InstallResult:
     """Fetch an envelope from ``url`` and install it. A refused or failed fetch is audited."""
     actor = actor or store.actor
     try:
@@ -550,7 +555,7 @@ async def pull_pack_url(store: Store, downloader: Downloader, url: str, *, platf
         raise
     return await install_pack(store, downloader, data, platform=platform, now=now, actor=actor,
                               source=redact_url(url), allowed_keys=allowed_keys, progress=progress, lazy=lazy,
-                              background=background, admit=admit)
+                              background=background, admit=admit, candidate=candidate)
 
 
 def read_envelope_file(path: str | os.PathLike[str]) -> bytes:
@@ -616,14 +621,17 @@ async def update_channels(store: Store, downloader: Downloader, *, platform: str
             continue
         try:
             res = await pull_pack_url(store, downloader, url, platform=platform, now=now, actor=actor,
-                                      allowed_keys=ch["key_ids"], progress=progress, background=True)
+                                      allowed_keys=ch["key_ids"], progress=progress, background=True,
+                                      candidate=True)
         except StoreError as exc:
             outcome = "refused" if isinstance(exc, _CONTENT_REFUSALS) or exc.fields.get("reason") == \
                 "unsigned-model" else "failed"
             result = ChannelResult(url, outcome, f"{outcome}: {redact_text(str(exc))}")
         else:
             if res.outcome == "installed":
-                msg = f"installed {res.model} version {res.version}" + (" (active)" if res.activated else "")
+                msg = f"installed {res.model} version {res.version}" + (
+                    " (active, a candidate)"
+                    if res.activated else "")
                 result = ChannelResult(url, "installed", msg, res)
             elif res.outcome == "skipped":
                 result = ChannelResult(url, "skipped", f"skipped {res.model} version {res.version}: below its "

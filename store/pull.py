@@ -330,6 +330,7 @@ class PullOptions:
     private: bool = False             # only its app, apps granted it and the owner's shell see it
     platform: str | None = None       # signed: whose artifacts to install (default: this one)
     retry: bool = False               # try files whose verification failed recently now (store.failures)
+    candidate: bool = False           # signed packs only: the version it activates is on probation (store.rollout)
 
 
 class PullReporter(Protocol):
@@ -360,6 +361,8 @@ async def pull_source(store: Store, downloader: Downloader, source: str, options
         envelope, found = await _probe_envelope(downloader, source)
         if envelope is not None:
             return await _pull_pack(store, downloader, source, envelope, options, reporter, admit)
+    if options.candidate:
+        raise UsageError("--candidate needs a signed pack: an unsigned version has no publisher to roll out")
     if options.lazy:
         raise UsageError("--lazy needs a signed pack: only its manifest vouches for every file's size and "
                          "SHA-256 before a byte is local")
@@ -418,12 +421,14 @@ async def _pull_pack(store: Store, downloader: Downloader, source: str, envelope
     allowed = store.catalog.channel_keys(source) if is_url else None
     if envelope is None and is_url:
         res = await pull_pack_url(store, downloader, source, platform=options.platform, progress=progress,
-                                  lazy=options.lazy, allowed_keys=allowed, admit=admit)
+                                  lazy=options.lazy, allowed_keys=allowed, admit=admit,
+                                  candidate=options.candidate)
     else:
         envelope = envelope if envelope is not None else read_envelope_file(source)
         origin = redact_url(source) if is_url else f"file:{Path(source).name}"
         res = await install_pack(store, downloader, envelope, platform=options.platform, source=origin,
-                                 progress=progress, lazy=options.lazy, allowed_keys=allowed, admit=admit)
+                                 progress=progress, lazy=options.lazy, allowed_keys=allowed, admit=admit,
+                                 candidate=options.candidate)
     if options.private or options.owner_app or options.owner_uid is not None:
         # The publisher names the model; who sees it is local.
         store.catalog.set_visibility(res.model, "private" if options.private else

@@ -17,6 +17,14 @@ one the daemon could misread.
         how many bytes the models one app (or one other user) owns may hold
     pulls.concurrency      1..16                     (default 2)
         how many pull jobs the daemon runs at once; the others wait, queued
+    rollout.good_loads     1..10000                  (default 3)
+        successful loads apps report that end a candidate version's probation
+        (and the reports needed before it is judged at all; store/rollout.py)
+    rollout.max_failure_increase  0..1               (default 0.2)
+        how much higher a candidate's failed-load share may be than last-good's
+        before it is rolled back
+    rollout.window         seconds, e.g. 1h          (default 3600)
+        a candidate's probation, and the time before it that last-good is judged on
 
 Settings hold no secrets. Pure logic and the catalog: no network, no daemon.
 """
@@ -100,6 +108,45 @@ def _parse_int(text: str) -> int:
         raise UsageError(f"not a whole number: {text!r}") from None
 
 
+def _good_loads(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10000:
+        raise UsageError("expected a whole number from 1 to 10000")
+    return value
+
+
+def _share(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise UsageError("expected a share from 0 to 1, e.g. 0.2")
+    return float(value)
+
+
+def _parse_share(text: str) -> float:
+    t = text.strip()
+    try:
+        return float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise UsageError(f"not a share: {text!r} (e.g. 0.2 or 20%)") from None
+
+
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> int:
+    """``3600``, ``90s``, ``30m``, ``1h``, ``2d`` or ``1w`` -> whole seconds."""
+    t = text.strip().lower()
+    unit = t[-1:] if t[-1:] in _SECONDS else "s"
+    number = t[:-1] if t[-1:] in _SECONDS else t
+    if not number.isdigit():
+        raise UsageError(f"not a duration: {text!r} (e.g. 1h, 30m, 2d)")
+    return int(number) * _SECONDS[unit]
+
+
+def _window(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 365 * 86400:
+        raise UsageError("expected seconds from 1 to a year (e.g. 1h)")
+    return value
+
+
 SETTINGS: dict[str, Setting] = {s.key: s for s in (
     Setting("apps.pull", "signed", str.strip, _choice(*PULL_MODES),
             "what callers other than the store owner may pull through the daemon: deny, signed (packs from "
@@ -111,6 +158,14 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
             "bytes the models of one app (or of one other user) may hold; none: no quota"),
     Setting("pulls.concurrency", 2, _parse_int, _concurrency,
             "how many pull jobs the daemon runs at once"),
+    Setting("rollout.good_loads", 3, _parse_int, _good_loads,
+            "successful loads reported by apps that make a candidate version good (and the reports needed "
+            "before it is judged)"),
+    Setting("rollout.max_failure_increase", 0.2, _parse_share, _share,
+            "how much higher a candidate's failed-load share may be than last-good's before the daemon rolls "
+            "it back (0 to 1)"),
+    Setting("rollout.window", 3600, parse_duration, _window,
+            "a candidate's probation (e.g. 1h), and the time before it that last-good's loads are counted over"),
 )}
 
 

@@ -39,7 +39,7 @@ def test_upgrade_from_schema_1_keeps_data(tmp_path):
     conn.close()
 
     cat = Catalog(path)
-    assert cat.schema_version() == SCHEMA_VERSION == 4
+    assert cat.schema_version() == SCHEMA_VERSION == 5
     assert cat.get_model("m").active_version == 1
     assert cat.get_version("m", 1).files[0].sha256 == SHA
     cat.add_channel("https://example.test/chan.json", ["k1"])
@@ -67,6 +67,14 @@ def test_upgrade_from_schema_1_keeps_data(tmp_path):
     assert (row["state"], row["uid"], row["app_id"], row["secret"], row["options"], row["result"]) == \
         ("failed", 1001, "org.example.A", True, {"sha256": SHA}, {"name": "m"})
     assert cat.jobs(["queued"]) == []
+    # 5: rollout supervision: no model is a candidate; load reports are counted per version and window
+    assert cat.get_model("m").candidate_since is None
+    cat.add_load("m", 1, True, uid=1001, app_id="org.example.A")
+    cat.add_load("m", 1, False, uid=None, app_id=None)
+    assert cat.load_counts("m", 1, 0, float("inf")) == (1, 1)
+    assert cat.load_counts("m", 1, 0, 1) == (0, 0)
+    cat.delete_version("m", 1)  # reports go with their version
+    assert cat.load_counts("m", 1, 0, float("inf")) == (0, 0)
 
 
 def test_newer_schema_is_refused(tmp_path):

@@ -13,7 +13,8 @@ def test_config_set_get_list(cli: CLI) -> None:
     cli.run("config", "set", "apps.allowed_networks", "192.168.1.0/24")
     listed = {e["key"]: e["value"] for e in cli.run("config", "list", "--json").json()}
     assert listed == {"apps.pull": "any", "apps.quota_bytes": 1 << 30, "apps.allowed_networks": ["192.168.1.0/24"],
-                      "pulls.concurrency": 2}
+                      "pulls.concurrency": 2, "rollout.good_loads": 3, "rollout.max_failure_increase": 0.2,
+                      "rollout.window": 3600}
     text = cli.run("config", "list").stdout
     assert "apps.quota_bytes" in text and "1.0 GiB" in text
 

@@ -17,6 +17,7 @@ daemon (``modelfs mount --foreground`` in a subprocess) and a real origin.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -348,3 +349,18 @@ def test_the_socket_is_in_the_runtime_dir_unless_another_store_holds_it(tmp_path
         for m in mounts:
             m.stop()
         shutil.rmtree(run, ignore_errors=True)
+
+
+def test_sigterms_after_the_kernel_let_go_never_cut_the_cleanup_short(daemon: Daemon) -> None:
+    """`modelfs unmount` as root detaches a system store's mount itself, then sends SIGTERM:
+    the signal may land after the kernel ended the session, while the daemon cleans up.
+    It must not kill it there: the socket and run/daemon.json would be left behind."""
+    m = daemon.start()
+    pid = m.proc.pid
+    subprocess.run(["umount", "-l", str(m.path)], check=True, timeout=30)
+    while m.proc.poll() is None:  # a SIGTERM at every moment of the shutdown
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    assert m.proc.returncode == 0, m.proc.returncode
+    assert not daemon.sock.exists()
+    assert not (daemon.store / "run" / "daemon.json").exists()

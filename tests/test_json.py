@@ -93,6 +93,7 @@ def commands(world: dict[str, str]) -> dict[str, list[str]]:
         "rm NAME --dry-run --json": ["rm", "m", "--dry-run", "--json"],
         "prune --dry-run --json": ["prune", "--dry-run", "--json"],
         "status --json": ["status", "--json"],
+        "mark-good NAME --json": ["mark-good", "demo", "--json"],  # update made version 2 a candidate
         "doctor --json": ["doctor", "--json"],
         "init PATH --json": ["init", str(Path(world["weights"]).parent / "another"), "--json"],
         "service install --user --dry-run --json": ["service", "install", "--user", "--dry-run", "--json"],

@@ -529,7 +529,7 @@ def test_update_installs_newer_versions_from_channels(store: Store, pub: Publish
         return trio.run(main)
 
     [r] = update()
-    assert (r.outcome, r.message) == ("installed", "installed demo version 1 (active)")
+    assert (r.outcome, r.message) == ("installed", "installed demo version 1 (active, a candidate)")
     [r] = update()
     assert r.outcome == "up-to-date"
     assert pub.server.requests("/p/channel.json") and len(pub.server.requests("/p/channel.json")) == 2

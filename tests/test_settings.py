@@ -19,7 +19,8 @@ def cat(tmp_path: Path) -> Catalog:
 
 def test_defaults_until_set(cat: Catalog) -> None:
     assert settings.values(cat) == {"apps.allowed_networks": [], "apps.pull": "signed", "apps.quota_bytes": None,
-                                    "pulls.concurrency": 2}
+                                    "pulls.concurrency": 2, "rollout.good_loads": 3,
+                                    "rollout.max_failure_increase": 0.2, "rollout.window": 3600}
 
 
 @pytest.mark.parametrize(("key", "text", "stored"), [
@@ -30,6 +31,12 @@ def test_defaults_until_set(cat: Catalog) -> None:
     ("apps.quota_bytes", "1000", 1000),
     ("apps.allowed_networks", "192.168.1.0/24, 10.1.2.3", ["192.168.1.0/24", "10.1.2.3/32"]),
     ("pulls.concurrency", "4", 4),
+    ("rollout.good_loads", "5", 5),
+    ("rollout.max_failure_increase", "0.5", 0.5),
+    ("rollout.max_failure_increase", "20%", 0.2),
+    ("rollout.window", "1h", 3600),
+    ("rollout.window", "90", 90),
+    ("rollout.window", "2d", 2 * 86400),
 ])
 def test_set_from_text(cat: Catalog, key: str, text: str, stored: object) -> None:
     assert settings.set_value(cat, key, text, actor="t", text=True) == stored
@@ -42,6 +49,8 @@ def test_set_from_text(cat: Catalog, key: str, text: str, stored: object) -> Non
     ("apps.pull", "maybe"), ("apps.quota_bytes", -1), ("apps.quota_bytes", "10"), ("apps.quota_bytes", True),
     ("apps.allowed_networks", "10.0.0.0/8"), ("apps.allowed_networks", ["not-a-net"]),
     ("pulls.concurrency", 0), ("pulls.concurrency", 99), ("no.such", 1),
+    ("rollout.good_loads", 0), ("rollout.good_loads", 2.5), ("rollout.max_failure_increase", 1.5),
+    ("rollout.max_failure_increase", True), ("rollout.window", 0), ("rollout.window", "1h"),
 ])
 def test_bad_values_and_keys_are_refused(cat: Catalog, key: str, value: object) -> None:
     with pytest.raises(UsageError):

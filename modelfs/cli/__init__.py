@@ -54,6 +54,7 @@ VERBS: dict[str, Verb] = {
     "keys": Verb("trust:keys", "Trusted publisher keys (user keyring + system directory)."),
     "list": Verb("models:list_cmd", "List the models in the store."),
     "manifest": Verb("trust:manifest", "Sign and check signed manifests (packs)."),
+    "mark-good": Verb("models:mark_good", "End the probation of NAME's candidate version: it is good."),
     "mount": Verb("mount:mount", "Mount the store at MOUNTPOINT: one read-only directory per model."),
     "pin": Verb("models:pin", "Keep NAME and all its versions through prune."),
     "prune": Verb("models:prune", "Remove old versions (not active, last-good or pinned), orphan blobs and "

@@ -1,5 +1,5 @@
 """The verbs about models in the store: ``import``, ``list``, ``show``, ``verify``,
-``rm``, ``prune``, ``activate``, ``rollback``, ``pin`` and ``unpin``.
+``rm``, ``prune``, ``activate``, ``rollback``, ``mark-good``, ``pin`` and ``unpin``.
 
 Parsing and printing only; the work is ``modelfs_store.core.Store``'s. ``rm`` and
 ``prune`` warn about readers that still hold a model open: through the mount (its
@@ -24,6 +24,7 @@ from modelfs_store.prune import PrunePolicy
 
 from ._context import Ctx, json_option, pass_ctx
 from ._output import human_size, info, print_json, progress_bar, table
+from .status import rollout_line
 
 
 # -- import ---------------------------------------------------------------------
@@ -76,7 +77,8 @@ def list_cmd(c: Ctx, as_json: bool) -> None:
                  "dehydrated" if "local" not in states else "partly local")
         # A lazily pulled pack has no GGUF header read yet: its signed family stands in.
         arch = m.get("architecture") or m.get("family") or "-"
-        rows.append((m["name"], str(m["active_version"] or "-"), arch, m.get("quantization") or "-",
+        version = str(m["active_version"] or "-") + (" (candidate)" if m.get("rollout") else "")
+        rows.append((m["name"], version, arch, m.get("quantization") or "-",
                      str(m.get("context_length") or "-"), human_size(m.get("size")), state))
     table(rows)
 
@@ -104,9 +106,12 @@ def show(c: Ctx, name: str, as_json: bool) -> None:
                                             user_name(g["uid"] if g["uid"] is not None else os.geteuid())) + ")"
                        for g in d["grants"])
     click.echo(f"  visibility: {d['visibility']}; owner app: {owner}; granted to: {grants or '-'}")
+    if d.get("rollout"):
+        click.echo(f"  rollout: {rollout_line(d['rollout'])}")
     for v in d["versions"]:
         signed = f"signed by {v.get('key_id')}" if v["signed"] else "unsigned"
-        click.echo(f"  version {v['version']}  {v['state']}  {signed}  {human_size(v['size'])}")
+        state = v["state"] + (", candidate" if d.get("rollout") and v["version"] == d["rollout"]["version"] else "")
+        click.echo(f"  version {v['version']}  {state}  {signed}  {human_size(v['size'])}")
         for f in v["files"]:
             click.echo(f"    {f['filename']}  {f['role']}  {f['size']} bytes  sha256:{f['sha256']}  {f['state']}")
 
@@ -275,6 +280,17 @@ def rollback(c: Ctx, name: str, force: bool, as_json: bool) -> None:
     does not become last-good: a second rollback is refused, not a toggle."""
     c.store.rollback(name, force=force)
     _echo_active(c.store.catalog.get_model(name), "rolled back to version {v}", as_json)
+
+
+@click.command("mark-good")
+@click.argument("name")
+@json_option
+@pass_ctx
+def mark_good(c: Ctx, name: str, as_json: bool) -> None:
+    """End the probation of NAME's candidate version: it is good. It is no longer rolled back
+    on its own, and the next version activated keeps it as last-good (audited)."""
+    c.store.mark_good(name)
+    _echo_active(c.store.catalog.get_model(name), "version {v} marked good", as_json)
 
 
 # -- pins ----------------------------------------------------------------------------------

@@ -149,12 +149,15 @@ async def _cancel_on_signal(scope: Any) -> None:
 @click.option("--retry", is_flag=True,
               help="Try now the files whose download failed verification recently, instead of refusing "
                    "them until their backoff expires (see 'modelfs status').")
+@click.option("--candidate", is_flag=True,
+              help="Signed packs: the version it activates is a candidate, rolled back if apps' loads fail "
+                   "(see `mark-good`).")
 @click.option("--detach", is_flag=True, help="Hand the pull to the daemon and return at once ('modelfs pulls').")
 @click.option("--no-daemon", is_flag=True, help="Download in this process even when the store's daemon runs.")
 @click.pass_obj
 def pull(c: Ctx, source: str, sha256: str | None, size: int | None, name: str | None, mmproj: str | None,
          mmproj_sha256: str | None, license_: str | None, owner_app: str | None, private: bool, as_json: bool,
-         pack: bool, lazy: bool, retry: bool, detach: bool, no_daemon: bool) -> None:
+         pack: bool, lazy: bool, retry: bool, candidate: bool, detach: bool, no_daemon: bool) -> None:
     """Download a model from SOURCE (https://… with --sha256, or hf://org/repo[@rev]/file.gguf),
     verify it, and make it the active version of NAME. Interrupted pulls resume.
     A signed pack (an envelope file or URL) is verified and installed as its model_id;
@@ -164,7 +167,7 @@ def pull(c: Ctx, source: str, sha256: str | None, size: int | None, name: str | 
 
     options = PullOptions(pack=pack, lazy=lazy, sha256=sha256, size=size, name=name, mmproj=mmproj,
                           mmproj_sha256=mmproj_sha256, license=license_, owner_app=owner_app, private=private,
-                          retry=retry)
+                          retry=retry, candidate=candidate)
     client = None if no_daemon else c.daemon()
     if client is not None:
         with client:

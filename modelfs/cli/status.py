@@ -1,10 +1,12 @@
 """The store itself: ``modelfs init`` makes one; ``modelfs status`` shows it (models,
 blobs, partial downloads, quarantine, downloads that failed verification and until when
-they are not tried again) and its mount (the daemon and its control socket, what is
-open through it, who reads a blob through a link, why recent opens failed)."""
+they are not tried again, candidate versions on probation and the supervisor's
+rollbacks) and its mount (the daemon and its control socket, what is open through it,
+who reads a blob through a link, why recent opens failed)."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from modelfs.mount.runstate import (
 from modelfs_store.core import Store
 from modelfs_store.failures import FailedVerification, list_failed, when
 from modelfs_store.partial import list_partials
+from modelfs_store.rollout import SUPERVISOR
 
 from ._context import Ctx, json_option, pass_ctx
 from ._output import human_size, print_json
@@ -50,7 +53,8 @@ def status(c: Ctx, as_json: bool) -> None:
     """Show the store: models, blobs, partial downloads, quarantine, downloads that failed
     verification (not tried again before the time shown), and the mount: what is open
     through it and why recent opens failed (the reasons behind an EIO, an ENETUNREACH or
-    an ETIMEDOUT a reader saw)."""
+    an ETIMEDOUT a reader saw). Candidate versions on probation, and the versions the
+    rollout supervisor rolled back, are listed too."""
     store = c.store
     partials = list_partials(store)
     failed = [f for f in list_failed(store.layout) if not store.blobs.has(f.sha256)]
@@ -70,7 +74,8 @@ def status(c: Ctx, as_json: bool) -> None:
                     "blob_bytes": blob_bytes, "quarantine": quarantined,
                     "partials": [p.as_dict() for p in partials], "mount": mount, "stale_mountpoint": stale,
                     "detached": detached, "link_readers": linked,
-                    "failed_verifications": [{**f.as_dict(), "blocked": f.blocks(now)} for f in failed]})
+                    "failed_verifications": [{**f.as_dict(), "blocked": f.blocks(now)} for f in failed],
+                    "rollouts": rollouts(store)})
         return
     click.echo(f"store: {store.layout.root}")
     click.echo(f"models: {len(models)}  blobs: {len(blobs)} ({human_size(blob_bytes)})  "
@@ -87,6 +92,7 @@ def status(c: Ctx, as_json: bool) -> None:
                    f"{len(d['open_files'])} open file(s); it exits after the last close")
         _echo_open(d["open_files"])
     _echo_failed(failed, now)
+    _echo_rollouts(rollouts(store))
     if not partials:
         click.echo("no partial downloads")
         return
@@ -96,6 +102,38 @@ def status(c: Ctx, as_json: bool) -> None:
         total = human_size(p.expected_size) if p.expected_size else "?"
         state = "  [downloading]" if p.active else ""
         click.echo(f"  {p.sha256}  {human_size(p.bytes_present)} of {total} {pct}  {p.url or '-'}{state}")
+
+
+SHOWN_ROLLBACKS = 5
+
+
+def rollouts(store: Store) -> dict[str, list[dict[str, Any]]]:
+    """Candidate versions on probation, and the supervisor's last rollbacks (newest first)."""
+    candidates = []
+    for m in store.catalog.list_models():
+        state = store.rollout_state(m) if m.candidate_since is not None else None
+        if state is not None:
+            candidates.append({"model": m.name, **state})
+    rollbacks = [{"model": r["model"], "version": r["version"], "from_version": json.loads(r["detail"])["from"],
+                  "rolled_back_at": r["ts"], "reason": r["reason"]}
+                 for r in store.catalog.rollbacks(SUPERVISOR, SHOWN_ROLLBACKS)]
+    return {"candidates": candidates, "rollbacks": rollbacks}
+
+
+def rollout_line(r: dict[str, Any]) -> str:
+    """One line about a candidate's probation (``show``, ``status``)."""
+    ends = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["ends_at"]))
+    return (f"version {r['version']} is a candidate (last-good: {r['last_good_version'] or '-'}, probation until "
+            f"{ends}): {r['candidate']['ok_count']} loaded, {r['candidate']['failed_count']} failed; "
+            f"{r['reason']}")
+
+
+def _echo_rollouts(r: dict[str, list[dict[str, Any]]]) -> None:
+    for c in r["candidates"]:
+        click.echo(f"rollout: {c['model']} {rollout_line(c)}")
+    for b in r["rollbacks"]:
+        click.echo(f"rolled back: {b['model']} from version {b['from_version']} to {b['version']} at "
+                   f"{when(b['rolled_back_at'])} by the supervisor: {b['reason']}")
 
 
 def _echo_failed(failed: list[FailedVerification], now: float) -> None:

@@ -16,6 +16,7 @@ call it with made-up callers. ``docs/api.md`` has an example of every route.
     GET    /v1/events[?job=ID]               anyone                    its jobs' events, newline-delimited JSON
     GET    /v1/grants, POST /v1/grants, POST /v1/grants/revoke        the owner only
     GET    /v1/settings, POST /v1/settings                            the owner only
+    POST   /v1/models/NAME/loads             who sees NAME (identified) 201 a load reported; the rollout verdict
 
 The store owner (``Policy.is_admin``: its uid, no app id) may do everything.
 Anyone else is an app (its app id), or another user without one, and may only: list
@@ -75,7 +76,8 @@ API_VERSION = 1
 #: What a POST /v1/pulls body may hold, and its type.
 PULL_FIELDS: dict[str, type | tuple[type, ...]] = {
     "source": str, "sha256": str, "size": int, "name": str, "mmproj": str, "mmproj_sha256": str, "license": str,
-    "app": str, "private": bool, "pack": bool, "lazy": bool, "retry": bool, "platform": str, "token": str}
+    "app": str, "private": bool, "pack": bool, "lazy": bool, "retry": bool, "platform": str, "token": str,
+    "candidate": bool}
 UNSIGNED_FIELDS = ("sha256", "mmproj", "mmproj_sha256")
 _NAME = r"(?P<name>[A-Za-z0-9._-]+)"
 ROUTES: list[tuple[str, re.Pattern[str], str]] = [(m, re.compile(p), h) for m, p, h in (
@@ -93,6 +95,7 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [(m, re.compile(p), h) for m, p
     ("POST", r"/v1/grants/revoke", "revoke"),
     ("GET", r"/v1/settings", "settings"),
     ("POST", r"/v1/settings", "set_setting"),
+    ("POST", rf"/v1/models/{_NAME}/loads", "report_load"),
 )]
 OWNER_ONLY = frozenset({"grants", "grant", "revoke", "settings", "set_setting"})
 STATUS = [(Forbidden, 403), (TrustError, 403), (UsageError, 400), (NotFound, 404), (Conflict, 409),
@@ -269,6 +272,29 @@ class Api:
                 raise UsageError("job must be a job number")
             self._job(who, job_id)
         return Response(200, stream=self.jobs.follow(who.owns_job, int(job_id) if job_id else None))
+
+    # -- load reports (rollout supervision: modelfs_store.rollout) --------------------------------
+    async def _report_load(self, req: Request, who: Who, name: str) -> Response:
+        """An app loaded ``name`` (``ok``), one report counted once; a candidate version is
+        judged at once. Who may report is who sees the model, identified; the same
+        refusal for a hidden and an absent model, so a report tells nothing of either."""
+        body = _body(req)
+        ok, version = body.get("ok"), body.get("version")
+        if not isinstance(ok, bool) or set(body) - {"ok", "version"} or version is not None and (
+                not isinstance(version, int) or isinstance(version, bool)):
+            raise UsageError('a load report is {"ok": true or false}, with an optional "version" number')
+        if not who.admin:
+            if not who.ident.sure:
+                raise Forbidden(f"the daemon could not tell which process is calling ({who.ident.rule})",
+                                reason="identity")
+            cat = self.store.catalog
+            if not cat.has_model(name) or not self.policy().sees(who.caller, _owned(cat.get_model(name))):
+                raise Forbidden(f"no model named {name!r} that this caller may report on", reason="not-visible")
+        store = dataclasses.replace(self.store, actor=who.actor)
+        version, decision = store.report_load(name, ok, version, uid=who.ident.uid, app_id=who.ident.app)
+        return Response(201, {"model": name, "version": version, "ok": ok,
+                              "active_version": self.store.catalog.get_model(name).active_version,
+                              "verdict": decision.as_dict() if decision is not None else None})
 
     # -- grants and settings (the owner's) ------------------------------------------------------------
     async def _grants(self, req: Request, who: Who) -> Response:

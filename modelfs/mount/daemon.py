@@ -11,7 +11,8 @@ Life of a mount::
               signal handler, the announcer (sets the bdi's read_ahead_kb, writes
               run/daemon.json, tells a waiting parent and systemd: READY=1, see
               :mod:`.notify`), and the services: the control socket (api.py) and the
-              pull jobs (jobs.py), resumed from the catalog
+              pull jobs (jobs.py), resumed from the catalog, and the rollout supervisor
+              (a candidate version judged on apps' load reports: ``Store.supervise``)
     serve     every ~200 ms the poller checks ``PRAGMA data_version``; on a change it
               rebuilds the tree (in a worker thread) and invalidates the kernel's
               entries and attributes that changed, so CLI changes show within a second
@@ -79,6 +80,7 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL = 0.2          # seconds between catalog data_version checks
 READ_AHEAD_KB = 4096         # 2-2.5x the 128 KiB default on uncached reads; 16 MiB was worse
 MIN_TASKS, MAX_TASKS = 4, 256  # opens waiting on a download each hold a worker task
+SUPERVISE_INTERVAL = 10.0    # seconds between rollout passes (a report is judged at once besides)
 
 
 def set_read_ahead(st_dev: int, kb: int = READ_AHEAD_KB) -> bool:
@@ -337,6 +339,19 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.control.serve, name="control-socket")
                 nursery.start_soon(self.jobs.run, name="pull-jobs")
+                nursery.start_soon(self._supervisor, name="rollout-supervisor")
+
+    async def _supervisor(self) -> None:
+        """Judge every candidate version now and then: a report recorded without the daemon,
+        or a setting changed, is acted on here (``Store.supervise``; atomic, audited)."""
+        while True:
+            try:
+                for name, d in self.store.supervise_all():
+                    if d.verdict in ("good", "rollback"):
+                        log.info("rollout of %s: %s (%s)", name, d.verdict, d.reason)
+            except Exception:  # noqa: BLE001 - the next pass tries again; the mount keeps serving
+                log.exception("rollout supervision failed")
+            await trio.sleep(SUPERVISE_INTERVAL)
 
     def _stop_services(self) -> None:
         """Close the socket; running pulls go back to queued (the next daemon resumes them)."""
@@ -367,6 +382,13 @@ class Daemon:
             log.info("mounted; keeping only %s (app identities of other users' processes)",
                      caps.names(caps.effective()))
         clean = False
+        # From here on _signals answers SIGTERM and SIGINT; outside it (once the session
+        # ended, while cleaning up, until the process exits) they are ignored, not fatal:
+        # root's `modelfs unmount` detaches the mount and then signals, and a signal landing
+        # after the kernel let go must not kill the daemon before the socket and run/ are
+        # cleaned up. trio restores this disposition when _signals' receiver closes.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._poller, name="catalog-poller")

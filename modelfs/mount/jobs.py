@@ -75,7 +75,7 @@ UNFINISHED = tuple(s.value for s in State if s not in FINAL)
 ACTIVE = frozenset({State.QUEUED, State.RUNNING})  # a follower's stream ends when a job leaves these
 #: What a pull request may ask for (store.pull.PullOptions), and the secrets a job keeps in memory only.
 OPTION_KEYS = ("pack", "lazy", "sha256", "size", "name", "mmproj", "mmproj_sha256", "license", "owner_app",
-               "owner_uid", "private", "platform", "retry")
+               "owner_uid", "private", "platform", "retry", "candidate")
 SECRETS = ("token", "source", "mmproj")
 PROGRESS_EVERY = 0.25   # seconds between progress events of one file
 RATE_WINDOW = 5.0       # seconds of progress the rate is measured over
