@@ -177,6 +177,14 @@ def pull_signed_pack(d: Demo) -> None:
     d.modelfs("list")
 
 
+def _state(path: Path) -> str:
+    """A file's state in the mount. Once local, your own process sees a symbolic link to
+    the blob (the link fast path), which carries no state attribute: a link is local."""
+    if os.path.islink(path):
+        return f"local (a link to its blob: {os.readlink(path)})"
+    return os.getxattr(path, "user.modelfs.state").decode()
+
+
 def read_through_the_mount(d: Demo) -> None:
     from .mount.control import mounted
 
@@ -192,14 +200,13 @@ def read_through_the_mount(d: Demo) -> None:
         names = sorted(os.listdir(mnt))
         print(f"$ ls {mnt}\n" + "  ".join(names))
         weights = mnt / "vision" / "vision-Q4_K_M.gguf"
-        state = os.getxattr(weights, "user.modelfs.state").decode()
-        print(f"{weights.relative_to(mnt)}: {os.stat(weights).st_size} bytes, state {state}")
+        print(f"{weights.relative_to(mnt)}: {os.stat(weights).st_size} bytes, state {_state(weights)}")
 
         step("gguf.GGUFReader opens it through the mount: the open downloads and verifies it first")
         t = time.monotonic()
         reader = gguf.GGUFReader(weights)
         print(f"opened in {time.monotonic() - t:.2f}s; state now "
-              f"{os.getxattr(weights, 'user.modelfs.state').decode()}; "
+              f"{_state(weights)}; "
               f"general.name = {bytes(reader.fields['general.name'].parts[-1]).decode()!r}")
         assert d.origin is not None  # publish_signed_pack ran
         original = gguf.GGUFReader(d.origin.root / weights.name)

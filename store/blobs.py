@@ -2,8 +2,11 @@
 
 A blob is named by the SHA-256 of its bytes and is read-only (0444) once committed.
 Bytes reach ``blobs/`` only through :meth:`BlobStore.commit_temp`: private temp file,
-fsync, size and SHA-256 check, chmod, rename, fsync of the directory. A mismatch goes
-to ``quarantine/``; a temp whose fsync failed is discarded, never trusted.
+fsync, size and SHA-256 check, the digest xattr, chmod, rename, fsync of the directory,
+then the immutable flag where the kernel allows it (:mod:`.seal`: the marks a reader
+that follows the mount's link to a blob relies on; cleared before a blob is removed or
+quarantined). A mismatch goes to ``quarantine/``; a temp whose fsync failed is
+discarded, never trusted.
 
 Quarantine keeps one copy per distinct bad content (its name ends in ``sha256-<hex>`` of
 the bytes it holds; the same bad bytes again are dropped, not kept twice), within a cap
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from . import seal
 from .crashpoints import crash_point
 from .durable import fsync_dir, fsync_file
 from .errors import IntegrityError, NotFound, SpaceError, StoreError
@@ -139,6 +143,14 @@ class BlobStore:
         except FileNotFoundError:
             return False
 
+    def marks(self, sha256: str) -> seal.Marks:
+        """What the committed blob carries (:mod:`.seal`); FileNotFoundError when it is gone."""
+        return seal.marks(self.layout.blob(sha256), sha256)
+
+    def seal(self, sha256: str) -> seal.Marks:
+        """Give a committed blob the marks it lacks (one committed before they existed)."""
+        return seal.seal(self.layout.blob(sha256), sha256)
+
     def size(self, sha256: str) -> int:
         try:
             return os.lstat(self.layout.blob(sha256)).st_size
@@ -200,10 +212,12 @@ class BlobStore:
                 path.unlink()
                 return Committed(sha256, size, dest, new=False)
             self._blob_dir(dest.parent)
+            seal.set_digest(path, sha256)  # while the owner may still write it
             os.chmod(path, 0o444)
             crash_point("commit-before-rename")
             os.rename(path, dest)
             fsync_dir(dest.parent)
+            seal.freeze(dest)  # after the rename: an immutable file cannot be renamed
             return Committed(sha256, size, dest, new=True)
         finally:
             if on_done:
@@ -249,11 +263,13 @@ class BlobStore:
         if content_sha256 is not None:
             kept = self._quarantined(content_sha256)
             if kept is not None:
+                seal.thaw(path)
                 path.unlink()
                 log.warning("%s holds the same bytes as the quarantined %s; not kept twice", path.name, kept.name)
                 return kept
             if not why.endswith(content_sha256):
                 why = f"{why}-sha256-{content_sha256}"
+        seal.thaw(path)  # a committed blob found corrupt: immutable files cannot move
         dest = self.layout.quarantine / f"{int(time.time())}-{secrets.token_hex(4)}-{why}"
         os.rename(path, dest)
         log.warning("quarantined %s (%s)", path.name, why)
@@ -300,6 +316,7 @@ class BlobStore:
         path = self.layout.blob(sha256)
         try:
             size = path.lstat().st_size
+            seal.thaw(path)
             path.unlink()
         except FileNotFoundError:
             return 0

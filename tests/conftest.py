@@ -227,3 +227,24 @@ def du_bytes(path: Path) -> int:
         if p.is_file() and not p.is_symlink():
             total += p.stat().st_blocks * 512
     return total
+
+
+def thaw_tree(top: Path) -> None:
+    """Clear the immutable flag that commits give blobs where the kernel allows it
+    (a store owned by root: this suite's own), so a test's directory can be removed."""
+    from modelfs_store.seal import thaw
+
+    for dirpath, _dirs, files in os.walk(top):
+        if "blobs" in Path(dirpath).parts or "quarantine" in Path(dirpath).parts:
+            for name in files:
+                if not os.path.islink(os.path.join(dirpath, name)):
+                    with contextlib.suppress(OSError):
+                        thaw(Path(dirpath) / name)
+
+
+@pytest.fixture(autouse=True)
+def _removable_tmp_path(request: pytest.FixtureRequest) -> Iterator[None]:
+    top = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if top is not None:
+        thaw_tree(top)

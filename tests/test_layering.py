@@ -27,8 +27,8 @@ FORBIDDEN_IN_STORE = {"modelfs", "pyfuse3", "click", "rich", "typer"}
 ALLOWED_THIRD_PARTY_IN_STORE = {"httpx", "httpcore", "trio", "cryptography", "sqlite_utils"}
 NO_PYFUSE3 = ("modelfs.mount.tree", "modelfs.mount.errnos", "modelfs.mount.openfiles",
               "modelfs.mount.runstate", "modelfs.mount.config", "modelfs.mount.control", "modelfs.mount.identity",
-              "modelfs.mount.notify", "modelfs.mount.server", "modelfs.mount.peer", "modelfs.mount.api",
-              "modelfs.mount.jobs", "modelfs.mount.socketclient")
+              "modelfs.mount.notify", "modelfs.mount.links", "modelfs.mount.holders", "modelfs.mount.server",
+              "modelfs.mount.peer", "modelfs.mount.api", "modelfs.mount.jobs", "modelfs.mount.socketclient")
 MAY_IMPORT_CLI = {"modelfs.__main__"}
 
 

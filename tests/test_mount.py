@@ -2,6 +2,10 @@
 the test process), read by real readers: cat, cmp, mmap, numpy.memmap, the gguf
 package, concurrent processes (DESIGN §7, layer 3).
 
+These tests read the regular FUSE file, what every caller but the store owner's own
+processes gets: :class:`Mount` passes ``--links never`` unless a test names ``--links``
+(the test process is the owner; tests/test_link_mount.py reads the link).
+
 Skipped only where /dev/fuse is missing. The opt-in slow test loads a real model with
 llama-cpp-python through the mount; it installs nothing at test time::
 
@@ -58,6 +62,8 @@ class Mount:
     """One daemon serving ``store_dir`` at ``path``."""
 
     def __init__(self, cli: CLI, path: Path, *args: str) -> None:
+        if not any(a.startswith("--links") for a in args):
+            args = (*args, "--links", "never")  # the FUSE path, even for the owner
         self.cli, self.path, self.args = cli, path, args
         self.log = path.parent / f"{path.name}.log"
         self.run = cli.root / "run"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, thaw_tree
 from faultserver import origin  # noqa: F401 - fixture
 from ggufgen import write_model
 from modelfs_store.core import Store
@@ -59,6 +59,7 @@ def world() -> Iterator[Path]:
     top = Path(tempfile.mkdtemp(prefix="modelfs-world-", dir="/tmp"))
     top.chmod(0o755)
     yield top
+    thaw_tree(top)
     subprocess.run(["rm", "-rf", "--one-file-system", str(top)], check=False)
 
 
@@ -69,6 +70,7 @@ def make_store(where: Path, owner: int) -> Path:
     s = Store.open(root)
     s.import_model("m", w)
     s.close()
+    thaw_tree(root)  # root's commit made the blob immutable; a store of another uid's has no such flag
     for p in [root, *root.rglob("*")]:
         os.lchown(p, owner, owner)
     return root

@@ -12,6 +12,7 @@ import pytest
 from conftest import CLI, du_bytes, run_cli, wait_for
 from conftest import sha_file as sha
 from ggufgen import write_mmproj, write_model
+from modelfs_store import seal
 
 MB = 1 << 20
 
@@ -83,11 +84,15 @@ def test_verify_quarantines_a_flipped_byte_and_spares_others(cli, store_dir, tmp
     cli.run("import", "model-b", str(b))
     digest = sha(a)
     blob = store_dir / "blobs" / "sha256" / digest[:2] / digest
-    with open(blob, "r+b") as f:
+    frozen = seal.marks(blob, digest).immutable  # root's store: committed immutable (store/seal.py)
+    seal.thaw(blob)
+    with open(blob, "r+b") as f:  # bit rot, below the file's flags
         f.seek(1000)
         byte = f.read(1)
         f.seek(1000)
         f.write(bytes([byte[0] ^ 0xFF]))
+    if frozen:
+        seal.freeze(blob)  # verify must clear it to move the blob to quarantine
 
     r = cli.run("verify", check=False)
     assert r.returncode != 0

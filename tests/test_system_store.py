@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI, REPO, wait_for
+from conftest import CLI, REPO, thaw_tree, wait_for
 from ggufgen import write_model
 from test_mount import Mount
 from test_notify import abstract_address, notify_socket, receive_from
@@ -66,6 +66,7 @@ def system_store() -> Iterator[tuple[Path, CLI]]:
     app.parent.mkdir()
     shutil.copy2("/usr/bin/python3", app)
     cli.run("apps", "add", A, "--exe", str(app))
+    thaw_tree(store)  # root's commits made the blobs immutable; the store's user could not have
     for p in [store, *store.rglob("*")]:
         os.lchown(p, NOBODY, NOBODY)
     # Root administers it as its user; app A as run by root: root is not this store's owner.

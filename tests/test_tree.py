@@ -402,6 +402,9 @@ def test_adapter_handlers_only_ever_raise_fuse_errors(ns, caplog):
         async def open(self, node, caller):
             raise KeyError("a bug")
 
+        def note_lookup(self, node):
+            pass
+
     ops = ModelOps(ns, Broken(), lambda sha: "local")
 
     async def main():

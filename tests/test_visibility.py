@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI, wait_for
+from conftest import CLI, thaw_tree, wait_for
 from ggufgen import write_model
 from test_mount import Mount
 
@@ -115,6 +115,7 @@ def world() -> Iterator[World]:
         yield World(top, cli, mount)
     finally:
         mount.stop()
+        thaw_tree(top)
         shutil.rmtree(top, ignore_errors=True)
 
 

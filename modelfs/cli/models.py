@@ -1,8 +1,9 @@
 """The verbs about models in the store: ``import``, ``list``, ``show``, ``verify``,
 ``rm``, ``prune``, ``activate``, ``rollback``, ``mark-good``, ``pin`` and ``unpin``.
 
-Parsing and printing only; the work is ``modelfs_store.core.Store``'s. ``rm`` reads the
-mount's run-state to warn about readers that still hold the model open.
+Parsing and printing only; the work is ``modelfs_store.core.Store``'s. ``rm`` and
+``prune`` warn about readers that still hold a model open: through the mount (its
+run-state) or through a link to the blob (``modelfs.mount.holders``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import click
 
-from modelfs.mount.runstate import OpenFile, open_files, open_files_of
+from modelfs.mount.holders import readers
+from modelfs.mount.runstate import OpenFile, open_files_of
 from modelfs_store.catalog import Action, ModelRecord
 from modelfs_store.core import RemovalPlan
 from modelfs_store.errors import UsageError
@@ -156,11 +158,12 @@ def _print_plan(plan: RemovalPlan, verb: str) -> None:
 
 
 def _warn_in_use(c: Ctx, plan: RemovalPlan, targets: list[tuple[str, int | None]], dry_run: bool) -> list[OpenFile]:
-    """Warn about every target (a model, or one version of it) a reader holds open
-    through the mount. Not refused: the daemon's descriptors pin the bytes. But whoever
-    removes should know that readers still hold them, and that the space comes back
-    only after their last close. Returns the open files concerned."""
-    everything = open_files(c.store.layout)
+    """Warn about every target (a model, or one version of it) a reader holds open,
+    through the mount or through a link. Not refused: the daemon's descriptors, or the
+    reader's own, pin the bytes. But whoever removes should know that readers still
+    hold them, and that the space comes back only after their last close. Returns the
+    open files concerned."""
+    everything = _readers(c)
     freed = {sha for sha, _ in plan.blobs}
     concerned: list[OpenFile] = []
     for name, version in targets:
@@ -177,6 +180,10 @@ def _warn_in_use(c: Ctx, plan: RemovalPlan, targets: list[tuple[str, int | None]
         click.echo(f"modelfs: warning: {what} is open by {len(pids)} reader(s) "
                    f"(pid{'s' if len(pids) > 1 else ''} {', '.join(map(str, pids))}): {fate}", err=True)
     return concerned
+
+
+def _readers(c: Ctx) -> list[OpenFile]:
+    return readers(c.store.layout, c.store.blobs, c.store.catalog.all_files())
 
 
 @click.command()
@@ -225,7 +232,7 @@ def prune(c: Ctx, older_than: str | None, max_bytes: str | None, app: str | None
     else:
         policy = PrunePolicy(parse_duration(older_than) if older_than else None,
                              parse_size(max_bytes) if max_bytes else None, app, include_active)
-        held = {(f["model"], f["version"]) for f in open_files(c.store.layout)}
+        held = {(f["model"], f["version"]) for f in _readers(c)}
         plan = c.store.plan_policy(policy, in_use=held)
     in_use = _warn_in_use(c, plan, list(plan.versions), dry_run)
     if as_json:

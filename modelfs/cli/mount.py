@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from modelfs.mount.config import DEFAULT_FETCH_TIMEOUT, MountConfig
+from modelfs.mount.links import LINK_MODES
 from modelfs.mount.mountpoint import check_allow_other
 from modelfs.mount.openfiles import READ_MODES
 from modelfs.mount.tree import AllowAll
@@ -29,6 +30,10 @@ from ._context import ARGV, Ctx, pass_ctx
               "download before failing with ETIMEDOUT (0: no limit).")
 @click.option("--allow-other", is_flag=True, help="Let other users' processes use the mount: they see shared "
               "models and what was granted to their app. As a user, needs user_allow_other in /etc/fuse.conf.")
+@click.option("--links", type=click.Choice(LINK_MODES), default="auto", show_default=True,
+              help="auto: your own unsandboxed processes see a local file as a symbolic link to its blob in "
+              "the store (native speed); everyone else gets the regular read-only file. never: always the "
+              "regular file.")
 @click.option("--socket", "socket_path", type=click.Path(dir_okay=False), metavar="PATH",
               help="Serve the control socket at PATH (default: $XDG_RUNTIME_DIR/modelfs/control.sock, else the "
                    "store's run/control.sock; a system store's daemon: /run/modelfs/control.sock).")
@@ -40,7 +45,7 @@ from ._context import ARGV, Ctx, pass_ctx
               help="How reads are served (benchmarks only).")
 @pass_ctx
 def mount(c: Ctx, mountpoint: str, foreground: bool, offline: bool, fetch_timeout: float,
-          read_mode: str, allow_other: bool, no_app_rules: bool, socket_path: str | None,
+          read_mode: str, allow_other: bool, links: str, no_app_rules: bool, socket_path: str | None,
           socket_mode: str | None) -> None:
     """Mount the store at MOUNTPOINT: one read-only directory per model. The daemon also
     serves the control socket (docs/api.md) and runs the pulls handed to it."""
@@ -50,7 +55,7 @@ def mount(c: Ctx, mountpoint: str, foreground: bool, offline: bool, fetch_timeou
     c.check_root(become_owner=not foreground)
     cfg = MountConfig(Path(mountpoint).absolute(), c.root_path, offline=offline,
                       fetch_timeout=fetch_timeout or None, read_mode=read_mode, verbose=c.verbose,
-                      allow_other=allow_other, visibility=AllowAll() if no_app_rules else None,
+                      allow_other=allow_other, links=links, visibility=AllowAll() if no_app_rules else None,
                       socket=Path(socket_path).absolute() if socket_path else None,
                       socket_mode=_octal(socket_mode) if socket_mode is not None else None)
     if allow_other and not (foreground and os.geteuid() == 0):  # as root, the daemon mounts first

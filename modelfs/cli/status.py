@@ -2,7 +2,7 @@
 blobs, partial downloads, quarantine, downloads that failed verification and until when
 they are not tried again, candidate versions on probation and the supervisor's
 rollbacks) and its mount (the daemon and its control socket, what is open through it,
-why recent opens failed)."""
+who reads a blob through a link, why recent opens failed)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,15 @@ from typing import Any
 
 import click
 
-from modelfs.mount.runstate import OpenFile, detached_daemons, open_files_of, read_status, stale_mountpoint
+from modelfs.mount.holders import link_readers
+from modelfs.mount.runstate import (
+    OpenFile,
+    daemon_pids,
+    detached_daemons,
+    open_files_of,
+    read_status,
+    stale_mountpoint,
+)
 from modelfs_store.core import Store
 from modelfs_store.failures import FailedVerification, list_failed, when
 from modelfs_store.partial import list_partials
@@ -58,13 +66,14 @@ def status(c: Ctx, as_json: bool) -> None:
     daemon = read_status(store.layout)
     stale = stale_mountpoint(store.layout) if daemon is None else None
     detached = detached_daemons(store.layout)
+    linked = link_readers(store.blobs, store.catalog.all_files(), skip=daemon_pids(store.layout))
     if as_json:
         keys = ("pid", "mountpoint", "offline", "started_at", "open_files", "fetch_errors", "control_socket")
         mount = None if daemon is None else {k: daemon.get(k) for k in keys}
         print_json({"store": str(store.layout.root), "model_count": len(models), "blob_count": len(blobs),
                     "blob_bytes": blob_bytes, "quarantine": quarantined,
                     "partials": [p.as_dict() for p in partials], "mount": mount, "stale_mountpoint": stale,
-                    "detached": detached,
+                    "detached": detached, "link_readers": linked,
                     "failed_verifications": [{**f.as_dict(), "blocked": f.blocks(now)} for f in failed],
                     "rollouts": rollouts(store)})
         return
@@ -75,6 +84,9 @@ def status(c: Ctx, as_json: bool) -> None:
         click.echo(f"mount: {stale} is stale (its daemon died); `modelfs mount {stale}` recovers it")
     else:
         _echo_mount(daemon)
+    if linked:
+        click.echo("read through links to the store (not through the mount):")
+        _echo_open(linked)
     for d in detached:
         click.echo(f"unmounted daemon (pid {d['pid']}, was at {d['mountpoint']}) still serves "
                    f"{len(d['open_files'])} open file(s); it exits after the last close")

@@ -22,6 +22,7 @@ class MountConfig:
     read_mode: str = "inline"
     verbose: int = 0
     allow_other: bool = False  # let other uids use the mount (they see shared models and their grants)
+    links: str = "auto"        # 'auto': a local file is a link to its blob for callers that could read it anyway
     socket: Path | None = None       # the control socket's path (default: modelfs.mount.server.socket_choice)
     socket_mode: int | None = None   # its mode (default 0600; a system store's 0666)
     visibility: Visibility | None = field(default=None, repr=False)

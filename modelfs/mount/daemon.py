@@ -67,12 +67,13 @@ from .access import AppVisibility
 from .api import Api, Gate
 from .config import READY_ENV, MountConfig
 from .jobs import JobQueue
+from .links import FastPath
 from .mountpoint import check_allow_other, lazy_unmount, prepare_mountpoint
 from .notify import Notifier
 from .openfiles import Materialiser, OpenFiles
 from .runstate import already_mounted, detached_path, lock_path, write_json
 from .server import ControlServer, Handler, bind, socket_choice
-from .tree import Invalidation, Namespace, SnapshotReader, Tree, build
+from .tree import Invalidation, Namespace, Node, SnapshotReader, Tree
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +112,14 @@ class Daemon:
         self.layout = self.store.layout
         self.mountpoint = cfg.mountpoint
         self.access = AppVisibility(os.geteuid())  # the daemon runs as the store's owner (Store.open)
-        self.ns = Namespace(cfg.visibility or self.access)
+        self.fast = FastPath(cfg.links, os.geteuid(), self.access.resolver, self.store.blobs)
+        self.ns = Namespace(cfg.visibility or self.access, self.fast)
         self.poll_catalog = Catalog(self.layout.catalog)  # used only in worker threads, one at a time
         self.snapshots = SnapshotReader(self.poll_catalog)
         self.db_limiter = trio.CapacityLimiter(1)
         self.materialiser = Materialiser(self.store, None, offline=cfg.offline,
-                                         fetch_timeout=cfg.fetch_timeout, on_failure=self.publish_status)
+                                         fetch_timeout=cfg.fetch_timeout, on_failure=self.publish_status,
+                                         on_local=self._became_local)
         self.files = OpenFiles(self.materialiser, read_mode=cfg.read_mode, on_change=self._open_changed)
         self._open_dirty = trio.Event()
         self.started_at = time.time()
@@ -135,7 +138,7 @@ class Daemon:
         return {
             "pid": os.getpid(), "mountpoint": str(self.mountpoint), "store": str(self.layout.root),
             "offline": self.cfg.offline, "fetch_timeout": self.cfg.fetch_timeout,
-            "read_mode": self.cfg.read_mode, "started_at": self.started_at,
+            "read_mode": self.cfg.read_mode, "links": self.cfg.links, "started_at": self.started_at,
             "fetch_errors": [f.as_dict() for f in self.materialiser.failures],
             "control_socket": self.control.describe() if self.control else None,
         }
@@ -214,7 +217,7 @@ class Daemon:
         if version == self._data_version:
             return None
         self.access.update(cat.grants(), {(e["dev"], e["ino"]): e["app_id"] for e in cat.app_exes()})
-        tree = build(self.snapshots.read(), self.ns.inodes, self.ns.tree, visibility=self.ns.visibility)
+        tree = self.ns.build(self.snapshots.read())
         self._data_version = version  # only now: a failed build is retried at the next poll
         return tree
 
@@ -239,6 +242,14 @@ class Daemon:
         if change.inodes:
             await trio.to_thread.run_sync(_invalidate_inodes, change.inodes)
         log.debug("tree rebuilt: %d entries and %d inodes invalidated", len(change.entries), len(change.inodes))
+
+    def _became_local(self, node: Node) -> None:
+        """A file fetched on open may now be a link for the owner: the kernel forgets
+        its names and asks again (readers that opened it keep their descriptors)."""
+        if self.fast.enabled:
+            import pyfuse3
+            for parent, name in self.ns.names_of(node.ino):
+                pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
 
     async def _poller(self) -> None:
         while True:

@@ -32,7 +32,7 @@ from modelfs_store.errors import (
     UsageError,
 )
 
-from .tree import NoAttribute, UnsupportedAttribute
+from .tree import NoAttribute, NotALink, UnsupportedAttribute
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ ERRNO: dict[type[BaseException], int] = {
     NotFound: errno.ENOENT,
     NoAttribute: errno.ENODATA,      # what getxattr must say for a missing attribute
     UnsupportedAttribute: errno.EOPNOTSUPP,
+    NotALink: errno.EINVAL,          # what readlink says of anything else
     OfflineError: errno.ENETUNREACH,
     FetchTimeout: errno.ETIMEDOUT,
     trio.TooSlowError: errno.ETIMEDOUT,

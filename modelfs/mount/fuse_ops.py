@@ -7,7 +7,10 @@ only ``FUSEError`` ever leaves one: store errors go through the one table in
 EIO, and pyfuse3's main loop never dies from a stray exception.
 
 Never ``direct_io`` (it breaks shared mmap); ``keep_cache`` always, because an inode
-number pins its bytes (see ``tree``).
+number pins its bytes (see ``tree``). A file may be answered as a link to its blob
+(``links`` decides, through ``tree.Namespace``): ``readlink`` gives its target, and a
+lookup that answers a link records the model's use, since the daemon never sees the
+reads that follow.
 
 Cached attributes live only as long as the kernel holds the inode: an entry is dropped
 when ``forget`` brings the inode's lookup count to zero (or when ``readdir`` could not
@@ -103,7 +106,13 @@ class ModelOps(pyfuse3.Operations):
     # -- metadata ----------------------------------------------------------------
     @handler
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self.entry(self.ns.lookup(parent_inode, os.fsdecode(name), caller(ctx)))
+        node = self.ns.lookup(parent_inode, os.fsdecode(name), caller(ctx))
+        self.files.note_lookup(node)
+        return self.entry(node)
+
+    @handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return os.fsencode(self.ns.readlink(inode, caller(ctx)))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:

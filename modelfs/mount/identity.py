@@ -23,6 +23,12 @@ read (gone, or another uid's without ptrace rights) gives an identity that is no
 ``sure``: it fails closed. Identities are cached for a second at most, keyed by
 thread-group id *and* process start time, so a reused pid never inherits one.
 
+Beside the app id, an identity says where the process sees the file system from
+(:class:`Place`: its root directory and its mount namespace), so the mount can tell
+whether an absolute path means to the caller what it means to the daemon (the link
+fast path, :mod:`.links`). Reading it needs the same ptrace rights as ``root``; a
+process whose place cannot be read has none, and is treated as elsewhere.
+
 No pyfuse3 here: resolving is plain file reading, testable against a fake ``/proc``.
 """
 
@@ -49,12 +55,29 @@ ExeTable = Mapping[tuple[int, int], str]
 
 
 @dataclass(frozen=True)
+class Place:
+    """Where a process sees the file system from: its root directory (device, inode, and
+    the path ``/proc/PID/root`` names it by, which tells a chroot into a bind mount from
+    the real root) and its mount namespace (device and inode of ``/proc/PID/ns/mnt``)."""
+    root: tuple[int, int, str]
+    mnt: tuple[int, int]
+
+
+SANDBOX_RULES = frozenset({"flatpak", "snap"})  # app ids that come with a sandbox
+
+
+@dataclass(frozen=True)
 class Identity:
     uid: int
     app: str | None
     rule: str            # 'flatpak', 'snap', 'systemd', 'exe', 'none', or why it is not sure
     pid: int             # the thread-group id the identity was read from (0: unknown)
     sure: bool = True    # False: the process could not be identified; fail closed
+    place: Place | None = None  # None: not readable (another uid's process, a vanished one)
+
+    @property
+    def sandboxed(self) -> bool:
+        return self.rule in SANDBOX_RULES
 
     def as_dict(self) -> dict[str, object]:
         return {"uid": self.uid, "app": self.app, "rule": self.rule, "pid": self.pid, "sure": self.sure}
@@ -111,7 +134,7 @@ class Resolver:
         if hit is not None and now - hit[0] < CACHE_SECONDS and hit[1].uid == uid:
             return hit[1]
         try:
-            ident = self._read(self._tgid(pid), uid)
+            ident = self._read(self._tgid(pid), uid, self.place(pid))
         except (OSError, ValueError, StopIteration):
             return Identity(uid, None, "process not readable", pid, sure=False)
         if len(self._cache) >= CACHE_SIZE:
@@ -136,24 +159,36 @@ class Resolver:
         return next(int(line.split()[1]) for line in self._raw(pid, "status").splitlines()
                     if line.startswith(b"Tgid:"))
 
-    def _read(self, tgid: int, uid: int) -> Identity:
+    def place(self, pid: int | str) -> Place | None:
+        """Where task ``pid`` (or ``"self"``) sees the file system from; None when that
+        cannot be read. Read from the task, not its process: a thread may have its own."""
+        base = f"{self.proc}/{pid}"
+        try:
+            root = os.stat(f"{base}/root")
+            named = os.readlink(f"{base}/root")
+            mnt = os.stat(f"{base}/ns/mnt")
+        except OSError:
+            return None
+        return Place((root.st_dev, root.st_ino, named), (mnt.st_dev, mnt.st_ino))
+
+    def _read(self, tgid: int, uid: int, place: Place | None = None) -> Identity:
         base = self.proc / str(tgid)
         app = self._flatpak(base)
         if app:
-            return Identity(uid, app, "flatpak", tgid)
+            return Identity(uid, app, "flatpak", tgid, place=place)
         unit = self._unit(base)
         if unit:
             if (name := snap_name(unit)) is not None:
-                return Identity(uid, name, "snap", tgid)
+                return Identity(uid, name, "snap", tgid, place=place)
             if (app := systemd_app_id(unit)) is not None:
-                return Identity(uid, app, "systemd", tgid)
+                return Identity(uid, app, "systemd", tgid, place=place)
         try:
             st = os.stat(base / "exe")
         except OSError:
             st = None
         if st is not None and (app := self.exes.get((st.st_dev, st.st_ino))) is not None:
-            return Identity(uid, app, "exe", tgid)
-        return Identity(uid, None, "none", tgid)
+            return Identity(uid, app, "exe", tgid, place=place)
+        return Identity(uid, None, "none", tgid, place=place)
 
     @staticmethod
     def _flatpak(base: Path) -> str | None:

@@ -81,6 +81,7 @@ class Materialiser:
 
     def __init__(self, store: Store, fetcher: Fetcher | None, *, offline: bool = False,
                  fetch_timeout: float | None = None, on_failure: Callable[[], None] | None = None,
+                 on_local: Callable[[Node], None] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.fetcher = fetcher
@@ -88,6 +89,7 @@ class Materialiser:
         self.fetch_timeout = fetch_timeout
         self.failures: deque[FetchFailure] = deque(maxlen=20)
         self._on_failure = on_failure
+        self._on_local = on_local  # a fetched file may now be answered as a link: re-announce it
         self._clock = clock
 
     async def open_fd(self, node: Node) -> int:
@@ -102,7 +104,10 @@ class Materialiser:
         except StoreError as exc:
             self._record(node, exc)
             raise
-        return _open_ro(path)
+        fd = _open_ro(path)
+        if self._on_local:
+            self._on_local(node)
+        return fd
 
     async def _fetch(self, rec: FileRecord) -> Path:
         if self.offline:
@@ -298,6 +303,12 @@ class OpenFiles:
 
     def table(self) -> list[dict[str, Any]]:
         return [h.as_dict() for h in self._handles.values()]
+
+    def note_lookup(self, node: Node) -> None:
+        """A lookup answered ``node``: a link's reads never reach the daemon, so its
+        use is recorded here (a regular file's at open)."""
+        if node.kind == "link":
+            self._note_use(node)
 
     def _note_use(self, node: Node) -> None:
         """Last-used time goes to the catalog in batches (a write per open would cost

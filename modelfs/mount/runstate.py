@@ -112,6 +112,14 @@ def open_files(layout: Layout) -> list[OpenFile]:
     return files
 
 
+def daemon_pids(layout: Layout) -> set[int]:
+    """The pids of this store's live daemons, mounted or detached (their descriptors on
+    blobs serve FUSE readers, who are named in ``open_files`` already)."""
+    status = read_status(layout)
+    pids = {status["pid"]} if status and isinstance(status.get("pid"), int) else set()
+    return pids | {d["pid"] for d in detached_daemons(layout) if isinstance(d.get("pid"), int)}
+
+
 def open_files_of(files: list[OpenFile], model: str, version: int | None = None) -> list[OpenFile]:
     """The open files of ``model`` (of one version when given), so ``status`` and ``rm``
     agree on what is in use. Without a version, every version counts: a reader of
