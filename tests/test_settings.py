@@ -19,7 +19,9 @@ def cat(tmp_path: Path) -> Catalog:
 
 def test_defaults_until_set(cat: Catalog) -> None:
     assert settings.values(cat) == {"apps.allowed_networks": [], "apps.pull": "signed", "apps.quota_bytes": None,
-                                    "pulls.concurrency": 2}
+                                    "pulls.concurrency": 2, "gate.power": "any", "gate.metered": "allow",
+                                    "gate.metered_unknown": "allow", "gate.window": "none",
+                                    "inhibit": "on-request", "inhibit.mode": "block", "update.interval": 86400}
 
 
 @pytest.mark.parametrize(("key", "text", "stored"), [
@@ -30,6 +32,16 @@ def test_defaults_until_set(cat: Catalog) -> None:
     ("apps.quota_bytes", "1000", 1000),
     ("apps.allowed_networks", "192.168.1.0/24, 10.1.2.3", ["192.168.1.0/24", "10.1.2.3/32"]),
     ("pulls.concurrency", "4", 4),
+    ("gate.power", "ac", "ac"),
+    ("gate.metered", "deny", "deny"),
+    ("gate.metered_unknown", "deny", "deny"),
+    ("gate.window", "23:00-06:30", "23:00-06:30"),
+    ("gate.window", "none", "none"),
+    ("inhibit", "always", "always"),
+    ("inhibit.mode", "delay", "delay"),
+    ("update.interval", "12h", 43200),
+    ("update.interval", "90", 90),
+    ("update.interval", "never", 0),
 ])
 def test_set_from_text(cat: Catalog, key: str, text: str, stored: object) -> None:
     assert settings.set_value(cat, key, text, actor="t", text=True) == stored
@@ -42,6 +54,8 @@ def test_set_from_text(cat: Catalog, key: str, text: str, stored: object) -> Non
     ("apps.pull", "maybe"), ("apps.quota_bytes", -1), ("apps.quota_bytes", "10"), ("apps.quota_bytes", True),
     ("apps.allowed_networks", "10.0.0.0/8"), ("apps.allowed_networks", ["not-a-net"]),
     ("pulls.concurrency", 0), ("pulls.concurrency", 99), ("no.such", 1),
+    ("gate.power", "battery"), ("gate.metered", "yes"), ("gate.window", "25:00-01:00"), ("gate.window", "9-17"),
+    ("inhibit", "sometimes"), ("inhibit.mode", "sleep"), ("update.interval", -1), ("update.interval", "1h"),
 ])
 def test_bad_values_and_keys_are_refused(cat: Catalog, key: str, value: object) -> None:
     with pytest.raises(UsageError):

@@ -86,9 +86,24 @@ class Inhibitor:
             self.unavailable = str(exc) or type(exc).__name__
             return -1
         if reply.header.message_type.name == "error":
+            if self.unavailable is None:
+                log.warning("no sleep inhibitor (%s); downloading anyway", reply.body[0] if reply.body else "refused")
             self.unavailable = str(reply.body[0]) if reply.body else "logind refused"
-            log.warning("no sleep inhibitor (%s); downloading anyway", self.unavailable)
             return -1
+        self.unavailable = None
         fd = reply.body[0].to_raw_fd()
         log.info("holding a sleep inhibitor (%s) while downloading", self.mode)
         return int(fd)
+
+
+def logind_answers(bus: str = "SYSTEM", timeout: float = 2.0) -> str | None:
+    """None when logind owns its name on the system bus; else why not (for ``doctor``)."""
+    from jeepney.bus_messages import message_bus
+    from jeepney.io.blocking import open_dbus_connection
+
+    try:
+        with open_dbus_connection(bus=bus, auth_timeout=timeout) as conn:
+            reply = conn.send_and_get_reply(message_bus.NameHasOwner(LOGIN1.bus_name), timeout=timeout)
+    except (OSError, KeyError, ValueError, TimeoutError, DBusErrorResponse) as exc:
+        return f"no system bus ({exc or type(exc).__name__})"
+    return None if reply.body and reply.body[0] else "nobody owns org.freedesktop.login1 on the system bus"
