@@ -20,6 +20,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 
+import trio
 from jeepney import DBusAddress, new_method_call
 from jeepney.io.trio import open_dbus_router
 from jeepney.wrappers import DBusErrorResponse
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 LOGIN1 = DBusAddress("/org/freedesktop/login1", bus_name="org.freedesktop.login1",
                      interface="org.freedesktop.login1.Manager")
 POLICIES = ("never", "on-request", "always")
+TIMEOUT = 5.0  # seconds logind has to answer; a download never waits longer for it
 MODES = ("block", "delay")
 
 
@@ -77,10 +79,11 @@ class Inhibitor:
     async def _inhibit(self) -> int:
         """An inhibitor's descriptor from logind, or -1 where there is none to ask."""
         try:
-            async with open_dbus_router(bus=self.bus, enable_fds=True) as router:
-                msg = new_method_call(LOGIN1, "Inhibit", "ssss", ("sleep", "modelfs", self.why, self.mode))
-                reply = await router.send_and_get_reply(msg)
-        except (OSError, KeyError, ValueError, DBusErrorResponse) as exc:
+            with trio.fail_after(TIMEOUT):
+                async with open_dbus_router(bus=self.bus, enable_fds=True) as router:
+                    msg = new_method_call(LOGIN1, "Inhibit", "ssss", ("sleep", "modelfs", self.why, self.mode))
+                    reply = await router.send_and_get_reply(msg)
+        except (OSError, KeyError, ValueError, DBusErrorResponse, trio.TooSlowError) as exc:
             if self.unavailable is None:
                 log.warning("no sleep inhibitor (logind did not answer: %s); downloading anyway", exc)
             self.unavailable = str(exc) or type(exc).__name__
