@@ -6,7 +6,8 @@ daemon's ``DBUS_SYSTEM_BUS_ADDRESS``) with the logind stand-in on it
   exactly one inhibitor, and its descriptor is closed within 1 s of the last one
   ending; a transfer without it takes none;
 - ``inhibit=never`` takes none even when asked; with no logind the pull works;
-- ``modelfs doctor`` says whether logind answers.
+- ``modelfs doctor`` says whether logind answers;
+- with no daemon, ``pull --keep-awake`` holds one in its own process.
 """
 # ruff: noqa: F811 - fixtures are imported by name
 
@@ -103,3 +104,14 @@ def test_doctor_says_logind_answers(tmp_path: Path, bus: str, login1: Path) -> N
                        env={**Daemon(tmp_path).cli.env, "DBUS_SYSTEM_BUS_ADDRESS": bus})
     [row] = [c for c in json.loads(r.stdout) if c["name"] == "logind"]
     assert row == {"name": "logind", "ok": True, "detail": "answers: --keep-awake downloads hold a sleep inhibitor"}
+
+
+def test_an_in_process_keep_awake_pull_holds_one_too(tmp_path: Path, bus: str, login1: Path,
+                                                     origin: FaultServer) -> None:
+    d = Daemon(tmp_path, {"DBUS_SYSTEM_BUS_ADDRESS": bus, "HF_HOME": str(tmp_path / "no-hf")})
+    url, digest = gguf_at(origin, tmp_path, "l.gguf", 2 * MB, 57)
+    d.cli.run("pull", url, "--sha256", digest, "--name", "l", "--keep-awake", "--no-daemon", process=True)
+    assert [e["what"] for e in inhibits(login1)] == ["sleep"]
+    wait_for(lambda: closed(login1) == [{"event": "closed", "inhibitor": 1}], 5, "the descriptor to be closed")
+    d.cli.run("pull", url, "--sha256", digest, "--name", "l2", "--no-daemon", process=True)
+    assert len(inhibits(login1)) == 1

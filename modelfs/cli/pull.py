@@ -107,13 +107,17 @@ class _FileProgress:
             _emit({"event": "progress", "file": self.src.filename, "bytes": self.done, "total": self.total})
 
 
-async def _run_pull(store: Store, source: str, options: PullOptions,
-                    reporter: _Reporter) -> InstallResult | PullResult | None:
+async def _run_pull(store: Store, source: str, options: PullOptions, reporter: _Reporter,
+                    keep_awake: bool = False) -> InstallResult | PullResult | None:
     import trio
 
+    from modelfs.mount.inhibit import Inhibitor
+    from modelfs_store import settings
     from modelfs_store.pull import downloader_from_env, pull_source
 
-    async with downloader_from_env(store.blobs) as dl:
+    inhibitor = Inhibitor(policy=settings.get(store.catalog, "inhibit"),
+                          mode=settings.get(store.catalog, "inhibit.mode"))
+    async with inhibitor.hold(keep_awake), downloader_from_env(store.blobs) as dl:
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_on_signal, scope)
@@ -176,20 +180,20 @@ def pull(c: Ctx, source: str, sha256: str | None, size: int | None, name: str | 
         with client:
             _remote_pull(client, source, options, as_json, detach, job_options)
         return
-    for flag, given in (("--detach", detach), ("--gated", gated), ("--keep-awake", keep_awake)):
+    for flag, given in (("--detach", detach), ("--gated", gated)):
         if given:
             raise UsageError(f"{flag} needs the store's daemon: start it with `modelfs mount MOUNTPOINT`")
-    _local_pull(c, source, options, as_json)
+    _local_pull(c, source, options, as_json, keep_awake)
 
 
-def _local_pull(c: Ctx, source: str, options: PullOptions, as_json: bool) -> None:
+def _local_pull(c: Ctx, source: str, options: PullOptions, as_json: bool, keep_awake: bool = False) -> None:
     import trio
 
     store = c.store
     with ExitStack() as stack:
         reporter = _Reporter(as_json, stack)
         try:
-            result = trio.run(_run_pull, store, source, options, reporter)
+            result = trio.run(_run_pull, store, source, options, reporter, keep_awake)
         except StoreError:
             stack.close()
             raise
