@@ -66,8 +66,8 @@ def test_the_timer_fetches_no_artifact_when_current_and_installs_a_newer_version
 
         pub.serve("feed.json", release(pub, 2))
         wait_for(lambda: active(d) == 2, 30, "the timer to install version 2")
-        [ch] = channels(d)
-        assert ch["last_result"] == "installed demo version 2 (active)"
+        # The check is recorded once the install returns: just after the version is active.
+        wait_for(lambda: channels(d)[0]["last_result"] == "installed demo version 2 (active)", 30, "the record")
         assert pub.artifact_bytes() == served + len(b"GGUF" + b"demo-2" * 4000)  # the new weights, once
         assert any(r["actor"] == "daemon:update-timer" and r["model"] == "demo" for r in _audit(d))
     finally:
@@ -93,6 +93,7 @@ def test_the_timer_waits_for_the_gates(top: Path, tmp_path: Path, origin: FaultS
         assert envelope_fetches(origin) == 0 and channels(d)[0]["last_checked"] is None
         (ac / "online").write_text("1\n")
         wait_for(lambda: active(d) == 1, 30, "the timer to install version 1 on AC")
+        wait_for(lambda: channels(d)[0]["last_result"] == "installed demo version 1 (active)", 30, "the record")
         assert channels(d)[0]["last_checked"] is not None
     finally:
         d.stop()
