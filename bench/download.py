@@ -4,11 +4,24 @@
 
 Serves one GGUF file from nginx on 127.0.0.1 (installed with apt-get when missing and
 allowed: ``--install-nginx``), else from a threaded Python server using ``sendfile``.
-Runs ``curl -s -o FILE URL`` and ``python -m modelfs --store DIR pull URL --sha256 HEX``
-alternately (A B A B ...), each into a fresh target on the same filesystem, and reports
-the median throughput of each and the ratio. ``modelfs pull`` is measured end to end:
-process start-up, streaming, SHA-256, fsync, commit, GGUF header parse and the catalog
-write; curl only writes the bytes (no hash, no fsync).
+Runs, alternately (A B C ... A B C ...), each into a fresh target on the same filesystem:
+
+- ``curl -s -o FILE URL``: the bytes only (no hash, no fsync);
+- ``curl -s -o FILE URL && sha256sum FILE``: what a careful user does by hand;
+- ``sha256sum`` of the served file, already in the page cache: the hashing limit (GNU
+  coreutils' own SHA-256 where it is built without OpenSSL, as on Debian 12);
+- ``openssl dgst -sha256`` of the same: OpenSSL's SHA-256, the one Python's hashlib
+  and so modelfs use (with the CPU's SHA extensions where it has them);
+- ``python -m modelfs --store DIR pull URL --sha256 HEX`` in-process (``--no-daemon``),
+  end to end: process start-up, streaming, SHA-256, fsync, commit, GGUF header parse
+  and the catalog write;
+- the same ``modelfs pull`` handed to the store's daemon (started, untimed, before the
+  run with ``modelfs mount``), the command following the job to its end;
+- ``Downloader.fetch`` alone in a fresh process, timed inside it: the daemon's path.
+
+It reports the median throughput of each and the ratios the issue aims at: the pull
+through the daemon against ``Downloader.fetch``, and ``Downloader.fetch`` against the
+lower of curl and the hashing limit.
 
 The result is appended to the "Downloads" section of docs/performance.md (unless
 ``--no-record``), with the exact command line.
@@ -139,12 +152,50 @@ def run_curl(url: str, out: Path) -> float:
     return time.monotonic() - t
 
 
-def run_modelfs(url: str, digest: str, store: Path) -> float:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_curl_sha256sum(url: str, out: Path) -> float:
     t = time.monotonic()
-    subprocess.run([sys.executable, "-m", "modelfs", "--store", str(store), "pull", url, "--sha256", digest,
-                    "--name", "bench"], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(["curl", "-s", "-f", "-o", str(out), url], check=True)
+    subprocess.run(["sha256sum", str(out)], check=True, stdout=subprocess.DEVNULL)
     return time.monotonic() - t
+
+
+def run_hash(argv: list[str], path: Path) -> float:
+    """A hashing limit: ``argv`` over a file already in the page cache."""
+    subprocess.run(["cat", str(path)], check=True, stdout=subprocess.DEVNULL)  # untimed: into the cache
+    t = time.monotonic()
+    subprocess.run([*argv, str(path)], check=True, stdout=subprocess.DEVNULL)
+    return time.monotonic() - t
+
+
+def _modelfs(store: Path, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("XDG_RUNTIME_DIR", None)  # the daemon's socket goes in the store: one per store
+    return subprocess.run([sys.executable, "-m", "modelfs", "--store", str(store), *args], check=True, env=env,
+                          stdout=subprocess.DEVNULL, text=True, **kw)  # type: ignore[call-overload]
+
+
+def run_modelfs(url: str, digest: str, store: Path) -> float:
+    t = time.monotonic()
+    _modelfs(store, "pull", url, "--sha256", digest, "--name", "bench", "--no-daemon")
+    return time.monotonic() - t
+
+
+def run_daemon_pull(url: str, digest: str, store: Path, mnt: Path) -> float:
+    """``modelfs pull`` handed to a running daemon of a fresh store (start and stop untimed)."""
+    mnt.mkdir(exist_ok=True)
+    _modelfs(store, "mount", str(mnt))
+    try:
+        t = time.monotonic()
+        _modelfs(store, "pull", url, "--sha256", digest, "--name", "bench")
+        took = time.monotonic() - t
+        if not (store / "run" / "daemon.json").exists():
+            raise SystemExit("the daemon was not running: the pull ran in-process")
+    finally:
+        _modelfs(store, "unmount", str(mnt))
+        deadline = time.monotonic() + 30
+        while (store / "run" / "daemon.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the daemon removes it as it exits
+    return took
 
 
 _FETCH = """
@@ -187,6 +238,43 @@ def record(lines: list[str]) -> None:
     DOC.write_text(text)
 
 
+COLUMNS = {
+    "curl": "`curl -s -o FILE`",
+    "curl+sha256sum": "`curl -s -o FILE` then `sha256sum FILE` (by hand)",
+    "sha256sum": "`sha256sum` of the file in the page cache (the hashing limit)",
+    "openssl": "`openssl dgst -sha256` of the same (OpenSSL's SHA-256, the one hashlib and modelfs use)",
+    "pull": "`modelfs pull --no-daemon` end to end (start-up, SHA-256, fsync, commit, GGUF, catalog)",
+    "daemon": "`modelfs pull` through the daemon, end to end (the command hands over and follows)",
+    "fetch": "`Downloader.fetch` alone (the daemon's path: SHA-256, fsync, commit)",
+}
+
+
+def one_run(times: dict[str, list[float]], url: str, digest: str, size: int, src: Path, work: Path,
+            i: int) -> None:
+    """One of each, with an untimed ``sync`` before each so no client pays for another's
+    dirty pages."""
+    out, store = work / "curl.out", work / f"store{i}"
+    for key in COLUMNS:
+        store.mkdir()  # an empty directory becomes a store; a missing one is refused
+        subprocess.run(["sync"])
+        if key == "curl":
+            times[key].append(run_curl(url, out))
+        elif key == "curl+sha256sum":
+            times[key].append(run_curl_sha256sum(url, out))
+        elif key == "sha256sum":
+            times[key].append(run_hash(["sha256sum"], src))
+        elif key == "openssl":
+            times[key].append(run_hash(["openssl", "dgst", "-sha256"], src))
+        elif key == "pull":
+            times[key].append(run_modelfs(url, digest, store))
+        elif key == "daemon":
+            times[key].append(run_daemon_pull(url, digest, store, work / "mnt"))
+        else:
+            times[key].append(run_fetch(url, digest, size, store))
+        out.unlink(missing_ok=True)
+        shutil.rmtree(store, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mib", type=int, default=1024)
@@ -208,37 +296,24 @@ def main() -> None:
         size = src.stat().st_size
         server = start_server(www, work, args.install_nginx)
         url = f"http://127.0.0.1:{server.port}/{src.name}"
-        curl_s, modelfs_s, fetch_s = [], [], []
+        times: dict[str, list[float]] = {k: [] for k in COLUMNS}
         try:
             run_curl(url, work / "warm.out")  # warm the server's page cache for the source
             (work / "warm.out").unlink()
             for i in range(args.runs):
-                # Every run starts with no dirty pages (sync, untimed): otherwise each client's
-                # writes would be flushed on the next one's time.
-                out = work / "curl.out"
-                subprocess.run(["sync"])
-                curl_s.append(run_curl(url, out))
-                out.unlink()
-                subprocess.run(["sync"])
-                store = work / f"store{i}"
-                modelfs_s.append(run_modelfs(url, digest, store))
-                shutil.rmtree(store)
-                subprocess.run(["sync"])
-                fetch_s.append(run_fetch(url, digest, size, store))
-                shutil.rmtree(store)
-                subprocess.run(["sync"])
-                print(f"run {i + 1}: curl {size / curl_s[-1] / 1e6:5.0f} MB/s   "
-                      f"modelfs pull {size / modelfs_s[-1] / 1e6:5.0f} MB/s   "
-                      f"Downloader.fetch {size / fetch_s[-1] / 1e6:5.0f} MB/s   "
-                      f"load {os.getloadavg()[0]:.1f}", flush=True)
+                one_run(times, url, digest, size, src, work, i)
+                print(f"run {i + 1}: " + "   ".join(f"{k} {size / v[-1] / 1e6:5.0f} MB/s" for k, v in times.items())
+                      + f"   load {os.getloadavg()[0]:.1f}", flush=True)
         finally:
             server.close()
-        c = size / statistics.median(curl_s) / 1e6
-        m = size / statistics.median(modelfs_s) / 1e6
-        f = size / statistics.median(fetch_s) / 1e6
-        ratio = m / c
-        print(f"median: curl -o {c:.0f} MB/s, modelfs pull {m:.0f} MB/s (ratio {ratio:.2f}x), "
-              f"Downloader.fetch {f:.0f} MB/s (ratio {f / c:.2f}x)")
+        med = {k: size / statistics.median(v) / 1e6 for k, v in times.items()}
+        ratios = (f"`modelfs pull` through the daemon / `Downloader.fetch`: **{med['daemon'] / med['fetch']:.2f}x** "
+                  f"(aim: 0.9x); `Downloader.fetch` / the lower of curl and the hashing limit: "
+                  f"**{med['fetch'] / min(med['curl'], med['sha256sum']):.2f}x** (aim: 0.8x), the lower of curl "
+                  f"and OpenSSL's: **{med['fetch'] / min(med['curl'], med['openssl']):.2f}x**; in-process "
+                  f"`modelfs pull` / curl: **{med['pull'] / med['curl']:.2f}x**.")
+        print("median: " + ", ".join(f"{k} {v:.0f} MB/s" for k, v in med.items()))
+        print(ratios.replace("**", "").replace("`", ""))
         if not args.no_record:
             cmd = "python bench/download.py " + " ".join(sys.argv[1:])
             record([
@@ -250,14 +325,10 @@ def main() -> None:
                 "",
                 "| Client | Runs (MB/s) | Median |",
                 "|---|---|---|",
-                f"| `curl -s -o FILE` | {', '.join(f'{size / s / 1e6:.0f}' for s in curl_s)} | {c:.0f} MB/s |",
-                f"| `modelfs pull` end to end (start-up, SHA-256, fsync, commit, GGUF, catalog) | "
-                f"{', '.join(f'{size / s / 1e6:.0f}' for s in modelfs_s)} | {m:.0f} MB/s |",
-                f"| `Downloader.fetch` alone (the daemon's path: SHA-256, fsync, commit) | "
-                f"{', '.join(f'{size / s / 1e6:.0f}' for s in fetch_s)} | {f:.0f} MB/s |",
+                *(f"| {COLUMNS[k]} | {', '.join(f'{size / s / 1e6:.0f}' for s in v)} | {med[k]:.0f} MB/s |"
+                  for k, v in times.items()),
                 "",
-                f"Ratio `modelfs pull`/curl: **{ratio:.2f}x**; `Downloader.fetch`/curl: **{f / c:.2f}x**. "
-                f"Load average during the runs: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.",
+                f"{ratios} Load average during the runs: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.",
             ])
             print(f"recorded in {DOC.relative_to(REPO)}")
     finally:

@@ -615,33 +615,41 @@ async def update_channels(store: Store, downloader: Downloader, *, platform: str
     artifact fetched and nothing recorded."""
     out: list[ChannelResult] = []
     for ch in store.catalog.channels():
-        url = ch["url"]
         if check:
-            out.append(await _check_channel(store, downloader, url, ch["key_ids"], platform, now))
-            continue
-        try:
-            res = await pull_pack_url(store, downloader, url, platform=platform, now=now, actor=actor,
-                                      allowed_keys=ch["key_ids"], progress=progress, background=True,
-                                      candidate=True)
-        except StoreError as exc:
-            outcome = "refused" if isinstance(exc, _CONTENT_REFUSALS) or exc.fields.get("reason") == \
-                "unsigned-model" else "failed"
-            result = ChannelResult(url, outcome, f"{outcome}: {redact_text(str(exc))}")
+            out.append(await _check_channel(store, downloader, ch["url"], ch["key_ids"], platform, now))
         else:
-            if res.outcome == "installed":
-                msg = f"installed {res.model} version {res.version}" + (
-                    " (active, a candidate)"
-                    if res.activated else "")
-                result = ChannelResult(url, "installed", msg, res)
-            elif res.outcome == "skipped":
-                result = ChannelResult(url, "skipped", f"skipped {res.model} version {res.version}: below its "
-                                                       f"min_device ({'; '.join(res.below_min_device)})", res)
-            else:
-                result = ChannelResult(url, "up-to-date",
-                                       f"up to date: {res.model} version {res.version} is installed", res)
-        store.catalog.channel_checked(url, result.message)
-        out.append(result)
+            out.append(await update_channel(store, downloader, ch["url"], ch["key_ids"], platform=platform, now=now,
+                                            actor=actor, progress=progress))
     return out
+
+
+async def update_channel(store: Store, downloader: Downloader, url: str, key_ids: Collection[str], *,
+                         platform: str | None = None, now: datetime | None = None, actor: str | None = None,
+                         progress: Progress | None = None) -> ChannelResult:
+    """Fetch one channel, install what is newer (as background work: a version below
+    this machine's min_device is skipped; one it activates is a candidate, see
+    store/rollout.py), record when and how it went. Nothing but the envelope is fetched
+    when its version is installed and its files are local."""
+    try:
+        res = await pull_pack_url(store, downloader, url, platform=platform, now=now, actor=actor,
+                                  allowed_keys=key_ids, progress=progress, background=True, candidate=True)
+    except StoreError as exc:
+        outcome = "refused" if isinstance(exc, _CONTENT_REFUSALS) or exc.fields.get("reason") == \
+            "unsigned-model" else "failed"
+        result = ChannelResult(url, outcome, f"{outcome}: {redact_text(str(exc))}")
+    else:
+        if res.outcome == "installed":
+            msg = f"installed {res.model} version {res.version}" + (" (active, a candidate)"
+                                                                    if res.activated else "")
+            result = ChannelResult(url, "installed", msg, res)
+        elif res.outcome == "skipped":
+            result = ChannelResult(url, "skipped", f"skipped {res.model} version {res.version}: below its "
+                                                   f"min_device ({'; '.join(res.below_min_device)})", res)
+        else:
+            result = ChannelResult(url, "up-to-date",
+                                   f"up to date: {res.model} version {res.version} is installed", res)
+    store.catalog.channel_checked(url, result.message)
+    return result
 
 
 async def _check_channel(store: Store, downloader: Downloader, url: str, key_ids: Collection[str],

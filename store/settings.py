@@ -25,6 +25,21 @@ one the daemon could misread.
         before it is rolled back
     rollout.window         seconds, e.g. 1h          (default 3600)
         a candidate's probation, and the time before it that last-good is judged on
+    gate.power             ac | any                  (default any)
+    gate.metered           allow | deny              (default allow)
+    gate.metered_unknown   allow | deny              (default allow)
+    gate.window            HH:MM-HH:MM | none        (default none)
+        when background work (channel updates, jobs started with "background" or
+        ``pull --gated``) may run: on mains power only, on an unmetered network only
+        (and what a network NetworkManager cannot tell counts as), inside a daily
+        window (it may cross midnight); foreground pulls and opens run at once
+    inhibit                never | on-request | always  (default on-request)
+    inhibit.mode           block | delay             (default block)
+        whether a transferring job holds a logind sleep inhibitor: never, when it asked
+        (``keep_awake``, ``pull --keep-awake``), or always; and its logind mode
+    update.interval        seconds, 0: never         (default 86400)
+        how often the daemon checks each trusted channel for a newer signed version
+        (plus up to a tenth of it, at most an hour, of jitter), when the gates allow
 
 Settings hold no secrets. Pure logic and the catalog: no network, no daemon.
 """
@@ -101,6 +116,35 @@ def _concurrency(value: Any) -> int:
     return value
 
 
+_WINDOW = re.compile(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d")
+_DURATION = re.compile(r"(\d+)\s*([smhdw]?)", re.I)
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _window(value: Any) -> str:
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return "none"
+    if not isinstance(value, str) or not _WINDOW.fullmatch(value.replace(" ", "")):
+        raise UsageError("expected HH:MM-HH:MM (it may cross midnight) or none")
+    return value.replace(" ", "")
+
+
+def _interval(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError("expected a number of seconds (0: never)")
+    return value
+
+
+def parse_duration(text: str) -> int:
+    """``86400``, ``24h``, ``30m``, ``2s``, ``2d``, ``1w``; ``never`` or ``0`` for never."""
+    if text.strip().lower() in ("never", "off"):
+        return 0
+    m = _DURATION.fullmatch(text.strip())
+    if m is None:
+        raise UsageError(f"not a duration: {text!r} (e.g. 24h, 30m, 86400, or never)")
+    return int(m.group(1)) * _SECONDS[m.group(2).lower()]
+
+
 def _parse_int(text: str) -> int:
     try:
         return int(text)
@@ -128,20 +172,7 @@ def _parse_share(text: str) -> float:
         raise UsageError(f"not a share: {text!r} (e.g. 0.2 or 20%)") from None
 
 
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_duration(text: str) -> int:
-    """``3600``, ``90s``, ``30m``, ``1h``, ``2d`` or ``1w`` -> whole seconds."""
-    t = text.strip().lower()
-    unit = t[-1:] if t[-1:] in _SECONDS else "s"
-    number = t[:-1] if t[-1:] in _SECONDS else t
-    if not number.isdigit():
-        raise UsageError(f"not a duration: {text!r} (e.g. 1h, 30m, 2d)")
-    return int(number) * _SECONDS[unit]
-
-
-def _window(value: Any) -> int:
+def _probation(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 365 * 86400:
         raise UsageError("expected seconds from 1 to a year (e.g. 1h)")
     return value
@@ -164,8 +195,24 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     Setting("rollout.max_failure_increase", 0.2, _parse_share, _share,
             "how much higher a candidate's failed-load share may be than last-good's before the daemon rolls "
             "it back (0 to 1)"),
-    Setting("rollout.window", 3600, parse_duration, _window,
+    Setting("rollout.window", 3600, parse_duration, _probation,
             "a candidate's probation (e.g. 1h), and the time before it that last-good's loads are counted over"),
+    Setting("gate.power", "any", str.strip, _choice("ac", "any"),
+            "background work (channel updates, background and --gated pulls) waits for mains power (ac), "
+            "or runs on battery too (any)"),
+    Setting("gate.metered", "allow", str.strip, _choice("allow", "deny"),
+            "background work waits while NetworkManager says the network is metered (deny), or not (allow)"),
+    Setting("gate.metered_unknown", "allow", str.strip, _choice("allow", "deny"),
+            "what a network counts as when NetworkManager cannot tell whether it is metered"),
+    Setting("gate.window", "none", str.strip, _window,
+            "background work runs only inside this daily window, HH:MM-HH:MM (it may cross midnight); none: any time"),
+    Setting("inhibit", "on-request", str.strip, _choice("never", "on-request", "always"),
+            "whether a transferring job holds a logind sleep inhibitor: never, when it asked (keep_awake, "
+            "pull --keep-awake), or always"),
+    Setting("inhibit.mode", "block", str.strip, _choice("block", "delay"),
+            "the logind inhibitor's mode: block sleep, or delay it a few seconds"),
+    Setting("update.interval", 86400, parse_duration, _interval,
+            "seconds between the daemon's checks of each trusted channel (24h by default, with jitter); 0: never"),
 )}
 
 

@@ -207,6 +207,8 @@ def test_no_more_than_the_concurrency_setting_run_at_once(store: Store, origin: 
     (State.NEEDS_CREDENTIALS, "cancel", True, State.CANCELLED),
     (State.DONE, "resume", False, None), (State.CANCELLED, "resume", False, None), (State.DONE, "pause", False, None),
     (State.FAILED, "cancel", False, None),
+    (State.QUEUED_POWER, "pause", False, State.PAUSED), (State.QUEUED_METERED, "cancel", False, State.CANCELLED),
+    (State.QUEUED_WINDOW, "resume", False, State.QUEUED_WINDOW),
 ])
 def test_transitions(state: State, action: str, missing: bool, after: State | None) -> None:
     if after is None:

@@ -20,7 +20,10 @@ def cat(tmp_path: Path) -> Catalog:
 def test_defaults_until_set(cat: Catalog) -> None:
     assert settings.values(cat) == {"apps.allowed_networks": [], "apps.pull": "signed", "apps.quota_bytes": None,
                                     "pulls.concurrency": 2, "rollout.good_loads": 3,
-                                    "rollout.max_failure_increase": 0.2, "rollout.window": 3600}
+                                    "rollout.max_failure_increase": 0.2, "rollout.window": 3600,
+                                    "gate.power": "any", "gate.metered": "allow",
+                                    "gate.metered_unknown": "allow", "gate.window": "none",
+                                    "inhibit": "on-request", "inhibit.mode": "block", "update.interval": 86400}
 
 
 @pytest.mark.parametrize(("key", "text", "stored"), [
@@ -37,6 +40,16 @@ def test_defaults_until_set(cat: Catalog) -> None:
     ("rollout.window", "1h", 3600),
     ("rollout.window", "90", 90),
     ("rollout.window", "2d", 2 * 86400),
+    ("gate.power", "ac", "ac"),
+    ("gate.metered", "deny", "deny"),
+    ("gate.metered_unknown", "deny", "deny"),
+    ("gate.window", "23:00-06:30", "23:00-06:30"),
+    ("gate.window", "none", "none"),
+    ("inhibit", "always", "always"),
+    ("inhibit.mode", "delay", "delay"),
+    ("update.interval", "12h", 43200),
+    ("update.interval", "90", 90),
+    ("update.interval", "never", 0),
 ])
 def test_set_from_text(cat: Catalog, key: str, text: str, stored: object) -> None:
     assert settings.set_value(cat, key, text, actor="t", text=True) == stored
@@ -51,6 +64,8 @@ def test_set_from_text(cat: Catalog, key: str, text: str, stored: object) -> Non
     ("pulls.concurrency", 0), ("pulls.concurrency", 99), ("no.such", 1),
     ("rollout.good_loads", 0), ("rollout.good_loads", 2.5), ("rollout.max_failure_increase", 1.5),
     ("rollout.max_failure_increase", True), ("rollout.window", 0), ("rollout.window", "1h"),
+    ("gate.power", "battery"), ("gate.metered", "yes"), ("gate.window", "25:00-01:00"), ("gate.window", "9-17"),
+    ("inhibit", "sometimes"), ("inhibit.mode", "sleep"), ("update.interval", -1), ("update.interval", "1h"),
 ])
 def test_bad_values_and_keys_are_refused(cat: Catalog, key: str, value: object) -> None:
     with pytest.raises(UsageError):

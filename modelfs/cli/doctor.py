@@ -48,7 +48,17 @@ def run_checks(store: Store) -> list[Check]:
     checks.append(Check("quarantine", not quarantined,
                         f"{len(quarantined)} item(s); inspect, then `modelfs prune`" if quarantined else "empty"))
     checks.append(_mount(store))
+    checks.append(_logind())
     return checks
+
+
+def _logind() -> Check:
+    """Informational: without logind, ``--keep-awake`` downloads run without a sleep inhibitor."""
+    from modelfs.mount.inhibit import logind_answers
+
+    why = logind_answers()
+    return Check("logind", True, "answers: --keep-awake downloads hold a sleep inhibitor" if why is None else
+                 f"does not answer ({why}): downloads run, but --keep-awake cannot keep the machine awake")
 
 
 def _allow_other() -> Check:

@@ -107,13 +107,17 @@ class _FileProgress:
             _emit({"event": "progress", "file": self.src.filename, "bytes": self.done, "total": self.total})
 
 
-async def _run_pull(store: Store, source: str, options: PullOptions,
-                    reporter: _Reporter) -> InstallResult | PullResult | None:
+async def _run_pull(store: Store, source: str, options: PullOptions, reporter: _Reporter,
+                    keep_awake: bool = False) -> InstallResult | PullResult | None:
     import trio
 
+    from modelfs.mount.inhibit import Inhibitor
+    from modelfs_store import settings
     from modelfs_store.pull import downloader_from_env, pull_source
 
-    async with downloader_from_env(store.blobs) as dl:
+    inhibitor = Inhibitor(policy=settings.get(store.catalog, "inhibit"),
+                          mode=settings.get(store.catalog, "inhibit.mode"))
+    async with inhibitor.hold(keep_awake), downloader_from_env(store.blobs) as dl:
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_on_signal, scope)
@@ -154,10 +158,16 @@ async def _cancel_on_signal(scope: Any) -> None:
                    "(see `mark-good`).")
 @click.option("--detach", is_flag=True, help="Hand the pull to the daemon and return at once ('modelfs pulls').")
 @click.option("--no-daemon", is_flag=True, help="Download in this process even when the store's daemon runs.")
+@click.option("--gated", "--background", "gated", is_flag=True,
+              help="Background work: the daemon starts it only when the gates allow (gate.power, gate.metered, "
+                   "gate.window; see 'modelfs config list').")
+@click.option("--keep-awake", is_flag=True,
+              help="The daemon holds a logind sleep inhibitor while it transfers (setting 'inhibit').")
 @click.pass_obj
 def pull(c: Ctx, source: str, sha256: str | None, size: int | None, name: str | None, mmproj: str | None,
          mmproj_sha256: str | None, license_: str | None, owner_app: str | None, private: bool, as_json: bool,
-         pack: bool, lazy: bool, retry: bool, candidate: bool, detach: bool, no_daemon: bool) -> None:
+         pack: bool, lazy: bool, retry: bool, candidate: bool, detach: bool, no_daemon: bool, gated: bool,
+         keep_awake: bool) -> None:
     """Download a model from SOURCE (https://… with --sha256, or hf://org/repo[@rev]/file.gguf),
     verify it, and make it the active version of NAME. Interrupted pulls resume.
     A signed pack (an envelope file or URL) is verified and installed as its model_id;
@@ -169,23 +179,25 @@ def pull(c: Ctx, source: str, sha256: str | None, size: int | None, name: str | 
                           mmproj_sha256=mmproj_sha256, license=license_, owner_app=owner_app, private=private,
                           retry=retry, candidate=candidate)
     client = None if no_daemon else c.daemon()
+    job_options = {k: True for k, v in (("background", gated), ("keep_awake", keep_awake)) if v}
     if client is not None:
         with client:
-            _remote_pull(client, source, options, as_json, detach)
+            _remote_pull(client, source, options, as_json, detach, job_options)
         return
-    if detach:
-        raise UsageError("--detach needs the store's daemon: start it with `modelfs mount MOUNTPOINT`")
-    _local_pull(c, source, options, as_json)
+    for flag, given in (("--detach", detach), ("--gated", gated)):
+        if given:
+            raise UsageError(f"{flag} needs the store's daemon: start it with `modelfs mount MOUNTPOINT`")
+    _local_pull(c, source, options, as_json, keep_awake)
 
 
-def _local_pull(c: Ctx, source: str, options: PullOptions, as_json: bool) -> None:
+def _local_pull(c: Ctx, source: str, options: PullOptions, as_json: bool, keep_awake: bool = False) -> None:
     import trio
 
     store = c.store
     with ExitStack() as stack:
         reporter = _Reporter(as_json, stack)
         try:
-            result = trio.run(_run_pull, store, source, options, reporter)
+            result = trio.run(_run_pull, store, source, options, reporter, keep_awake)
         except StoreError:
             stack.close()
             raise
@@ -224,8 +236,9 @@ def _request(source: str, options: PullOptions) -> dict[str, Any]:
     return body
 
 
-def _remote_pull(client: ControlClient, source: str, options: PullOptions, as_json: bool, detach: bool) -> None:
-    job = client.call("POST", "/v1/pulls", _request(source, options))
+def _remote_pull(client: ControlClient, source: str, options: PullOptions, as_json: bool, detach: bool,
+                 job_options: dict[str, bool]) -> None:
+    job = client.call("POST", "/v1/pulls", {**_request(source, options), **job_options})
     if detach:
         if as_json:
             _emit({"event": "job", "job": job})
@@ -272,6 +285,8 @@ def follow(client: ControlClient, job_id: int, as_json: bool) -> None:
             for event in client.events(f"/v1/events?job={job_id}"):
                 kind = event.pop("event")
                 if kind == "job":
+                    if event["job"]["state"].startswith("queued_") and event["job"]["reason"] != state.get("reason"):
+                        info(f"modelfs: job {job_id} is {event['job']['state']}: {event['job']['reason']}")
                     state = event["job"]
                 elif kind == "result":
                     event.pop("job", None)
@@ -295,7 +310,7 @@ def _not_done(job_id: int, job: dict[str, Any]) -> None:
     st = job.get("state")
     if st == "failed":
         raise remote_error({"error": {"message": job.get("reason"), "exit_code": job.get("exit_code")}}, 500)
-    if st in ("queued", "running", None):
+    if st in ("queued", "queued_power", "queued_metered", "queued_window", "running", None):
         info(f"modelfs: the daemon stopped while job {job_id} was {st or 'starting'}; it resumes when the daemon "
              "starts again (`modelfs pulls` shows it)")
     else:

@@ -64,7 +64,7 @@ def pulls(ctx: click.Context, c: Ctx, as_json: bool) -> None:
         rate = f"{human_size(int(j['rate']))}/s" if j.get("rate") else "-"
         rows.append((str(j["id"]), j["state"], _progress(j), rate, _what(j), j["reason"] or ""))
     table(rows)
-    if client is None and any(j["state"] in ("queued", "running") for j in jobs):
+    if client is None and any(j["state"] == "running" or j["state"].startswith("queued") for j in jobs):
         click.echo("no daemon runs for this store: queued jobs start when it does (`modelfs mount MOUNTPOINT`)")
 
 

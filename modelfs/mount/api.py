@@ -77,7 +77,7 @@ API_VERSION = 1
 PULL_FIELDS: dict[str, type | tuple[type, ...]] = {
     "source": str, "sha256": str, "size": int, "name": str, "mmproj": str, "mmproj_sha256": str, "license": str,
     "app": str, "private": bool, "pack": bool, "lazy": bool, "retry": bool, "platform": str, "token": str,
-    "candidate": bool}
+    "candidate": bool, "background": bool, "keep_awake": bool}
 UNSIGNED_FIELDS = ("sha256", "mmproj", "mmproj_sha256")
 _NAME = r"(?P<name>[A-Za-z0-9._-]+)"
 ROUTES: list[tuple[str, re.Pattern[str], str]] = [(m, re.compile(p), h) for m, p, h in (

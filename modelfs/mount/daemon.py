@@ -10,9 +10,13 @@ Life of a mount::
               under trio with several worker tasks, beside: the catalog poller, the
               signal handler, the announcer (sets the bdi's read_ahead_kb, writes
               run/daemon.json, tells a waiting parent and systemd: READY=1, see
-              :mod:`.notify`), and the services: the control socket (api.py) and the
-              pull jobs (jobs.py), resumed from the catalog, and the rollout supervisor
-              (a candidate version judged on apps' load reports: ``Store.supervise``)
+              :mod:`.notify`), and the services: the control socket (api.py), the
+              pull jobs (jobs.py), resumed from the catalog, the update timer
+              (updates.py; not when offline) and the rollout supervisor (a candidate
+              version judged on apps' load reports: ``Store.supervise``). Background
+              work waits for the gates (gates.py, the ``gate.*`` settings); a job asked
+              to keep the machine awake holds the one logind inhibitor (inhibit.py)
+              while it transfers
     serve     every ~200 ms the poller checks ``PRAGMA data_version``; on a change it
               rebuilds the tree (in a worker thread) and invalidates the kernel's
               entries and attributes that changed, so CLI changes show within a second
@@ -66,6 +70,8 @@ from . import caps, peer
 from .access import AppVisibility
 from .api import Api, Gate
 from .config import READY_ENV, MountConfig
+from .gates import Gates, GateSettings, power_root
+from .inhibit import Inhibitor
 from .jobs import JobQueue
 from .links import FastPath
 from .mountpoint import check_allow_other, lazy_unmount, prepare_mountpoint
@@ -74,6 +80,7 @@ from .openfiles import Materialiser, OpenFiles
 from .runstate import already_mounted, detached_path, lock_path, write_json
 from .server import ControlServer, Handler, bind, socket_choice
 from .tree import Invalidation, Namespace, Node, SnapshotReader, Tree
+from .updates import UpdateTimer
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +137,9 @@ class Daemon:
         self.notify = Notifier.from_environ()  # systemd's Type=notify; a no-op elsewhere
         self.control: ControlServer | None = None
         self.jobs: JobQueue | None = None
+        self.updates: UpdateTimer | None = None
+        self.gates = Gates(power_root=power_root())
+        self.inhibitor = Inhibitor()
         self._services = trio.CancelScope()
 
     # -- state files ----------------------------------------------------------------------
@@ -327,9 +337,14 @@ class Daemon:
         options: dict[str, Any] = {"offline": self.cfg.offline, **downloader_options_from_env()}
         policy = lambda: self.access.policy  # noqa: E731 - rebuilt after every catalog change
         gate = Gate(self.store, policy, fetcher.transfers, downloader_options=options)
-        self.jobs = JobQueue(self.store, gate.prepare,
-                             concurrency=lambda: int(settings.get(self.store.catalog, "pulls.concurrency")))
+        cat = self.store.catalog
+        self.jobs = JobQueue(self.store, gate.prepare, gates=self._gates_hold, keep_awake=self._keep_awake,
+                             concurrency=lambda: int(settings.get(cat, "pulls.concurrency")))
         self.jobs.load()
+        if not self.cfg.offline:
+            self.updates = UpdateTimer(self.store, lambda: Downloader(self.store.blobs, transfers=fetcher.transfers,
+                                                                      **options),
+                                       self._gates_hold, interval=lambda: int(settings.get(cat, "update.interval")))
         api = Api(self.store, self.jobs, policy, self.status, gate=gate)
         self.control = self._bind_control(api.handle)
 
@@ -340,6 +355,8 @@ class Daemon:
                 nursery.start_soon(self.control.serve, name="control-socket")
                 nursery.start_soon(self.jobs.run, name="pull-jobs")
                 nursery.start_soon(self._supervisor, name="rollout-supervisor")
+                if self.updates is not None:
+                    nursery.start_soon(self.updates.run, name="update-timer")
 
     async def _supervisor(self) -> None:
         """Judge every candidate version now and then: a report recorded without the daemon,
@@ -352,6 +369,18 @@ class Daemon:
             except Exception:  # noqa: BLE001 - the next pass tries again; the mount keeps serving
                 log.exception("rollout supervision failed")
             await trio.sleep(SUPERVISE_INTERVAL)
+
+    async def _gates_hold(self) -> tuple[str, str] | None:
+        """What holds background work back now (the ``gate.*`` settings), or None."""
+        values = settings.values(self.store.catalog)
+        return await self.gates.check(GateSettings.parse({k: str(v) for k, v in values.items()
+                                                          if k.startswith("gate.")}))
+
+    def _keep_awake(self, requested: bool) -> contextlib.AbstractAsyncContextManager[None]:
+        """The inhibitor a transferring job holds, under the current ``inhibit`` settings."""
+        self.inhibitor.policy = str(settings.get(self.store.catalog, "inhibit"))
+        self.inhibitor.mode = str(settings.get(self.store.catalog, "inhibit.mode"))
+        return self.inhibitor.hold(requested)
 
     def _stop_services(self) -> None:
         """Close the socket; running pulls go back to queued (the next daemon resumes them)."""

@@ -14,8 +14,9 @@ shows (``queued_power``, ``queued_metered``, ``queued_window``) with the reason 
 words, or None when the job may run.
 
 Sources. Power comes from ``/sys/class/power_supply`` (the root can be moved, for
-tests): on AC when a mains supply is online, or when there is no battery at all (a
-desktop); on battery when batteries exist and no mains supply is online. "Metered"
+tests: ``$MODELFS_POWER_SUPPLY_ROOT``, read by the daemon): on AC when a mains
+supply is online, or when there is no battery at all (a desktop); on battery when
+batteries exist and no mains supply is online. "Metered"
 comes from NetworkManager's ``Metered`` property on the system bus when it answers
 (``$DBUS_SYSTEM_BUS_ADDRESS`` when set), else it is unknown.
 """
@@ -23,6 +24,7 @@ comes from NetworkManager's ``Metered`` property on the system bus when it answe
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,6 +34,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 POWER_ROOT = Path("/sys/class/power_supply")
+POWER_ROOT_ENV = "MODELFS_POWER_SUPPLY_ROOT"  # for tests: a fake power_supply directory
+NM_TIMEOUT = 2.0  # seconds NetworkManager has to answer before the metered state counts as unknown
 NM_METERED = {1: True, 3: True, 2: False, 4: False}  # NMMetered: yes, guess-yes, no, guess-no; 0 unknown
 
 
@@ -101,15 +105,24 @@ async def nm_metered(bus: str = "SYSTEM") -> bool | None:
 
     nm = DBusAddress("/org/freedesktop/NetworkManager", bus_name="org.freedesktop.NetworkManager",
                      interface="org.freedesktop.NetworkManager")
+    import trio
+
+    reply = None
     try:
-        async with open_dbus_router(bus=bus) as router:
-            reply = await router.send_and_get_reply(Properties(nm).get("Metered"))
+        with trio.move_on_after(NM_TIMEOUT):
+            async with open_dbus_router(bus=bus) as router:
+                reply = await router.send_and_get_reply(Properties(nm).get("Metered"))
     except (OSError, KeyError, ValueError, DBusErrorResponse):
         return None
-    if reply.header.message_type.name == "error" or not reply.body:
+    if reply is None or reply.header.message_type.name == "error" or not reply.body:
         return None
     _signature, value = reply.body[0]
     return NM_METERED.get(int(value))
+
+
+def power_root() -> Path:
+    """Where the power supplies are: /sys/class/power_supply, or the tests' fake one."""
+    return Path(os.environ.get(POWER_ROOT_ENV) or POWER_ROOT)
 
 
 class Gates:

@@ -20,6 +20,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 
+import trio
 from jeepney import DBusAddress, new_method_call
 from jeepney.io.trio import open_dbus_router
 from jeepney.wrappers import DBusErrorResponse
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 LOGIN1 = DBusAddress("/org/freedesktop/login1", bus_name="org.freedesktop.login1",
                      interface="org.freedesktop.login1.Manager")
 POLICIES = ("never", "on-request", "always")
+TIMEOUT = 5.0  # seconds logind has to answer; a download never waits longer for it
 MODES = ("block", "delay")
 
 
@@ -77,18 +79,34 @@ class Inhibitor:
     async def _inhibit(self) -> int:
         """An inhibitor's descriptor from logind, or -1 where there is none to ask."""
         try:
-            async with open_dbus_router(bus=self.bus, enable_fds=True) as router:
-                msg = new_method_call(LOGIN1, "Inhibit", "ssss", ("sleep", "modelfs", self.why, self.mode))
-                reply = await router.send_and_get_reply(msg)
-        except (OSError, KeyError, ValueError, DBusErrorResponse) as exc:
+            with trio.fail_after(TIMEOUT):
+                async with open_dbus_router(bus=self.bus, enable_fds=True) as router:
+                    msg = new_method_call(LOGIN1, "Inhibit", "ssss", ("sleep", "modelfs", self.why, self.mode))
+                    reply = await router.send_and_get_reply(msg)
+        except (OSError, KeyError, ValueError, DBusErrorResponse, trio.TooSlowError) as exc:
             if self.unavailable is None:
                 log.warning("no sleep inhibitor (logind did not answer: %s); downloading anyway", exc)
             self.unavailable = str(exc) or type(exc).__name__
             return -1
         if reply.header.message_type.name == "error":
+            if self.unavailable is None:
+                log.warning("no sleep inhibitor (%s); downloading anyway", reply.body[0] if reply.body else "refused")
             self.unavailable = str(reply.body[0]) if reply.body else "logind refused"
-            log.warning("no sleep inhibitor (%s); downloading anyway", self.unavailable)
             return -1
+        self.unavailable = None
         fd = reply.body[0].to_raw_fd()
         log.info("holding a sleep inhibitor (%s) while downloading", self.mode)
         return int(fd)
+
+
+def logind_answers(bus: str = "SYSTEM", timeout: float = 2.0) -> str | None:
+    """None when logind owns its name on the system bus; else why not (for ``doctor``)."""
+    from jeepney.bus_messages import message_bus
+    from jeepney.io.blocking import open_dbus_connection
+
+    try:
+        with open_dbus_connection(bus=bus, auth_timeout=timeout) as conn:
+            reply = conn.send_and_get_reply(message_bus.NameHasOwner(LOGIN1.bus_name), timeout=timeout)
+    except (OSError, KeyError, ValueError, TimeoutError, DBusErrorResponse) as exc:
+        return f"no system bus ({exc or type(exc).__name__})"
+    return None if reply.body and reply.body[0] else "nobody owns org.freedesktop.login1 on the system bus"

@@ -7,13 +7,19 @@ caller. Its life::
       ▲  │           │  └───────> failed ──resume──> queued
       │  │           ├──pause───> paused ──resume──> queued
       │  └───────────┴──cancel──> cancelled
+      │  └──> queued_power | queued_metered | queued_window ──(the gate clears)──> running
+      │       (pause and cancel as from queued)
       └──── needs_credentials <── (a restarted job that needs a secret it never stored)
 
-``queued`` is the one waiting state today: the scheduler starts queued jobs, oldest
-first, while fewer than ``pulls.concurrency`` run. Conditions to come (on battery, a
-metered network, a maintenance window) are waiting states of their own, such as
-``queued_power``, that the scheduler leaves alone until their condition holds and
-then turns into ``queued``; nothing else about a job changes.
+The scheduler starts queued jobs, oldest first, while fewer than ``pulls.concurrency``
+run. A *background* job (an app's ``"background": true``, or ``pull --gated``) starts
+only when the gates allow (``gates.py``: mains power, an unmetered network, a time
+window); until then it waits in ``queued_power``, ``queued_metered`` or
+``queued_window`` with the reason in words, and the scheduler looks again every
+``RECHECK`` seconds while any job waits, so it starts within seconds once its
+condition clears. A gate is checked when a job starts, not while it runs. Every
+other job starts at once. A job asked with ``keep_awake`` holds the daemon's sleep
+inhibitor (``inhibit.py``, the ``inhibit`` setting decides) while it transfers.
 
 Every state change is written to the catalog before it is announced, so a daemon
 started again, after ``kill -9`` too, finds every job that was running or queued and
@@ -41,7 +47,8 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +69,9 @@ log = logging.getLogger(__name__)
 
 class State(enum.StrEnum):
     QUEUED = "queued"
+    QUEUED_POWER = "queued_power"
+    QUEUED_METERED = "queued_metered"
+    QUEUED_WINDOW = "queued_window"
     RUNNING = "running"
     PAUSED = "paused"
     NEEDS_CREDENTIALS = "needs_credentials"
@@ -72,11 +82,16 @@ class State(enum.StrEnum):
 
 FINAL = frozenset({State.DONE, State.FAILED, State.CANCELLED})
 UNFINISHED = tuple(s.value for s in State if s not in FINAL)
-ACTIVE = frozenset({State.QUEUED, State.RUNNING})  # a follower's stream ends when a job leaves these
+GATED = frozenset({State.QUEUED_POWER, State.QUEUED_METERED, State.QUEUED_WINDOW})  # a background job waits
+WAITING = GATED | {State.QUEUED}  # what the scheduler may start
+ACTIVE = WAITING | {State.RUNNING}  # a follower's stream ends when a job leaves these
 #: What a pull request may ask for (store.pull.PullOptions), and the secrets a job keeps in memory only.
 OPTION_KEYS = ("pack", "lazy", "sha256", "size", "name", "mmproj", "mmproj_sha256", "license", "owner_app",
                "owner_uid", "private", "platform", "retry", "candidate")
+#: How the daemon runs a job (not the pull's options): gated as background work, keeping the machine awake.
+JOB_KEYS = ("background", "keep_awake")
 SECRETS = ("token", "source", "mmproj")
+RECHECK = 1.0           # seconds between looks at the gates while a job waits on one
 PROGRESS_EVERY = 0.25   # seconds between progress events of one file
 RATE_WINDOW = 5.0       # seconds of progress the rate is measured over
 KEEP_FINISHED = 200     # finished jobs listed (the catalog keeps them all)
@@ -87,7 +102,7 @@ def transition(state: State, action: str, *, missing: bool) -> State:
     (``missing``: a secret the job needs is not in memory); Conflict when it cannot."""
     if action == "cancel" and state not in FINAL:
         return State.CANCELLED
-    if action == "pause" and state in (State.QUEUED, State.RUNNING, State.PAUSED):
+    if action == "pause" and state in ACTIVE | {State.PAUSED}:
         return State.PAUSED
     if action == "resume" and state in (State.PAUSED, State.NEEDS_CREDENTIALS, State.FAILED):
         return State.NEEDS_CREDENTIALS if missing else State.QUEUED
@@ -159,6 +174,14 @@ class Job:
 #: A job -> (its Downloader, not yet entered; its admission check or None). The
 #: caller's policy lives there, not here.
 Prepare = Callable[[Job], "tuple[Downloader, Admit | None]"]
+#: What holds background work back now: (the waiting state, the reason in words), or None.
+GateCheck = Callable[[], Awaitable["tuple[str, str] | None"]]
+#: Whether a job asked to keep the machine awake -> what to hold while it transfers.
+KeepAwake = Callable[[bool], AbstractAsyncContextManager[None]]
+
+
+async def _no_gate() -> tuple[str, str] | None:
+    return None
 
 
 @dataclass(eq=False)
@@ -205,11 +228,14 @@ class JobQueue:
     starts and supervises them, :attr:`events` tells subscribers."""
 
     def __init__(self, store: Store, prepare: Prepare, *, concurrency: Callable[[], int] = lambda: 2,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, gates: GateCheck = _no_gate,
+                 keep_awake: KeepAwake = lambda requested: nullcontext()) -> None:
         self.store = store
         self.prepare = prepare
         self.concurrency = concurrency
         self.clock = clock
+        self.gates = gates
+        self.keep_awake = keep_awake
         self.jobs: dict[int, Job] = {}
         self.events = Events()
         self._scopes: dict[int, trio.CancelScope] = {}
@@ -240,7 +266,7 @@ class JobQueue:
         """A new job (True), or the caller's unfinished job for the same request, given the
         secrets it brings (False)."""
         secrets = {k: v for k, v in secrets.items() if k in SECRETS and v}
-        stored = {k: v for k, v in options.items() if k in OPTION_KEYS and v not in (None, False, "")}
+        stored = {k: v for k, v in options.items() if k in OPTION_KEYS + JOB_KEYS and v not in (None, False, "")}
         if "://" in source and drops_secrets(source):
             secrets["source"] = source
         if isinstance(stored.get("mmproj"), str) and drops_secrets(stored["mmproj"]):
@@ -320,20 +346,42 @@ class JobQueue:
         jobs it was running stay 'running' in the catalog: the next daemon resumes them)."""
         async with trio.open_nursery() as nursery:
             while True:
-                self._start_ready(nursery)
-                await self._wake.wait()
+                held = await self._held() if any(self._gated(j) for j in self.jobs.values()) else None
+                self._start_ready(nursery, held)
+                with trio.move_on_after(RECHECK if any(j.state in GATED for j in self.jobs.values()) else
+                                        float("inf")):
+                    await self._wake.wait()
                 self._wake = trio.Event()
 
-    def _start_ready(self, nursery: trio.Nursery) -> None:
+    @staticmethod
+    def _gated(job: Job) -> bool:
+        return job.state in WAITING and bool(job.options.get("background"))
+
+    async def _held(self) -> tuple[str, str] | None:
+        try:
+            return await self.gates()
+        except Exception:  # noqa: BLE001 - a broken gate source must not stop every background job for good
+            log.exception("could not check the gates; background jobs run")
+            return None
+
+    def _start_ready(self, nursery: trio.Nursery, held: tuple[str, str] | None) -> None:
+        """Start what may start; a background job the gates hold back (``held``) shows why."""
         running = sum(job.state is State.RUNNING for job in self.jobs.values())
         for job in sorted(self.jobs.values(), key=lambda j: j.id):
+            if job.state not in WAITING:
+                continue
+            if held is not None and self._gated(job):
+                if (job.state.value, job.reason) != held:
+                    self._save(job, state=State(held[0]), reason=held[1])
+                continue
             if running >= self.concurrency():
-                return
-            if job.state is State.QUEUED:
-                self._save(job, state=State.RUNNING, reason=None, exit_code=None)
-                scope = self._scopes[job.id] = trio.CancelScope()
-                nursery.start_soon(self._run_job, job, scope, name=f"pull-job-{job.id}")
-                running += 1
+                if job.state in GATED:  # its gate cleared: it waits for a free slot like any other
+                    self._save(job, state=State.QUEUED, reason=None)
+                continue
+            self._save(job, state=State.RUNNING, reason=None, exit_code=None)
+            scope = self._scopes[job.id] = trio.CancelScope()
+            nursery.start_soon(self._run_job, job, scope, name=f"pull-job-{job.id}")
+            running += 1
 
     async def _run_job(self, job: Job, scope: trio.CancelScope) -> None:
         try:
@@ -363,7 +411,7 @@ class JobQueue:
         store = dataclasses.replace(self.store, actor=job.actor)
         source = job.secrets.get("source", job.source)
         log.info("pull job %d: %s for uid %d%s", job.id, job.source, job.uid, f" ({job.app_id})" if job.app_id else "")
-        async with downloader:
+        async with self.keep_awake(bool(job.options.get("keep_awake"))), downloader:
             res = await pull_source(store, downloader, source, job.pull_options(), _Progress(self, job), admit=admit)
         return result_json(res)
 
