@@ -242,6 +242,14 @@ def thaw_tree(top: Path) -> None:
                         thaw(Path(dirpath) / name)
 
 
+def remove_tree(top: Path | str) -> None:
+    """Remove a test's own directory (made with mkdtemp), immutable blobs and all."""
+    import shutil
+
+    thaw_tree(Path(top))
+    shutil.rmtree(top, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _removable_tmp_path(request: pytest.FixtureRequest) -> Iterator[None]:
     top = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None

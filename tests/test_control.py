@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from conftest import CLI, wait_for
+from conftest import CLI, remove_tree, wait_for
 from faultserver import FaultServer, cdn, origin  # noqa: F401 - fixtures
 from ggufgen import write_model
 from modelfs.mount.socketclient import ControlClient
@@ -128,7 +128,7 @@ def daemon() -> Iterator[Daemon]:
         yield d
     finally:
         d.stop()
-        shutil.rmtree(top, ignore_errors=True)
+        remove_tree(top)
 
 
 @pytest.fixture
@@ -348,7 +348,7 @@ def test_the_socket_is_in_the_runtime_dir_unless_another_store_holds_it(tmp_path
     finally:
         for m in mounts:
             m.stop()
-        shutil.rmtree(run, ignore_errors=True)
+        remove_tree(run)
 
 
 def test_sigterms_after_the_kernel_let_go_never_cut_the_cleanup_short(daemon: Daemon) -> None:

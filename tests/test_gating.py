@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from conftest import wait_for
+from conftest import remove_tree, wait_for
 from faultserver import FaultServer, origin  # noqa: F401 - fixture
 from modelfs.mount.jobs import JobQueue, State
 from modelfs_store.core import Store
@@ -120,4 +119,4 @@ def top() -> Iterator[Path]:
     top = Path(tempfile.mkdtemp(prefix="mfs-", dir="/tmp"))
     top.chmod(0o755)
     yield top
-    shutil.rmtree(top, ignore_errors=True)
+    remove_tree(top)

@@ -18,7 +18,6 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI, thaw_tree, wait_for
+from conftest import CLI, remove_tree, thaw_tree, wait_for
 from ggufgen import write_model
 from modelfs_store.core import Store
 from test_mount import LIVE, Mount, add_remote, origin, sha256_of  # noqa: F401 - origin is a fixture
@@ -100,7 +99,7 @@ def _world(owner: int) -> Iterator[tuple[Path, CLI, Path]]:
         yield top, cli, weights
     finally:
         thaw_tree(top)
-        shutil.rmtree(top, ignore_errors=True)
+        remove_tree(top)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI, REPO, thaw_tree, wait_for
+from conftest import CLI, REPO, remove_tree, thaw_tree, wait_for
 from ggufgen import write_model
 from test_mount import Mount
 from test_notify import abstract_address, notify_socket, receive_from
@@ -74,7 +74,7 @@ def system_store() -> Iterator[tuple[Path, CLI]]:
     (top / "mnt").mkdir()
     os.chown(top / "mnt", NOBODY, NOBODY)
     yield top, cli
-    shutil.rmtree(top, ignore_errors=True)
+    remove_tree(top)
 
 
 @pytest.mark.fuse

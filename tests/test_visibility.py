@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI, thaw_tree, wait_for
+from conftest import CLI, remove_tree, thaw_tree, wait_for
 from ggufgen import write_model
 from test_mount import Mount
 
@@ -116,7 +116,7 @@ def world() -> Iterator[World]:
     finally:
         mount.stop()
         thaw_tree(top)
-        shutil.rmtree(top, ignore_errors=True)
+        remove_tree(top)
 
 
 SHARED_ONLY = {"list": ["open"], "open": {"open": "ok", "secret": "ENOENT"}}
