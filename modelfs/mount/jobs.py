@@ -117,6 +117,7 @@ class Job:
     result: dict[str, Any] | None = None
     finished_at: float | None = None
     secrets: dict[str, str] = field(default_factory=dict, repr=False)       # in memory only
+    waiters: set[int] = field(default_factory=set, repr=False)              # clients of ensure still waiting
     replay: dict[tuple[str, str | None], dict[str, Any]] = field(default_factory=dict, repr=False)
     marks: deque[tuple[float, int]] = field(default_factory=deque, repr=False)
 
@@ -214,6 +215,7 @@ class JobQueue:
         self.events = Events()
         self._scopes: dict[int, trio.CancelScope] = {}
         self._wake = trio.Event()
+        self._waiter_ids = 0
 
     # -- loading ---------------------------------------------------------------------------
     def load(self) -> None:
@@ -277,6 +279,26 @@ class JobQueue:
             if scope is not None and new is not State.RUNNING:
                 scope.cancel()
             self._wake.set()
+        return job
+
+    # -- waiters (the client API's ensure) ---------------------------------------------------
+    def attach(self, job: Job) -> int:
+        """A new waiter on ``job``: a client's ``ensure_model`` that waits for it. The
+        number is the waiter's, for :meth:`detach`."""
+        self._waiter_ids += 1
+        job.waiters.add(self._waiter_ids)
+        return self._waiter_ids
+
+    def detach(self, job: Job, waiter: int | None) -> Job:
+        """``waiter`` stops waiting (its ``cancel()``). The job is cancelled when it was the
+        last waiter of a job that waiters started: another waiter's transfer never stops
+        for it, and neither does a job nobody waits on (a plain pull). An unknown waiter
+        (gone already) changes nothing."""
+        if waiter in job.waiters:
+            job.waiters.discard(waiter)
+            if not job.waiters and job.state not in FINAL:
+                log.info("pull job %d: its last waiter detached; cancelling it", job.id)
+                self.act(job, "cancel")
         return job
 
     def get(self, job_id: int) -> Job:
