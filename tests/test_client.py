@@ -220,3 +220,47 @@ def test_the_example_without_a_daemon_uses_the_local_cache(origin: FaultServer, 
     assert set(LLAMADART_FIELDS) <= set(doc) and doc["file_path"] == str(path)
     card = json.loads(r.stdout.split("the model's card:\n", 1)[1])
     assert (card["architecture"], card["sha256"]) == ("llama", digest)
+
+
+@pytest.mark.parametrize("loop", ["trio", "asyncio"])
+def test_the_controllers_async_face_works_under_trio_and_asyncio(origin: FaultServer, tmp_path: Path,
+                                                                   loop: str) -> None:
+    url, digest, _ = served(origin, tmp_path, "ca.gguf", 256 * 1024)
+    c = ModelDownloadController(LocalModelDownloadManager(tmp_path / "cache"))
+
+    async def go() -> list[Stage]:
+        c.start(ModelSource.url(url), ModelLoadOptions(sha256=digest))
+        stages = [s.stage async for s in c.snapshots_async()]
+        assert (await c.wait_async()).stage is Stage.READY
+        return stages
+
+    stages = trio.run(go) if loop == "trio" else asyncio.run(go())
+    assert stages[0] is Stage.IDLE and stages[-1] is Stage.READY
+    c.dispose()
+
+
+def test_a_companion_mmproj_is_its_own_entry_and_nested_in_the_models(origin: FaultServer, tmp_path: Path) -> None:
+    url, digest, _ = served(origin, tmp_path, "m.gguf", 64 * 1024, seed=1)
+    mm_url, mm_digest, _ = served(origin, tmp_path, "mmproj.gguf", 32 * 1024, seed=2)
+    manager = LocalModelDownloadManager(tmp_path / "cache")
+    entry = manager.ensure_model(ModelSource.url(url), ModelLoadOptions(sha256=digest, mmproj_sha256=mm_digest),
+                                 mmproj=ModelSource.url(mm_url))
+    assert entry.mmproj is not None and entry.mmproj.sha256 == mm_digest
+    doc = json.loads((Path(entry.file_path).parent / "metadata.json").read_text())
+    assert doc["mmproj"]["file_name"] == "mmproj.gguf" and set(LLAMADART_FIELDS) <= set(doc["mmproj"])
+    assert sorted(e.file_name for e in manager.list()) == ["m.gguf", "mmproj.gguf"]
+
+
+def test_open_manager_says_why_it_fell_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("MODELFS_SOCKET", str(tmp_path / "none.sock"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("FLATPAK_ID", "org.example.Chat")
+    caplog.set_level("INFO", logger="modelfs.client._open")
+    manager = client.open_manager("org.example.Chat")
+    assert manager.kind == "local"
+    assert "--filesystem=xdg-run/modelfs" in manager.reason and manager.reason in repr(manager)
+    assert isinstance(manager, LocalModelDownloadManager)
+    assert manager.root == tmp_path / "cache" / "llamadart" / "models"
+    assert any("app-local cache" in r.message and "Flatpak" in r.message for r in caplog.records)

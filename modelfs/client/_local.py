@@ -166,7 +166,8 @@ class LocalModelDownloadManager:
                              "http(s) and hf:// sources")
         companion = None
         if mmproj is not None:
-            companion = self.ensure_model(mmproj, replace(options, sha256=None, size=None), None, cancel=cancel)
+            companion = self.ensure_model(mmproj, replace(options, sha256=options.mmproj_sha256, size=None), None,
+                                          cancel=cancel)
         entry = self._ensure_file(root, source, options, emit, cancel)
         if companion is not None:
             entry = self._write(root / source.cache_directory_name, replace(entry, mmproj=companion))

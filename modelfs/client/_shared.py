@@ -98,7 +98,7 @@ class SharedStoreManager:
         if options.cache_policy in (CachePolicy.REFRESH, CachePolicy.NO_CACHE):
             body["refresh"] = True
         if mmproj is not None:
-            body["mmproj"] = mmproj.spec
+            body.update(mmproj=mmproj.spec, mmproj_sha256=options.mmproj_sha256)
         return {k: v for k, v in body.items() if v is not None}
 
     def _follow(self, job: dict[str, Any], waiter: int, emit: OnProgress, cancel: CancelToken) -> dict[str, Any]:

@@ -255,4 +255,5 @@ class ModelLoadOptions:
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     resume: bool = True
     max_retries: int = 5
-    name: str | None = None           # the shared store's model name (default: from the source)
+    mmproj_sha256: str | None = None  # the companion projector's expected SHA-256 (``mmproj=``)
+    name: str | None = None           # the shared store's model name, the owner's only (default: from the source)

@@ -349,11 +349,12 @@ class Api:
         """The store's name of a caller's entry for ``src``: the owner's is the source's
         cache directory name (or the name it asks for); an app's is salted with who it is,
         so two apps never contend for one name (a refusal would tell one the other's)."""
+        stem = src.cache_directory_name.rsplit("-", 1)[0][:100].lstrip("-.") or "model"  # names: 128 at most
         if who.admin:
-            return asked or src.cache_directory_name
+            return asked or f"{stem}-{src.cache_key[:12]}"
         owner_app, owner_uid = owner_key(who.caller, self.policy().store_owner)
         salt = f"{owner_app}\n{owner_uid}\n{src.canonical_key}".encode()
-        return f"{src.cache_directory_name.rsplit('-', 1)[0]}-{hashlib.sha256(salt).hexdigest()[:12]}"
+        return f"{stem}-{hashlib.sha256(salt).hexdigest()[:12]}"
 
     def entry_json(self, who: Who, m: ModelRecord) -> dict[str, Any]:
         """A model as llamadart's ``ModelCacheEntry`` (its weights; ``mmproj`` its companion),

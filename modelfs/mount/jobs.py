@@ -23,6 +23,11 @@ source or an mmproj) stay in memory; the catalog keeps their redacted form and t
 names. A restarted job that needs one waits in ``needs_credentials`` until a client
 supplies it again (``POST /v1/pulls/ID/resume``, or the same pull again).
 
+A job started or joined by a client's ``ensure_model`` (``POST /v1/ensure``) has
+waiters, in memory: each ensure attaches one, its ``cancel()`` detaches it, and the
+job is cancelled when its last waiter has gone, never before (another waiter's
+download goes on). A job nobody attached to (``modelfs pull``) has none and runs on.
+
 Every change and the progress of running jobs go to subscribers as events (the
 control socket's ``/v1/events``): ``job`` (a snapshot, at every state change),
 ``start`` and ``progress`` (per file, as ``modelfs pull --json`` prints them; a signed
