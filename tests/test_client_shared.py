@@ -9,6 +9,8 @@ cancel each other's downloads.
   leaves A's intact and readable.
 - A controller's snapshots through the daemon go through llamadart's stages in order,
   bytes never going back; a failure ends ``failed`` with a redacted message.
+- An app's prune takes its own entries only, least recently used first (a select
+  is a use), and never one a reader holds open.
 - ``cancel()`` by the only waiter stops the origin's traffic within a second; by one
   of two waiters, it detaches that waiter and the other's download completes, from
   one transfer.
@@ -61,6 +63,12 @@ if cmd == "ensure":
     c.dispose()
 elif cmd == "list":
     print(json.dumps([e.to_json() for e in m.list()]))
+elif cmd == "prune":
+    limits = {k: float(v) for k, v in (a.split("=") for a in sys.argv[2:])}
+    print(json.dumps([e.name for e in m.prune(max_age=limits.get("max_age"),
+                                              max_bytes=int(limits["max_bytes"]) if "max_bytes" in limits else None)]))
+elif cmd == "select":
+    print(json.dumps(m.select(sys.argv[2]).to_json()))
 elif cmd == "remove":
     try:
         print(json.dumps({"removed": m.remove(sys.argv[2])}))
@@ -153,6 +161,32 @@ def test_two_apps_share_bytes_but_not_names_without_consent(daemon: Daemon, apps
     assert apps.run(B, "remove", name_b) == {"removed": True}
     assert [e["name"] for e in apps.run(A, "list")] == [name_a]
     assert sha_file(path_a) == digest
+
+
+def test_an_apps_prune_takes_its_own_least_recently_used_entries(daemon: Daemon, apps: Apps, origin: FaultServer,
+                                                                 tmp_path: Path) -> None:
+    daemon.start()
+    sources = [model_at(origin, tmp_path, f"p{i}.gguf", 64 * 1024 * (i + 1)) for i in range(3)]
+    names = {}
+    for i, (url, digest, _) in enumerate(sources):
+        *_, ready = apps.run(A, "ensure", url, digest)
+        names[i] = ready["entry"]["name"]
+    *_, theirs = apps.run(B, "ensure", sources[0][0], sources[0][1])
+    apps.run(A, "select", names[0])  # used last: kept
+    held = open(Path(apps.run(A, "list")[0]["file_path"]).parent.parent / names[1] / "p1.gguf", "rb")  # noqa: SIM115
+    try:
+        wait_for(lambda: any(f["model"] == names[1] for f in daemon.mount.open_files()), 10, "the reader")
+        # Over a limit of two files: p1 is the least recently used but held open, so p2 goes,
+        # and that is enough (p0 was selected last).
+        limit = sources[0][2].stat().st_size + sources[1][2].stat().st_size
+        assert apps.run(A, "prune", f"max_bytes={limit}") == [names[2]]
+    finally:
+        held.close()
+    left = {e["name"] for e in apps.run(A, "list")}
+    assert left == {names[0], names[1]}
+    assert [e["name"] for e in apps.run(B, "list")] == [theirs["entry"]["name"]]  # B's untouched
+    assert apps.run(B, "prune", "max_age=0") == [theirs["entry"]["name"]]
+    assert {e["name"] for e in apps.run(A, "list")} == left  # A's untouched by B's prune
 
 
 def stages_in_order(snaps: list[dict[str, Any]]) -> None:

@@ -73,6 +73,7 @@ from modelfs_store.redact import redact_url
 
 from .identity import Identity
 from .jobs import Job, JobQueue, State
+from .runstate import open_files
 from .server import Request, Response
 
 if TYPE_CHECKING:
@@ -434,10 +435,10 @@ class Api:
     async def _prune_own(self, req: Request, who: Who) -> Response:
         """The caller's own models (the owner: those no app owns), least recently used
         first, older than ``max_age`` seconds or while they hold more than ``max_bytes``;
-        never a pinned one."""
+        never a pinned one nor one a reader holds open (``run/open.json``)."""
         body = _typed(_body(req), {"max_age": (int, float), "max_bytes": int, "dry_run": bool})
         policy, cat = self.policy(), self.store.catalog
-        pinned = cat.pinned()
+        pinned = cat.pinned() | {f["model"] for f in open_files(self.store.layout)}  # in use: kept, as admin's
         mine = [m for m in cat.list_models() if (policy.owns(who.caller, _owned(m)) if not who.admin
                                                    else m.owner_app is None and m.owner_uid is None)]
         sized = sorted(((m.last_used_at or m.created_at, m, self.store.describe(m).get("size") or 0) for m in mine),
