@@ -214,6 +214,25 @@ def test_snapshots_through_the_daemon_and_a_redacted_failure(daemon: Daemon, app
     assert "s3cr3t" not in snaps[-1]["error"]
 
 
+def test_a_snapshot_says_why_it_waits(daemon: Daemon, apps: Apps, origin: FaultServer, tmp_path: Path) -> None:
+    daemon.cli.run("config", "set", "pulls.concurrency", "1")
+    big_url, big_digest, _ = model_at(origin, tmp_path, "first.gguf", 64 * MB, rate=2 * MB)
+    url, digest, _ = model_at(origin, tmp_path, "second.gguf", 64 * 1024)
+    daemon.start()
+    first = daemon.call("POST", "/v1/pulls", {"source": big_url, "sha256": big_digest})
+    wait_for(lambda: daemon.job(first["id"])["state"] == "running", 30, "the first job")
+    p = apps.popen(A, "ensure", url, digest)
+    snaps: list[dict[str, Any]] = []
+    reader = follow(p, snaps)
+    wait_for(lambda: any(s.get("wait") == "queued" for s in snaps), 30, "a snapshot waiting in the queue")
+    assert all(s["stage"] == "downloading" for s in snaps if s.get("wait"))
+    daemon.call("POST", f"/v1/pulls/{first['id']}/cancel")
+    assert p.wait(60) == 0
+    reader.join(10)
+    assert snaps[-1]["stage"] == "ready" and snaps[-1]["wait"] is None
+    stages_in_order(snaps[1:])
+
+
 def follow(p: subprocess.Popen[str], snaps: list[dict[str, Any]]) -> threading.Thread:
     def read() -> None:
         assert p.stdout is not None

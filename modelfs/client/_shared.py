@@ -63,14 +63,13 @@ class SharedStoreManager:
                      cancel: CancelToken | None = None) -> ModelCacheEntry:
         """The caller's entry for ``source`` in the shared store, pulled by the daemon when
         the store lacks it (no download when the bytes are already there, whoever pulled
-        them). ``keep_awake`` and ``background`` are the daemon's job gates (not sent by
-        this version of the API)."""
+        them). ``keep_awake`` and ``background`` go to the job, for the daemon's gates."""
         options = options or ModelLoadOptions()
         cancel = cancel or CancelToken()
         emit = on_progress or (lambda e: None)
         emit(DownloadEvent(Stage.RESOLVING))
         cancel.check()
-        ans = self.call("POST", "/v1/ensure", self._request(source, options, mmproj))
+        ans = self.call("POST", "/v1/ensure", self._request(source, options, mmproj, keep_awake, background))
         emit(DownloadEvent(Stage.CHECKING_CACHE))
         if ans.get("entry") is not None:
             entry = ModelCacheEntry.from_json(ans["entry"])
@@ -86,13 +85,14 @@ class SharedStoreManager:
         emit(DownloadEvent(Stage.READY, done.bytes, done.bytes))
         return done
 
-    def _request(self, source: ModelSource, options: ModelLoadOptions, mmproj: ModelSource | None
-                 ) -> dict[str, Any]:
+    def _request(self, source: ModelSource, options: ModelLoadOptions, mmproj: ModelSource | None,
+                 keep_awake: bool, background: bool) -> dict[str, Any]:
         if source.kind is SourceKind.PATH:
             raise UsageError("the shared store takes no local path from an app: use import_model (the store's "
                              "owner) or an http(s) or hf:// source")
         body: dict[str, Any] = {"source": source.spec, "sha256": options.sha256, "size": options.size,
-                                "token": options.bearer_token, "name": options.name}
+                                "token": options.bearer_token, "name": options.name,
+                                "keep_awake": keep_awake or None, "background": background or None}
         if source.kind is SourceKind.PACK:
             body["pack"] = True
         if options.cache_policy in (CachePolicy.REFRESH, CachePolicy.NO_CACHE):

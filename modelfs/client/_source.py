@@ -238,7 +238,7 @@ def source_of_stored_url(url: str, hub: str) -> ModelSource | None:
 class CachePolicy(enum.StrEnum):
     PREFER_CACHED = "prefer_cached"   # a cached, verified copy if there is one, else download
     REFRESH = "refresh"               # download again (a verified copy of the same bytes is kept)
-    NO_CACHE = "no_cache"             # download, and keep no entry afterwards (local manager only)
+    NO_CACHE = "no_cache"             # as refresh; a local entry expires at once (the next prune takes it)
     CACHE_ONLY = "cache_only"         # never the network: the entry, or NotFound
 
 

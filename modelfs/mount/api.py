@@ -114,7 +114,7 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [(m, re.compile(p), h) for m, p
 )]
 ENSURE_FIELDS: dict[str, type | tuple[type, ...]] = {
     "source": str, "sha256": str, "size": int, "mmproj": str, "mmproj_sha256": str, "token": str, "pack": bool,
-    "refresh": bool, "name": str}
+    "refresh": bool, "name": str, "keep_awake": bool, "background": bool}
 #: What an entry's card holds of a model's description (plus its weights' ETag and Last-Modified).
 ENTRY_CARD = ("license", "source", "source_url", "family", "architecture", "quantization", "context_length",
               "runtime_params", "compat_notes", "min_device", "signed", "key_id", "version", "state", "visibility",
@@ -407,7 +407,10 @@ class Api:
             found = self._own_entry(who, name, body.get("sha256"))
             if found is not None:
                 return Response(200, {"entry": found, "job": None, "waiter": None, "name": name})
-        options = {k: body.get(k) for k in ("sha256", "size", "mmproj", "mmproj_sha256", "pack")}
+        # keep_awake and background go to the job as its gates' options (jobs.OPTION_KEYS keeps
+        # those the daemon knows).
+        options = {k: body.get(k) for k in ("sha256", "size", "mmproj", "mmproj_sha256", "pack", "keep_awake",
+                                             "background")}
         options.update(name=name, owner_app=None)
         if not who.admin:
             options = await self.gate.admit_request(who, src.spec, options)
