@@ -28,7 +28,7 @@ import trio
 
 import modelfs.client as client
 from conftest import REPO, wait_for
-from faultserver import FaultServer, origin  # noqa: F401 - fixture
+from faultserver import FaultServer, cdn, origin  # noqa: F401 - fixtures
 from ggufgen import write_model
 from modelfs.client import (
     LLAMADART_FIELDS,
@@ -264,3 +264,21 @@ def test_open_manager_says_why_it_fell_back(tmp_path: Path, monkeypatch: pytest.
     assert isinstance(manager, LocalModelDownloadManager)
     assert manager.root == tmp_path / "cache" / "llamadart" / "models"
     assert any("app-local cache" in r.message and "Flatpak" in r.message for r in caplog.records)
+
+
+def test_an_hf_source_resolves_its_hash_at_the_hub_and_stores_no_signature(
+        origin: FaultServer, cdn: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = write_model(tmp_path / "w.gguf", tensor_bytes=64 * 1024, seed=3)
+    digest = origin.add_hf("org/repo", "w.gguf", w, cdn=cdn, token="hf_t0ken", signature="s3cr3t")
+    monkeypatch.setenv("MODELFS_HF_ENDPOINT", origin.origin)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no-hf-home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    source = ModelSource.parse("hf://org/repo/w.gguf")
+    manager = LocalModelDownloadManager(tmp_path / "cache")
+    entry = manager.ensure_model(source, ModelLoadOptions(bearer_token="hf_t0ken"))  # no sha256: the hub's
+    assert entry.sha256 == digest and entry.source_canonical_key == "hf://org/repo@main/w.gguf"
+    raw = (Path(entry.file_path).parent / "metadata.json").read_text()
+    assert "s3cr3t" not in raw and "hf_t0ken" not in raw
+    # The token went to the hub's origin only, never across the redirect to the CDN's signed URL.
+    blob = cdn.requests()
+    assert blob and all("authorization" not in r.headers for r in blob)
