@@ -344,7 +344,6 @@ class Api:
         return Response(200, {"key": key, "value": value, "default": settings.SETTINGS[key].default,
                               "help": settings.SETTINGS[key].help})
 
-
     # -- the client API (modelfs.client): entries in llamadart's ModelCacheEntry fields ------------
     def _entry_name(self, who: Who, src: ModelSource, asked: str | None) -> str:
         """The store's name of a caller's entry for ``src``: the owner's is the source's
@@ -379,9 +378,8 @@ class Api:
                 f.filename if f else "", f"{mount}/{m.name}/{f.filename}" if f else "", f.size if f else 0,
                 f.sha256 if f else None, f.etag if f else None, f.last_modified if f else None, m.created_at,
                 d.get("installed_at") or m.created_at, None, name=name)
-        entry = one(weights, m.name)
-        return ModelCacheEntry(**{**entry.__dict__, "mmproj": one(mm, None) if mm else None, "card": card,
-                                  "owner": owner}).to_json()
+        return dataclasses.replace(one(weights, m.name), mmproj=one(mm, None) if mm else None, card=card,
+                                   owner=owner).to_json()
 
     def _own_entry(self, who: Who, name: str, sha256: str | None) -> dict[str, Any] | None:
         """The caller's entry ``name`` when it sees it and it holds ``sha256`` (if given)."""
