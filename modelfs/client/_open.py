@@ -2,8 +2,8 @@
 answers, the app-local cache otherwise, and why (in the manager's ``repr`` and
 ``reason``, and in a log line).
 
-Where it looks, in order: ``$MODELFS_SOCKET``, the user's daemon
-(``$XDG_RUNTIME_DIR/modelfs/control.sock``), the system store's
+Where it looks: ``$MODELFS_SOCKET`` when it is set, and nowhere else; otherwise the
+user's daemon (``$XDG_RUNTIME_DIR/modelfs/control.sock``), then the system store's
 (``/run/modelfs/control.sock``). Inside a Flatpak sandbox the runtime directory is
 the sandbox's own unless the app was granted ``--filesystem=xdg-run/modelfs``; inside
 a Snap, unless a plug connects it: the reason says so. ``app_id_hint`` is the app's
@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 
 
 def candidate_sockets() -> list[Path]:
-    out = []
+    """``$MODELFS_SOCKET`` alone when it is set (the caller chose); else the user's
+    daemon's socket, then the system store's."""
     if os.environ.get("MODELFS_SOCKET"):
-        out.append(Path(os.environ["MODELFS_SOCKET"]))
+        return [Path(os.environ["MODELFS_SOCKET"])]
+    out = []
     if os.environ.get("XDG_RUNTIME_DIR"):
         out.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "modelfs" / "control.sock")
     out.append(SYSTEM_SOCKET)
