@@ -42,8 +42,9 @@ from . import seal
 from .crashpoints import crash_point
 from .durable import fsync_dir, fsync_file
 from .errors import IntegrityError, NotFound, SpaceError, StoreError
-from .layout import Layout
+from .layout import Layout, check_sha256
 from .owner import open_dir, open_file
+from .partial import PartialFiles
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class BlobStore:
     def has(self, sha256: str) -> bool:
         """A committed blob: a regular file (a link in its place is not one)."""
         try:
-            return stat.S_ISREG(os.lstat(self.layout.blob(sha256)).st_mode)
+            return stat.S_ISREG(os.lstat(self.path(sha256)).st_mode)
         except FileNotFoundError:
             return False
 
@@ -156,6 +157,12 @@ class BlobStore:
             return os.lstat(self.layout.blob(sha256)).st_size
         except FileNotFoundError:
             raise NotFound(f"blob {sha256[:12]} is not in the store", sha256=sha256) from None
+
+    def partial_files(self, sha256: str) -> PartialFiles:
+        """Where a download of ``sha256`` keeps its partial bytes (``partial/<sha256>/``).
+        A subclass that places its blobs elsewhere (an app-local cache) overrides this
+        and :meth:`path`; the Downloader and the Sink ask, never assume."""
+        return PartialFiles.in_dir(self.layout.partial / check_sha256(sha256))
 
     def iter_blobs(self) -> list[str]:
         out = []
@@ -207,7 +214,7 @@ class BlobStore:
                 raise IntegrityError(
                     f"SHA-256 mismatch: got {sha256[:16]}…, expected {expected_sha256[:16]}…",
                     got=sha256, expected=expected_sha256, quarantined=str(q))
-            dest = self.layout.blob(sha256)
+            dest = self.path(sha256)
             if self.has(sha256):
                 path.unlink()
                 return Committed(sha256, size, dest, new=False)

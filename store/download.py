@@ -75,7 +75,7 @@ from .catalog import FileRecord
 from .errors import FetchError, IntegrityError, NotFound, OfflineError, StoreError, UsageError
 from .http import AddressRule, Auth, BigReadStream, Http, RetryPolicy, is_transient, status_error
 from .layout import Sha256, check_sha256
-from .partial import PartialInfo, PartialLock, discard_partial, list_partials, remove_empty
+from .partial import PartialFiles, PartialInfo, PartialLock, discard_partial, list_partials, remove_empty
 from .redact import REDACTED, redact_url
 from .sink import ALIGN, Sink
 
@@ -386,7 +386,8 @@ class Downloader:
 
     async def _fetch_locked(self, url: str, sha256: Sha256, size: int | None, headers: Mapping[str, str],
                             transfer: _Transfer, check: PrefixCheck | None) -> FetchResult:
-        directory = self.blobs.layout.partial / sha256
+        files = self.blobs.partial_files(sha256)
+        directory = files.lock
         lock = PartialLock.try_acquire(directory)
         delay = 0.01
         while lock is None:
@@ -400,18 +401,18 @@ class Downloader:
             if self.blobs.has(sha256):  # the other process finished it
                 return self._present(sha256)
             self._refuse_if_failed(sha256, redact_url(url))  # another process may just have failed it
-            return await self._transfer(url, sha256, size, headers, transfer, directory, check)
+            return await self._transfer(url, sha256, size, headers, transfer, files, check)
         finally:
             remove_empty(directory)  # nothing left to resume: no empty partial/<sha>/ stays behind
             lock.release()
 
     async def _transfer(self, url: str, sha256: Sha256, size: int | None, headers: Mapping[str, str],
-                        transfer: _Transfer, directory: Path, check: PrefixCheck | None) -> FetchResult:
+                        transfer: _Transfer, files: PartialFiles, check: PrefixCheck | None) -> FetchResult:
         shown = redact_url(url)
         st = _State(check)
         integrity_restarts = 0
         while True:
-            sink = await Sink.open(self.blobs, directory, sha256, shown, size, direct_io=self.direct_io)
+            sink = await Sink.open(self.blobs, files, sha256, shown, size, direct_io=self.direct_io)
             sink.start()
             try:
                 if sink.resumed_from:

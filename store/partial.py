@@ -5,6 +5,10 @@
         state.json   redacted URL, validators, bytes present, expected size
         written      8 bytes, little-endian: how much of ``data`` the writer has written
 
+The same three files may sit beside the file they become instead (:class:`PartialFiles`:
+``NAME.part``, ``NAME.part.json``, ``NAME.part.written``, locked by their directory):
+an app-local cache in llamadart's layout (``modelfs.client``) keeps its partials so.
+
 ``state.json`` is replaced atomically (write, fsync, rename, fsync dir) only after the
 data it describes was fsynced, so after ``kill -9`` or a power cut ``state.json`` never
 claims bytes the disk does not hold. The writer (:mod:`store.sink`) rewrites it at least
@@ -110,6 +114,35 @@ class PartialState:
                "bytes": self.bytes, "etag": self.etag, "last_modified": self.last_modified,
                "updated_at": self.updated_at}
         atomic_write(path, json.dumps(doc, sort_keys=True).encode())
+
+
+@dataclass(frozen=True)
+class PartialFiles:
+    """Where one partial download lives: ``lock`` is the directory its writer flocks,
+    ``data``, ``state`` and ``written`` the three files of the module docstring."""
+    lock: Path
+    data: Path
+    state: Path
+    written: Path
+
+    @classmethod
+    def in_dir(cls, directory: Path) -> PartialFiles:
+        """The store's layout: ``partial/<sha256>/{data,state.json,written}``."""
+        return cls(directory, directory / DATA, directory / STATE, directory / WRITTEN)
+
+    @classmethod
+    def beside(cls, final: Path) -> PartialFiles:
+        """Next to the file they become: ``NAME.part``, ``NAME.part.json``,
+        ``NAME.part.written``, locked by the file's directory."""
+        part = final.with_name(final.name + ".part")
+        return cls(final.parent, part, part.with_name(part.name + ".json"), part.with_name(part.name + ".written"))
+
+    def all(self) -> list[Path]:
+        """Every file it may hold, the temps of an interrupted state write included
+        (``atomic_write`` names them ``.<state>.*.tmp``)."""
+        state = self.state.name
+        return [self.data, self.state, self.written, self.state.with_name(state + ".tmp"),
+                *self.lock.glob(f".{state}.*.tmp")]
 
 
 def read_written(fd: int) -> int:
@@ -224,7 +257,7 @@ def files_of(path: Path) -> list[Path]:
     """The files a partial directory may hold: its data, its state, the writer's count, and
     the temps of state writes a crash interrupted (``atomic_write`` names them
     ``.state.json.*.tmp``)."""
-    return [path / DATA, path / STATE, path / WRITTEN, path / (STATE + ".tmp"), *path.glob(f".{STATE}.*.tmp")]
+    return PartialFiles.in_dir(path).all()
 
 
 def remove_empty(path: Path) -> None:

@@ -40,7 +40,6 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -49,7 +48,7 @@ from .blobs import BlobStore, Committed
 from .crashpoints import crash_point
 from .errors import InternalError, SpaceError, StoreError
 from .owner import open_file
-from .partial import CHECKPOINT_BYTES, DATA, STATE, WRITTEN, PartialState, files_of, read_written, usable_bytes
+from .partial import CHECKPOINT_BYTES, PartialFiles, PartialState, read_written, usable_bytes
 from .partial import unlink_quiet as _unlink
 
 log = logging.getLogger(__name__)
@@ -119,13 +118,13 @@ class Sink:
     caller holds the directory's :class:`PartialLock` for the sink's whole life.
     """
 
-    def __init__(self, blobs: BlobStore, directory: Path, sha256: str, url: str | None,
+    def __init__(self, blobs: BlobStore, files: PartialFiles, sha256: str, url: str | None,
                  size: int | None, *, direct_io: bool = True) -> None:
         self.blobs = blobs
         self.direct_io = direct_io
-        self.dir = directory
-        self.data_path = directory / DATA
-        self.state_path = directory / STATE
+        self.files = files
+        self.data_path = files.data
+        self.state_path = files.state
         self.state = PartialState(sha256, url, size)
         self.hasher = hashlib.sha256()
         self.written = 0
@@ -154,9 +153,9 @@ class Sink:
 
     # -- opening and resuming ---------------------------------------------------
     @classmethod
-    async def open(cls, blobs: BlobStore, directory: Path, sha256: str, url: str | None,
+    async def open(cls, blobs: BlobStore, files: PartialFiles, sha256: str, url: str | None,
                    size: int | None, *, direct_io: bool = True) -> Sink:
-        sink = cls(blobs, directory, sha256, url, size, direct_io=direct_io)
+        sink = cls(blobs, files, sha256, url, size, direct_io=direct_io)
         prev = PartialState.load(sink.state_path, sha256)
         sink._open_files()
         try:
@@ -181,7 +180,7 @@ class Sink:
     def _open_files(self) -> None:
         # Never through a link: a planted partial/<sha>/data -> /etc/... is refused.
         self.fd = open_file(self.data_path, os.O_RDWR | os.O_CREAT)
-        self.mfd = open_file(self.dir / WRITTEN, os.O_RDWR | os.O_CREAT)
+        self.mfd = open_file(self.files.written, os.O_RDWR | os.O_CREAT)
         try:
             self.dfd = open_file(self.data_path, os.O_WRONLY | os.O_DIRECT | os.O_CREAT)
         except OSError:
@@ -486,7 +485,7 @@ class Sink:
                 self._forget()
 
     def _forget(self) -> None:
-        for path in files_of(self.dir):
+        for path in self.files.all():
             _unlink(path)
 
     def _close_files(self) -> None:

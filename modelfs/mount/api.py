@@ -17,6 +17,13 @@ call it with made-up callers. ``docs/api.md`` has an example of every route.
     GET    /v1/grants, POST /v1/grants, POST /v1/grants/revoke        the owner only
     GET    /v1/settings, POST /v1/settings                            the owner only
     POST   /v1/models/NAME/loads             who sees NAME (identified) 201 a load reported; the rollout verdict
+    -- the client API (modelfs.client), answers in llamadart's ModelCacheEntry fields --
+    POST   /v1/ensure                        owner; others by policy   200 the caller's entry, or 202 a job and a waiter
+    GET    /v1/entries                       anyone                    the models the caller sees, as entries
+    GET    /v1/entries/NAME                  anyone                    one of them; 404 if the caller cannot see it
+    POST   /v1/entries/NAME/use              anyone who sees it        the entry, its use recorded (select)
+    POST   /v1/prune                         anyone                    what it removed of the caller's own models
+    POST   /v1/pulls/ID/detach               the job's caller; owner   the job; the last waiter gone cancels it
 
 The store owner (``Policy.is_admin``: its uid, no app id) may do everything.
 Anyone else is an app (its app id), or another user without one, and may only: list
@@ -36,6 +43,7 @@ runs a pull itself (``jobs.py`` does).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -45,8 +53,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from modelfs.client._entry import ModelCacheEntry
+from modelfs.client._source import ModelSource, source_of_stored_url
 from modelfs_store import hf, settings
-from modelfs_store.catalog import Action, ModelRecord
+from modelfs_store.catalog import Action, FileRecord, ModelRecord
 from modelfs_store.download import Downloader, Transfers
 from modelfs_store.errors import (
     Conflict,
@@ -64,6 +74,7 @@ from modelfs_store.redact import redact_url
 
 from .identity import Identity
 from .jobs import Job, JobQueue, State
+from .runstate import open_files
 from .server import Request, Response
 
 if TYPE_CHECKING:
@@ -96,7 +107,21 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [(m, re.compile(p), h) for m, p
     ("GET", r"/v1/settings", "settings"),
     ("POST", r"/v1/settings", "set_setting"),
     ("POST", rf"/v1/models/{_NAME}/loads", "report_load"),
+    # the client API (``modelfs.client``): the block "the client API" of Api
+    ("POST", r"/v1/ensure", "ensure"),
+    ("GET", r"/v1/entries", "entries"),
+    ("GET", rf"/v1/entries/{_NAME}", "entry"),
+    ("POST", rf"/v1/entries/{_NAME}/use", "use"),
+    ("POST", r"/v1/prune", "prune_own"),
+    ("POST", r"/v1/pulls/(?P<job>\d+)/detach", "detach"),
 )]
+ENSURE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "source": str, "sha256": str, "size": int, "mmproj": str, "mmproj_sha256": str, "token": str, "pack": bool,
+    "refresh": bool, "name": str, "keep_awake": bool, "background": bool}
+#: What an entry's card holds of a model's description (plus its weights' ETag and Last-Modified).
+ENTRY_CARD = ("license", "source", "source_url", "family", "architecture", "quantization", "context_length",
+              "runtime_params", "compat_notes", "min_device", "signed", "key_id", "version", "state", "visibility",
+              "pinned", "last_used_at", "expires")
 OWNER_ONLY = frozenset({"grants", "grant", "revoke", "settings", "set_setting"})
 STATUS = [(Forbidden, 403), (TrustError, 403), (UsageError, 400), (NotFound, 404), (Conflict, 409),
           (SpaceError, 507), (FetchError, 502)]
@@ -133,6 +158,18 @@ def _body(req: Request) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise UsageError("the request body must be a JSON object")
     return doc
+
+
+def _typed(body: dict[str, Any], fields: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    """``body`` when it holds only ``fields``, each of its type (or null)."""
+    unknown = set(body) - set(fields)
+    if unknown:
+        raise UsageError(f"unknown field(s) {', '.join(sorted(unknown))}")
+    for key, kind in fields.items():
+        value = body.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+            raise UsageError(f"field {key!r} has the wrong type")
+    return body
 
 
 def error_response(exc: StoreError) -> Response:
@@ -332,6 +369,127 @@ class Api:
         value = settings.set_value(self.store.catalog, key, body["value"], actor=who.actor)
         return Response(200, {"key": key, "value": value, "default": settings.SETTINGS[key].default,
                               "help": settings.SETTINGS[key].help})
+
+    # -- the client API (modelfs.client): entries in llamadart's ModelCacheEntry fields ------------
+    def _entry_name(self, who: Who, src: ModelSource, asked: str | None) -> str:
+        """The store's name of a caller's entry for ``src``: the owner's is the source's
+        cache directory name (or the name it asks for); an app's is salted with who it is,
+        so two apps never contend for one name (a refusal would tell one the other's)."""
+        stem = src.cache_directory_name.rsplit("-", 1)[0][:100].lstrip("-.") or "model"  # names: 128 at most
+        if who.admin:
+            return asked or f"{stem}-{src.cache_key[:12]}"
+        owner_app, owner_uid = owner_key(who.caller, self.policy().store_owner)
+        salt = f"{owner_app}\n{owner_uid}\n{src.canonical_key}".encode()
+        return f"{stem}-{hashlib.sha256(salt).hexdigest()[:12]}"
+
+    def entry_json(self, who: Who, m: ModelRecord) -> dict[str, Any]:
+        """A model as llamadart's ``ModelCacheEntry`` (its weights; ``mmproj`` its companion),
+        with the path of its file in the mount and the model's card."""
+        d = self.store.describe(m)
+        files = self.store.catalog.get_version(m.name, m.active_version).files if m.active_version else ()
+        weights = next((f for f in files if f.role == "weights"), files[0] if files else None)
+        mm = next((f for f in files if f.role == "mmproj"), None)
+        mount = self.daemon().get("mountpoint") or ""
+        owner = ("app" if self.policy().owns(who.caller, _owned(m))
+                 else "granted" if m.visibility == "private" and not who.admin else "shared")
+        card = {k: d.get(k) for k in ENTRY_CARD}
+        if weights is not None:
+            card.update(etag=weights.etag, last_modified=weights.last_modified)
+
+        def one(f: FileRecord | None, name: str | None) -> ModelCacheEntry:
+            origin = source_of_stored_url(f.url, hf.endpoint()) if f is not None and f.url else None
+            key = origin.metadata_source_key if origin else f"store:{m.name}"
+            return ModelCacheEntry(
+                key, origin.cache_key if origin else hashlib.sha256(key.encode()).hexdigest(),
+                f.filename if f else "", f"{mount}/{m.name}/{f.filename}" if f else "", f.size if f else 0,
+                f.sha256 if f else None, f.etag if f else None, f.last_modified if f else None, m.created_at,
+                d.get("installed_at") or m.created_at, None, name=name)
+        return dataclasses.replace(one(weights, m.name), mmproj=one(mm, None) if mm else None, card=card,
+                                   owner=owner).to_json()
+
+    def _own_entry(self, who: Who, name: str, sha256: str | None) -> dict[str, Any] | None:
+        """The caller's entry ``name`` when it sees it and it holds ``sha256`` (if given)."""
+        if not self.store.catalog.has_model(name):
+            return None
+        m = self.store.catalog.get_model(name)
+        if not who.admin and not self.policy().sees(who.caller, _owned(m)) or m.active_version is None:
+            return None
+        files = self.store.catalog.get_version(name, m.active_version).files
+        if sha256 is not None and not any(f.role == "weights" and f.sha256 == sha256.lower() for f in files):
+            return None
+        return self.entry_json(who, m)
+
+    async def _ensure(self, req: Request, who: Who) -> Response:
+        body = _typed(_body(req), ENSURE_FIELDS)
+        if not body.get("source"):
+            raise UsageError("ensure needs a source")
+        src = ModelSource.pack(body["source"]) if body.get("pack") else ModelSource.parse(body["source"])
+        if src.is_local:
+            raise UsageError("the daemon reads no local file for ensure: `modelfs import` one")
+        name = None if body.get("pack") else self._entry_name(who, src, body.get("name"))
+        if name is not None and not body.get("refresh"):
+            found = self._own_entry(who, name, body.get("sha256"))
+            if found is not None:
+                return Response(200, {"entry": found, "job": None, "waiter": None, "name": name})
+        # keep_awake and background say how the daemon runs the job (jobs.JOB_KEYS): gated as
+        # background work, under the sleep inhibitor.
+        options = {k: body.get(k) for k in ("sha256", "size", "mmproj", "mmproj_sha256", "pack", "keep_awake",
+                                             "background")}
+        options.update(name=name, owner_app=None)
+        if not who.admin:
+            options = await self.gate.admit_request(who, src.spec, options)
+        job, created = self.jobs.submit(src.spec, options, {"token": body.get("token") or ""}, uid=who.ident.uid,
+                                        app_id=who.ident.app)
+        if created:
+            self.store.catalog.audit(who.actor, Action.JOB, detail={"job": job.id, "action": "ensure",
+                                                                    "source": job.source})
+        return Response(202, {"entry": None, "job": job.as_dict(), "waiter": self.jobs.attach(job), "name": name})
+
+    async def _entries(self, req: Request, who: Who) -> Response:
+        policy = self.policy()
+        return Response(200, [self.entry_json(who, m) for m in self.store.catalog.list_models()
+                              if who.admin or policy.sees(who.caller, _owned(m))])
+
+    async def _entry(self, req: Request, who: Who, name: str) -> Response:
+        return Response(200, self.entry_json(who, self._visible(who, name)))
+
+    async def _use(self, req: Request, who: Who, name: str) -> Response:
+        m = self._visible(who, name)
+        with self.store.catalog.txn():
+            self.store.catalog.touch(name)
+        return Response(200, self.entry_json(who, self.store.catalog.get_model(m.name)))
+
+    async def _prune_own(self, req: Request, who: Who) -> Response:
+        """The caller's own models (the owner: those no app owns), least recently used
+        first, older than ``max_age`` seconds or while they hold more than ``max_bytes``;
+        never a pinned one nor one a reader holds open (``run/open.json``)."""
+        body = _typed(_body(req), {"max_age": (int, float), "max_bytes": int, "dry_run": bool})
+        policy, cat = self.policy(), self.store.catalog
+        pinned = cat.pinned() | {f["model"] for f in open_files(self.store.layout)}  # in use: kept, as admin's
+        mine = [m for m in cat.list_models() if (policy.owns(who.caller, _owned(m)) if not who.admin
+                                                   else m.owner_app is None and m.owner_uid is None)]
+        sized = sorted(((m.last_used_at or m.created_at, m, self.store.describe(m).get("size") or 0) for m in mine),
+                       key=lambda t: t[0])
+        total, now, removed = sum(n for *_, n in sized), self.store.catalog.clock(), []
+        store = dataclasses.replace(self.store, actor=who.actor)
+        for used, m, size in sized:
+            old = body.get("max_age") is not None and used < now - body["max_age"]
+            big = body.get("max_bytes") is not None and total > body["max_bytes"]
+            if m.name in pinned or not (old or big):
+                continue
+            plan = store.plan_remove(m.name)
+            if not body.get("dry_run"):
+                store.execute(plan)
+            total -= size
+            removed.append({"name": m.name, "last_used_at": used, "bytes": size, "freed_bytes": plan.freed_bytes,
+                            "reason": "older than max_age" if old else "over max_bytes"})
+        return Response(200, {"removed": removed, "kept_bytes": total, "dry_run": bool(body.get("dry_run"))})
+
+    async def _detach(self, req: Request, who: Who, job: str) -> Response:
+        body = _typed(_body(req), {"waiter": int})
+        j = self._job(who, job)
+        self.jobs.detach(j, body.get("waiter"))
+        return Response(200, j.as_dict())
 
 
 def hf_or_url_shown(source: str) -> str:

@@ -29,6 +29,11 @@ source or an mmproj) stay in memory; the catalog keeps their redacted form and t
 names. A restarted job that needs one waits in ``needs_credentials`` until a client
 supplies it again (``POST /v1/pulls/ID/resume``, or the same pull again).
 
+A job started or joined by a client's ``ensure_model`` (``POST /v1/ensure``) has
+waiters, in memory: each ensure attaches one, its ``cancel()`` detaches it, and the
+job is cancelled when its last waiter has gone, never before (another waiter's
+download goes on). A job nobody attached to (``modelfs pull``) has none and runs on.
+
 Every change and the progress of running jobs go to subscribers as events (the
 control socket's ``/v1/events``): ``job`` (a snapshot, at every state change),
 ``start`` and ``progress`` (per file, as ``modelfs pull --json`` prints them; a signed
@@ -132,6 +137,7 @@ class Job:
     result: dict[str, Any] | None = None
     finished_at: float | None = None
     secrets: dict[str, str] = field(default_factory=dict, repr=False)       # in memory only
+    waiters: set[int] = field(default_factory=set, repr=False)              # clients of ensure still waiting
     replay: dict[tuple[str, str | None], dict[str, Any]] = field(default_factory=dict, repr=False)
     marks: deque[tuple[float, int]] = field(default_factory=deque, repr=False)
 
@@ -240,6 +246,7 @@ class JobQueue:
         self.events = Events()
         self._scopes: dict[int, trio.CancelScope] = {}
         self._wake = trio.Event()
+        self._waiter_ids = 0
 
     # -- loading ---------------------------------------------------------------------------
     def load(self) -> None:
@@ -303,6 +310,26 @@ class JobQueue:
             if scope is not None and new is not State.RUNNING:
                 scope.cancel()
             self._wake.set()
+        return job
+
+    # -- waiters (the client API's ensure) ---------------------------------------------------
+    def attach(self, job: Job) -> int:
+        """A new waiter on ``job``: a client's ``ensure_model`` that waits for it. The
+        number is the waiter's, for :meth:`detach`."""
+        self._waiter_ids += 1
+        job.waiters.add(self._waiter_ids)
+        return self._waiter_ids
+
+    def detach(self, job: Job, waiter: int | None) -> Job:
+        """``waiter`` stops waiting (its ``cancel()``). The job is cancelled when it was the
+        last waiter of a job that waiters started: another waiter's transfer never stops
+        for it, and neither does a job nobody waits on (a plain pull). An unknown waiter
+        (gone already) changes nothing."""
+        if waiter in job.waiters:
+            job.waiters.discard(waiter)
+            if not job.waiters and job.state not in FINAL:
+                log.info("pull job %d: its last waiter detached; cancelling it", job.id)
+                self.act(job, "cancel")
         return job
 
     def get(self, job_id: int) -> Job:
