@@ -34,6 +34,7 @@ from conftest import REPO, wait_for
 from faultserver import FaultServer, origin  # noqa: F401 - fixture
 from ggufgen import write_model
 from test_control import Daemon, daemon, sha_file  # noqa: F401 - fixture
+from test_gates import supply
 
 pytestmark = [
     pytest.mark.fuse,
@@ -57,7 +58,7 @@ if cmd == "ensure":
     c.listen(lambda s: print(json.dumps({"stage": s.stage.value, "received": s.received_bytes,
         "total": s.total_bytes, "error": s.error, "wait": s.wait_reason,
         "entry": s.entry.to_json() if s.entry else None}), flush=True))
-    c.start(ModelSource.url(sys.argv[2]), ModelLoadOptions(sha256=sys.argv[3]))
+    c.start(ModelSource.url(sys.argv[2]), ModelLoadOptions(sha256=sys.argv[3]), background="--background" in sys.argv)
     threading.Thread(target=lambda: sys.stdin.readline() == "cancel\\n" and c.cancel(), daemon=True).start()
     c.wait()
     c.dispose()
@@ -227,6 +228,30 @@ def test_a_snapshot_says_why_it_waits(daemon: Daemon, apps: Apps, origin: FaultS
     wait_for(lambda: any(s.get("wait") == "queued" for s in snaps), 30, "a snapshot waiting in the queue")
     assert all(s["stage"] == "downloading" for s in snaps if s.get("wait"))
     daemon.call("POST", f"/v1/pulls/{first['id']}/cancel")
+    assert p.wait(60) == 0
+    reader.join(10)
+    assert snaps[-1]["stage"] == "ready" and snaps[-1]["wait"] is None
+    stages_in_order(snaps[1:])
+
+
+def test_a_background_ensure_on_battery_says_it_waits_for_mains_power(apps: Apps, origin: FaultServer,
+                                                                    tmp_path: Path) -> None:
+    """The snapshot's wait reason is the gate's job state (issue 12's gates, issue 13's
+    snapshots): a background ensure waits in ``queued_power`` until the supply is on AC."""
+    d = apps.d
+    power = tmp_path / "power"
+    ac = supply(power, "AC", type="Mains", online="0")
+    supply(power, "BAT0", type="Battery", present="1", status="Discharging")
+    d.cli.overrides["MODELFS_POWER_SUPPLY_ROOT"] = str(power)  # the daemon reads this fake supply
+    d.cli.run("config", "set", "gate.power", "ac")
+    url, digest, _ = model_at(origin, tmp_path, "bg.gguf", 64 * 1024)
+    d.start()
+    p = apps.popen(A, "ensure", url, digest, "--background")
+    snaps: list[dict[str, Any]] = []
+    reader = follow(p, snaps)
+    wait_for(lambda: any(s.get("wait") == "queued_power" for s in snaps), 30, "a snapshot waiting for mains power")
+    assert origin.requests("/bg.gguf") == []
+    (ac / "online").write_text("1\n")
     assert p.wait(60) == 0
     reader.join(10)
     assert snaps[-1]["stage"] == "ready" and snaps[-1]["wait"] is None
