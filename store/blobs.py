@@ -127,6 +127,11 @@ class TempBlob:
 
 
 class BlobStore:
+    #: Whether a commit makes the blob immutable where the kernel allows it: a store's
+    #: blobs are read through links by its owner's processes (root ignores modes). A
+    #: store of one app's own files (``modelfs.client``'s local cache) says False.
+    freeze_blobs = True
+
     def __init__(self, layout: Layout, *, quarantine_cap: Callable[[], int | None] | None = None) -> None:
         self.layout = layout
         #: How many bytes quarantine may hold (None, or no callable: no cap). Asked only
@@ -224,7 +229,8 @@ class BlobStore:
             crash_point("commit-before-rename")
             os.rename(path, dest)
             fsync_dir(dest.parent)
-            seal.freeze(dest)  # after the rename: an immutable file cannot be renamed
+            if self.freeze_blobs:
+                seal.freeze(dest)  # after the rename: an immutable file cannot be renamed
             return Committed(sha256, size, dest, new=True)
         finally:
             if on_done:

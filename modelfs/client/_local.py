@@ -67,7 +67,10 @@ class _EntryBlobs(BlobStore):
     """A BlobStore whose one blob is an entry's file: its partial sits beside it
     (``NAME.part``...), its commit renames it into place. ``sha256`` None: whatever the
     bytes turn out to be (an import). Quarantine and remembered failures live under
-    ``<root>/.modelfs``."""
+    ``<root>/.modelfs``. Its files stay mutable: the app removes them itself, and no
+    mount ever hands out a link to them."""
+
+    freeze_blobs = False
 
     def __init__(self, root: Path, final: Path, present: str | None) -> None:
         layout = Layout(root / ".modelfs")
