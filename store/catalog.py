@@ -236,6 +236,11 @@ CREATE TABLE loads (
 );
 CREATE INDEX loads_by_version ON loads(model, version, ts);
 """,
+    # 6: the card says whether the weights carry a chat template (the boolean only: a
+    #    template can be tens of KiB, and the file itself holds it).
+    """
+ALTER TABLE versions ADD COLUMN chat_template INTEGER;  -- 1: weights have tokenizer.chat_template; 0: not; NULL: unread
+""",
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -290,8 +295,20 @@ class ModelRecord:
 
 
 CARD_FIELDS = ("key_id", "payload_sha256", "source", "license", "source_url", "family",
-               "architecture", "quantization", "context_length", "min_device", "compat_notes",
+               "architecture", "quantization", "context_length", "chat_template", "min_device", "compat_notes",
                "runtime_params", "expires")
+
+
+def _card_of_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A version row's card fields, in their Python types (JSON, booleans)."""
+    card = {k: row[k] for k in CARD_FIELDS}
+    if card["runtime_params"]:
+        card["runtime_params"] = json.loads(card["runtime_params"])
+    if card["chat_template"] is not None:
+        card["chat_template"] = bool(card["chat_template"])
+    card["created_at"] = row["created_at"]
+    card["installed_at"] = row["installed_at"]
+    return card
 
 
 def _redacted_card(card: dict[str, Any]) -> dict[str, Any]:
@@ -423,12 +440,8 @@ class Catalog:
         files = tuple(FileRecord.from_row(dict(r)) for r in self.conn.execute(
             "SELECT * FROM files WHERE model = ? AND version = ? ORDER BY filename",
             (row["model"], row["version"])))
-        card = {k: row[k] for k in CARD_FIELDS}
-        if card["runtime_params"]:
-            card["runtime_params"] = json.loads(card["runtime_params"])
-        card["created_at"] = row["created_at"]
-        card["installed_at"] = row["installed_at"]
-        return VersionRecord(row["model"], row["version"], row["state"], bool(row["signed"]), card, files)
+        return VersionRecord(row["model"], row["version"], row["state"], bool(row["signed"]), _card_of_row(row),
+                             files)
 
     def snapshot_rows(self) -> tuple[set[str], dict[str, tuple[Any, ...]]]:
         """Pins, and per model its raw rows ``(model_row, version_rows, file_rows)`` as
@@ -470,12 +483,7 @@ class Catalog:
         out = []
         for r in vrows:
             d = dict(zip(self._vcols, r, strict=True))
-            card = {k: d[k] for k in CARD_FIELDS}
-            if card["runtime_params"]:
-                card["runtime_params"] = json.loads(card["runtime_params"])
-            card["created_at"] = d["created_at"]
-            card["installed_at"] = d["installed_at"]
-            out.append(VersionRecord(d["model"], d["version"], d["state"], bool(d["signed"]), card,
+            out.append(VersionRecord(d["model"], d["version"], d["state"], bool(d["signed"]), _card_of_row(d),
                                      tuple(files.get(d["version"], ()))))
         return m, out
 
@@ -528,22 +536,24 @@ class Catalog:
 
     def card_gaps(self, sha256: str) -> bool:
         """Whether a version whose weights are ``sha256`` lacks an architecture, a
-        quantization or a context length on its card."""
+        quantization, a context length or the chat template's presence on its card."""
         return self.conn.execute(
             "SELECT 1 FROM versions v JOIN files f ON f.model = v.model AND f.version = v.version "
             "WHERE f.sha256 = ? AND f.role = 'weights' AND (v.architecture IS NULL OR v.quantization IS NULL "
-            "OR v.context_length IS NULL) LIMIT 1", (sha256,)).fetchone() is not None
+            "OR v.context_length IS NULL OR v.chat_template IS NULL) LIMIT 1", (sha256,)).fetchone() is not None
 
     def fill_card(self, sha256: str, *, architecture: str | None, quantization: str | None,
-                  context_length: int | None) -> None:
+                  context_length: int | None, chat_template: bool | None) -> None:
         """Fill the card fields that are still empty on every version whose weights are
-        ``sha256`` (what the signed payload did not give, from the GGUF header)."""
+        ``sha256`` (what the signed payload did not give, from the GGUF header); a
+        field that has a value keeps it."""
         card = _redacted_card({"architecture": architecture, "quantization": quantization})
         self.conn.execute(
             "UPDATE versions SET architecture = COALESCE(architecture, ?), quantization = COALESCE(quantization, ?), "
-            "context_length = COALESCE(context_length, ?) WHERE (model, version) IN "
-            "(SELECT model, version FROM files WHERE sha256 = ? AND role = 'weights')",
-            (card["architecture"], card["quantization"], context_length, sha256))
+            "context_length = COALESCE(context_length, ?), chat_template = COALESCE(chat_template, ?) "
+            "WHERE (model, version) IN (SELECT model, version FROM files WHERE sha256 = ? AND role = 'weights')",
+            (card["architecture"], card["quantization"], context_length,
+             None if chat_template is None else int(chat_template), sha256))
 
     def set_validators(self, sha256: str, etag: str | None, last_modified: str | None) -> None:
         self.conn.execute("UPDATE files SET etag = ?, last_modified = ? WHERE sha256 = ?",

@@ -219,7 +219,8 @@ class Store:
                 name, version, records, signed=False, source=source, license=license,
                 source_url=redact_url(source_url) if source_url else None,
                 family=info.architecture, architecture=info.architecture,
-                quantization=info.quantization, context_length=info.context_length)
+                quantization=info.quantization, context_length=info.context_length,
+                chat_template=info.has_chat_template)
             cat.audit(self.actor, action, model=name, version=version,
                       detail={"new_bytes": new_bytes, "source": source, "files": [r.filename for r in records]})
             cat.activate(name, version, actor=self.actor)
@@ -247,8 +248,9 @@ class Store:
     def record_gguf_card(self, rec: FileRecord) -> None:
         """After a weights file became local (a lazily pulled pack, fetched on first open or
         by a later pull): its GGUF header fills the card fields the signed payload left
-        empty (architecture, quantization, context length), so ``list`` and the card show
-        them. A file that is not a GGUF (a CoreML pack) fills nothing."""
+        empty (architecture, quantization, context length, the chat template's presence),
+        so ``list`` and the card show them. A file that is not a GGUF (a CoreML pack)
+        fills nothing."""
         if rec.role != "weights" or not self.blobs.has(rec.sha256) or not self.catalog.card_gaps(rec.sha256):
             return
         try:
@@ -257,7 +259,7 @@ class Store:
             log.debug("no GGUF card from %s: %s", rec.filename, exc)
             return
         self.catalog.fill_card(rec.sha256, architecture=info.architecture, quantization=info.quantization,
-                               context_length=info.context_length)
+                               context_length=info.context_length, chat_template=info.has_chat_template)
 
     # -- reading -------------------------------------------------------------------
     def file_state(self, rec: FileRecord) -> str:
@@ -318,6 +320,8 @@ class Store:
                 if self.blobs.has(rec.sha256):
                     status = "ok" if self.blobs.verify(rec.sha256, progress) else "corrupt"
                     checked[rec.sha256] = status
+                    if status == "ok":
+                        self.record_gguf_card(rec)  # a card recorded before it had a field gets it
                 else:
                     status = self.file_state(rec)
             results.append(VerifyResult(model, version, rec.filename, rec.sha256, status, active[model] == version))

@@ -2,8 +2,9 @@
 
 This module owns reading a GGUF header (magic, version, counts, every key/value
 pair, every tensor info) and turning it into a small :class:`GGUFInfo`: the
-architecture, name, quantization label, context length, mmproj-ness, and where the
-tensor data starts. The catalog's metadata card and the import/pull gate use it.
+architecture, name, quantization label, context length, mmproj-ness, whether a chat
+template is present, and where the tensor data starts. The catalog's metadata card
+and the import/pull gate use it.
 
 It must never trust a number from the file. Every declared count or length is
 checked against a module limit *and* against the bytes that remain before any
@@ -45,6 +46,7 @@ from .errors import GGUFError
 
 __all__ = [
     "ArraySummary",
+    "CHAT_TEMPLATE_KEY",
     "GGUFInfo",
     "GGUFTensor",
     "MAX_ARRAY_DEPTH",
@@ -97,6 +99,8 @@ MAX_KEPT_ARRAY_LEN: Final = 64
 MAX_KEPT_ITEMS_PER_KV: Final = 256
 
 GGUF_MAGIC: Final = b"GGUF"
+#: The key of the default chat template (named variants add ``.<name>``).
+CHAT_TEMPLATE_KEY: Final = "tokenizer.chat_template"
 SUPPORTED_VERSIONS: Final = (2, 3)
 DEFAULT_ALIGNMENT: Final = 32
 
@@ -288,6 +292,13 @@ class GGUFInfo:
     data_size: int | None
     file_size: int | None
     tensors: tuple[GGUFTensor, ...] = field(repr=False)
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the file carries a default chat template (a non-empty string under
+        ``tokenizer.chat_template``), which runtimes use to format a conversation."""
+        template = self.metadata.get(CHAT_TEMPLATE_KEY)
+        return isinstance(template, str) and template != ""
 
 
 # --- The bounded reader ----------------------------------------------------------

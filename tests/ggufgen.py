@@ -97,11 +97,13 @@ def write_model(
     vocab_size: int = 32,
     alignment: int | None = None,
     extra_kv: Mapping[str, tuple[Any, GGUFValueType]] | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """A weights file: ``general.*``, ``<arch>.*`` hyperparameters, a tokenizer of
     ``vocab_size`` tokens (0 for none), and about ``tensor_bytes`` of tensor data
     (rounded up to 256 bytes). ``file_type`` is llama.cpp's ftype (15 = Q4_K_M; the
-    tensors themselves are F32). ``extra_kv`` maps key -> (value, GGUFValueType)."""
+    tensors themselves are F32). ``chat_template`` (a Jinja text) goes under
+    ``tokenizer.chat_template``. ``extra_kv`` maps key -> (value, GGUFValueType)."""
     kv: dict[str, tuple[Any, GGUFValueType]] = {
         "general.type": ("model", GGUFValueType.STRING),
         "general.name": (name, GGUFValueType.STRING),
@@ -121,6 +123,8 @@ def write_model(
         kv["tokenizer.ggml.scores"] = ([float(-i) for i in range(vocab_size)], GGUFValueType.ARRAY)
         kv["tokenizer.ggml.token_type"] = ([1] * vocab_size, GGUFValueType.ARRAY)
         kv["tokenizer.ggml.bos_token_id"] = (1, GGUFValueType.UINT32)
+    if chat_template is not None:
+        kv["tokenizer.chat_template"] = (chat_template, GGUFValueType.STRING)
     kv.update(extra_kv or {})
     return _write(path, arch, kv, ["blk.{i}.ffn_up.weight"], tensor_bytes, seed, alignment)
 

@@ -39,7 +39,7 @@ def test_upgrade_from_schema_1_keeps_data(tmp_path):
     conn.close()
 
     cat = Catalog(path)
-    assert cat.schema_version() == SCHEMA_VERSION == 5
+    assert cat.schema_version() == SCHEMA_VERSION == 6
     assert cat.get_model("m").active_version == 1
     assert cat.get_version("m", 1).files[0].sha256 == SHA
     cat.add_channel("https://example.test/chan.json", ["k1"])
@@ -73,6 +73,15 @@ def test_upgrade_from_schema_1_keeps_data(tmp_path):
     cat.add_load("m", 1, False, uid=None, app_id=None)
     assert cat.load_counts("m", 1, 0, float("inf")) == (1, 1)
     assert cat.load_counts("m", 1, 0, 1) == (0, 0)
+    # 6: whether the weights carry a chat template: unknown for a version recorded before,
+    #    until its header is read; then filled once, never overwritten
+    assert cat.get_version("m", 1).card["chat_template"] is None and cat.card_gaps(SHA)
+    cat.fill_card(SHA, architecture="llama", quantization="Q4_K_M", context_length=4096, chat_template=False)
+    assert cat.get_version("m", 1).card["chat_template"] is False and not cat.card_gaps(SHA)
+    cat.fill_card(SHA, architecture="qwen2", quantization="Q8_0", context_length=8192, chat_template=True)
+    card = cat.get_version("m", 1).card
+    assert (card["architecture"], card["quantization"], card["context_length"], card["chat_template"]) == \
+        ("llama", "Q4_K_M", 4096, False)
     cat.delete_version("m", 1)  # reports go with their version
     assert cat.load_counts("m", 1, 0, float("inf")) == (0, 0)
 

@@ -99,6 +99,8 @@ def show(c: Ctx, name: str, as_json: bool) -> None:
                 "source"):
         if d.get(key) is not None:
             click.echo(f"  {key}: {d[key]}")
+    if d.get("chat_template") is not None:  # None: the weights' header was not read yet (a lazy pack)
+        click.echo(f"  chat_template: {'yes' if d['chat_template'] else 'no'}")
     owner = d["owner_app"] or "-"
     if d["owner_app"] and d.get("owner_uid") is not None:
         owner += f" (as {user_name(d['owner_uid'])})"

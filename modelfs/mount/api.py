@@ -120,8 +120,8 @@ ENSURE_FIELDS: dict[str, type | tuple[type, ...]] = {
     "refresh": bool, "name": str, "keep_awake": bool, "background": bool}
 #: What an entry's card holds of a model's description (plus its weights' ETag and Last-Modified).
 ENTRY_CARD = ("license", "source", "source_url", "family", "architecture", "quantization", "context_length",
-              "runtime_params", "compat_notes", "min_device", "signed", "key_id", "version", "state", "visibility",
-              "pinned", "last_used_at", "expires")
+              "chat_template", "runtime_params", "compat_notes", "min_device", "signed", "key_id", "version", "state",
+              "visibility", "pinned", "last_used_at", "expires")
 OWNER_ONLY = frozenset({"grants", "grant", "revoke", "settings", "set_setting"})
 STATUS = [(Forbidden, 403), (TrustError, 403), (UsageError, 400), (NotFound, 404), (Conflict, 409),
           (SpaceError, 507), (FetchError, 502)]
