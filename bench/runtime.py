@@ -129,7 +129,9 @@ def main() -> None:
         blob, filename = stores(work, Path(assemble()))
         daemons = [Daemon(work / "store-link", work / "mnt-link", "--links", "auto"),
                    Daemon(work / "store-fuse", work / "mnt-fuse", "--links", "never")]
-        paths = {"direct": blob, "link": daemons[0].mnt / "gemma3" / filename,
+        # "direct again" loads the very same file as "direct": its ratio is this machine's
+        # noise floor (an A/A control), against which the other ratios are read.
+        paths = {"direct": blob, "direct again": blob, "link": daemons[0].mnt / "gemma3" / filename,
                  "fuse": daemons[1].mnt / "gemma3" / filename}
         if not paths["link"].is_symlink():
             raise SystemExit("the --links auto mount answered a regular file: is this the store owner?")
