@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from modelfs.mount.socketclient import ControlClient
     from modelfs_store.core import Store
     from modelfs_store.packs import InstallResult
-    from modelfs_store.pull import PullOptions, PullResult, PullSource
+    from modelfs_store.pull import PullResult, PullSource
+    from modelfs_store.pulloptions import PullOptions
 
 # trio, httpx and the downloader load only when a pull runs: every other verb starts faster.
 
@@ -173,7 +174,7 @@ def pull(c: Ctx, source: str, sha256: str | None, size: int | None, name: str | 
     A signed pack (an envelope file or URL) is verified and installed as its model_id;
     with --lazy its files are listed at once and downloaded when first opened.
     When the store's daemon runs, it does the work: Ctrl-C leaves the pull running."""
-    from modelfs_store.pull import PullOptions
+    from modelfs_store.pulloptions import PullOptions
 
     options = PullOptions(pack=pack, lazy=lazy, sha256=sha256, size=size, name=name, mmproj=mmproj,
                           mmproj_sha256=mmproj_sha256, license=license_, owner_app=owner_app, private=private,
@@ -220,8 +221,6 @@ def _local_pull(c: Ctx, source: str, options: PullOptions, as_json: bool, keep_a
 def _request(source: str, options: PullOptions) -> dict[str, Any]:
     """The POST /v1/pulls body: the options, a local envelope's absolute path, and this
     user's hub token when the source is on the hub (in memory only, on the daemon's side)."""
-    from modelfs_store import hf
-
     if "://" not in source and os.path.exists(source):
         source = os.path.abspath(source)
     body: dict[str, Any] = {k: v for k, v in options.__dict__.items() if v not in (None, False)}
@@ -230,6 +229,8 @@ def _request(source: str, options: PullOptions) -> dict[str, Any]:
         body["app"] = body.pop("owner_app")
     body["source"] = source
     if any(str(s).startswith("hf://") for s in (source, options.mmproj) if s):
+        from modelfs_store import hf  # httpx: only a hub source pays for it
+
         token = hf.token()
         if token:
             body["token"] = token

@@ -60,7 +60,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from modelfs_store.errors import Conflict, NotFound, StoreError
-from modelfs_store.pull import PullOptions, pull_source, result_json
+from modelfs_store.pull import pull_source, result_json
+from modelfs_store.pulloptions import PullOptions
 from modelfs_store.redact import drops_secrets, redact_text, redact_url
 
 if TYPE_CHECKING:
