@@ -272,7 +272,17 @@ def one_run(times: dict[str, list[float]], url: str, digest: str, size: int, src
         else:
             times[key].append(run_fetch(url, digest, size, store))
         out.unlink(missing_ok=True)
-        shutil.rmtree(store, ignore_errors=True)
+        remove_store(store)
+
+
+def remove_store(store: Path) -> None:
+    """A run's store, its blobs thawed first (root's are immutable once committed)."""
+    from modelfs_store.seal import thaw
+
+    for blob in store.glob("blobs/**/*"):
+        if blob.is_file() and not blob.is_symlink():
+            thaw(blob)
+    shutil.rmtree(store, ignore_errors=True)
 
 
 def main() -> None:

@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mmproj", help="the companion projector (a source, like the model's)")
     p.add_argument("--pack", action="store_true", help="the source is a signed pack's envelope")
     p.add_argument("--prompt", default="Say hello in one sentence.")
+    p.add_argument("--card", action="store_true", help="print the model's card instead of answering")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -114,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     mmproj = ModelSource.parse(args.mmproj) if args.mmproj else None
     entry = ensure(source, ModelLoadOptions(sha256=args.sha256), mmproj)
     print(f"file: {entry.file_path}")
-    if not answer(entry.file_path, args.prompt):
-        print("llama-cpp-python is not installed; the model's card:")
+    if args.card or not answer(entry.file_path, args.prompt):
+        print("the model's card:" if args.card else "llama-cpp-python is not installed; the model's card:")
         print(json.dumps({**card_of(entry.file_path), "sha256": entry.sha256, "bytes": entry.bytes,
                           "store_card": entry.card}, indent=2, sort_keys=True, default=str))
     return 0

@@ -208,7 +208,7 @@ def test_the_example_without_a_daemon_uses_the_local_cache(origin: FaultServer, 
     url, digest, _ = served(origin, tmp_path, "tiny.gguf", 64 * 1024)
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg-cache"), "XDG_RUNTIME_DIR": str(tmp_path / "run"),
            "MODELFS_SOCKET": str(tmp_path / "none.sock")}
-    r = subprocess.run([sys.executable, "examples/chat.py", url, "--sha256", digest], cwd=REPO, env=env,
+    r = subprocess.run([sys.executable, "examples/chat.py", url, "--sha256", digest, "--card"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()

@@ -109,7 +109,7 @@ class Apps:
         return [json.loads(line) for line in out.splitlines()] if args[0] == "ensure" else json.loads(out)
 
     def example(self, app: str, url: str, digest: str) -> list[str]:
-        r = subprocess.run([str(self.exe[app]), "examples/chat.py", url, "--sha256", digest], env=self.env,
+        r = subprocess.run([str(self.exe[app]), "examples/chat.py", url, "--sha256", digest, "--card"], env=self.env,
                            cwd=REPO, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         return r.stdout.splitlines()
