@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
 PULL_MODES = ("deny", "signed", "any")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(?:i?b)?", re.I)
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.I)
 
 
 @dataclass(frozen=True)
@@ -101,13 +101,13 @@ def _quota(value: Any) -> int | None:
 
 
 def parse_size(text: str) -> int | None:
-    """``10G``, ``512MiB``, ``1000``; ``none`` for no limit."""
+    """``10G``, ``1.5T``, ``512MiB``, ``1000`` (binary units); ``none`` for no limit."""
     if text.strip().lower() in ("none", "null", ""):
         return None
     m = _SIZE.fullmatch(text.strip())
     if m is None:
         raise UsageError(f"not a size: {text!r} (e.g. 20G, 512MiB, or none)")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def _concurrency(value: Any) -> int:
@@ -117,7 +117,7 @@ def _concurrency(value: Any) -> int:
 
 
 _WINDOW = re.compile(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d")
-_DURATION = re.compile(r"(\d+)\s*([smhdw]?)", re.I)
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", re.I)
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -136,13 +136,14 @@ def _interval(value: Any) -> int:
 
 
 def parse_duration(text: str) -> int:
-    """``86400``, ``24h``, ``30m``, ``2s``, ``2d``, ``1w``; ``never`` or ``0`` for never."""
+    """``86400``, ``24h``, ``1.5h``, ``30m``, ``2s``, ``2d``, ``1w`` -> whole seconds; ``never``
+    or ``0`` for never."""
     if text.strip().lower() in ("never", "off"):
         return 0
     m = _DURATION.fullmatch(text.strip())
     if m is None:
         raise UsageError(f"not a duration: {text!r} (e.g. 24h, 30m, 86400, or never)")
-    return int(m.group(1)) * _SECONDS[m.group(2).lower()]
+    return int(float(m.group(1)) * _SECONDS[m.group(2).lower()])
 
 
 def _parse_int(text: str) -> int:

@@ -81,7 +81,9 @@ def test_prune_by_age_and_size_least_recently_used_first(cli: CLI, tmp_path: Pat
 
 
 @pytest.mark.parametrize(("args", "error"), [(["--older-than", "soon"], "invalid duration"),
+                                             (["--older-than", "never"], "invalid duration"),
                                              (["--max-bytes", "lots"], "invalid size"),
+                                             (["--max-bytes", "none"], "invalid size"),
                                              (["--app", "x"], "go with --older-than or --max-bytes")])
 def test_bad_prune_policies_are_usage_errors(cli: CLI, args: list[str], error: str) -> None:
     r = cli.run("prune", *args, check=False)

@@ -32,6 +32,7 @@ def test_defaults_until_set(cat: Catalog) -> None:
     ("apps.quota_bytes", "20G", 20 << 30),
     ("apps.quota_bytes", "512MiB", 512 << 20),
     ("apps.quota_bytes", "1000", 1000),
+    ("apps.quota_bytes", "1.5T", 3 << 39),  # the syntax of prune --max-bytes too
     ("apps.allowed_networks", "192.168.1.0/24, 10.1.2.3", ["192.168.1.0/24", "10.1.2.3/32"]),
     ("pulls.concurrency", "4", 4),
     ("rollout.good_loads", "5", 5),

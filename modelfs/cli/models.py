@@ -8,6 +8,7 @@ run-state) or through a link to the blob (``modelfs.mount.holders``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -324,28 +325,26 @@ def unpin(c: Ctx, name: str, as_json: bool) -> None:
     click.echo(f"unpinned {name}")
 
 
+def parse_duration(text: str) -> int:
+    """``30d``, ``12h``, ``90m``, ``3600s``, ``2w`` -> seconds: the settings' syntax
+    (``modelfs_store.settings``), where ``never`` means nothing."""
+    from modelfs_store.settings import parse_duration as seconds
 
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_SIZES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_duration(text: str) -> float:
-    """``30d``, ``12h``, ``90m``, ``3600s`` or ``2w`` -> seconds."""
-    value, unit = text[:-1], text[-1:].lower()
-    if unit not in _UNITS or not value.replace(".", "", 1).isdigit():
-        raise UsageError(f"invalid duration {text!r}: use a number and s, m, h, d or w (e.g. 30d)")
-    return float(value) * _UNITS[unit]
+    with contextlib.suppress(UsageError):
+        if text.strip().lower() not in ("never", "off"):
+            return seconds(text)
+    raise UsageError(f"invalid duration {text!r}: use a number and s, m, h, d or w (e.g. 30d)")
 
 
 def parse_size(text: str) -> int:
-    """``50G``, ``800M``, ``1.5T``, ``1024`` (binary units, as everywhere here) -> bytes."""
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    value, unit = (t[:-1], t[-1]) if t and t[-1] in _SIZES else (t, "")
-    try:
-        return int(float(value) * _SIZES[unit])
-    except ValueError:
-        raise UsageError(f"invalid size {text!r}: use a number and K, M, G or T (e.g. 50G)") from None
+    """``50G``, ``800M``, ``1.5T``, ``1024`` (binary units) -> bytes: the settings' syntax,
+    where ``none`` means nothing."""
+    from modelfs_store.settings import parse_size as size
+
+    with contextlib.suppress(UsageError):
+        if (n := size(text)) is not None:
+            return n
+    raise UsageError(f"invalid size {text!r}: use a number and K, M, G or T (e.g. 50G)")
 
 
 def _discard_partial(c: Ctx, sha256: str, as_json: bool) -> None:
