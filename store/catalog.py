@@ -241,6 +241,13 @@ CREATE INDEX loads_by_version ON loads(model, version, ts);
     """
 ALTER TABLE versions ADD COLUMN chat_template INTEGER;  -- 1: weights have tokenizer.chat_template; 0: not; NULL: unread
 """,
+    # 7: where on the Hugging Face hub a version's files came from (a repo pull, an adopted
+    #    hub cache), so the mount's hub view can lay them out as the hub cache does.
+    """
+ALTER TABLE versions ADD COLUMN hub_repo TEXT;    -- hub repository 'org/name' of the files; NULL: not from the hub
+ALTER TABLE versions ADD COLUMN hub_commit TEXT;  -- commit (40 hex) the files were pinned to; NULL: unknown
+ALTER TABLE files ADD COLUMN hub_path TEXT;       -- the file's path inside hub_repo; NULL: not from the hub
+""",
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -257,6 +264,7 @@ class FileRecord:
     last_modified: str | None = None
     chunk_size: int | None = None
     chunks: list[str] | None = None
+    hub_path: str | None = None   # path inside the version's hub_repo, when it came from the hub
 
     def row(self, model: str, version: int) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -268,7 +276,7 @@ class FileRecord:
     def from_row(cls, row: dict[str, Any]) -> FileRecord:
         chunks = json.loads(row["chunks"]) if row.get("chunks") else None
         return cls(row["filename"], row["role"], row["size"], row["sha256"], row["url"],
-                   row["etag"], row["last_modified"], row["chunk_size"], chunks)
+                   row["etag"], row["last_modified"], row["chunk_size"], chunks, row.get("hub_path"))
 
 
 @dataclass(frozen=True)
@@ -296,7 +304,7 @@ class ModelRecord:
 
 CARD_FIELDS = ("key_id", "payload_sha256", "source", "license", "source_url", "family",
                "architecture", "quantization", "context_length", "chat_template", "min_device", "compat_notes",
-               "runtime_params", "expires")
+               "runtime_params", "expires", "hub_repo", "hub_commit")
 
 
 def _card_of_row(row: dict[str, Any]) -> dict[str, Any]:

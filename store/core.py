@@ -192,13 +192,16 @@ class Store:
 
     def record_unsigned(self, name: str, records: list[FileRecord], info: gguf.GGUFInfo, *, action: Action,
                         source: str, license: str | None, source_url: str | None, owner_app: str | None,
-                        new_bytes: int, private: bool = False, owner_uid: int | None = None) -> tuple[int, bool]:
+                        new_bytes: int, private: bool = False, owner_uid: int | None = None,
+                        hub_repo: str | None = None, hub_commit: str | None = None) -> tuple[int, bool]:
         """Record ``records`` (verified, committed blobs) as a new unsigned version of
         ``name`` and activate it, in one transaction; the import and the unsigned pull
         both end here. Returns (version, created): the same files as the active version
         record nothing new. A model with signed versions takes no unsigned ones: its
         name belongs to its publisher (the converse of ``check_pack``'s rule).
-        ``private`` makes the model private (owned by ``owner_app`` as ``owner_uid``), new or not."""
+        ``private`` makes the model private (owned by ``owner_app`` as ``owner_uid``), new or not.
+        ``hub_repo`` and ``hub_commit`` say which hub repository (and commit) the files
+        came from; each record's ``hub_path`` is its path there."""
         cat = self.catalog
         with cat.txn():
             self.check_unsigned_allowed(name, action)  # again, under the write lock
@@ -220,7 +223,7 @@ class Store:
                 source_url=redact_url(source_url) if source_url else None,
                 family=info.architecture, architecture=info.architecture,
                 quantization=info.quantization, context_length=info.context_length,
-                chat_template=info.has_chat_template)
+                chat_template=info.has_chat_template, hub_repo=hub_repo, hub_commit=hub_commit)
             cat.audit(self.actor, action, model=name, version=version,
                       detail={"new_bytes": new_bytes, "source": source, "files": [r.filename for r in records]})
             cat.activate(name, version, actor=self.actor)

@@ -76,6 +76,9 @@ class PullSource:
     size: int | None
     source: str                # redacted identity for the card: hf://org/repo or scheme://host/path
     source_url: str | None = None
+    hub_repo: str | None = None    # hub repository 'org/name', for hf:// sources
+    hub_commit: str | None = None  # the commit the hub resolved the revision to, when it said
+    hub_path: str | None = None    # the file's path inside hub_repo
 
     @property
     def shown(self) -> str:
@@ -137,7 +140,8 @@ async def resolve(downloader: Downloader, spec: str, *, role: str, sha256: str |
         if size is not None and size != meta.size:
             raise UsageError(f"{ref.display()}: the hub says {meta.size} bytes, not {size}")
         return PullSource(meta.url, check_filename(ref.filename), role, meta.sha256, meta.size,
-                          source=f"hf://{ref.repo}", source_url=f"{hf.endpoint()}/{ref.repo}")
+                          source=f"hf://{ref.repo}", source_url=f"{hf.endpoint()}/{ref.repo}",
+                          hub_repo=ref.repo, hub_commit=meta.commit, hub_path=ref.path)
     scheme = urlsplit(spec).scheme.lower()
     if scheme not in ("http", "https"):
         raise UsageError(f"unsupported source {spec[:20]!r}…: use https://… or hf://org/repo/file.gguf"
@@ -239,18 +243,27 @@ async def pull(store: Store, downloader: Downloader, sources: list[PullSource], 
         _drop_new_blobs(store, fetched)
         raise
 
+    weights = sources[0]
     records = sorted((FileRecord(src.filename, src.role, res.size, res.sha256, url=redact_url(src.url),
-                                 etag=res.etag, last_modified=res.last_modified)
+                                 etag=res.etag, last_modified=res.last_modified,
+                                 hub_path=_hub_path(src, weights))
                       for src, res in fetched), key=lambda r: r.filename)
     new_bytes = sum(res.size for _, res in fetched if res.new)
     transferred = sum(res.bytes_transferred for _, res in fetched)
-    weights = sources[0]
 
     version, created = store.record_unsigned(
         name, records, info, action=Action.PULL, source=weights.source, license=license,
         source_url=weights.source_url, owner_app=owner_app, owner_uid=owner_uid, new_bytes=new_bytes,
-        private=private)
+        private=private, hub_repo=weights.hub_repo, hub_commit=weights.hub_commit)
     return PullResult(name, version, created, new_bytes, transferred, tuple(records))
+
+
+def _hub_path(src: PullSource, weights: PullSource) -> str | None:
+    """A file's path in the weights' hub repository: only a file of the same repository
+    and commit has one (an mmproj from elsewhere is not part of that repo's layout)."""
+    if src.hub_repo is None or (src.hub_repo, src.hub_commit) != (weights.hub_repo, weights.hub_commit):
+        return None
+    return src.hub_path
 
 
 def _check_files(fetched: list[tuple[PullSource, FetchResult]]) -> gguf.GGUFInfo:

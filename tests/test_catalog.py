@@ -39,7 +39,7 @@ def test_upgrade_from_schema_1_keeps_data(tmp_path):
     conn.close()
 
     cat = Catalog(path)
-    assert cat.schema_version() == SCHEMA_VERSION == 6
+    assert cat.schema_version() == SCHEMA_VERSION == 7
     assert cat.get_model("m").active_version == 1
     assert cat.get_version("m", 1).files[0].sha256 == SHA
     cat.add_channel("https://example.test/chan.json", ["k1"])
@@ -82,6 +82,13 @@ def test_upgrade_from_schema_1_keeps_data(tmp_path):
     card = cat.get_version("m", 1).card
     assert (card["architecture"], card["quantization"], card["context_length"], card["chat_template"]) == \
         ("llama", "Q4_K_M", 4096, False)
+    # 7: where on the hub a version came from: nothing for a version recorded before
+    assert (card["hub_repo"], card["hub_commit"]) == (None, None)
+    assert cat.get_version("m", 1).files[0].hub_path is None
+    cat.add_version("m", 2, [FileRecord("w.gguf", "weights", 5, SHA, hub_path="sub/w.gguf")], signed=False,
+                    hub_repo="org/repo", hub_commit="c" * 40)
+    v2 = cat.get_version("m", 2)
+    assert (v2.card["hub_repo"], v2.card["hub_commit"], v2.files[0].hub_path) == ("org/repo", "c" * 40, "sub/w.gguf")
     cat.delete_version("m", 1)  # reports go with their version
     assert cat.load_counts("m", 1, 0, float("inf")) == (0, 0)
 

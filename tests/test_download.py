@@ -582,6 +582,8 @@ def test_cli_hf_pull_through_a_fake_hub(cli, origin, cdn, small_gguf, tmp_path):
     assert "pulled tiny-hf version 1" in r.stdout
     v = cli.run("show", "tiny-hf", "--json").json()["versions"][0]
     assert v["source"] == "hf://org/tiny-GGUF" and v["signed"] is False
+    # The hub origin is kept for the mount's hub view: repo, the commit it pinned, each path.
+    assert (v["hub_repo"], v["hub_commit"]) == ("org/tiny-GGUF", "a" * 40)
     weights = next(f for f in v["files"] if f["role"] == "weights")
     assert weights["sha256"] == digest
     # The hub got the token (HEAD and GET); the CDN never did.
@@ -595,6 +597,7 @@ def test_cli_hf_pull_through_a_fake_hub(cli, origin, cdn, small_gguf, tmp_path):
     try:
         (_, _, rec), *_ = [x for x in s.catalog.all_files() if x[2].role == "weights"]
         assert rec.url == f"{origin.origin}/org/tiny-GGUF/resolve/{'a' * 40}/{w.name}"
+        assert {r.filename: r.hub_path for _, _, r in s.catalog.all_files()} == {w.name: w.name, m.name: m.name}
     finally:
         s.close()
     # Token from the standard token file works too; without a token the gated repo refuses.
