@@ -21,6 +21,8 @@ def test_readme_opens_with_demo_and_test_commands():
         packages = cmd.split("apt-get install -y ", 1)[1].split(" && ", 1)[0].split()
         assert "systemd" in packages
         assert "curl" in packages  # the control socket's tests
+        # a real OCI registry and its htpasswd for the registry tests (issue 15)
+        assert {"docker-registry", "apache2-utils"} <= set(packages)
         assert "pip install -e '.[test]'" in cmd
 
 
