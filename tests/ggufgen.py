@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from gguf import GGUFValueType, GGUFWriter
 
-__all__ = ["CHUNK_BYTES", "ROW", "write_model", "write_mmproj"]
+__all__ = ["CHUNK_BYTES", "ROW", "write_model", "write_mmproj", "write_split"]
 
 #: Largest single tensor written; bigger ``tensor_bytes`` is split across tensors.
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -53,6 +53,7 @@ def _write(
     tensor_bytes: int,
     seed: int,
     alignment: int | None,
+    norm_name: str | None = None,
 ) -> Path:
     """Write ``kv`` and one small 1-D tensor plus ``tensor_bytes`` of 2-D tensors."""
     path = Path(path)
@@ -69,7 +70,7 @@ def _write(
                 w.add_array(key, value)
             else:
                 w.add_key_value(key, value, vtype)
-        norm_name = "output_norm.weight" if arch != "clip" else "v.post_ln.weight"
+        norm_name = norm_name or ("output_norm.weight" if arch != "clip" else "v.post_ln.weight")
         w.add_tensor_info(norm_name, (ROW,), np.dtype(np.float32), _ROW_BYTES)
         for name, size in zip(names, sizes, strict=True):
             w.add_tensor_info(name, (size // _ROW_BYTES, ROW), np.dtype(np.float32), size)
@@ -157,3 +158,39 @@ def write_mmproj(
     if file_type is not None:
         kv["general.file_type"] = (file_type, GGUFValueType.UINT32)
     return _write(path, "clip", kv, ["mm.{i}.weight"], tensor_bytes, seed, alignment)
+
+
+def write_split(
+    directory: str | os.PathLike[str],
+    prefix: str,
+    count: int,
+    *,
+    tensor_bytes: int = 16 * 1024,
+    seed: int = 0,
+    name_count: int | None = None,
+    tensors_count: int | None = None,
+    **model_kv: Any,
+) -> list[Path]:
+    """A split model as llama.cpp's ``gguf-split`` writes it: ``count`` files named
+    ``{prefix}-{no:05d}-of-{count:05d}.gguf``. The first is a :func:`write_model` file
+    (``model_kv`` passes through); each holds its own tensors (``tensor_bytes`` of them)
+    and ``split.no`` (0-based), ``split.count`` and ``split.tensors.count``.
+    ``name_count`` names the files with another count than the headers say;
+    ``tensors_count`` puts another ``split.tensors.count`` in the headers."""
+    directory = Path(directory)
+    per_file = 1 + len(list(_chunks(max(_ROW_BYTES, -(-tensor_bytes // _ROW_BYTES) * _ROW_BYTES))))
+    paths = []
+    for i in range(count):
+        split = {
+            "split.no": (i, GGUFValueType.UINT16),
+            "split.count": (count, GGUFValueType.UINT16),
+            "split.tensors.count": (tensors_count or per_file * count, GGUFValueType.INT32),
+        }
+        path = directory / f"{prefix}-{i + 1:05d}-of-{name_count or count:05d}.gguf"
+        if i == 0:
+            write_model(path, tensor_bytes=tensor_bytes, seed=seed, extra_kv=split, **model_kv)
+        else:
+            _write(path, model_kv.get("arch", "llama"), split, [f"blk.{i}.{{i}}.ffn_down.weight"],
+                   tensor_bytes, seed + i, None, norm_name=f"blk.{i}.attn_norm.weight")
+        paths.append(path)
+    return paths
