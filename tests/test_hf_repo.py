@@ -11,6 +11,7 @@ log says which files the pull asked about: another quant's are never HEAD or GET
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from modelfs_store import hfrepo
 from modelfs_store.core import Store
 from modelfs_store.errors import UsageError
 from modelfs_store.hf import TreeFile
+from test_control import Daemon, daemon  # noqa: F401 - fixture
 
 REPO = "org/tiny-GGUF"
 TOKEN = "hf_repotoken0123456789"
@@ -240,3 +242,27 @@ def test_choosing_prefers_a_whole_label_and_documents_its_defaults() -> None:
     assert ", ".join(hfrepo.DEFAULT_QUANTS) in help_text and "F16, BF16, F32" in help_text
     docs = " ".join((Path(__file__).parent.parent / "docs" / "design.md").read_text().split())
     assert ", ".join(hfrepo.DEFAULT_QUANTS) in docs
+
+
+# -- through the daemon ---------------------------------------------------------------------------
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"),
+                    reason="!!! /dev/fuse is missing: the daemon's repository pull CANNOT be tested here !!!")
+def test_a_repository_pull_handed_to_the_daemon_gives_the_same_entry(
+        daemon: Daemon, origin: FaultServer, cdn: FaultServer, repo_files: dict[str, Path]) -> None:  # noqa: F811
+    digests = publish(origin, cdn, repo_files)
+    daemon.cli.overrides["MODELFS_HF_ENDPOINT"] = origin.origin  # the daemon's hub; the token comes with the job
+    mount = daemon.start()
+    r = daemon.cli.run("pull", f"hf://{REPO}:q4_k_m", process=True, env={"HF_TOKEN": TOKEN})
+    assert "pulled tiny-GGUF-Q4_K_M version 1: 4 file(s)" in r.stdout, r.stderr
+    (job,) = daemon.call("GET", "/v1/pulls")
+    assert (job["state"], job["source"], job["model"]) == ("done", f"hf://{REPO}:q4_k_m", "tiny-GGUF-Q4_K_M")
+    assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in origin.requests())
+    for other in OTHERS:
+        assert asked_about(origin, cdn, digests, other) == [], other
+    # In the mount, the shards sit beside the first one under their own names.
+    folder = mount.path / "tiny-GGUF-Q4_K_M"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [".versions", *SPLIT, "mmproj-tiny-F16.gguf", "model.json"])
+    for name in SPLIT:
+        assert sha_file(folder / name) == digests[name]
