@@ -266,3 +266,18 @@ def test_a_repository_pull_handed_to_the_daemon_gives_the_same_entry(
         [".versions", *SPLIT, "mmproj-tiny-F16.gguf", "model.json"])
     for name in SPLIT:
         assert sha_file(folder / name) == digests[name]
+
+
+def test_the_app_local_cache_refuses_one_shard_of_a_split_model(
+        origin: FaultServer, cdn: FaultServer, repo_files: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared store keeps a split model together; the app-local cache (one file an
+    entry) would hand a runtime a first shard without the rest, so it refuses before a request."""
+    from modelfs.client import LocalModelDownloadManager, ModelSource
+
+    publish(origin, cdn, repo_files)
+    monkeypatch.setenv("MODELFS_HF_ENDPOINT", origin.origin)
+    manager = LocalModelDownloadManager(tmp_path / "cache")
+    with pytest.raises(UsageError, match="one of 3 files of a split model: it needs the shared store"):
+        manager.ensure_model(ModelSource.parse(f"hf://{REPO}/{SPLIT[0]}"))
+    assert origin.requests() == []
