@@ -217,10 +217,7 @@ async def list_tree(http: Http, repo: str, revision: str) -> list[TreeFile]:
         if pages > LISTING_MAX_PAGES:
             raise FetchError(f"{shown}: the hub's file listing has more than {LISTING_MAX_PAGES} pages")
         try:
-            body, response = await http.get_small(
-                url, limit=LISTING_PAGE_BYTES, follow_cross_origin=False,
-                too_large=lambda: FetchError(f"{shown}: a page of the hub's file listing is over "
-                                             f"{LISTING_PAGE_BYTES >> 20} MiB"))
+            body, response = await _get_page(http, url, shown)
         except FetchError as exc:
             status = exc.fields.get("status")
             if status in (401, 403):
@@ -234,6 +231,23 @@ async def list_tree(http: Http, repo: str, revision: str) -> list[TreeFile]:
             raise FetchError(f"{shown}: the repository has more than {LISTING_MAX_FILES} files")
         url = _next_page(response, hub, shown)
     return files
+
+
+async def _get_page(http: Http, url: str, shown: str) -> tuple[bytes, httpx.Response]:
+    """One page of the listing; a transient failure (the network, HTTP 429 or 5xx) is tried
+    again with the downloader's backoff, as a HEAD is."""
+    failures = 0
+    while True:
+        try:
+            return await http.get_small(
+                url, limit=LISTING_PAGE_BYTES, follow_cross_origin=False,
+                too_large=lambda: FetchError(f"{shown}: a page of the hub's file listing is over "
+                                             f"{LISTING_PAGE_BYTES >> 20} MiB"))
+        except FetchError as exc:
+            failures += 1
+            if not exc.fields.get("transient") or failures > http.retry.max_retries:
+                raise
+            await http.retry.sleep(http.retry.delay(failures, exc.fields.get("retry_after")))
 
 
 def _next_page(response: httpx.Response, hub: httpx.URL, shown: str) -> str | None:

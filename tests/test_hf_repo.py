@@ -160,6 +160,10 @@ def test_ambiguous_no_match_and_incomplete_quants_are_refused_before_any_file(
     assert r.returncode == 2 and "quant before the revision" in r.stderr
     r = cli.run("pull", f"hf://{REPO}:Q4_K_M", "--sha256", "a" * 64, check=False, env=env)
     assert r.returncode == 2 and "--sha256, --size and --mmproj are for a single file" in r.stderr
+    # A gated repository without the token: the hub's refusal, said as such.
+    r = cli.run("pull", f"hf://{REPO}:Q4_K_M", check=False,
+                env={**env, "HF_TOKEN": "", "HF_HOME": str(cli.root.parent / "no-hf-home")})
+    assert r.returncode == 9 and "access denied by the hub (HTTP 401)" in r.stderr
     # Nothing but listings was asked; nothing was recorded.
     assert {r.method for r in origin.requests()} == {"GET"} and cdn.requests() == []
     assert all("/api/models/" in r.path for r in origin.requests())
@@ -188,6 +192,13 @@ def test_a_shard_whose_bytes_are_not_the_hubs_sha256_is_refused_and_nothing_show
 
 
 def test_a_next_page_on_another_origin_is_refused(cli: CLI, origin: FaultServer, cdn: FaultServer) -> None:
+    # A hub that fails once (503) is asked again, as a HEAD is.
+    origin.add_hf_repo("org/flaky", {})
+    origin.resources["/api/models/org/flaky/tree/main"].fail_first = [503]
+    r = cli.run("pull", "hf://org/flaky", check=False,
+                env={**hub_env(origin), "MODELFS_MAX_RETRIES": "2", "MODELFS_BACKOFF": "0.01/0.01"})
+    assert r.returncode == 2 and "the repository has no GGUF weights" in r.stderr
+    assert [x.status for x in origin.requests("/api/models/org/flaky/tree/main")] == [503, 200]
     cdn.add("/page2", b"[]", content_type="application/json")
     origin.add(f"/api/models/{REPO}/tree/main", b"[]", content_type="application/json",
                headers={"Link": f'<{cdn.url("/page2")}>; rel="next"'})
