@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import gguf, owner, rollout, settings
+from . import gguf, owner, rollout, settings, shards
 from .blobs import BlobStore, RecoveryReport
 from .catalog import Action, Catalog, FileRecord, ModelRecord, VersionRecord
 from .errors import Conflict, GGUFError, NotFound, StoreError, TrustError, UsageError
@@ -158,8 +158,17 @@ class Store:
                      license: str | None = None, source_url: str | None = None,
                      owner_app: str | None = None, private: bool = False,
                      progress: Progress | None = None) -> ImportResult:
+        """Copy ``weights`` (and ``mmproj``) into the store as a new unsigned version of
+        ``name``. The first file of a split model (``m-00001-of-00003.gguf``) brings its
+        siblings beside it (:func:`store.shards.find_siblings`), stored as role ``shard``
+        under their own names; every header is read and the set checked whole
+        (:func:`store.shards.check_split`) before a byte is copied."""
         check_model_name(name)
-        sources: list[tuple[Path, str]] = [(Path(weights), "weights")]
+        weights = Path(weights)
+        if not weights.is_file():
+            raise NotFound(f"no such file: {weights}", path=str(weights))
+        parts = shards.find_siblings(weights)
+        sources: list[tuple[Path, str]] = [(p, "weights" if i == 0 else "shard") for i, p in enumerate(parts)]
         if mmproj is not None:
             sources.append((Path(mmproj), "mmproj"))
         for path, _ in sources:
@@ -167,11 +176,12 @@ class Store:
                 raise NotFound(f"no such file: {path}", path=str(path))
             check_filename(path.name)
         if len({p.name for p, _ in sources}) != len(sources):
-            raise UsageError("the weights and the mmproj file must have different file names")
+            raise UsageError("the weights, its shards and the mmproj file must have different file names")
         # Refuse malformed files before a single byte is copied.
         info = gguf.parse_gguf(sources[0][0])
         if info.is_mmproj:
             raise UsageError(f"{sources[0][0].name} is a multimodal projector; pass it with --mmproj")
+        shards.check_split([(parts[0].name, info), *((p.name, gguf.parse_gguf(p)) for p in parts[1:])])
         if mmproj is not None and not gguf.parse_gguf(Path(mmproj)).is_mmproj:
             raise UsageError(f"{Path(mmproj).name} is not a multimodal projector (mmproj) GGUF")
         self.check_unsigned_allowed(name, "import")

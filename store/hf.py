@@ -1,4 +1,4 @@
-"""Hugging Face hub sources: ``hf://org/repo[@revision]/path/file.gguf``.
+"""Hugging Face hub sources: ``hf://org/repo[@revision]/path/file.gguf``, and repositories.
 
 A file is fetched from ``{endpoint}/{org}/{repo}/resolve/{revision}/{path}``; the
 endpoint is ``$MODELFS_HF_ENDPOINT`` (else ``$HF_ENDPOINT``, else the public hub), so
@@ -7,6 +7,11 @@ from a HEAD of that URL that follows same-origin redirects only: for an LFS file
 hub answers 302 (to its CDN) with ``X-Linked-Etag`` (the SHA-256, quoted) and
 ``X-Linked-Size``; ``X-Repo-Commit`` names the commit, which pins the recorded URL so a
 later lazy fetch gets the same bytes.
+
+A repository's files come from the hub's tree listing (:func:`list_tree`: ``GET
+{endpoint}/api/models/{org}/{repo}/tree/{revision}?recursive=true``, a JSON list of
+``{"type": "file", "path", "size", "oid", "lfs": {"oid": SHA-256, "size", …}}``), paginated
+by a ``Link: <…>; rel="next"`` header that is followed on the endpoint's origin only.
 
 The token comes from ``$HF_TOKEN`` (or the legacy ``$HUGGING_FACE_HUB_TOKEN``), else
 the token file (``$HF_TOKEN_PATH``, else ``$HF_HOME/token``, default
@@ -18,6 +23,7 @@ never stored, logged or put in argv.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable
@@ -175,3 +181,109 @@ async def file_metadata(http: Http, ref: HFRef) -> HFFile:
     url = resolve_url(ref, revision=commit) if commit else url
     return HFFile(ref, url, check_sha256(linked.lower()), int(size_text), commit,
                   _normalize_etag(headers.get("etag")))
+
+
+# -- a repository's files -----------------------------------------------------------------
+@dataclass(frozen=True)
+class TreeFile:
+    """One file of a repository listing: its path, size and (LFS files only) SHA-256."""
+    path: str
+    size: int
+    sha256: Sha256 | None   # the LFS object's SHA-256 (``lfs.oid``); None for a plain git file
+
+
+LISTING_PAGE_BYTES = 16 << 20   # one page of the tree listing (the hub sends about 1,000 entries)
+LISTING_MAX_PAGES = 1000
+LISTING_MAX_FILES = 100_000
+
+
+def tree_url(repo: str, revision: str, base: str | None = None) -> str:
+    """The hub's listing of every file of ``repo`` at ``revision`` (``huggingface_hub``'s
+    ``list_repo_tree(recursive=True)``)."""
+    return f"{base or endpoint()}/api/models/{repo}/tree/{quote(revision, safe='')}?recursive=true"
+
+
+async def list_tree(http: Http, repo: str, revision: str) -> list[TreeFile]:
+    """Every file of ``repo`` at ``revision``, following the listing's pages (``Link:
+    <…>; rel="next"``, as the hub paginates, on the hub's origin only). Folders are left
+    out; an entry that is not what the hub sends is refused, not guessed at."""
+    shown = f"hf://{repo}" + ("" if revision == "main" else "@" + quote(revision, safe=""))
+    url: str | None = tree_url(repo, revision)
+    hub = httpx.URL(endpoint())
+    files: list[TreeFile] = []
+    pages = 0
+    while url is not None:
+        pages += 1
+        if pages > LISTING_MAX_PAGES:
+            raise FetchError(f"{shown}: the hub's file listing has more than {LISTING_MAX_PAGES} pages")
+        try:
+            body, response = await _get_page(http, url, shown)
+        except FetchError as exc:
+            status = exc.fields.get("status")
+            if status in (401, 403):
+                raise FetchError(f"{shown}: access denied by the hub (HTTP {status}); a gated or private repo "
+                                 "needs HF_TOKEN or a token file", status=status) from None
+            if status == 404:
+                raise FetchError(f"{shown}: no such repository or revision on the hub", status=status) from None
+            raise
+        files += _tree_entries(body, shown)
+        if len(files) > LISTING_MAX_FILES:
+            raise FetchError(f"{shown}: the repository has more than {LISTING_MAX_FILES} files")
+        url = _next_page(response, hub, shown)
+    return files
+
+
+async def _get_page(http: Http, url: str, shown: str) -> tuple[bytes, httpx.Response]:
+    """One page of the listing; a transient failure (the network, HTTP 429 or 5xx) is tried
+    again with the downloader's backoff, as a HEAD is."""
+    failures = 0
+    while True:
+        try:
+            return await http.get_small(
+                url, limit=LISTING_PAGE_BYTES, follow_cross_origin=False,
+                too_large=lambda: FetchError(f"{shown}: a page of the hub's file listing is over "
+                                             f"{LISTING_PAGE_BYTES >> 20} MiB"))
+        except FetchError as exc:
+            failures += 1
+            if not exc.fields.get("transient") or failures > http.retry.max_retries:
+                raise
+            await http.retry.sleep(http.retry.delay(failures, exc.fields.get("retry_after")))
+
+
+def _next_page(response: httpx.Response, hub: httpx.URL, shown: str) -> str | None:
+    nxt = response.links.get("next", {}).get("url")
+    if not nxt:
+        return None
+    target = response.url.join(nxt)
+    if (target.scheme, target.host, target.port) != (hub.scheme, hub.host, hub.port):
+        raise FetchError(f"{shown}: the hub's listing points its next page at another origin; refused")
+    return str(target)
+
+
+def _tree_entries(body: bytes, shown: str) -> list[TreeFile]:
+    def bad(why: str) -> FetchError:
+        return FetchError(f"{shown}: the hub's file listing is malformed ({why})")
+
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise bad("not JSON") from None
+    if not isinstance(doc, list):
+        raise bad("not a list")
+    out = []
+    for entry in doc:
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise bad("an entry without a path")
+        if entry.get("type") != "file":
+            continue  # a folder: recursive listings name its files too
+        size, lfs = entry.get("size"), entry.get("lfs")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise bad(f"no size for {entry['path'][:80]!r}")
+        sha = None
+        if lfs is not None:
+            oid = lfs.get("oid") if isinstance(lfs, dict) else None
+            if not isinstance(oid, str) or not _SHA256.fullmatch(oid.lower()) or lfs.get("size", size) != size:
+                raise bad(f"an LFS entry without a SHA-256 or with another size for {entry['path'][:80]!r}")
+            sha = check_sha256(oid.lower())
+        out.append(TreeFile(entry["path"], size, sha))
+    return out

@@ -8,7 +8,8 @@
     │   ├── GET downloads        Downloader._attempt   (retried by the downloader)
     │   ├── head(url)            hub metadata; 429/5xx and transient failures retried
     │   │                        here with the downloader's backoff (RetryPolicy)
-    │   └── get_envelope(url)    a signed envelope: identity encoding only, refused
+    │   └── get_small(url)       a small document (a signed envelope, a hub listing):
+    │                            identity encoding only, refused
     │                            over ``limit`` bytes without reading past the limit
     ├── offline                  an offline store sends nothing: every request is
     │                            refused before it is built
@@ -65,7 +66,7 @@ import httpcore
 import httpx
 import trio
 
-from .errors import FetchError, InternalError, ManifestError, OfflineError, StoreError, UsageError
+from .errors import FetchError, FormatError, InternalError, ManifestError, OfflineError, StoreError, UsageError
 from .redact import redact_url
 
 __all__ = ["CROSS_ORIGIN_SAFE_HEADERS", "MAX_REDIRECTS", "AddressRule", "Auth", "BigReadStream", "Http",
@@ -509,28 +510,38 @@ class Http:
     async def get_envelope(self, url: str, *, limit: int) -> bytes:
         """GET a small signed document (an envelope), refusing a compressed body or one over
         ``limit`` bytes without reading it past the limit. Not retried."""
+        body, _ = await self.get_small(url, limit=limit, too_large=lambda: _too_large(limit))
+        return body
+
+    async def get_small(self, url: str, *, limit: int, too_large: Callable[[], StoreError],
+                        follow_cross_origin: bool = True) -> tuple[bytes, httpx.Response]:
+        """GET a small document (an envelope, a hub listing) whole: HTTP 200 only, identity
+        encoding only, ``too_large()`` raised for a body over ``limit`` bytes, never read
+        past the limit. Returns the body and the (closed) response, whose headers are
+        left to read. Not retried."""
         shown = redact_url(url)
         self.check_online(shown)
         if _parse_url(url, shown).scheme not in ("http", "https"):
             raise UsageError(f"{shown}: not an http(s) URL")
         response = await self.open("GET", url, {"Accept": "application/json", "Accept-Encoding": "identity"},
-                                   shown)
+                                   shown, follow_cross_origin=follow_cross_origin)
         try:
             if response.status_code != 200:
-                raise FetchError(f"{shown}: HTTP {response.status_code} from {response.url.host}",
-                                 status=response.status_code)
+                error = status_error(response, shown)
+                raise error or FetchError(f"{shown}: HTTP {response.status_code} from {response.url.host}",
+                                          status=response.status_code)
             if response.headers.get("content-encoding", "identity").lower() != "identity":
-                raise ManifestError("manifest refused: the envelope was sent compressed", reason="encoded")
+                raise FormatError(f"{shown}: refused: the server sent the document compressed", reason="encoded")
             declared = response.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
-                raise _too_large(limit)
+                raise too_large()
             body = bytearray()
             with self.body_errors(response, shown, lambda: len(body)):
                 async for chunk in response.aiter_raw():
                     body += chunk
                     if len(body) > limit:
-                        raise _too_large(limit)
-            return bytes(body)
+                        raise too_large()
+            return bytes(body), response
         finally:
             await response.aclose()
 

@@ -11,7 +11,10 @@ Downloader on one event loop, what the source is:
   page, a document that is not an envelope, an HTTP error) and that an unsigned pull
   needs ``--sha256``;
 * anything else (an https URL with ``--sha256``, ``hf://``): an unsigned pull.
-  ``--lazy`` is for signed packs only.
+  ``--lazy`` is for signed packs only. A hub repository (``hf://org/repo[:QUANT][@REV]``)
+  is one too: :mod:`store.hfrepo` chooses its weights, shards and mmproj; the first file
+  of a split model on the hub brings its siblings from the same commit
+  (:func:`resolve_shards`).
 
 An unsigned pull (:func:`pull`) mirrors :meth:`Store.import_model`: resolve each source to a URL with an
 expected SHA-256 (given, or the hub's LFS hash) and size; fetch every blob through the
@@ -39,11 +42,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 from urllib.parse import unquote, urlsplit
 
-from . import gguf, hf
+from . import gguf, hf, hfrepo, shards
 from .blobs import BlobStore
 from .catalog import Action, FileRecord
 from .download import Bytes, Downloader, FetchResult
-from .errors import ManifestError, StoreError, UsageError
+from .errors import FetchError, ManifestError, StoreError, UsageError
 from .layout import Sha256, check_sha256
 from .names import check_filename, check_model_name
 from .packs import (
@@ -71,7 +74,7 @@ ProgressFactory = Callable[["PullSource"], Progress | None]
 class PullSource:
     url: str                   # full URL for the transfer; may hold secrets, never stored
     filename: str
-    role: str                  # 'weights' or 'mmproj'
+    role: str                  # 'weights', 'shard' (a split model's later files) or 'mmproj'
     sha256: Sha256
     size: int | None
     source: str                # redacted identity for the card: hf://org/repo or scheme://host/path
@@ -109,8 +112,10 @@ def result_json(result: InstallResult | PullResult) -> dict[str, Any]:
 
 
 def default_name(filename: str) -> str:
-    """A model name from a file name: ``Qwen2-7B.Q4_K_M.gguf`` -> ``Qwen2-7B.Q4_K_M``."""
-    stem = filename[:-5] if filename.lower().endswith(".gguf") else filename
+    """A model name from a file name: ``Qwen2-7B.Q4_K_M.gguf`` -> ``Qwen2-7B.Q4_K_M``, and a
+    split model's first file ``Qwen3-Q4_K_M-00001-of-00003.gguf`` -> ``Qwen3-Q4_K_M``."""
+    split = shards.split_name(filename)
+    stem = split.prefix if split is not None else filename[:-5] if filename.lower().endswith(".gguf") else filename
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip(".-") or "model"
     return name[:128]
 
@@ -224,23 +229,25 @@ async def pull(store: Store, downloader: Downloader, sources: list[PullSource], 
         raise UsageError("a pull needs the weights file first")
     name = check_model_name(name or default_name(sources[0].filename))
     if len({s.filename for s in sources}) != len(sources):
-        raise UsageError("the weights and the mmproj file must have different file names")
+        raise UsageError("the weights, its shards and the mmproj file must have different file names")
     store.check_unsigned_allowed(name, "pull")
     if admit is not None:
         sizes = [s.size for s in sources]
         admit(name, None if None in sizes else sum(s or 0 for s in sizes))
 
     fetched: list[tuple[PullSource, FetchResult]] = []
-    for src in sources:
-        cb = progress(src) if progress else None
-        log.info("pulling %s (%s) from %s", src.filename, src.role, src.shown)
-        res = await downloader.fetch(src.url, sha256=src.sha256, size=src.size, progress=cb,
-                                     check=GGUFHeaderCheck(src.filename))
-        fetched.append((src, res))
     try:
+        for src in sources:
+            cb = progress(src) if progress else None
+            log.info("pulling %s (%s) from %s", src.filename, src.role, src.shown)
+            res = await downloader.fetch(src.url, sha256=src.sha256, size=src.size, progress=cb,
+                                         check=GGUFHeaderCheck(src.filename))
+            fetched.append((src, res))
         info = _check_files(fetched)
+    except FetchError:
+        raise  # the network: what was verified stays for the next attempt (as a partial does)
     except StoreError:
-        _drop_new_blobs(store, fetched)
+        _drop_new_blobs(store, fetched)  # a file refused: the files fetched before it go too
         raise
 
     weights = sources[0]
@@ -268,14 +275,20 @@ def _hub_path(src: PullSource, weights: PullSource) -> str | None:
 
 def _check_files(fetched: list[tuple[PullSource, FetchResult]]) -> gguf.GGUFInfo:
     """The whole files, verified: GGUF headers whose tensors fit, the weights no
-    projector, the mmproj one. Returns the weights' header."""
+    projector, a split model's shards whole and in order (:func:`store.shards.check_split`:
+    a later shard is never taken as the weights), the mmproj a projector. Returns the
+    weights' header."""
     (weights, res), *rest = fetched
     info = gguf.parse_gguf(res.path, name=weights.filename)
     if info.is_mmproj:
         raise UsageError(f"{weights.filename} is a multimodal projector; pass it with --mmproj")
+    split = [(weights.filename, info)]
     for src, r in rest:
-        if src.role == "mmproj" and not gguf.parse_gguf(r.path, name=src.filename).is_mmproj:
+        if src.role == "shard":
+            split.append((src.filename, gguf.parse_gguf(r.path, name=src.filename)))
+        elif src.role == "mmproj" and not gguf.parse_gguf(r.path, name=src.filename).is_mmproj:
             raise UsageError(f"{src.filename} is not a multimodal projector (mmproj) GGUF")
+    shards.check_split(split)
     return info
 
 
@@ -364,14 +377,59 @@ async def pull_source(store: Store, downloader: Downloader, source: str, options
     if found is not None:
         raise UsageError(f"{redact_url(source)}: not a signed pack ({found}); to pull an unsigned file from "
                          "there, pass --sha256 HEX")
-    sources = [await resolve(downloader, source, role="weights", sha256=options.sha256, size=options.size)]
+    name = options.name
+    if hfrepo.is_repo_ref(source):
+        sources, name = await resolve_repo(downloader, source, options)
+    else:
+        sources = [await resolve(downloader, source, role="weights", sha256=options.sha256, size=options.size)]
+        sources += await resolve_shards(downloader, source, sources[0])
     if options.mmproj:
         base = hf.parse_hf_url(source) if source.startswith("hf://") and "://" not in options.mmproj else None
         sources.append(await resolve(downloader, options.mmproj, role="mmproj", sha256=options.mmproj_sha256,
                                      base=base))
-    return await pull(store, downloader, sources, name=options.name, owner_app=options.owner_app,
+    return await pull(store, downloader, sources, name=name, owner_app=options.owner_app,
                       owner_uid=options.owner_uid, private=options.private, license=options.license,
                       progress=reporter, admit=admit)
+
+
+async def resolve_repo(downloader: Downloader, source: str, options: PullOptions) -> tuple[list[PullSource], str]:
+    """``hf://org/repo[:QUANT][@REVISION]``: the files :mod:`store.hfrepo` chooses (the
+    weights, every shard, the mmproj), each with the hub's LFS SHA-256 and its URL pinned
+    to the commit, and the model's name (``--name``, else from the repo and the quant)."""
+    if options.sha256 is not None or options.size is not None or options.mmproj is not None:
+        raise UsageError("a repository pull chooses its files and takes each one's SHA-256 and size from the hub; "
+                         "--sha256, --size and --mmproj are for a single file (hf://org/repo/FILE)")
+    ref = hfrepo.parse_repo_ref(source)
+    plan = await hfrepo.resolve_repo(downloader.http, ref)
+    origin = f"{hf.endpoint()}/{ref.repo}"
+    sources = [PullSource(f.meta.url, check_filename(f.filename), f.role, f.meta.sha256, f.meta.size,
+                          source=f"hf://{ref.repo}", source_url=origin, hub_repo=ref.repo, hub_commit=plan.commit,
+                          hub_path=f.path)
+               for f in plan.files]
+    log.info("%s: %s", ref.display(), ", ".join(f"{f.path} ({f.role})" for f in plan.files))
+    return sources, options.name or hfrepo.default_name(plan)
+
+
+async def resolve_shards(downloader: Downloader, source: str, first: PullSource) -> list[PullSource]:
+    """The later files of a split model whose first file is ``first`` (``…-00001-of-00003.gguf``):
+    on the hub, its siblings beside it in the same repository and commit; elsewhere there is
+    no SHA-256 to check them by, so the pull is refused (a signed pack or a hub repository
+    pull carries one for each)."""
+    split = shards.split_name(first.filename)
+    if split is None or split.count == 1:
+        return []
+    if split.no != 1:
+        raise UsageError(f"{first.filename} is shard {split.no} of {split.count}; pull the first one, "
+                         f"{split.sibling(1)}")
+    if not source.startswith("hf://") or first.hub_path is None:
+        raise UsageError(f"{first.filename} is the first of {split.count} files of a split model; an https pull "
+                         "has no SHA-256 for the others: pull it from the hub (hf://org/repo:QUANT) or as a signed "
+                         "pack")
+    ref = hf.parse_hf_url(source)
+    folder = first.hub_path.rsplit("/", 1)[0] + "/" if "/" in first.hub_path else ""
+    base = hf.HFRef(ref.repo, first.hub_commit or ref.revision, "")
+    return [await resolve(downloader, folder + split.sibling(no), role="shard", base=base)
+            for no in range(2, split.count + 1)]
 
 
 async def _probe_envelope(downloader: Downloader, url: str) -> tuple[bytes | None, str | None]:

@@ -52,7 +52,10 @@ that request alone (``.sent``), so a test can tell one transfer from the next.
 ``/{repo}/resolve/{revision}/{filename}`` route answering 302 with ``X-Linked-Etag``
 (the SHA-256), ``X-Linked-Size`` and ``X-Repo-Commit``, redirecting to a signed URL on
 a CDN server. Data may be ``bytes`` or a ``Path`` (served with ``pread``, so a GiB
-file costs no memory).
+file costs no memory). :meth:`FaultServer.add_hf_repo` publishes a whole repository that
+way, with the hub's tree listing (``/api/models/{repo}/tree/{revision}``, paginated by a
+``Link`` header). A resource may be registered with a query (``path?query``): a request
+with exactly that query gets it, any other the resource registered for the path.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ import contextlib
 import datetime
 import hashlib
 import http.server
+import json
 import os
 import socket
 import socketserver
@@ -70,7 +74,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import pytest
 
@@ -166,7 +170,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._rec = rec
         with owner.lock:
             owner.log.append(rec)
-            res = owner.resources.get(parts.path)
+            # A resource registered with its query (a listing's next page) wins over its path.
+            res = owner.resources.get(f"{parts.path}?{parts.query}") if parts.query else None
+            res = res or owner.resources.get(parts.path)
             if res is not None:
                 res.requests_seen += 1
                 if not head:
@@ -418,6 +424,43 @@ class FaultServer:
                      headers={"X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(size),
                               "X-Repo-Commit": commit})
         return sha
+
+    def add_hf_repo(self, repo: str, files: dict[str, bytes | Path], *, revision: str = "main",
+                    commit: str = "a" * 40, cdn: FaultServer | None = None, token: str | None = None,
+                    page_size: int = 1000, extra: Sequence[dict[str, object]] = (),
+                    **faults: object) -> dict[str, str]:
+        """Publish a whole repository like the hub: every file through :meth:`add_hf`, and the
+        tree listing ``/api/models/{repo}/tree/{revision}`` (and ``/{commit}``) as the hub
+        sends it for ``recursive=true``: a JSON list of ``{"type": "file", "path", "size",
+        "oid", "lfs": {"oid", "size", "pointerSize"}}`` (folders as ``{"type": "directory"}``),
+        ``page_size`` entries a page, the next page named by a ``Link: <…>; rel="next"``
+        header (a cursor in the query). ``extra`` entries are appended as they are (plain
+        git files, malformed ones). Returns {path: SHA-256}."""
+        digests: dict[str, str] = {}
+        entries: list[dict[str, object]] = []
+        folders = sorted({"/".join(p.split("/")[:i]) for p in files for i in range(1, p.count("/") + 1)})
+        for folder in folders:
+            entries.append({"type": "directory", "path": folder, "size": 0,
+                            "oid": hashlib.sha1(folder.encode()).hexdigest()})
+        for path, data in sorted(files.items()):
+            sha = self.add_hf(repo, path, data, revision=revision, cdn=cdn, token=token, commit=commit, **faults)
+            size = data.stat().st_size if isinstance(data, Path) else len(data)
+            digests[path] = sha
+            entries.append({"type": "file", "path": path, "size": size, "oid": hashlib.sha1(sha.encode()).hexdigest(),
+                            "lfs": {"oid": sha, "size": size, "pointerSize": 134}})
+        entries += list(extra)
+        entries.sort(key=lambda e: str(e["path"]))
+        pages = [entries[i:i + page_size] for i in range(0, len(entries), page_size)] or [[]]
+        for rev in {revision, commit}:
+            base = f"/api/models/{repo}/tree/{quote(rev, safe='')}"
+            for n, page in enumerate(pages):
+                headers = {}
+                if n + 1 < len(pages):
+                    headers["Link"] = f'<{self.url(base)}?recursive=true&cursor={n + 1}>; rel="next"'
+                path = base if n == 0 else f"{base}?recursive=true&cursor={n}"
+                self.add(path, json.dumps(page).encode(), content_type="application/json", headers=headers,
+                         require_auth=f"Bearer {token}" if token else None)
+        return digests
 
     # -- observations ---------------------------------------------------------------
     def bytes_sent(self, path: str) -> int:

@@ -54,14 +54,18 @@ def _write(
     seed: int,
     alignment: int | None,
     norm_name: str | None = None,
+    bare: bool = False,
 ) -> Path:
-    """Write ``kv`` and one small 1-D tensor plus ``tensor_bytes`` of 2-D tensors."""
+    """Write ``kv`` and one small 1-D tensor plus ``tensor_bytes`` of 2-D tensors. ``bare``
+    leaves out ``general.architecture`` (GGUFWriter adds it): only ``kv`` is written."""
     path = Path(path)
     total = max(_ROW_BYTES, -(-tensor_bytes // _ROW_BYTES) * _ROW_BYTES)
     sizes = list(_chunks(total))
     names = [tensor_names[i % len(tensor_names)].format(i=i) for i in range(len(sizes))]
 
     w = GGUFWriter(path, arch)
+    if bare:
+        w.kv_data[0].pop("general.architecture", None)
     try:
         if alignment is not None:
             w.add_custom_alignment(alignment)
@@ -176,7 +180,8 @@ def write_split(
     (``model_kv`` passes through); each holds its own tensors (``tensor_bytes`` of them)
     and ``split.no`` (0-based), ``split.count`` and ``split.tensors.count``.
     ``name_count`` names the files with another count than the headers say;
-    ``tensors_count`` puts another ``split.tensors.count`` in the headers."""
+    ``tensors_count`` puts another ``split.tensors.count`` in the headers. The later files
+    hold nothing but the ``split.*`` keys, as ``gguf-split`` writes them (no ``general.*``)."""
     directory = Path(directory)
     per_file = 1 + len(list(_chunks(max(_ROW_BYTES, -(-tensor_bytes // _ROW_BYTES) * _ROW_BYTES))))
     paths = []
@@ -191,6 +196,6 @@ def write_split(
             write_model(path, tensor_bytes=tensor_bytes, seed=seed, extra_kv=split, **model_kv)
         else:
             _write(path, model_kv.get("arch", "llama"), split, [f"blk.{i}.{{i}}.ffn_down.weight"],
-                   tensor_bytes, seed + i, None, norm_name=f"blk.{i}.attn_norm.weight")
+                   tensor_bytes, seed + i, None, norm_name=f"blk.{i}.attn_norm.weight", bare=True)
         paths.append(path)
     return paths

@@ -59,8 +59,9 @@ VERBS: dict[str, Verb] = {
     "pin": Verb("models:pin", "Keep NAME and all its versions through prune."),
     "prune": Verb("models:prune", "Remove old versions (not active, last-good or pinned), orphan blobs and "
                   "quarantine."),
-    "pull": Verb("pull:pull", "Download a model from SOURCE (https://… with --sha256, or "
-                 "hf://org/repo[@rev]/file.gguf), verify it, and make it the active version of NAME."),
+    "pull": Verb("pull:pull", "Download a model from SOURCE (https://… with --sha256, "
+                 "hf://org/repo[@rev]/file.gguf, or hf://org/repo[:QUANT][@rev]), verify it, and make it the "
+                 "active version of NAME."),
     "pulls": Verb("pulls:pulls", "Pull jobs of the store's daemon: state, bytes, rate, reason."),
     "revoke": Verb("access:revoke", "Take back a grant of NAME from APP_ID (the one for --uid, by default the "
                    "owner's)."),

@@ -22,6 +22,7 @@ from modelfs_store.core import RemovalPlan
 from modelfs_store.errors import UsageError
 from modelfs_store.owner import user_name
 from modelfs_store.prune import PrunePolicy
+from modelfs_store.shards import find_siblings
 
 from ._context import Ctx, json_option, pass_ctx
 from ._output import human_size, info, print_json, progress_bar, table
@@ -41,8 +42,13 @@ from .status import rollout_line
 @pass_ctx
 def import_cmd(c: Ctx, name: str, weights: str, mmproj: str | None, license_: str | None,
                source_url: str | None, owner_app: str | None, private: bool, as_json: bool) -> None:
-    """Copy a local GGUF (and its mmproj) into the store as model NAME."""
-    total = Path(weights).stat().st_size if Path(weights).is_file() else None
+    """Copy a local GGUF (and its mmproj) into the store as model NAME.
+
+    The first file of a split model (m-00001-of-00003.gguf) brings the others beside it:
+    all of them are checked together and stored as one model."""
+    total = None
+    with contextlib.suppress(UsageError, OSError):  # the import itself says what is wrong
+        total = sum(p.stat().st_size for p in find_siblings(Path(weights))) if Path(weights).is_file() else None
     if total is not None and mmproj and Path(mmproj).is_file():
         total += Path(mmproj).stat().st_size
     with progress_bar(total, f"importing {name}") as advance:

@@ -141,7 +141,7 @@ async def _cancel_on_signal(scope: Any) -> None:
 @click.argument("source")
 @click.option("--sha256", help="Expected SHA-256 of the weights (required for http(s):// sources).")
 @click.option("--size", type=int, help="Expected size in bytes, when known.")
-@click.option("--name", help="Model name (default: from the file name).")
+@click.option("--name", help="Model name (default: from the file name, or the repository and the quant).")
 @click.option("--mmproj", help="Multimodal projector: a URL, or a path in the same hf:// repository.")
 @click.option("--mmproj-sha256", help="Expected SHA-256 of the mmproj (required for http(s):// sources).")
 @click.option("--license", "license_", help="Licence of the model.")
@@ -169,11 +169,23 @@ def pull(c: Ctx, source: str, sha256: str | None, size: int | None, name: str | 
          mmproj_sha256: str | None, license_: str | None, owner_app: str | None, private: bool, as_json: bool,
          pack: bool, lazy: bool, retry: bool, candidate: bool, detach: bool, no_daemon: bool, gated: bool,
          keep_awake: bool) -> None:
-    """Download a model from SOURCE (https://… with --sha256, or hf://org/repo[@rev]/file.gguf),
-    verify it, and make it the active version of NAME. Interrupted pulls resume.
-    A signed pack (an envelope file or URL) is verified and installed as its model_id;
-    with --lazy its files are listed at once and downloaded when first opened.
-    When the store's daemon runs, it does the work: Ctrl-C leaves the pull running."""
+    """Download a model from SOURCE (https://… with --sha256, hf://org/repo[@rev]/file.gguf, or
+    hf://org/repo[:QUANT][@rev]), verify it, and make it the active version of NAME.
+    Interrupted pulls resume. A signed pack (an envelope file or URL) is verified and
+    installed as its model_id; with --lazy its files are listed at once and downloaded when
+    first opened. When the store's daemon runs, it does the work: Ctrl-C leaves the pull
+    running.
+
+    hf://org/repo[:QUANT][@REVISION] pulls a whole model from a hub repository, as
+    `llama.cpp -hf` and `ollama pull hf.co/…` do: the GGUF weights whose file name
+    carries QUANT (case-insensitive, e.g. :Q4_K_M or :q8_0), every shard of a split
+    model (-00001-of-00003.gguf …), and the repository's mmproj if it has one (the one
+    with the same quant in its name, else F16, BF16, F32), as one model. Without
+    :QUANT it takes the first of Q4_K_M, Q4_K_S, Q4_0, IQ4_XS, Q5_K_M, Q5_K_S, Q6_K,
+    Q8_0 the repository has, else its first weights file. Two weights that match are
+    refused with the candidates listed. The hub's LFS SHA-256 of every file is the
+    expected hash; the commit is pinned. NAME defaults to the repository's name and
+    the quant (org/tiny-GGUF:Q4_K_M -> tiny-GGUF-Q4_K_M)."""
     from modelfs_store.pulloptions import PullOptions
 
     options = PullOptions(pack=pack, lazy=lazy, sha256=sha256, size=size, name=name, mmproj=mmproj,

@@ -47,6 +47,7 @@ from modelfs_store.layout import Layout
 from modelfs_store.owner import read_small
 from modelfs_store.partial import PartialFiles
 from modelfs_store.pull import PullSource, resolve
+from modelfs_store.shards import split_name
 
 from ._entry import ModelCacheEntry
 from ._manager import Cancelled, CancelToken, DownloadEvent, Entries, OnProgress, Stage
@@ -167,6 +168,12 @@ class LocalModelDownloadManager:
         if source.kind is SourceKind.PACK:
             raise UsageError("a signed pack needs the shared store (modelfs): the app-local cache takes "
                              "http(s) and hf:// sources")
+        split = split_name(source.file_name)
+        if split is not None and split.count > 1:
+            # One file per entry here: a runtime handed one shard would not find the others.
+            raise UsageError(f"{source.file_name} is one of {split.count} files of a split model: it needs the "
+                             "shared store (modelfs), which keeps them together; the app-local cache takes "
+                             "single-file models")
         companion = None
         if mmproj is not None:
             companion = self.ensure_model(mmproj, replace(options, sha256=options.mmproj_sha256, size=None), None,
