@@ -29,7 +29,7 @@ import pytest
 
 from conftest import CLI, remove_tree, sha, thaw_tree, wait_for
 from ggufgen import write_mmproj, write_model
-from modelfs.mount.tree import ROOT_INODE, Caller, ModelEntry, Namespace, Node, attr, diff
+from modelfs.mount.tree import Caller, ModelEntry, Namespace, Node, attr, diff
 from modelfs.mount.views import HF_DIR, LMSTUDIO_DIR, VIEW_DIRS, Views, standin_commit
 from modelfs_store.catalog import FileRecord, ModelRecord, VersionRecord
 from modelfs_store.errors import NotFound, UsageError
@@ -343,8 +343,9 @@ def test_hf_hub_download_finds_the_files_in_the_mount_and_not_what_is_hidden(wor
     assert [g[0] for g in got[1:]] == ["LocalEntryNotFoundError"] * 4
     seen = world.py(LOOK, hub, f"{hub}/models--org--tiny-GGUF/blobs", f"{hub}/models--org--tiny-GGUF/snapshots",
                     f"{hub}/models--org--tiny-GGUF/refs/main", f"{hub}/models--org--secret-GGUF",
-                    f"{hub}/models--org--tiny-GGUF/blobs/{q8}", f"{mnt}/.lmstudio/org", f"{mnt}/.lmstudio/org/tiny-GGUF",
-                    f"{mnt}/.lmstudio/org/secret-GGUF/secret-Q4_K_M.gguf", mnt, as_nobody=True)
+                    f"{hub}/models--org--tiny-GGUF/blobs/{q8}", f"{mnt}/.lmstudio/org",
+                    f"{mnt}/.lmstudio/org/tiny-GGUF", f"{mnt}/.lmstudio/org/secret-GGUF/secret-Q4_K_M.gguf", mnt,
+                    as_nobody=True)
     assert seen == {
         hub: ["models--org--tiny-GGUF"],
         f"{hub}/models--org--tiny-GGUF/blobs": sorted([q4, proj]),
@@ -359,10 +360,98 @@ def test_hf_hub_download_finds_the_files_in_the_mount_and_not_what_is_hidden(wor
     }
     # Everything is read-only.
     with pytest.raises(OSError) as exc:
-        open(f"{hub}/models--org--tiny-GGUF/blobs/{q4}", "r+b")
+        os.open(f"{hub}/models--org--tiny-GGUF/blobs/{q4}", os.O_RDWR)
     assert exc.value.errno == errno.EROFS
 
     # A grant to nobody's app... is not needed: making the model shared shows it at once.
     world.cli.run("visibility", "secret", "shared")
     wait_for(lambda: world.hf(("org/secret-GGUF", "secret-Q4_K_M.gguf", None), as_nobody=True)[0][1] == secret,
              LIVE, "the now shared model to show in nobody's hub view")
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="!!! /dev/fuse is missing: CANNOT run !!!")
+def test_a_pull_and_an_rm_show_in_the_views_without_a_remount(world: World) -> None:
+    hub = world.mnt / ".hf" / "hub"
+    assert sorted(os.listdir(hub)) == ["models--org--secret-GGUF", "models--org--tiny-GGUF"]  # looked up once
+    new = write_model(world.top / "src" / "new-Q4_K_M.gguf", name="new", tensor_bytes=16 << 10, seed=7)
+    digest = world.publish("other/new-GGUF", new, A_COMMIT)
+    world.cli.run("pull", "--no-daemon", f"hf://other/new-GGUF/{new.name}", "--name", "new")
+    wait_for(lambda: "models--other--new-GGUF" in os.listdir(hub), LIVE, "a pull to show in the hub view")
+    assert world.hf(("other/new-GGUF", new.name, None)) == [
+        [f"{hub}/models--other--new-GGUF/snapshots/{A_COMMIT}/{new.name}", digest]]
+    assert os.listdir(world.mnt / ".lmstudio" / "other" / "new-GGUF") == [new.name]
+    assert sorted(os.listdir(world.mnt)) == ["new", "secret", "tiny-q4", "tiny-q8"]
+    world.cli.run("rm", "new")
+    wait_for(lambda: "models--other--new-GGUF" not in os.listdir(hub), LIVE, "an rm to show in the hub view")
+    assert not (world.mnt / ".lmstudio" / "other").exists()
+    assert world.hf(("other/new-GGUF", new.name, None))[0][0] == "LocalEntryNotFoundError"
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="!!! /dev/fuse is missing: CANNOT run !!!")
+def test_a_dehydrated_file_opened_through_a_view_is_fetched_and_verified(tmp_path: Path, cli: CLI) -> None:
+    from faultserver import FaultServer
+    from modelfs_store.core import Store
+    from test_mount import Mount
+
+    good = write_model(tmp_path / "lazy-Q4_K_M.gguf", name="lazy", tensor_bytes=256 << 10, seed=8).read_bytes()
+    bad = write_mmproj(tmp_path / "mmproj-lazy-f16.gguf", seed=9).read_bytes()
+    with FaultServer() as origin:
+        origin.add("/lazy-Q4_K_M.gguf", good)
+        origin.add("/mmproj-lazy-f16.gguf", b"GGUF, but not the bytes the catalog expects" * 100)
+        s = Store.open(cli.root)
+        try:  # a version recorded with its hub source and no byte local (as a lazy pull leaves it)
+            s.catalog.add_version("lazy", 1, [
+                FileRecord("lazy-Q4_K_M.gguf", "weights", len(good), sha(good), origin.url("/lazy-Q4_K_M.gguf"),
+                           hub_path="lazy-Q4_K_M.gguf"),
+                FileRecord("mmproj-lazy-f16.gguf", "mmproj", len(bad), sha(bad), origin.url("/mmproj-lazy-f16.gguf"),
+                           hub_path="mmproj-lazy-f16.gguf")],
+                signed=False, source="hf://org/lazy-GGUF", hub_repo="org/lazy-GGUF", hub_commit=A_COMMIT)
+            s.catalog.activate("lazy", 1, actor="test")
+        finally:
+            s.close()
+        mount = Mount(cli, tmp_path / "mnt")
+        try:
+            mnt = mount.path
+            own = mnt / "lazy" / "lazy-Q4_K_M.gguf"
+            blob = mnt / ".hf" / "hub" / "models--org--lazy-GGUF" / "blobs" / sha(good)
+            assert os.stat(blob).st_size == len(good)  # exact before any byte is local
+            assert os.getxattr(blob, "user.modelfs.state") == b"dehydrated"
+            got = World(tmp_path, origin, None)
+            got.mount = mount
+            [[path, digest]] = got.hf(("org/lazy-GGUF", "lazy-Q4_K_M.gguf", None))
+            assert path.startswith(str(mnt)) and digest == sha(good)
+            assert origin.bytes_sent("/lazy-Q4_K_M.gguf") == len(good)  # fetched on open, once
+            assert os.getxattr(own, "user.modelfs.state") == b"local"  # the model's own file shares the blob
+            # Bytes that fail verification are EIO through the view too, and nothing shows.
+            proj = mnt / ".lmstudio" / "org" / "lazy-GGUF" / "mmproj-lazy-f16.gguf"
+            with pytest.raises(OSError) as exc:
+                proj.read_bytes()
+            assert exc.value.errno == errno.EIO
+            assert os.getxattr(mnt / "lazy" / "mmproj-lazy-f16.gguf", "user.modelfs.state") == b"dehydrated"
+        finally:
+            mount.stop()
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="!!! /dev/fuse is missing: CANNOT run !!!")
+def test_the_owner_gets_the_fast_path_through_the_hub_view(world: World) -> None:
+    from test_mount import Mount
+
+    world.mount.stop()
+    world.mount = Mount(world.cli, world.top / "mnt2", "--allow-other", "--links", "auto")
+    q4 = sha(world.files["tiny-Q4_K_M.gguf"])
+    [[path, digest]] = world.hf(("org/tiny-GGUF", "tiny-Q4_K_M.gguf", A_COMMIT))
+    assert digest == q4 and path.startswith(str(world.mnt))
+    # snapshot -> ../../blobs/<sha> in the mount -> the committed blob itself, for the owner
+    blob = world.mnt / ".hf" / "hub" / "models--org--tiny-GGUF" / "blobs" / q4
+    assert os.path.islink(blob) and os.readlink(blob) == str(world.top / "store" / "blobs" / "sha256" / q4[:2] / q4)
+    assert os.path.realpath(path) == os.readlink(blob)
+    # nobody gets the regular file, through the mount
+    seen = world.py("""
+        import hashlib, json, os, sys
+        with open(sys.argv[1], "rb") as f:
+            print(json.dumps([os.path.islink(sys.argv[1]), hashlib.sha256(f.read()).hexdigest()]))
+    """, str(blob), as_nobody=True)
+    assert seen == [False, q4]
