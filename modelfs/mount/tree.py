@@ -155,7 +155,7 @@ class BuiltViews(Protocol):
     def hidden(self) -> Mapping[str, Inode]: ...
 
     @property
-    def nodes(self) -> tuple[Node, ...]: ...
+    def nodes(self) -> Mapping[Inode, Node]: ...
 
 
 class AllowAll:
@@ -346,12 +346,18 @@ class Tree:
     total_bytes: int = 0
     linked: bool = False                                # files have link twins
     hidden: Mapping[str, Inode] = field(default_factory=dict)  # the root's lookup-only names (views)
-    views: tuple[Node, ...] = ()                        # every node of the views
-    view_key: tuple[Any, ...] | None = None             # what the views were built from
+    views: Mapping[Inode, Node] = field(default_factory=dict)  # every node of the views (apart: a
+    view_key: tuple[Any, ...] | None = None             # rebuild that keeps them costs nothing)
 
     @property
     def root(self) -> Node:
         return self.nodes[ROOT_INODE]
+
+    def node(self, ino: Inode) -> Node | None:
+        return self.nodes.get(ino) or self.views.get(ino)
+
+    def has(self, ino: Inode) -> bool:
+        return ino in self.nodes or ino in self.views
 
 
 EMPTY = Tree({ROOT_INODE: Node(ROOT_INODE, ROOT_INODE, "dir", 0, 0, nlink=2)}, {}, {})
@@ -392,7 +398,7 @@ def build(snapshot: Snapshot, inodes: InodeMap, previous: Tree = EMPTY, *,
             else previous.root.mtime_ns
     nodes[ROOT_INODE] = Node(ROOT_INODE, ROOT_INODE, "dir", 0, mtime, nlink=2 + len(top), children=top)
     hidden: Mapping[str, Inode] = {}
-    view_nodes: tuple[Node, ...] = ()
+    view_nodes: Mapping[Inode, Node] = {}
     view_key = None
     if views is not None:
         view_key = (linked, views.key(entries))
@@ -401,8 +407,6 @@ def build(snapshot: Snapshot, inodes: InodeMap, previous: Tree = EMPTY, *,
         else:
             built = views.build(entries, inodes, visibility.uniform, link_target, mtime)
             hidden, view_nodes = built.hidden, built.nodes
-        for n in view_nodes:
-            nodes[n.ino] = n
     return Tree(nodes, entries, subtrees, total, linked, hidden, view_nodes, view_key)
 
 
@@ -573,25 +577,29 @@ def diff(old: Tree, new: Tree) -> Invalidation:
     kernel drops them with the directory's own entry."""
     entries: list[tuple[Inode, str, Inode]] = []
     inodes: list[Inode] = []
-    for ino, before in old.nodes.items():
-        after = new.nodes.get(ino)
-        if after is None or after is before:
-            continue
-        if not after.same_attrs(before):
-            inodes.append(ino)
-        if after.per_caller != before.per_caller:  # the kernel may hold it with a long timeout
-            parent = old.nodes.get(before.parent)
-            name = next((n for n, c in parent.children.items() if c == ino), None) if parent else None
-            if name is not None:  # else a view's later candidate: the first one's entry is never cached
-                entries.append((before.parent, name, Inode(0)))
-        if before.is_dir:
-            for name, child in before.children.items():
-                now = after.children.get(name)
-                if now != child:
-                    # 'deleted' (inotify) only for a file gone from every path; never for a
-                    # directory (the kernel refuses it for a non-empty one).
-                    gone = child not in new.nodes and not old.nodes[child].is_dir
-                    entries.append((ino, name, child if gone else Inode(0)))
+    for before_nodes, after_nodes in ((old.nodes, new.nodes), (old.views, new.views)):
+        if before_nodes is after_nodes:
+            continue  # views kept whole
+        for ino, before in before_nodes.items():
+            after = after_nodes.get(ino)
+            if after is None or after is before:
+                continue
+            if not after.same_attrs(before):
+                inodes.append(ino)
+            if after.per_caller != before.per_caller:  # the kernel may hold it with a long timeout
+                parent = old.node(before.parent)
+                name = next((n for n, c in parent.children.items() if c == ino), None) if parent else None
+                if name is not None:  # else a view's later candidate: the first one's entry is never cached
+                    entries.append((before.parent, name, Inode(0)))
+            if before.is_dir:
+                for name, child in before.children.items():
+                    now = after.children.get(name)
+                    if now != child:
+                        # 'deleted' (inotify) only for a file gone from every path; never for a
+                        # directory (the kernel refuses it for a non-empty one).
+                        was = old.node(child)
+                        gone = not new.has(child) and not (was is not None and was.is_dir)
+                        entries.append((ino, name, child if gone else Inode(0)))
     return Invalidation(tuple(entries), tuple(inodes))
 
 
@@ -626,17 +634,18 @@ class Namespace:
     def swap(self, new: Tree) -> Invalidation:
         old, self.tree = self.tree, new
         change = diff(old, new)
-        for ino, node in old.nodes.items():
-            if ino not in new.nodes and self._lookups.get(ino):
-                self._retired[ino] = node
+        for before_nodes in (old.nodes, old.views if old.views is not new.views else {}):
+            for ino, node in before_nodes.items():
+                if self._lookups.get(ino) and not new.has(ino):
+                    self._retired[ino] = node
         for ino in list(self._retired):
-            if ino in new.nodes:
+            if new.has(ino):
                 del self._retired[ino]
         return change
 
     # reading
     def get(self, ino: int) -> Node:
-        node = self.tree.nodes.get(Inode(ino)) or self._retired.get(Inode(ino))
+        node = self.tree.node(Inode(ino)) or self._retired.get(Inode(ino))
         if node is None:
             raise NotFound(f"no inode {ino}", inode=ino)
         return node
@@ -702,9 +711,9 @@ class Namespace:
 
     def names_of(self, ino: int) -> list[tuple[Inode, str]]:
         """Every (directory, name) under which the current tree shows ``ino``."""
-        node = self.tree.nodes.get(Inode(ino))
+        node = self.tree.node(Inode(ino))
         if node is not None and node.seen_by:
-            return [(d.ino, name) for d in self.tree.views if d.is_dir
+            return [(d.ino, name) for d in self.tree.views.values() if d.is_dir
                     for name, child in d.children.items() if child == ino]
         if node is None or node.model is None:
             return []
@@ -750,7 +759,7 @@ class Namespace:
         if ino == ROOT_INODE:
             return
         self._lookups[ino] = self._lookups.get(ino, 0) + 1
-        if ino not in self.tree.nodes:
+        if not self.tree.has(ino):
             self._retired[ino] = node
 
     def forget(self, pairs: Iterable[tuple[int, int]]) -> None:

@@ -165,11 +165,23 @@ def _ns(t: Any) -> int:
 @dataclass(frozen=True)
 class ViewTree:
     hidden: Mapping[str, Inode]     # the root's lookup-only names
-    nodes: tuple[Node, ...]
+    nodes: Mapping[Inode, Node]
+
+
+Group = tuple[str, ...]  # ('hf', folder) or ('lms', publisher, repo): one directory a model lands in
 
 
 class Views:
-    """Builds the view nodes for ``tree.build`` (plugged into ``tree.Namespace``)."""
+    """Builds the view nodes for ``tree.build`` (plugged into ``tree.Namespace``).
+
+    A view is made of groups, one directory each: a ``models--org--repo`` of the hub
+    view, an ``org/repo`` of the LM Studio view. A group whose models did not change
+    keeps its nodes, so one pull into a store of 10,000 models rebuilds a few nodes,
+    not all of them. Called from one thread at a time (the daemon's builds are)."""
+
+    def __init__(self) -> None:
+        self._groups: dict[Group, tuple[tuple[Any, ...], Node, tuple[Node, ...]]] = {}
+        self._hub: dict[int, tuple[VersionRecord, HubFiles | None]] = {}  # by id() of the version
 
     def key(self, entries: Mapping[str, ModelEntry]) -> tuple[Any, ...]:
         """What the views depend on: when it is unchanged, the previous nodes stand."""
@@ -178,17 +190,56 @@ class Views:
 
     def build(self, entries: Mapping[str, ModelEntry], inodes: InodeMap, uniform: Callable[[ModelRecord], bool],
               link_target: Callable[[FileRecord], str] | None, mtime: int) -> ViewTree:
-        hf, lms = _Dir(), _Dir()
+        members: dict[Group, list[tuple[str, ModelRecord, VersionRecord, HubFiles | None]]] = {}
+        seen_hub: dict[int, tuple[VersionRecord, HubFiles | None]] = {}
         for name, e in entries.items():
             v = _active(e)
-            if v is not None:
-                _add(hf, lms, name, v)
-        maker = _Maker(inodes, {n: uniform(e.model) for n, e in entries.items()}, link_target, mtime)
+            if v is None:
+                continue
+            known = self._hub.get(id(v))
+            hub = known[1] if known is not None and known[0] is v else hub_files(v)  # checks every path once
+            seen_hub[id(v)] = (v, hub)
+            if hub is not None:
+                members.setdefault(("hf", repo_folder(hub.parts)), []).append((name, e.model, v, hub))
+            place = hub.parts if hub is not None and len(hub.parts) == 2 else (LOCAL_PUBLISHER, name)
+            members.setdefault(("lms", *place), []).append((name, e.model, v, hub))
+        self._hub = seen_hub
+        linked = link_target is not None
         hf_ino, hub_ino, lms_ino = inodes("view", HF_DIR), inodes("view", HF_DIR, HUB_DIR), inodes("view", LMSTUDIO_DIR)
-        hub = maker.dir(hf, ("hf",), hf_ino, hub_ino, public=True)
-        maker.dir(_Dir(), ("hf-top",), ROOT_INODE, hf_ino, public=True, extra={HUB_DIR: hub})
-        maker.dir(lms, ("lms",), ROOT_INODE, lms_ino, public=True)
-        return ViewTree({HF_DIR: hf_ino, LMSTUDIO_DIR: lms_ino}, tuple(maker.out))
+        groups: dict[Group, tuple[tuple[Any, ...], Node, tuple[Node, ...]]] = {}
+        for gid, group in members.items():
+            key = (linked, tuple((n, m.visibility, m.owner_app, m.owner_uid, v) for n, m, v, _ in group))
+            hit = self._groups.get(gid)
+            if hit is None or hit[0] != key:
+                maker = _Maker(inodes, {n: uniform(m) for n, m, _, _ in group}, link_target, mtime)
+                d = _Dir()
+                for n, _m, v, hub in group:
+                    if gid[0] == "hf":
+                        assert hub is not None
+                        _add_hf(d, gid[1], n, v, hub)
+                    else:
+                        _add_lms(d, gid[1:], n, v)
+                parent = hub_ino if gid[0] == "hf" else inodes("view-dir", "lms", gid[1])
+                root = maker.dir(d, gid, parent, inodes("view-dir", *gid))
+                hit = (key, root, tuple(maker.out))
+            groups[gid] = hit
+        self._groups = groups
+        top = _Maker(inodes, {}, link_target, mtime)
+        hub_dir = top.dir(_Dir(), ("hf",), hf_ino, hub_ino, public=True,
+                          extra={g[1]: built[1] for g, built in groups.items() if g[0] == "hf"})
+        top.dir(_Dir(), ("hf-top",), ROOT_INODE, hf_ino, public=True, extra={HUB_DIR: hub_dir})
+        publishers: dict[str, dict[str, Node]] = {}
+        for g, built in groups.items():
+            if g[0] == "lms":
+                publishers.setdefault(g[1], {})[g[2]] = built[1]
+        pubs = {p: top.dir(_Dir(), ("lms", p), lms_ino, inodes("view-dir", "lms", p), extra=repos)
+                for p, repos in publishers.items()}
+        top.dir(_Dir(), ("lms",), ROOT_INODE, lms_ino, public=True, extra=pubs)
+        nodes = {node.ino: node for node in top.out}
+        for _, _, group_nodes in groups.values():
+            for node in group_nodes:
+                nodes[node.ino] = node
+        return ViewTree({HF_DIR: hf_ino, LMSTUDIO_DIR: lms_ino}, nodes)
 
 
 def _active(e: ModelEntry) -> VersionRecord | None:
@@ -196,46 +247,50 @@ def _active(e: ModelEntry) -> VersionRecord | None:
     return next((v for v in e.versions if v.version == active and v.state == "installed"), None)
 
 
-def _add(hf: _Dir, lms: _Dir, name: str, v: VersionRecord) -> None:
+def _leaf_maker(name: str, v: VersionRecord) -> Callable[..., _Leaf]:
     mtime = _ns(v.card.get("installed_at") or v.card.get("created_at"))
     source = redacted(v.card.get("source"))
-    newest = (-mtime, name)
 
     def leaf(key: tuple[Any, ...], kind: str, rank: tuple[Any, ...], **kw: Any) -> _Leaf:
         size = len(kw["data"]) if kind == "card" else len(kw["target"].encode()) if kind == "symlink" \
             else kw["file"].size
         return _Leaf(key, kind, size, rank, name, v.version, mtime, source, {name}, **kw)
 
-    hub = hub_files(v)
-    if hub is not None:
-        folder = repo_folder(hub.parts)
-        repo = hf.sub(folder)
-        if repo is not None:
-            refs, blobs, snaps = repo.sub("refs"), repo.sub("blobs"), repo.sub("snapshots")
-            if refs is not None:
-                refs.leaf("main", leaf(("ref", folder, hub.commit), "card", newest, data=hub.commit.encode()))
-            snap = snaps.sub(hub.commit) if snaps is not None else None
-            for parts, f in hub.files:
-                if blobs is not None:  # the first model with a source URL serves the fetch
-                    blobs.leaf(f.sha256, leaf(("blob", folder, f.sha256), "file", (f.url is None, name), file=f))
-                d = snap
-                for part in parts[:-1]:
-                    d = d.sub(part) if d is not None else None
-                if d is not None:
-                    target = posixpath.join(*([".."] * (len(parts) + 1)), "blobs", f.sha256)
-                    d.leaf(parts[-1], leaf(("snap", folder, hub.commit, parts, f.sha256), "symlink", (name,),
-                                           target=target))
-    place = hub.parts if hub is not None and len(hub.parts) == 2 else (LOCAL_PUBLISHER, name)
-    d = lms
-    for part in place:
-        d = d.sub(part) if d is not None else None
+    return leaf
+
+
+def _newest(name: str, v: VersionRecord) -> tuple[Any, ...]:
+    return (-_ns(v.card.get("installed_at") or v.card.get("created_at")), name)
+
+
+def _add_hf(repo: _Dir, folder: str, name: str, v: VersionRecord, hub: HubFiles) -> None:
+    """One model's files in its ``models--org--repo`` directory."""
+    leaf = _leaf_maker(name, v)
+    refs, blobs, snaps = repo.sub("refs"), repo.sub("blobs"), repo.sub("snapshots")
+    assert refs is not None and blobs is not None and snaps is not None  # only directories at this level
+    refs.leaf("main", leaf(("ref", folder, hub.commit), "card", _newest(name, v), data=hub.commit.encode()))
+    snap = snaps.sub(hub.commit)
+    for parts, f in hub.files:
+        # the first model with a source URL serves the fetch
+        blobs.leaf(f.sha256, leaf(("blob", folder, f.sha256), "file", (f.url is None, name), file=f))
+        d = snap
+        for part in parts[:-1]:
+            d = d.sub(part) if d is not None else None
+        if d is not None:
+            target = posixpath.join(*([".."] * (len(parts) + 1)), "blobs", f.sha256)
+            d.leaf(parts[-1], leaf(("snap", folder, hub.commit, parts, f.sha256), "symlink", (name,), target=target))
+
+
+def _add_lms(d: _Dir, place: tuple[str, ...], name: str, v: VersionRecord) -> None:
+    """One model's files in its LM Studio ``publisher/repo`` directory."""
+    leaf = _leaf_maker(name, v)
     for f in v.files:
         *dirs, base = f.filename.split("/")
-        here = d
+        here: _Dir | None = d
         for part in dirs:
             here = here.sub(part) if here is not None else None
         if here is not None:
-            here.leaf(base, leaf(("lms", *place, f.filename, f.sha256), "file", newest, file=f))
+            here.leaf(base, leaf(("lms", *place, f.filename, f.sha256), "file", _newest(name, v), file=f))
 
 
 class _Maker:
@@ -258,6 +313,7 @@ class _Maker:
         for name, child in (extra or {}).items():
             children[name] = child.ino
             subdirs += 1
+            seen |= child.seen_by
             mtimes.append(child.mtime_ns)
         for name, value in d.items():
             if isinstance(value, _Dir):
