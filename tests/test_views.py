@@ -174,10 +174,13 @@ def test_views_change_with_the_catalog_and_keep_their_numbers(ns):
     entries = tuple(e._replace(model=replace(e.model, last_used_at=5.0)) for e in before.entries.values())
     ns.replace(entries)
     assert ns.tree.views is before.views and not diff(before, ns.tree)
-    # A new model shows (a new name needs no invalidation: ENOENT is never cached); numbers stay.
+    # A new model shows (a new name needs no invalidation: ENOENT is never cached); numbers stay,
+    # and the other repositories keep their nodes.
+    adopted = walk(ns, ".hf/hub/models--lms--adopted-GGUF")
     ns.replace((*entries, model("tiny-f16", [rec("tiny-f16.gguf", 6, "tiny-f16.gguf")],
                                 repo="org/tiny-GGUF", commit=A_COMMIT)))
     assert walk(ns, f"{REPO_DIR}/blobs/{h(1)}").ino == blob
+    assert walk(ns, ".hf/hub/models--lms--adopted-GGUF") is adopted
     snap = walk(ns, f"{REPO_DIR}/snapshots/{A_COMMIT}")
     assert ls(ns, f"{REPO_DIR}/snapshots/{A_COMMIT}") == ["mmproj-tiny-f16.gguf", "tiny-Q4_K_M.gguf", "tiny-f16.gguf"]
     f16 = walk(ns, f"{REPO_DIR}/snapshots/{A_COMMIT}/tiny-f16.gguf").ino
@@ -186,6 +189,25 @@ def test_views_change_with_the_catalog_and_keep_their_numbers(ns):
     assert hidden(ns, f"{REPO_DIR}/snapshots/{A_COMMIT}/tiny-f16.gguf", ME)
     assert (snap.ino, "tiny-f16.gguf", f16) in change.entries
     assert (walk(ns, f"{REPO_DIR}/blobs").ino, h(6)) in {(p, n) for p, n, _ in change.entries}
+
+
+def test_hostile_hub_names_never_become_paths():
+    n = Namespace(views=Views())
+    n.replace((
+        model("up", [rec("u.gguf", 1, "../../../etc/passwd")], repo="org/up", commit=A_COMMIT),
+        model("dots", [rec("d.gguf", 2, "d.gguf")], repo="../..", commit=A_COMMIT),
+        model("dashes", [rec("x.gguf", 3, "x.gguf")], repo="a--b/c", commit=A_COMMIT),
+        model("badcommit", [rec("b.gguf", 4, "b.gguf")], repo="org/bad", commit="../../x"),
+    ))
+    # No file of 'up' has a safe path (the repo dir has nothing to show); the others' repos are refused.
+    assert ls(n, ".hf/hub") == ["models--org--bad"]
+    # A commit that is not 40 hex digits is replaced by the stand-in.
+    assert ls(n, ".hf/hub/models--org--bad/snapshots") == [standin_commit("org/bad", [("b.gguf", h(4))])]
+    # Every model is still in the LM Studio view, under its own name when its hub source is unusable.
+    assert ls(n, ".lmstudio") == ["modelfs", "org"]
+    assert ls(n, ".lmstudio/modelfs") == ["dashes", "dots", "up"]
+    assert ls(n, ".lmstudio/org") == ["bad"]
+    assert ls(n, ".lmstudio/modelfs/up") == ["u.gguf"]
 
 
 def test_view_names_are_reserved_and_win_over_an_old_model_of_that_name():
