@@ -177,9 +177,11 @@ class Views:
     A view is made of groups, one directory each: a ``models--org--repo`` of the hub
     view, an ``org/repo`` of the LM Studio view. A group whose models did not change
     keeps its nodes, so one pull into a store of 10,000 models rebuilds a few nodes,
-    not all of them. Called from one thread at a time (the daemon's builds are)."""
+    not all of them. Called from one thread at a time (the daemon's builds are); the
+    groups kept are numbered by one ``InodeMap``, and forgotten if another one comes."""
 
     def __init__(self) -> None:
+        self._inodes: InodeMap | None = None
         self._groups: dict[Group, tuple[tuple[Any, ...], Node, tuple[Node, ...]]] = {}
         self._hub: dict[int, tuple[VersionRecord, HubFiles | None]] = {}  # by id() of the version
 
@@ -190,6 +192,8 @@ class Views:
 
     def build(self, entries: Mapping[str, ModelEntry], inodes: InodeMap, uniform: Callable[[ModelRecord], bool],
               link_target: Callable[[FileRecord], str] | None, mtime: int) -> ViewTree:
+        if inodes is not self._inodes:
+            self._inodes, self._groups = inodes, {}
         members: dict[Group, list[tuple[str, ModelRecord, VersionRecord, HubFiles | None]]] = {}
         seen_hub: dict[int, tuple[VersionRecord, HubFiles | None]] = {}
         for name, e in entries.items():
