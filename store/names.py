@@ -19,6 +19,9 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # Names the mount itself puts inside a model directory. Compared case-insensitively so
 # a pack is portable to case-insensitive file systems (macOS).
 RESERVED_FILENAMES = frozenset({"model.json", ".versions"})
+# Names the mount itself puts at its root: the views of the same files in other tools'
+# layouts (modelfs.mount.views). A model may not take one (compared case-insensitively).
+RESERVED_MODEL_NAMES = frozenset({".hf", ".lmstudio"})
 MAX_NAME_BYTES = 255
 
 
@@ -55,6 +58,8 @@ def model_name_problem(name: object) -> str | None:
         return "is not 1-128 of A-Z a-z 0-9 . _ -"
     if name in (".", ".."):
         return "is a relative path component"
+    if name.casefold() in RESERVED_MODEL_NAMES:
+        return "is reserved by the mount (its view of the store in another tool's layout)"
     return edge_problem(name)
 
 
@@ -62,7 +67,7 @@ def check_model_name(name: str) -> str:
     problem = model_name_problem(name)
     if problem is not None:
         raise UsageError(f"invalid model name {_shown(name)}: it {problem} (use 1-128 of A-Z a-z 0-9 . _ -, "
-                         "not beginning with '-' or ending in '.')", name=name)
+                         "not beginning with '-' or ending in '.', not .hf or .lmstudio)", name=name)
     return name
 
 

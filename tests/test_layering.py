@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGES = {"modelfs": REPO / "modelfs", "modelfs_store": REPO / "store"}
 FORBIDDEN_IN_STORE = {"modelfs", "pyfuse3", "click", "rich", "typer"}
 ALLOWED_THIRD_PARTY_IN_STORE = {"httpx", "httpcore", "trio", "cryptography", "sqlite_utils"}
-NO_PYFUSE3 = ("modelfs.mount.tree", "modelfs.mount.errnos", "modelfs.mount.openfiles",
+NO_PYFUSE3 = ("modelfs.mount.tree", "modelfs.mount.views", "modelfs.mount.errnos", "modelfs.mount.openfiles",
               "modelfs.mount.runstate", "modelfs.mount.config", "modelfs.mount.control", "modelfs.mount.identity",
               "modelfs.mount.notify", "modelfs.mount.links", "modelfs.mount.holders", "modelfs.mount.server",
               "modelfs.mount.peer", "modelfs.mount.api", "modelfs.mount.jobs", "modelfs.mount.socketclient")

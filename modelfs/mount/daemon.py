@@ -81,6 +81,7 @@ from .runstate import already_mounted, detached_path, lock_path, write_json
 from .server import ControlServer, Handler, bind, socket_choice
 from .tree import Invalidation, Namespace, Node, SnapshotReader, Tree
 from .updates import UpdateTimer
+from .views import Views
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class Daemon:
         self.mountpoint = cfg.mountpoint
         self.access = AppVisibility(os.geteuid())  # the daemon runs as the store's owner (Store.open)
         self.fast = FastPath(cfg.links, os.geteuid(), self.access.resolver, self.store.blobs)
-        self.ns = Namespace(cfg.visibility or self.access, self.fast)
+        self.ns = Namespace(cfg.visibility or self.access, self.fast, Views())  # .hf/hub, .lmstudio
         self.poll_catalog = Catalog(self.layout.catalog)  # used only in worker threads, one at a time
         self.snapshots = SnapshotReader(self.poll_catalog)
         self.db_limiter = trio.CapacityLimiter(1)

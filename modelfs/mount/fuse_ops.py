@@ -160,7 +160,7 @@ class ModelOps(pyfuse3.Operations):
         s.f_bsize = s.f_frsize = 4096
         s.f_blocks = (self.ns.tree.total_bytes + 4095) // 4096
         s.f_bfree = s.f_bavail = s.f_ffree = s.f_favail = 0
-        s.f_files = len(self.ns.tree.nodes)
+        s.f_files = len(self.ns.tree.nodes) + len(self.ns.tree.views)
         s.f_namemax = 255
         return s
 
