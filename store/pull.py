@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 from urllib.parse import unquote, urlsplit
 
-from . import gguf, hf
+from . import gguf, hf, oci
 from .blobs import BlobStore
 from .catalog import Action, FileRecord
 from .download import Bytes, Downloader, FetchResult
@@ -345,6 +345,8 @@ async def pull_source(store: Store, downloader: Downloader, source: str, options
     the model and its size are known, before any file is fetched."""
     if options.retry:
         downloader.retry_failed = True
+    if oci.is_reference(source):
+        return await _pull_oci(store, downloader, source, options, reporter, admit)
     is_url = source.startswith(("http://", "https://"))
     if not is_url and os.path.isfile(source) and gguf.looks_like_gguf(source):
         raise UsageError(f"{source} is a GGUF file, not a signed pack envelope: add a local model with "
@@ -372,6 +374,26 @@ async def pull_source(store: Store, downloader: Downloader, source: str, options
     return await pull(store, downloader, sources, name=options.name, owner_app=options.owner_app,
                       owner_uid=options.owner_uid, private=options.private, license=options.license,
                       progress=reporter, admit=admit)
+
+
+async def _pull_oci(store: Store, downloader: Downloader, source: str, options: PullOptions,
+                    reporter: PullReporter | None, admit: Admit | None) -> PullResult:
+    """``oci://HOST/REPO:TAG`` (or ``@sha256:…``): the manifest's GGUF layers, each fetched
+    by its digest (the expected SHA-256), as one unsigned entry (:mod:`store.oci`)."""
+    for flag, given in (("--sha256", options.sha256), ("--size", options.size), ("--mmproj", options.mmproj),
+                        ("--mmproj-sha256", options.mmproj_sha256), ("--pack", options.pack),
+                        ("--lazy", options.lazy), ("--candidate", options.candidate)):
+        if given:
+            raise UsageError(f"{flag} does not apply to an oci:// pull: the manifest names every file with its "
+                             "digest and size (and it is unsigned)")
+    ref = oci.parse_reference(source)
+    artifact = await oci.resolve(downloader.http, ref)
+    sources = [PullSource(ref.pinned(f"sha256:{layer.sha256}"), layer.filename, layer.role, layer.sha256,
+                          layer.size, source=artifact.source, source_url=ref.display())
+               for layer in artifact.layers]
+    return await pull(store, downloader, sources, name=options.name or oci.default_name(ref),
+                      owner_app=options.owner_app, owner_uid=options.owner_uid, private=options.private,
+                      license=options.license, progress=reporter, admit=admit)
 
 
 async def _probe_envelope(downloader: Downloader, url: str) -> tuple[bytes | None, str | None]:

@@ -171,6 +171,8 @@ def pull(c: Ctx, source: str, sha256: str | None, size: int | None, name: str | 
          keep_awake: bool) -> None:
     """Download a model from SOURCE (https://… with --sha256, or hf://org/repo[@rev]/file.gguf),
     verify it, and make it the active version of NAME. Interrupted pulls resume.
+    oci://HOST/REPO:TAG (or @sha256:…) pulls a GGUF artifact from an OCI registry
+    (oci+http:// for plain HTTP), in this process.
     A signed pack (an envelope file or URL) is verified and installed as its model_id;
     with --lazy its files are listed at once and downloaded when first opened.
     When the store's daemon runs, it does the work: Ctrl-C leaves the pull running."""
@@ -179,13 +181,18 @@ def pull(c: Ctx, source: str, sha256: str | None, size: int | None, name: str | 
     options = PullOptions(pack=pack, lazy=lazy, sha256=sha256, size=size, name=name, mmproj=mmproj,
                           mmproj_sha256=mmproj_sha256, license=license_, owner_app=owner_app, private=private,
                           retry=retry, candidate=candidate)
-    client = None if no_daemon else c.daemon()
+    # A registry pull runs here: its credentials live in this process's environment.
+    registry = source.split("://", 1)[0].lower() in ("oci", "oci+http")
+    client = None if no_daemon or registry else c.daemon()
     job_options = {k: True for k, v in (("background", gated), ("keep_awake", keep_awake)) if v}
     if client is not None:
         with client:
             _remote_pull(client, source, options, as_json, detach, job_options)
         return
     for flag, given in (("--detach", detach), ("--gated", gated)):
+        if given and registry:
+            raise UsageError(f"{flag} does not apply to an oci:// pull: it runs in this command's process, "
+                             "where the registry credentials are")
         if given:
             raise UsageError(f"{flag} needs the store's daemon: start it with `modelfs mount MOUNTPOINT`")
     _local_pull(c, source, options, as_json, keep_awake)
