@@ -47,6 +47,7 @@ pulls go through :func:`store.pull.pull` (the Downloader verifies every digest).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -54,7 +55,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -493,6 +494,18 @@ def _fail(answer: _Answer, what: str) -> FetchError | NotFound:
                       status=status)
 
 
+@contextlib.contextmanager
+def _tls_hint(ref: OciRef) -> Iterator[None]:
+    """A registry that answers plain HTTP to ``oci://``: say which scheme reaches it."""
+    try:
+        yield
+    except FetchError as exc:
+        if SCHEMES[ref.scheme] == "https" and "SSL" in str(exc):
+            raise type(exc)(f"{ref.display()}: {ref.netloc} does not answer HTTPS (oci:// is HTTPS); a registry "
+                            "that speaks plain HTTP on a network you trust is oci+http://…", **exc.fields) from None
+        raise
+
+
 # -- pull ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Layer:
@@ -518,7 +531,8 @@ async def resolve(http: Http, ref: OciRef) -> Artifact:
     """Read ``ref``'s manifest and tell its GGUF files (module docstring)."""
     url = ref.manifest_url()
     accept = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
-    await registry_auth(http).authorize(http, ref, "pull", url, headers={"Accept": accept})
+    with _tls_hint(ref):
+        await registry_auth(http).authorize(http, ref, "pull", url, headers={"Accept": accept})
     response = await _send(http, "GET", url, redact_url(url), {"Accept": accept})
     if response.status != 200:
         raise _fail(response, ref.display())
@@ -695,8 +709,8 @@ async def push(store: Store, http: Http, name: str, target: str,
     config_blob = _Blob("sha256:" + hashlib.sha256(config).hexdigest(), len(config), data=config)
     blobs = [config_blob, *(_Blob(f"sha256:{f.sha256}", f.size, path=store.blobs.path(f.sha256)) for f in files)]
 
-    auth = registry_auth(http)
-    await auth.authorize(http, ref, "pull,push", ref.blob_url(config_blob.digest))
+    with _tls_hint(ref):
+        await registry_auth(http).authorize(http, ref, "pull,push", ref.blob_url(config_blob.digest))
     if set_total is not None:
         set_total(sum(b.size for b in blobs))
     skipped = uploaded = 0

@@ -219,6 +219,11 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def with_digest(location: str, digest: str) -> str:
+    """An upload's Location (its query holds the upload's state) with ``digest=`` added."""
+    return f"{location}{'&' if '?' in location else '?'}digest={digest}"
+
+
 def push_artifact(base: str, repo: str, tag: str, config: tuple[str, bytes],
                   layers: Sequence[tuple[str, bytes, dict[str, str] | None]],
                   manifest_type: str = "application/vnd.oci.image.manifest.v1+json",
@@ -231,7 +236,7 @@ def push_artifact(base: str, repo: str, tag: str, config: tuple[str, bytes],
             r = c.post(f"/v2/{repo}/blobs/uploads/")
             assert r.status_code == 202, r.text
             loc = r.headers["location"]
-            r = c.put(loc, params={"digest": digest}, content=data,
+            r = c.put(with_digest(loc, digest), content=data,
                       headers={"Content-Type": "application/octet-stream"})
             assert r.status_code == 201, r.text
             return digest
