@@ -58,20 +58,19 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import httpx
 
+from .blobs import BlobStore
+from .catalog import Catalog
 from .errors import FetchError, FormatError, IntegrityError, NotFound, UsageError
 from .http import Auth, Http, status_error
 from .layout import Sha256, check_sha256
 from .names import filename_problem
 from .redact import redact_url
 from .shards import group
-
-if TYPE_CHECKING:
-    from .core import Store
 
 log = logging.getLogger(__name__)
 
@@ -673,23 +672,23 @@ class _Blob:
 LAYER_TYPES = {"weights": DMR_GGUF, "shard": DMR_GGUF, "mmproj": DMR_MMPROJ}
 
 
-async def push(store: Store, http: Http, name: str, target: str,
+async def push(catalog: Catalog, blobs: BlobStore, http: Http, name: str, target: str,
                progress: Callable[[int], None] | None = None,
                set_total: Callable[[int], None] | None = None) -> PushResult:
     """Publish ``name``'s active version at ``target`` (``oci://HOST/REPO:TAG``)."""
     ref = parse_reference(target)
     if ref.digest is not None:
         raise UsageError("push to a tag (oci://HOST/REPO:TAG): a registry names a pushed manifest by its digest")
-    model = store.catalog.get_model(name)
+    model = catalog.get_model(name)
     if model.active_version is None:
         raise NotFound(f"model {name!r} has no active version")
-    version = store.catalog.get_version(name, model.active_version)
+    version = catalog.get_version(name, model.active_version)
     files = sorted((f for f in version.files if f.role in LAYER_TYPES),
                    key=lambda f: ({"weights": 0, "shard": 1, "mmproj": 2}[f.role], f.filename))
     if not files or files[0].role != "weights":
         raise UsageError(f"model {name!r} version {version.version} has no GGUF weights to push")
     for f in files:
-        if not store.blobs.has(f.sha256):
+        if not blobs.has(f.sha256):
             raise UsageError(f"{name}/{f.filename} is not local (dehydrated): open it through the mount or pull "
                              "the model again first, then push")
     skipped_roles = sorted({f.filename for f in version.files if f.role not in LAYER_TYPES})
@@ -707,14 +706,14 @@ async def push(store: Store, http: Http, name: str, target: str,
                                                               "diff_ids": [f"sha256:{f.sha256}" for f in files]}}
     config = json.dumps(config_doc, sort_keys=True, separators=(",", ":")).encode()
     config_blob = _Blob("sha256:" + hashlib.sha256(config).hexdigest(), len(config), data=config)
-    blobs = [config_blob, *(_Blob(f"sha256:{f.sha256}", f.size, path=store.blobs.path(f.sha256)) for f in files)]
+    uploads = [config_blob, *(_Blob(f"sha256:{f.sha256}", f.size, path=blobs.path(f.sha256)) for f in files)]
 
     with _tls_hint(ref):
         await registry_auth(http).authorize(http, ref, "pull,push", ref.blob_url(config_blob.digest))
     if set_total is not None:
-        set_total(sum(b.size for b in blobs))
+        set_total(sum(b.size for b in uploads))
     skipped = uploaded = 0
-    for blob in blobs:
+    for blob in uploads:
         url = ref.blob_url(blob.digest)
         head = await _send(http, "HEAD", url, redact_url(url))
         if head.status == 200:
@@ -742,7 +741,7 @@ async def push(store: Store, http: Http, name: str, target: str,
     said = response.headers.get("docker-content-digest")
     if said and said != digest:
         raise IntegrityError(f"{ref.display()}: the registry stored the manifest as {said[:23]}…, not {digest[:23]}…")
-    return PushResult(name, version.version, ref.display(), digest, len(blobs), skipped, uploaded)
+    return PushResult(name, version.version, ref.display(), digest, len(uploads), skipped, uploaded)
 
 
 async def _upload(http: Http, ref: OciRef, blob: _Blob, progress: Callable[[int], None] | None) -> int:

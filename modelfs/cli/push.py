@@ -45,7 +45,7 @@ async def _run(store: Store, name: str, target: str, bar: _Bar) -> PushResult:
     from modelfs_store.pull import downloader_from_env
 
     async with downloader_from_env(store.blobs) as dl:
-        return await oci.push(store, dl.http, name, target, progress=bar, set_total=bar.set_total)
+        return await oci.push(store.catalog, store.blobs, dl.http, name, target, progress=bar, set_total=bar.set_total)
 
 
 @click.command()
