@@ -10,6 +10,8 @@ Downloader on one event loop, what the source is:
   is installed; otherwise the refusal says what was found (an empty body, an HTML
   page, a document that is not an envelope, an HTTP error) and that an unsigned pull
   needs ``--sha256``;
+* ``oci://`` or ``oci+http://``: a registry's GGUF artifact (:mod:`store.oci`), its
+  layers fetched by digest, as an unsigned pull;
 * anything else (an https URL with ``--sha256``, ``hf://``): an unsigned pull.
   ``--lazy`` is for signed packs only.
 

@@ -21,8 +21,8 @@ import pytest
 from conftest import CLI, REPO
 from faultserver import FaultServer, origin  # noqa: F401 - fixture
 from ggufgen import write_model
-from registry import Registry
 from modelfs_store.catalog import Catalog
+from registry import Registry
 from test_packs import Publisher, release
 
 DOC = REPO / "docs" / "json.md"

@@ -347,3 +347,43 @@ def test_a_signed_pack_whose_file_url_is_a_registry_blob(cli: CLI, tmp_path: Pat
     r = cli.run("pull", bad, "--no-daemon", check=False, env=CREDS)
     assert r.returncode == 6 and "registry blob" in r.stderr, r.stderr
     secrets_absent([cli.root], [r.stdout, r.stderr], PASSWORD)
+
+
+# -- the Downloader's side: a dehydrated file's blob, and whose credentials ----------------
+def test_a_recorded_registry_blob_is_fetched_again_with_the_owners_credentials_only(
+        tmp_path: Path, basic_registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the mount's lazy open does for a file whose URL is a registry blob
+    (``Downloader.ensure``): the registry's auth from the owner's credentials, and none
+    of them for a Downloader bound by an address rule (a pull for an app)."""
+    import trio
+
+    from modelfs_store.catalog import FileRecord
+    from modelfs_store.core import Store
+    from modelfs_store.download import Downloader
+    from modelfs_store.errors import FetchError
+    from modelfs_store.http import AddressRule
+
+    data = b"GGUF" + os.urandom(100_000)
+    digest = upload_blob(basic_registry, "lazy/blob", data, (USER, PASSWORD))
+    rec = FileRecord("x.gguf", "weights", len(data), digest[7:],
+                     url=f"oci+http://{basic_registry.netloc}/lazy/blob@{digest}")
+    for var, value in CREDS.items():
+        monkeypatch.setenv(var, value)
+    store = Store.open(tmp_path / "store")
+    try:
+        async def for_an_app() -> None:
+            async with Downloader(store.blobs, max_retries=0, addresses=AddressRule.of(["127.0.0.0/8"])) as dl:
+                await dl.ensure(rec)
+
+        with pytest.raises(FetchError, match="asks for a user name and password"):
+            trio.run(for_an_app)
+        assert not store.blobs.has(rec.sha256)
+
+        async def for_the_owner() -> None:
+            async with Downloader(store.blobs, max_retries=0) as dl:
+                await dl.ensure(rec)
+
+        trio.run(for_the_owner)
+        assert store.blobs.path(rec.sha256).read_bytes() == data
+    finally:
+        store.close()

@@ -7,6 +7,9 @@ once; Ctrl-C (or SIGTERM, or a kill) leaves the job running, and the command say
 to cancel it. The hub token, if this user has one and the source is on the hub, goes
 with the request (the daemon keeps it in memory only).
 
+A registry pull (``oci://``) always runs in this process: the registry's credentials
+are in this process's environment (``docs/fleet.md``).
+
 With no daemon (or ``--no-daemon``) the store decides what the source is (a signed pack
 or an unsigned file) with one Downloader in one ``trio.run`` in this process. Ctrl-C
 (or SIGTERM) then cancels the transfer through trio, so the partial download is flushed
