@@ -107,6 +107,7 @@ UPLOAD_CHUNK = 16 << 20      # PATCH size of a blob upload
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _REPO = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_NETLOC = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 _V2_PATH = re.compile(r"/v2/(?P<repo>.+?)/(?:blobs|manifests|tags)(?:/|$)")
@@ -166,6 +167,8 @@ def parse_reference(text: str) -> OciRef:
         host, _port = parts.hostname, parts.port
     except ValueError:
         raise UsageError(f"{scheme}://: invalid registry address {netloc[:80]!r}") from None
+    if not _NETLOC.fullmatch(netloc):
+        raise UsageError(f"{scheme}://: invalid registry address {netloc[:80]!r}")
     if not host or not slash or not path:
         raise UsageError(f"{scheme}://{netloc[:80]}: name the repository, e.g. {scheme}://HOST/REPO:TAG")
     digest = tag = None
@@ -173,6 +176,8 @@ def parse_reference(text: str) -> OciRef:
         path, digest = path.split("@", 1)
         if not _DIGEST.fullmatch(digest):
             raise UsageError(f"{scheme}://{netloc}/{path[:80]}: a digest is sha256: and 64 lowercase hex digits")
+        if ":" in path.rsplit("/", 1)[-1]:
+            path = path.rsplit(":", 1)[0]  # REPO:TAG@DIGEST: the digest decides, as docker does
     elif ":" in path.rsplit("/", 1)[-1]:
         path, tag = path.rsplit(":", 1)
         if not _TAG.fullmatch(tag):
@@ -259,8 +264,10 @@ def credentials(netloc: str) -> Credentials | None:
         raise UsageError(f"the registry credentials file {path} is not JSON with an \"auths\" object") from None
     if not isinstance(auths, dict):
         return None
+    # Docker Hub's credentials are filed under its index's name, not the registry's.
+    wanted = {netloc, "index.docker.io"} if netloc in ("registry-1.docker.io", "docker.io") else {netloc}
     for key, entry in auths.items():
-        if not isinstance(entry, dict) or _auth_host(str(key)) != netloc:
+        if not isinstance(entry, dict) or _auth_host(str(key)) not in wanted:
             continue
         if isinstance(entry.get("username"), str) and isinstance(entry.get("password"), str):
             return Credentials(entry["username"], entry["password"])
