@@ -241,7 +241,11 @@ def test_oci_is_https_and_references_carry_no_credentials(cli: CLI, registry: Re
     assert r.returncode == 2 and "credentials" in r.stderr and PASSWORD not in r.stderr + r.stdout
     assert parse_reference("oci://Reg.example:5000/a/b").tag == "latest"
     assert parse_reference("oci+http://h/a/b@sha256:" + "a" * 64).base == "http://h"
-    for bad in ("oci://h/UPPER:1", "oci://h/a:b@c", "oci://h", "docker://h/a:1", "oci://h/a:" + "x" * 200):
+    pinned = parse_reference("oci://h:5000/a/b:t@sha256:" + "a" * 64)
+    assert (pinned.repo, pinned.tag, pinned.manifest_url()) == ("a/b", None, "https://h:5000/v2/a/b/manifests/sha256:"
+                                                                + "a" * 64)
+    for bad in ("oci://h/UPPER:1", "oci://h/a:b@c", "oci://h", "docker://h/a:1", "oci://h/a:" + "x" * 200,
+                "oci://ho st/a:1", "oci://h/a/../b:1"):
         r = cli.run("pull", bad, "--no-daemon", check=False)
         assert r.returncode == 2, (bad, r.stderr)
     assert cli.run("list", "--json").json() == []
@@ -387,3 +391,61 @@ def test_a_recorded_registry_blob_is_fetched_again_with_the_owners_credentials_o
         assert store.blobs.path(rec.sha256).read_bytes() == data
     finally:
         store.close()
+
+
+def test_a_blob_redirected_to_storage_carries_no_credentials(tmp_path: Path, origin: FaultServer,  # noqa: F811
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registries often answer a blob GET with a redirect to object storage: the
+    registry gets the credentials, the storage origin (another port) gets none."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import trio
+
+    from modelfs_store.core import Store
+    from modelfs_store.download import Downloader
+
+    data = b"GGUF" + os.urandom(50_000)
+    sha = sha256_hex(data)
+    origin.add("/bucket/blob", data)
+    basic = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    seen: list[str | None] = []
+
+    class Front(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:  # noqa: N802
+            self.do_GET()
+
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(self.headers.get("Authorization"))
+            if self.headers.get("Authorization") != basic:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="front"')
+            else:
+                self.send_response(307)
+                self.send_header("Location", origin.url("/bucket/blob"))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    front = ThreadingHTTPServer(("127.0.0.1", 0), Front)
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    for var, value in CREDS.items():
+        monkeypatch.setenv(var, value)
+    store = Store.open(tmp_path / "store")
+    try:
+        async def fetch() -> None:
+            async with Downloader(store.blobs, max_retries=0) as dl:
+                await dl.fetch(f"oci+http://127.0.0.1:{front.server_address[1]}/r/x@sha256:{sha}", sha256=sha,
+                               size=len(data))
+
+        trio.run(fetch)
+        assert store.blobs.path(sha).read_bytes() == data
+    finally:
+        store.close()
+        front.shutdown()
+        front.server_close()
+    assert basic in seen  # the registry was asked with the credentials
+    storage = origin.requests("/bucket/blob")
+    assert storage and all("authorization" not in r.headers for r in storage)
