@@ -69,7 +69,7 @@ from typing import Protocol
 import httpx
 import trio
 
-from . import failures
+from . import failures, oci
 from .blobs import BlobStore
 from .catalog import FileRecord
 from .errors import FetchError, IntegrityError, NotFound, OfflineError, StoreError, UsageError
@@ -312,8 +312,14 @@ class Downloader:
         is discarded); when ``size`` is None and ``progress`` has a ``set_total(size)``
         method, it is told the size once the server states it. ``check`` sees the first
         bytes as they arrive and may refuse them (module docstring); a caller that joins a
-        transfer already running in this process relies on that transfer's check."""
-        return await self._fetch(url, check_sha256(sha256), size, headers or {}, progress, check)
+        transfer already running in this process relies on that transfer's check.
+
+        A registry blob (``oci://host/repo@sha256:…``, or an ``https://host/v2/…/blobs/sha256:…``
+        URL) is fetched from the registry's blob URL with its auth (:func:`store.oci.prepare_blob`)."""
+        sha = check_sha256(sha256)
+        if not self.offline and not self.blobs.has(sha):
+            url = await oci.prepare_blob(self.http, url, sha) or url
+        return await self._fetch(url, sha, size, headers or {}, progress, check)
 
     async def _fetch(self, url: str, sha256: Sha256, size: int | None, headers: Mapping[str, str],
                      progress: Progress | None, check: PrefixCheck | None) -> FetchResult:

@@ -462,15 +462,17 @@ class Http:
             yield
 
     async def open(self, method: str, url: str, headers: Mapping[str, str], shown: str, *,
-                   follow_cross_origin: bool = True) -> httpx.Response:
+                   follow_cross_origin: bool = True, content: bytes | None = None) -> httpx.Response:
         """Send ``method``, following redirects by the one rule (module docstring); the
         final response, streaming: the caller closes it. With ``follow_cross_origin``
-        False, a redirect to another origin is the (closed) final response."""
+        False, a redirect to another origin is the (closed) final response. ``content``
+        is a small request body (a registry upload's chunk), sent again on every hop."""
         self.check_online(shown)
         current = _parse_url(url, shown)
         hdrs = dict(headers)
         for hop in range(MAX_REDIRECTS + 1):
-            request = self._client.build_request(method, current, headers={**hdrs, **self.auth(str(current))})
+            request = self._client.build_request(method, current, headers={**hdrs, **self.auth(str(current))},
+                                                 content=content)
             with map_errors(shown, current.host, timeout=self.timeout):
                 response = await self._client.send(request, stream=True)
             if response.status_code not in REDIRECT_STATUSES or "location" not in response.headers:

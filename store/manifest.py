@@ -61,7 +61,9 @@ Schema ``modelfs.manifest/1`` (decisions):
   macOS).
 * Strings are single-line (no control characters; ``notes`` may hold newlines and
   tabs) and bounded. URLs are ``http``/``https`` with a host and no userinfo (a
-  credential in a signed URL would end up in the catalog). ``expires`` is
+  credential in a signed URL would end up in the catalog), or a registry blob
+  ``oci://HOST/REPO@sha256:HEX`` (``oci+http://`` for plain HTTP) whose digest is the
+  artifact's ``sha256`` (fetched with the registry's auth, ``store.oci``). ``expires`` is
   ``YYYY-MM-DDTHH:MM:SS[.ffffff]`` followed by ``Z`` or ``+00:00``.
 """
 
@@ -442,6 +444,11 @@ def _int(obj: Mapping[str, Any], key: str, field: str, *, minimum: int) -> int:
     return value
 
 
+# A registry blob: oci://HOST/REPO@sha256:HEX (store.oci); REPO as the distribution spec spells it.
+_OCI_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_OCI_BLOB_PATH = re.compile(rf"/(?P<repo>{_OCI_COMPONENT}(?:/{_OCI_COMPONENT})*)@sha256:(?P<hex>[0-9a-f]{{64}})")
+
+
 def _url(obj: Mapping[str, Any], key: str, field: str) -> str:
     value = _text(obj, key, field, limit=_MAX_URL)
     if any(c.isspace() for c in value):
@@ -452,8 +459,11 @@ def _url(obj: Mapping[str, Any], key: str, field: str) -> str:
         parts.port  # noqa: B018 - raises ValueError on a malformed port
     except ValueError:
         raise _refuse("bad-url", f"{field} is not a valid URL", field=field) from None
-    if parts.scheme not in ("https", "http"):
-        raise _refuse("bad-url", f"{field} is not an http(s) URL", field=field)
+    if parts.scheme not in ("https", "http", "oci", "oci+http"):
+        raise _refuse("bad-url", f"{field} is not an http(s) URL or an oci:// blob reference", field=field)
+    if parts.scheme in ("oci", "oci+http") and not _OCI_BLOB_PATH.fullmatch(parts.path):
+        raise _refuse("bad-url", f"{field} is not an oci:// blob reference (oci://HOST/REPO@sha256:HEX)",
+                      field=field)
     if not host:
         raise _refuse("bad-url", f"{field} has no host", field=field)
     if "@" in parts.netloc:
@@ -536,6 +546,10 @@ def _artifact(art: Any, index: int, default_chunk_size: int | None) -> Artifact:
     filename = _filename(art["filename"], f"{field}.filename")
     url = _url(art, "url", f"{field}.url")
     sha256 = _sha256(art["sha256"], f"{field}.sha256")
+    blob = _OCI_BLOB_PATH.fullmatch(urlsplit(url).path) if url.startswith("oci") else None
+    if blob is not None and blob["hex"] != sha256:
+        raise _refuse("bad-url", f"{field}.url names registry blob sha256:{blob['hex'][:12]}…, not the "
+                      "artifact's sha256", field=f"{field}.url")
     size = _int(art, "size", f"{field}.size", minimum=0)
     role = art["role"]
     if not isinstance(role, str) or role not in ROLES:

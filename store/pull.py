@@ -10,6 +10,8 @@ Downloader on one event loop, what the source is:
   is installed; otherwise the refusal says what was found (an empty body, an HTML
   page, a document that is not an envelope, an HTTP error) and that an unsigned pull
   needs ``--sha256``;
+* ``oci://`` or ``oci+http://``: a registry's GGUF artifact (:mod:`store.oci`), its
+  layers fetched by digest, as an unsigned pull;
 * anything else (an https URL with ``--sha256``, ``hf://``): an unsigned pull.
   ``--lazy`` is for signed packs only. A hub repository (``hf://org/repo[:QUANT][@REV]``)
   is one too: :mod:`store.hfrepo` chooses its weights, shards and mmproj; the first file
@@ -42,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 from urllib.parse import unquote, urlsplit
 
-from . import gguf, hf, hfrepo, shards
+from . import gguf, hf, hfrepo, oci, shards
 from .blobs import BlobStore
 from .catalog import Action, FileRecord
 from .download import Bytes, Downloader, FetchResult
@@ -358,6 +360,8 @@ async def pull_source(store: Store, downloader: Downloader, source: str, options
     the model and its size are known, before any file is fetched."""
     if options.retry:
         downloader.retry_failed = True
+    if oci.is_reference(source):
+        return await _pull_oci(store, downloader, source, options, reporter, admit)
     is_url = source.startswith(("http://", "https://"))
     if not is_url and os.path.isfile(source) and gguf.looks_like_gguf(source):
         raise UsageError(f"{source} is a GGUF file, not a signed pack envelope: add a local model with "
@@ -430,6 +434,26 @@ async def resolve_shards(downloader: Downloader, source: str, first: PullSource)
     base = hf.HFRef(ref.repo, first.hub_commit or ref.revision, "")
     return [await resolve(downloader, folder + split.sibling(no), role="shard", base=base)
             for no in range(2, split.count + 1)]
+
+
+async def _pull_oci(store: Store, downloader: Downloader, source: str, options: PullOptions,
+                    reporter: PullReporter | None, admit: Admit | None) -> PullResult:
+    """``oci://HOST/REPO:TAG`` (or ``@sha256:…``): the manifest's GGUF layers, each fetched
+    by its digest (the expected SHA-256), as one unsigned entry (:mod:`store.oci`)."""
+    for flag, given in (("--sha256", options.sha256), ("--size", options.size), ("--mmproj", options.mmproj),
+                        ("--mmproj-sha256", options.mmproj_sha256), ("--pack", options.pack),
+                        ("--lazy", options.lazy), ("--candidate", options.candidate)):
+        if given:
+            raise UsageError(f"{flag} does not apply to an oci:// pull: the manifest names every file with its "
+                             "digest and size (and it is unsigned)")
+    ref = oci.parse_reference(source)
+    artifact = await oci.resolve(downloader.http, ref)
+    sources = [PullSource(ref.pinned(f"sha256:{layer.sha256}"), layer.filename, layer.role, layer.sha256,
+                          layer.size, source=artifact.source, source_url=ref.display())
+               for layer in artifact.layers]
+    return await pull(store, downloader, sources, name=options.name or oci.default_name(ref),
+                      owner_app=options.owner_app, owner_uid=options.owner_uid, private=options.private,
+                      license=options.license, progress=reporter, admit=admit)
 
 
 async def _probe_envelope(downloader: Downloader, url: str) -> tuple[bytes | None, str | None]:

@@ -22,6 +22,7 @@ from conftest import CLI, REPO
 from faultserver import FaultServer, origin  # noqa: F401 - fixture
 from ggufgen import write_model
 from modelfs_store.catalog import Catalog
+from registry import Registry
 from test_packs import Publisher, release
 
 DOC = REPO / "docs" / "json.md"
@@ -57,7 +58,17 @@ def mismatches(doc: Any, got: Any, where: str = "") -> list[str]:
 
 
 @pytest.fixture
-def world(cli: CLI, tmp_path: Path, origin: FaultServer) -> dict[str, str]:  # noqa: F811
+def registry(tmp_path: Path) -> Any:
+    """A real docker-registry for `push` (tests/registry.py)."""
+    if not os.path.exists("/usr/bin/docker-registry"):
+        pytest.skip("LOUD SKIP: Debian's docker-registry is not installed (see the README's setup)")
+    reg = Registry(tmp_path / "registry").start()
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture
+def world(cli: CLI, tmp_path: Path, origin: FaultServer, registry: Registry) -> dict[str, str]:  # noqa: F811
     w = tmp_path / "w.gguf"
     write_model(w, tensor_bytes=4096, seed=1)
     pub = Publisher(origin)
@@ -66,13 +77,15 @@ def world(cli: CLI, tmp_path: Path, origin: FaultServer) -> dict[str, str]:  # n
     cli.run("apps", "add", "org.example.A")
     Catalog(cli.root / "catalog.db").add_job("https://origin.example/big.gguf", {"sha256": "7b" * 32}, uid=0,
                                              app_id=None, secret=False, state="queued")
-    return {"weights": str(w), "pack": pack, "channel": pub.serve("chan.json", release(pub, 2))}
+    return {"weights": str(w), "pack": pack, "channel": pub.serve("chan.json", release(pub, 2)),
+            "registry": registry.ref("json/m:1")}
 
 
 def commands(world: dict[str, str]) -> dict[str, list[str]]:
     """Documented command -> the argv that produces it, in the order they run."""
     return {
         "import NAME FILE --json": ["import", "m", world["weights"], "--json"],
+        "push NAME TARGET --json": ["push", "m", world["registry"], "--json"],
         "pull URL --json": ["pull", world["pack"], "--json"],
         "list --json": ["list", "--json"],
         "show NAME --json": ["show", "m", "--json"],

@@ -60,9 +60,11 @@ VERBS: dict[str, Verb] = {
     "prune": Verb("models:prune", "Remove old versions (not active, last-good or pinned), orphan blobs and "
                   "quarantine."),
     "pull": Verb("pull:pull", "Download a model from SOURCE (https://… with --sha256, "
-                 "hf://org/repo[@rev]/file.gguf, or hf://org/repo[:QUANT][@rev]), verify it, and make it the "
-                 "active version of NAME."),
+                 "hf://org/repo[@rev]/file.gguf, or hf://org/repo[:QUANT][@rev], or oci://HOST/REPO:TAG), verify "
+                 "it, and make it the active version of NAME."),
     "pulls": Verb("pulls:pulls", "Pull jobs of the store's daemon: state, bytes, rate, reason."),
+    "push": Verb("push:push", "Publish model NAME's active version (weights, shards and mmproj) to an OCI "
+                 "registry as one artifact."),
     "revoke": Verb("access:revoke", "Take back a grant of NAME from APP_ID (the one for --uid, by default the "
                    "owner's)."),
     "rm": Verb("models:rm", "Remove a model (or one version)."),

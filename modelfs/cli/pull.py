@@ -7,6 +7,9 @@ once; Ctrl-C (or SIGTERM, or a kill) leaves the job running, and the command say
 to cancel it. The hub token, if this user has one and the source is on the hub, goes
 with the request (the daemon keeps it in memory only).
 
+A registry pull (``oci://``) always runs in this process: the registry's credentials
+are in this process's environment (``docs/fleet.md``).
+
 With no daemon (or ``--no-daemon``) the store decides what the source is (a signed pack
 or an unsigned file) with one Downloader in one ``trio.run`` in this process. Ctrl-C
 (or SIGTERM) then cancels the transfer through trio, so the partial download is flushed
@@ -170,11 +173,15 @@ def pull(c: Ctx, source: str, sha256: str | None, size: int | None, name: str | 
          pack: bool, lazy: bool, retry: bool, candidate: bool, detach: bool, no_daemon: bool, gated: bool,
          keep_awake: bool) -> None:
     """Download a model from SOURCE (https://… with --sha256, hf://org/repo[@rev]/file.gguf, or
-    hf://org/repo[:QUANT][@rev]), verify it, and make it the active version of NAME.
-    Interrupted pulls resume. A signed pack (an envelope file or URL) is verified and
+    hf://org/repo[:QUANT][@rev], or oci://HOST/REPO:TAG), verify it, and make it the active
+    version of NAME. Interrupted pulls resume. A signed pack (an envelope file or URL) is verified and
     installed as its model_id; with --lazy its files are listed at once and downloaded when
     first opened. When the store's daemon runs, it does the work: Ctrl-C leaves the pull
     running.
+
+    oci://HOST/REPO:TAG (or @sha256:…) pulls a GGUF artifact (Docker Model Runner's or
+    Ollama's media types) from an OCI registry, each layer checked by its digest, in this
+    process (oci+http:// for a plain-HTTP registry).
 
     hf://org/repo[:QUANT][@REVISION] pulls a whole model from a hub repository, as
     `llama.cpp -hf` and `ollama pull hf.co/…` do: the GGUF weights whose file name
@@ -191,13 +198,18 @@ def pull(c: Ctx, source: str, sha256: str | None, size: int | None, name: str | 
     options = PullOptions(pack=pack, lazy=lazy, sha256=sha256, size=size, name=name, mmproj=mmproj,
                           mmproj_sha256=mmproj_sha256, license=license_, owner_app=owner_app, private=private,
                           retry=retry, candidate=candidate)
-    client = None if no_daemon else c.daemon()
+    # A registry pull runs here: its credentials live in this process's environment.
+    registry = source.split("://", 1)[0].lower() in ("oci", "oci+http")
+    client = None if no_daemon or registry else c.daemon()
     job_options = {k: True for k, v in (("background", gated), ("keep_awake", keep_awake)) if v}
     if client is not None:
         with client:
             _remote_pull(client, source, options, as_json, detach, job_options)
         return
     for flag, given in (("--detach", detach), ("--gated", gated)):
+        if given and registry:
+            raise UsageError(f"{flag} does not apply to an oci:// pull: it runs in this command's process, "
+                             "where the registry credentials are")
         if given:
             raise UsageError(f"{flag} needs the store's daemon: start it with `modelfs mount MOUNTPOINT`")
     _local_pull(c, source, options, as_json, keep_awake)
