@@ -75,7 +75,8 @@ def ollama_model(models: Path, ref: str, tag: str, weights: Path, projector: Pat
     config = blob(None, "application/vnd.docker.container.image.v1+json", b'{"model_format": "gguf"}')
     manifest = models / "manifests" / ref / tag
     manifest.parent.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+    manifest.write_text(json.dumps({"schemaVersion": 2,
+                                    "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
                                     "config": config, "layers": layers}))
     return manifest
 
@@ -148,7 +149,8 @@ def caches(tmp_path: Path) -> dict[str, Path]:
     hf_repo(hub, "acme/Big-GGUF", {f"Q4_K_M/{p.name}": p for p in split})
     ollama = home / ".ollama" / "models"
     ollama_model(ollama, "registry.ollama.ai/library/tinyvision", "latest",
-                 write_model(gen / "ow", tensor_bytes=10 * MiB, seed=5), write_mmproj(gen / "op", tensor_bytes=2 * MiB, seed=6))
+                 write_model(gen / "ow", tensor_bytes=10 * MiB, seed=5),
+                 write_mmproj(gen / "op", tensor_bytes=2 * MiB, seed=6))
     lms = home / ".lmstudio" / "models"
     lmstudio_repo(lms, "lmstudio-community/Small-GGUF", {
         "Small-Q4_K_M.gguf": write_model(gen / "s", tensor_bytes=256 * 1024, seed=7),
@@ -278,7 +280,7 @@ def test_a_corrupt_cache_file_is_reported_and_skipped_and_the_others_adopted(cli
         "Tiny-Q4_K_M.gguf": write_model(gen / "q4", tensor_bytes=MiB, seed=1),
         "Tiny-Q8_0.gguf": write_model(gen / "q8", tensor_bytes=MiB, seed=2, file_type=7),
     })
-    bad = next(p for p in (repo / "blobs").iterdir() if p.name == sha_file(repo / "snapshots" / COMMIT / "Tiny-Q8_0.gguf"))
+    bad = repo / "blobs" / sha_file(repo / "snapshots" / COMMIT / "Tiny-Q8_0.gguf")
     with open(bad, "r+b") as f:  # rot one byte of the tensor data, past the header
         f.seek(-100, os.SEEK_END)
         byte = f.read(1)
@@ -303,7 +305,7 @@ def test_a_corrupt_cache_file_is_reported_and_skipped_and_the_others_adopted(cli
     assert r.returncode == 5 and "not adopted: Tiny-Q8_0" in r.stderr and "SHA-256 mismatch" in r.stderr
 
 
-def test_another_owner_or_file_system_is_not_hard_linked_and_nothing_is_copied_unasked(cli: CLI, tmp_path: Path) -> None:
+def test_another_owner_or_file_system_is_not_hard_linked_nor_copied_unasked(cli: CLI, tmp_path: Path) -> None:
     gen = tmp_path / "gen"
     gen.mkdir()
     ollama = tmp_path / "ollama"

@@ -74,6 +74,7 @@ def commands(world: dict[str, str]) -> dict[str, list[str]]:
     return {
         "import NAME FILE --json": ["import", "m", world["weights"], "--json"],
         "pull URL --json": ["pull", world["pack"], "--json"],
+        "adopt --dry-run --json": ["adopt", "--from", str(Path(world["weights"]).parent), "--dry-run", "--json"],
         "list --json": ["list", "--json"],
         "show NAME --json": ["show", "m", "--json"],
         "verify --json": ["verify", "--json"],
