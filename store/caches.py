@@ -227,6 +227,14 @@ def _subdir(dfd: int, name: str, shown: str) -> int:
 
 
 def _file(dfd: int, name: str, shown: str) -> int:
+    try:  # a device or a FIFO is never opened (an open alone may act on a device)
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except OSError as exc:
+        raise Refusal(shown, f"cannot open: {exc.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise Refusal(shown, "a symbolic link: not followed")
+    if not stat.S_ISREG(st.st_mode):
+        raise Refusal(shown, "not a regular file")
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
     except OSError as exc:
@@ -556,7 +564,7 @@ def _models(files: list[tuple[Found, GGUFInfo]], d: Discovery,
                 d.refused.append(Refusal(chosen[0][0].where.shown, str(exc)))
                 continue
             found = [_role(f, "weights" if k == 0 else "shard") for k, (f, _) in enumerate(chosen)]
-            if mmproj is not None:
+            if mmproj is not None and mmproj.filename not in {f.filename for f in found}:
                 found.append(_role(mmproj, "mmproj"))
             first = members[0]
             split = shards.split_name(first)

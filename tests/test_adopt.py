@@ -12,17 +12,22 @@ content-addressed blobs come in as hard links, and what else is asked needs --co
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import stat
+import struct
+import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import CLI, sha_file
+from conftest import CLI, REPO, sha_file, thaw_tree
 from ggufgen import write_mmproj, write_model, write_split
 from modelfs_store import seal
 from modelfs_store.catalog import Catalog
@@ -484,3 +489,153 @@ def test_git_sha1_named_blob_is_checked(cli: CLI, tmp_path: Path) -> None:
     assert models["Git-Wrong-Q4_0"]["status"] == "failed"
     assert "git SHA-1 mismatch" in models["Git-Wrong-Q4_0"]["reason"]
 
+
+
+# -- as a user who is not root, and on a file system with reflinks ----------------------------------
+SETPRIV = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+
+def as_nobody(store: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MODELFS_", "HF_", "OLLAMA_"))}
+    argv = [sys.executable, "-P", "-m", "modelfs", "--store", str(store), *args]
+    return subprocess.run([*SETPRIV, *argv], capture_output=True, text=True, timeout=120, cwd="/",
+                          env={**base, "PYTHONPATH": str(REPO), **env})
+
+
+@pytest.mark.skipif(not ROOT, reason="!!! needs root to run the command as another user (setpriv) !!!")
+def test_a_user_who_is_not_root_adopts_by_hard_link(tmp_path: Path) -> None:
+    """The common case: a user's own store and caches. linkat through /proc/self/fd, the
+    digest xattr written before the 0444, no CAP_LINUX_IMMUTABLE anywhere."""
+    top = Path(tempfile.mkdtemp(prefix="modelfs-adopt-", dir="/tmp"))  # pytest's tmp dirs are root's, 0700
+    try:
+        top.chmod(0o755)
+        gen = tmp_path / "gen"
+        gen.mkdir()
+        hub, ollama, store = top / "hub", top / "ollama", top / "store"
+        hf_repo(hub, "acme/Tiny-GGUF", {"Tiny-Q4_K_M.gguf": write_model(gen / "q4", tensor_bytes=MiB, seed=40),
+                                        "mmproj-Tiny-f16.gguf": write_mmproj(gen / "mm", seed=41)})
+        ollama_model(ollama, "registry.ollama.ai/library/m", "latest",
+                     write_model(gen / "w", tensor_bytes=MiB, seed=42))
+        store.mkdir()
+        for p in [store, *hub.rglob("*"), hub, *ollama.rglob("*"), ollama]:
+            os.lchown(p, NOBODY, NOBODY)
+        before = {"h": state(hub), "o": state(ollama)}
+        env = {"HF_HUB_CACHE": str(hub), "OLLAMA_MODELS": str(ollama), "HOME": str(top)}
+        probe = as_nobody(store, "--version", env=env)
+        if probe.returncode != 0:
+            pytest.skip(f"!!! this Python cannot be run by another uid here: CANNOT run ({probe.stderr[-200:]}) !!!")
+        r = as_nobody(store, "adopt", "--json", env=env)
+        assert r.returncode == 0, r.stderr
+        models = by_name(json.loads(r.stdout))
+        assert {n: sorted(f["method"] for f in m["files"]) for n, m in models.items()} == \
+            {"Tiny-Q4_K_M": ["hardlink", "hardlink"], "m-latest": ["hardlink"]}
+        assert {"h": changes(before["h"], state(hub)), "o": changes(before["o"], state(ollama))} == {"h": {}, "o": {}}
+        for m in models.values():
+            for f in m["files"]:
+                blob = store / "blobs" / "sha256" / f["sha256"][:2] / f["sha256"]
+                st = blob.stat()
+                assert (st.st_uid, st.st_nlink, stat.S_IMODE(st.st_mode)) == (NOBODY, 2, 0o444)
+                assert os.getxattr(blob, seal.DIGEST_XATTR) == f["sha256"].encode()
+        v = as_nobody(store, "verify", "--json", env=env)
+        assert v.returncode == 0 and [x["status"] for x in json.loads(v.stdout)] == ["ok"] * 3
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(top)], check=False)
+
+
+@pytest.fixture
+def reflink_fs() -> Iterator[Path]:
+    """A fresh XFS (reflinks on) on a loop device, mounted for the test."""
+    if shutil.which("mkfs.xfs") is None:
+        pytest.skip("!!! no mkfs.xfs (Debian: xfsprogs): the reflink test CANNOT run !!!")
+    if not ROOT:
+        pytest.skip("!!! only root mounts a loop device: the reflink test CANNOT run !!!")
+    top = Path(tempfile.mkdtemp(prefix="modelfs-xfs-", dir="/tmp"))
+    image, mnt = top / "xfs.img", top / "mnt"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(400 * MiB)
+    try:
+        subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True, capture_output=True)
+        r = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"!!! cannot mount a loop device here ({r.stderr.strip()}): the reflink test CANNOT run !!!")
+        try:
+            yield mnt
+        finally:
+            thaw_tree(mnt)
+            subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def unshared_bytes(path: Path) -> int:
+    """Bytes of ``path``'s extents that no other file shares (FIEMAP, FIEMAP_EXTENT_SHARED)."""
+    fd = os.open(path, os.O_RDONLY)
+    total, start, count = 0, 0, 64
+    try:
+        while True:
+            head = struct.pack("=QQIIII", start, (1 << 64) - 1 - start, 1, 0, count, 0)  # FIEMAP_FLAG_SYNC
+            buf = bytearray(head + bytes(56 * count))
+            fcntl.ioctl(fd, 0xC020660B, buf)  # FS_IOC_FIEMAP
+            mapped = struct.unpack_from("=I", buf, 20)[0]
+            last = False
+            for i in range(mapped):
+                logical, _phys, length, _r1, _r2, flags = struct.unpack_from("=QQQQQI", buf, 32 + 56 * i)
+                if not flags & 0x2000:  # FIEMAP_EXTENT_SHARED
+                    total += length
+                start = logical + length
+                last = last or bool(flags & 0x1)  # FIEMAP_EXTENT_LAST
+            if last or mapped == 0:
+                return total
+    finally:
+        os.close(fd)
+
+
+def test_with_reflinks_every_file_is_cloned_and_costs_no_space(reflink_fs: Path, tmp_path: Path) -> None:
+    """XFS shares extents: LM Studio's files too come in without a copy (the store's file is
+    its own, copy-on-write: LM Studio may rewrite its file, the store's bytes stay), and
+    nothing in the caches changes, not even a mode."""
+    gen = reflink_fs / "gen"
+    gen.mkdir()
+    hub, lms, root = reflink_fs / "hub", reflink_fs / "lms", reflink_fs / "store"
+    hf_repo(hub, "acme/Tiny-GGUF", {"Tiny-Q4_K_M.gguf": write_model(gen / "q4", tensor_bytes=48 * MiB, seed=50),
+                                    "mmproj-Tiny-f16.gguf": write_mmproj(gen / "mm", tensor_bytes=8 * MiB, seed=51)})
+    small = lmstudio_repo(lms, "pub/Small-GGUF", {"Small-Q8_0.gguf": write_model(gen / "s", tensor_bytes=40 * MiB,
+                                                                                   seed=52, file_type=7)})
+    home = tmp_path / "home"
+    (home / ".lmstudio").mkdir(parents=True)
+    (home / ".lmstudio" / "settings.json").write_text(json.dumps({"downloadsFolder": str(lms)}))
+    cli = CLI(root)
+    env = {**home_env(home), "HF_HUB_CACHE": str(hub)}
+    before = {"h": state(hub), "l": state(lms)}
+    plan = by_name(cli.run("adopt", "--dry-run", "--json", env=env).json())
+    assert {n: {f["method"] for f in m["files"]} for n, m in plan.items()} == \
+        {"Tiny-Q4_K_M": {"reflink"}, "Small-Q8_0": {"reflink"}}
+
+    def used() -> int:
+        st = os.statvfs(reflink_fs)
+        catalog = sum(p.stat().st_blocks * 512 for p in root.glob("catalog.db*"))
+        return (st.f_blocks - st.f_bfree) * st.f_frsize - catalog
+
+    os.sync()
+    was = used()
+    done = by_name(cli.run("adopt", "--json", env=env).json())
+    os.sync()
+    grown = used() - was
+    adopted = sum(f["size"] for m in done.values() for f in m["files"])
+    assert {n: (m["status"], {f["method"] for f in m["files"]}) for n, m in done.items()} == \
+        {"Tiny-Q4_K_M": ("adopted", {"reflink"}), "Small-Q8_0": ("adopted", {"reflink"})}
+    # The blobs' bytes on disk are the caches' extents: none is the store's alone.
+    blobs = [p for p in (root / "blobs").rglob("*") if p.is_file()]
+    assert len(blobs) == 3 and adopted > 90 * MiB
+    assert sum(unshared_bytes(p) for p in blobs) < adopted / 1024
+    # The whole file system grew by its metadata only (directories, inodes, xattrs): a
+    # fixed cost, where one copy would have been the 96 MiB again.
+    assert grown < 1 * MiB, (grown, adopted)
+    assert {"h": state(hub), "l": state(lms)} == before
+    assert [x["status"] for x in cli.run("verify", "--json").json()] == ["ok"] * 3
+    # LM Studio rewrites its file in place: the store's clone keeps the bytes it verified.
+    with open(small / "Small-Q8_0.gguf", "r+b") as f:
+        f.seek(-64, os.SEEK_END)
+        f.write(b"\xff" * 64)
+    assert [x["status"] for x in cli.run("verify", "--json").json()] == ["ok"] * 3
