@@ -639,3 +639,61 @@ def test_with_reflinks_every_file_is_cloned_and_costs_no_space(reflink_fs: Path,
         f.seek(-64, os.SEEK_END)
         f.write(b"\xff" * 64)
     assert [x["status"] for x in cli.run("verify", "--json").json()] == ["ok"] * 3
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="!!! /dev/fuse is missing: CANNOT mount here !!!")
+@pytest.mark.skipif(not ROOT, reason="!!! the case of root's store (a shared inode, no immutable flag) !!!")
+def test_a_hard_linked_model_reads_back_through_the_mount(cli: CLI, tmp_path: Path) -> None:
+    """Root's own process would get a link to an immutable blob; a shared inode is not
+    immutable, so it is served the regular file, with the cache's very bytes."""
+    from test_mount import Mount
+
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    ollama = tmp_path / "ollama"
+    weights = write_model(gen / "w", tensor_bytes=2 * MiB, seed=60)
+    projector = write_mmproj(gen / "p", tensor_bytes=256 * 1024, seed=61)
+    want = {"vision-latest.gguf": sha_file(weights), "mmproj-vision-latest.gguf": sha_file(projector)}
+    ollama_model(ollama, "registry.ollama.ai/library/vision", "latest", weights, projector)
+    cli.run("adopt", "--from", "ollama", env={"OLLAMA_MODELS": str(ollama)})
+    (tmp_path / "mnt").mkdir()
+    mount = Mount(cli, tmp_path / "mnt", "--links", "auto")
+    try:
+        model = mount.path / "vision-latest"
+        assert sorted(p.name for p in model.iterdir()) == sorted([".versions", *want, "model.json"])
+        for name, sha in want.items():
+            assert stat.S_ISREG(os.lstat(model / name).st_mode)  # not the link: the inode is not immutable
+            assert sha_file(model / name) == sha
+    finally:
+        mount.stop()
+
+
+def test_where_each_tool_keeps_its_models(tmp_path: Path) -> None:
+    """As each tool finds its own: variables first, LM Studio's settings in its home."""
+    from modelfs_store.caches import hf_cache, lmstudio_models, ollama_models
+
+    home = tmp_path / "home"
+    home.mkdir()
+    assert hf_cache({}, home) == (home / ".cache" / "huggingface" / "hub", "default")
+    assert hf_cache({"HF_HOME": "/x"}, home) == (Path("/x/hub"), "HF_HOME")
+    assert hf_cache({"HF_HOME": "/x", "HF_HUB_CACHE": "/y"}, home) == (Path("/y"), "HF_HUB_CACHE")
+    assert ollama_models({}, home) == (home / ".ollama" / "models", "default")
+    assert ollama_models({"OLLAMA_MODELS": "/o"}, home) == (Path("/o"), "OLLAMA_MODELS")
+    assert lmstudio_models(home) == (home / ".lmstudio" / "models", "default")
+    # An older LM Studio kept everything in ~/.cache/lm-studio.
+    (home / ".cache" / "lm-studio" / "models").mkdir(parents=True)
+    assert lmstudio_models(home) == (home / ".cache" / "lm-studio" / "models", "default (older LM Studio)")
+    (home / ".cache" / "lm-studio" / "settings.json").write_text('{"downloadsFolder": "/old"}')
+    assert lmstudio_models(home)[0] == Path("/old")
+    # A relocated home (~/.lmstudio-home-pointer) and its settings win.
+    moved = tmp_path / "lmshome"
+    moved.mkdir()
+    (home / ".lmstudio-home-pointer").write_text(str(moved) + "\n")
+    (moved / "settings.json").write_text(json.dumps({"downloadsFolder": "/new"}))
+    assert lmstudio_models(home) == (Path("/new"), f"downloadsFolder in {moved / 'settings.json'}")
+    (moved / "settings.json").write_text("{not json")
+    (home / ".cache" / "lm-studio" / "settings.json").unlink()
+    assert lmstudio_models(home) == (home / ".cache" / "lm-studio" / "models", "default (older LM Studio)")
+    (moved / "models").mkdir()
+    assert lmstudio_models(home) == (moved / "models", "default")
