@@ -15,7 +15,9 @@
               (in its home: ``~/.lmstudio-home-pointer`` names it, else
               ``~/.lmstudio``; older releases: ``~/.cache/lm-studio``), else
               ``HOME/models``. ``PUBLISHER/REPO/*.gguf``, a projector beside the weights.
-    dir       any directory of ``.gguf`` files (not its subdirectories).
+    dir       any directory of ``.gguf`` files (not its subdirectories); one that holds
+              ``models--*`` folders is read as a Hugging Face cache, one with
+              ``manifests/`` and ``blobs/`` as Ollama's.
 
 A projector is a GGUF whose header says so (``is_mmproj``). Where a repository offers
 several, the one with ``f16`` in its name is taken, else the first by name. Split sets
@@ -200,6 +202,8 @@ def discover(spec: str, env: Mapping[str, str], home: Path) -> Discovery:
     d = Discovery()
     if tool == "dir" and not root.is_dir():
         raise NotFound(f"--from {spec}: no such directory (nor one of {', '.join(TOOLS)})", path=str(root))
+    if tool == "dir":
+        tool = _layout_of(root)
     if not root.is_dir():
         d.places.append(Place(tool, str(root), False, why))
         return d
@@ -210,6 +214,17 @@ def discover(spec: str, env: Mapping[str, str], home: Path) -> Discovery:
     except Refusal as r:
         d.refused.append(r)
     return d
+
+
+def _layout_of(root: Path) -> str:
+    """A directory named with ``--from`` may be a tool's cache moved elsewhere: a Hugging
+    Face cache holds ``models--*`` folders, Ollama's ``manifests/`` and ``blobs/``."""
+    names = set(os.listdir(root))
+    if any(n.startswith("models--") for n in names):
+        return "hf"
+    if {"manifests", "blobs"} <= names:
+        return "ollama"
+    return "dir"
 
 
 # -- descriptors that never follow a link --------------------------------------------------
@@ -365,9 +380,9 @@ def _hf_blob(root: str, repo_dir: str, base: tuple[str, ...], rel: str, shown: s
             target = os.readlink(name, dir_fd=dfd)
         except OSError as exc:
             raise Refusal(shown, f"cannot read the link: {exc.strerror}") from None
-    if os.path.isabs(target):
-        inside = os.path.normpath(os.path.join(os.path.realpath(root), repo_dir))
-        resolved = os.path.relpath(os.path.normpath(target), inside)
+    if os.path.isabs(target):  # huggingface_hub's fallback: the cache's path as it knew it, or its real one
+        resolved = min((os.path.relpath(os.path.normpath(target), os.path.join(top, repo_dir))
+                        for top in (os.path.normpath(root), os.path.realpath(root))), key=len)
     else:
         resolved = posixpath.normpath(posixpath.join(*base, *sub, target))
     parts = resolved.split("/")
@@ -390,7 +405,7 @@ def _walk(root: str, parts: tuple[str, ...], shown: str, budget: list[int], d: D
         rel = f"{prefix}{name}"
         if is_dir:
             if depth >= MAX_DEPTH:
-                d.refused.append(Refusal(os.path.join(shown, *parts[1:], rel), "too deep: not read"))
+                d.refused.append(Refusal(os.path.join(shown, *parts[1:], name), "too deep: not read"))
                 continue
             yield from _walk(root, (*parts, name), shown, budget, d, f"{rel}/", depth + 1)
         else:
