@@ -309,6 +309,33 @@ def test_a_corrupt_cache_file_is_reported_and_skipped_and_the_others_adopted(cli
     r = cli.run("adopt", "--from", "hf", check=False, env={"HF_HUB_CACHE": str(hub)})
     assert r.returncode == 5 and "not adopted: Tiny-Q8_0" in r.stderr and "SHA-256 mismatch" in r.stderr
 
+    # Ollama: a blob whose bytes are not its digest, a layer whose size is not the blob's.
+    ollama = tmp_path / "ollama"
+    ollama_model(ollama, "registry.ollama.ai/library/good", "1", write_model(gen / "g", tensor_bytes=MiB, seed=80))
+    rotten = ollama_model(ollama, "registry.ollama.ai/library/rotten", "1",
+                          write_model(gen / "r", tensor_bytes=MiB, seed=81))
+    short = ollama_model(ollama, "registry.ollama.ai/library/short", "1",
+                         write_model(gen / "s", tensor_bytes=MiB, seed=82))
+    digest = json.loads(rotten.read_text())["layers"][0]["digest"].split(":")[1]
+    with open(ollama / "blobs" / f"sha256-{digest}", "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    doc = json.loads(short.read_text())
+    doc["layers"][0]["size"] += 1
+    short.write_text(json.dumps(doc))
+    before = state(ollama)
+    r = cli.run("adopt", "--from", "ollama", "--json", check=False, env={"OLLAMA_MODELS": str(ollama)})
+    assert r.returncode == 5, r.stdout
+    models = by_name(r.json())
+    assert (models["good-1"]["status"], models["rotten-1"]["status"]) == ("adopted", "failed")
+    assert "SHA-256 mismatch" in models["rotten-1"]["reason"] and digest in models["rotten-1"]["reason"]
+    assert "short-1" not in models
+    [refusal] = r.json()["refused"]
+    assert refusal["reason"].endswith(" bytes, its manifest says " + str(int(refusal["reason"].split()[0]) + 1))
+    assert changes(before, state(ollama)) == {}
+
 
 def test_another_owner_or_file_system_is_not_hard_linked_nor_copied_unasked(cli: CLI, tmp_path: Path) -> None:
     gen = tmp_path / "gen"
