@@ -22,8 +22,11 @@ change, and the plan says so).
 
 Names: each model gets the name its cache suggests (:mod:`.caches`). A model whose files
 already are the active version of a model in the store is skipped ("already adopted as
-NAME"). A name held by a model with other files is never added to: the model gets the
-first free ``NAME-2``, ``NAME-3``, ... instead.
+NAME"). A name held by a model adopted from the same place (the same source and weights
+file name: a Hugging Face repository at a newer commit, an Ollama tag pulled again)
+gets a new version, activated, the old one kept as last-good for ``rollback``. Any other
+model's name is never added to: the model gets the first free ``NAME-2``, ``NAME-3``, ...
+instead.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class PlanEntry:
     name: str
     files: tuple[PlannedFile, ...]
     skip: str | None = None  # why it is not adopted, or None
+    update: bool = False     # a new version of ``name``, adopted from the same place before
 
     @property
     def cost_bytes(self) -> int:
@@ -126,12 +130,14 @@ def plan(store: Store, sources: Sequence[str] = (), *, copy: bool = False, env: 
     reflinks = store.blobs.can_reflink()
     active = _active_sets(store)
     taken = {m.name for m in store.catalog.list_models()}
+    updated: set[str] = set()  # names this plan gives a new version
     entries = []
     coming: set[str] = set()  # blobs an earlier entry brings: present by then (a shared projector)
     for c in found.candidates:
         files = tuple(PlannedFile(f, "present") if f.where.sha256 in coming
                       else _method(store, f, blob_dev, owner, reflinks, copy) for f in c.files)
-        name = _free_name(c.name, taken)
+        update = c.name in taken and c.name not in updated and _same_place(store, c.name, c)
+        name = c.name if update else _free_name(c.name, taken)
         skip = None
         shas = frozenset(f.found.where.sha256 for f in files)
         if None not in shas and shas in active:
@@ -141,10 +147,12 @@ def plan(store: Store, sources: Sequence[str] = (), *, copy: bool = False, env: 
             skip = f"needs --copy ({why})"
         if skip is None:
             taken.add(name)
+            if update:
+                updated.add(name)
             coming.update(f.found.where.sha256 for f in files if f.found.where.sha256)
             if None not in shas:
                 active[shas] = name  # the same bytes twice in one plan: once
-        entries.append(PlanEntry(c, name, files, skip))
+        entries.append(PlanEntry(c, name, files, skip, update and skip is None))
     return AdoptPlan(tuple(found.places), tuple(entries), tuple(found.refused), copy)
 
 
@@ -192,6 +200,18 @@ def _active_sets(store: Store) -> dict[frozenset[str | None], str]:
     return out
 
 
+def _same_place(store: Store, name: str, c: Candidate) -> bool:
+    """Whether model ``name``'s active version came from where ``c`` is: the same source
+    and the same weights file name, unsigned (a publisher's signed model is never added to)."""
+    m = store.catalog.get_model(name)
+    if m.active_version is None:
+        return False
+    v = store.catalog.get_version(name, m.active_version)
+    weights = {f.filename for f in v.files if f.role == "weights"}
+    mine = {f.filename for f in c.files if f.role == "weights"}
+    return not v.signed and v.card.get("source") == c.source and weights == mine
+
+
 def _free_name(name: str, taken: set[str]) -> str:
     if model_name_problem(name) is not None:
         name = "model"
@@ -236,7 +256,7 @@ def _adopt_one(store: Store, entry: PlanEntry, blob_dev: int, owner: int, copy: 
                 raise StoreError(f"{r.path}: {r.reason}") from None
             try:
                 if w.git_sha1 is not None:
-                    _check_git_sha1(fd, w.git_sha1, w.shown)
+                    _check_git_sha1(fd, w.git_sha1)
                 got = store.blobs.commit_existing(fd, _ways(pf, blob_dev, owner, copy), expected_sha256=w.sha256,
                                                   expected_size=w.size, progress=progress)
             except StoreError as exc:
@@ -257,8 +277,8 @@ def _adopt_one(store: Store, entry: PlanEntry, blob_dev: int, owner: int, copy: 
             o.cost_bytes = o.saved_bytes = 0
             return o
         name = entry.name
-        if store.catalog.has_model(name):  # taken since the plan: never add to another model
-            name = _free_name(name, {m.name for m in store.catalog.list_models()})
+        if store.catalog.has_model(name) and not (entry.update and _same_place(store, name, c)):
+            name = _free_name(name, {m.name for m in store.catalog.list_models()})  # taken since the plan
         records = sorted(o.records, key=lambda r: r.filename)
         new_bytes = sum(r.size for r in records if r.sha256 in new)
         o.version, _ = store.record_unsigned(
@@ -266,14 +286,14 @@ def _adopt_one(store: Store, entry: PlanEntry, blob_dev: int, owner: int, copy: 
             owner_app=None, new_bytes=new_bytes, hub_repo=c.hub_repo, hub_commit=c.hub_commit)
         o.status, o.name, o.records = "adopted", name, records
     except (StoreError, OSError) as exc:
-        o.reason = str(exc) if isinstance(exc, StoreError) else f"{exc.strerror}"
+        o.reason = str(exc) if isinstance(exc, StoreError) else f"{exc.strerror or exc}"
         o.cost_bytes = o.saved_bytes = 0
         log.warning("not adopted: %s: %s", entry.name, o.reason)
         _drop_unreferenced(store, new)
     return o
 
 
-def _check_git_sha1(fd: int, expected: str, shown: str) -> None:
+def _check_git_sha1(fd: int, expected: str) -> None:
     """A Hugging Face blob named by git's SHA-1 (a small file kept without LFS)."""
     size = os.fstat(fd).st_size
     h = hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
@@ -307,7 +327,8 @@ def as_dict(p: AdoptPlan, outcomes: list[Outcome] | None = None) -> dict[str, An
         status = o.status if o else ("skipped" if e.skip else "planned")
         sha = {r.filename: r.sha256 for r in (o.records if o else [])}
         models.append({
-            "name": o.name if o and o.name else e.name, "tool": e.candidate.tool, "origin": e.candidate.origin,
+            "name": o.name if o and o.name else e.name, "update": e.update,
+            "tool": e.candidate.tool, "origin": e.candidate.origin,
             "source": e.candidate.source, "status": status, "reason": o.reason if o else e.skip,
             "version": o.version if o else None,
             "cost_bytes": o.cost_bytes if o else e.cost_bytes, "saved_bytes": o.saved_bytes if o else e.saved_bytes,

@@ -733,3 +733,31 @@ def test_where_each_tool_keeps_its_models(tmp_path: Path) -> None:
     assert lmstudio_models(home) == (home / ".cache" / "lm-studio" / "models", "default (older LM Studio)")
     (moved / "models").mkdir()
     assert lmstudio_models(home) == (moved / "models", "default")
+
+
+def test_a_newer_commit_of_an_adopted_repository_becomes_a_new_version(cli: CLI, tmp_path: Path) -> None:
+    hub = tmp_path / "hub"
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    env = {"HF_HUB_CACHE": str(hub)}
+    repo = hf_repo(hub, "acme/Tiny-GGUF", {"Tiny-Q4_K_M.gguf": write_model(gen / "a", tensor_bytes=4096, seed=90),
+                                           "mmproj-Tiny-f16.gguf": write_mmproj(gen / "m", seed=91)})
+    cli.run("adopt", "--from", "hf", env=env)
+    # The hub's repository moved on: huggingface_hub keeps the old snapshot, refs/main names the new one.
+    new = "b" * 40
+    hf_repo(hub, "acme/Tiny-GGUF", {"Tiny-Q4_K_M.gguf": write_model(gen / "b", tensor_bytes=4096, seed=92)}, commit=new)
+    old_mmproj = repo / "snapshots" / COMMIT / "mmproj-Tiny-f16.gguf"
+    (repo / "snapshots" / new / "mmproj-Tiny-f16.gguf").symlink_to(os.readlink(old_mmproj))
+    plan = by_name(cli.run("adopt", "--from", "hf", "--dry-run", "--json", env=env).json())
+    assert (plan["Tiny-Q4_K_M"]["status"], plan["Tiny-Q4_K_M"]["update"]) == ("planned", True)
+    assert [f["method"] for f in plan["Tiny-Q4_K_M"]["files"]] == ["hardlink", "present"]
+    text = cli.run("adopt", "--from", "hf", env=env).stdout
+    assert "adopt Tiny-Q4_K_M  from hf://acme/Tiny-GGUF@bbbbbbbbbbbb Tiny-Q4_K_M.gguf (a new version" in text
+    show = cli.run("show", "Tiny-Q4_K_M", "--json").json()
+    assert (show["active_version"], show["last_good_version"], show["hub_commit"]) == (2, 1, new)
+    # Another source never adds to that name: a directory's model of the same file name gets a suffix.
+    d = tmp_path / "d"
+    d.mkdir()
+    write_model(d / "Tiny-Q4_K_M.gguf", tensor_bytes=4096, seed=93)
+    r = by_name(cli.run("adopt", "--from", str(d), "--copy", "--json").json())
+    assert (r["Tiny-Q4_K_M-2"]["status"], r["Tiny-Q4_K_M-2"]["update"]) == ("adopted", False)

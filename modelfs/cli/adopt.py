@@ -65,7 +65,8 @@ def _print_plan(plan: adopting.AdoptPlan, dry_run: bool) -> None:
         if e.skip:
             click.echo(f"skip {e.name}  ({e.candidate.origin}): {e.skip}")
             continue
-        click.echo(f"{verb} {e.name}  from {e.candidate.origin}")
+        update = " (a new version: it came from there before, with other files)" if e.update else ""
+        click.echo(f"{verb} {e.name}  from {e.candidate.origin}{update}")
         for f in e.files:
             why = f" ({f.why})" if f.why else ""
             click.echo(f"  {f.found.filename}  {f.found.role}  {human_size(f.found.where.size)}  "
