@@ -19,8 +19,11 @@
               ``models--*`` folders is read as a Hugging Face cache, one with
               ``manifests/`` and ``blobs/`` as Ollama's.
 
-A projector is a GGUF whose header says so (``is_mmproj``). Where a repository offers
-several, the one with ``f16`` in its name is taken, else the first by name. Split sets
+A projector is a GGUF whose header says so (``is_mmproj``). A repository's goes with each
+of its models (where it offers several, the one with ``f16`` in its name, else the first
+by name); a plain directory's with the model whose name it shares the most with (at
+least 3 characters: ``Tiny-mmproj-f16.gguf`` goes with ``Tiny-Q4_K_M.gguf``), or with
+the only model there is. Split sets
 (``-00001-of-00003.gguf``) are one model (``store.shards``: whole, headers agree).
 
 Every cache is read as if it were hostile: each directory below the cache's root is
@@ -523,7 +526,7 @@ def _scan_lmstudio(root: str, d: Discovery) -> None:
 
 def _scan_dir(root: str, d: Discovery) -> None:
     files = _gguf_files(root, (), d, [MAX_ENTRIES])
-    for found, info, name in _models(files, d, None):
+    for found, info, name in _models(files, d, None, one_family=False):
         d.candidates.append(Candidate("dir", name, found[0].where.shown, f"file://{found[0].where.shown}",
                                       tuple(found), info))
 
@@ -554,17 +557,19 @@ def _store_filename(rel: str, shown: str) -> str:
     return name
 
 
-def _models(files: list[tuple[Found, GGUFInfo]], d: Discovery,
-            stem: str | None) -> Iterator[tuple[list[Found], GGUFInfo, str]]:
-    """One model per weights file or whole split set among ``files`` (one repository or
-    directory), each with the projector chosen for all of them; its files, its weights'
-    header and a model name."""
+def _models(files: list[tuple[Found, GGUFInfo]], d: Discovery, stem: str | None,
+            *, one_family: bool = True) -> Iterator[tuple[list[Found], GGUFInfo, str]]:
+    """One model per weights file or whole split set among ``files``; its files, its
+    weights' header and a model name. ``one_family``: the files are one repository's, and
+    its projector goes with every model of it. Otherwise (a plain directory) a projector
+    goes with the model whose name it shares the most with (at least 3 characters), or
+    with the only model there is."""
     projectors = sorted((f for f, i in files if i.is_mmproj), key=lambda f: f.filename)
-    mmproj = next((p for p in projectors if "f16" in p.filename.lower()), projectors[0] if projectors else None)
     weights = {f.hub_path or f.filename: (f, i) for f, i in files if not i.is_mmproj}
     by_dir: dict[str, list[str]] = {}
     for rel in weights:
         by_dir.setdefault(posixpath.dirname(rel), []).append(posixpath.basename(rel))
+    out: list[tuple[list[Found], GGUFInfo, str]] = []
     for directory, names in sorted(by_dir.items()):
         rels = {n: posixpath.join(directory, n) for n in names}
         whole, singles = shards.group(names)
@@ -579,14 +584,28 @@ def _models(files: list[tuple[Found, GGUFInfo]], d: Discovery,
                 d.refused.append(Refusal(chosen[0][0].where.shown, str(exc)))
                 continue
             found = [_role(f, "weights" if k == 0 else "shard") for k, (f, _) in enumerate(chosen)]
-            if mmproj is not None and mmproj.filename not in {f.filename for f in found}:
-                found.append(_role(mmproj, "mmproj"))
-            first = members[0]
-            split = shards.split_name(first)
-            base = split.prefix if split is not None else re.sub(r"\.gguf$", "", first, flags=re.IGNORECASE)
-            if stem and stem.lower() not in base.lower():
-                base = f"{stem}-{base}"
-            yield found, chosen[0][1], _name(base)
+            split = shards.split_name(members[0])
+            base = split.prefix if split is not None else re.sub(r"\.gguf$", "", members[0], flags=re.IGNORECASE)
+            out.append((found, chosen[0][1], base))
+    for found, info, base in out:
+        mmproj = _projector(projectors, base, only=len(out) == 1) if not one_family else \
+            next((p for p in projectors if "f16" in p.filename.lower()), projectors[0] if projectors else None)
+        if mmproj is not None and mmproj.filename not in {f.filename for f in found}:
+            found.append(_role(mmproj, "mmproj"))
+        if stem and stem.lower() not in base.lower():
+            base = f"{stem}-{base}"
+        yield found, info, _name(base)
+
+
+def _projector(projectors: list[Found], base: str, *, only: bool) -> Found | None:
+    """The projector of a plain directory that goes with the weights named ``base``."""
+    def shared(p: Found) -> int:
+        name = re.sub(r"[-_.]?mmproj[-_.]?", "", p.filename.lower()).removesuffix(".gguf")
+        return len(os.path.commonprefix([name, base.lower()]))
+    best = max(projectors, key=lambda p: (shared(p), "f16" in p.filename.lower()), default=None)
+    if best is not None and shared(best) >= 3:
+        return best
+    return projectors[0] if only and len(projectors) == 1 else None
 
 
 def _role(f: Found, role: str) -> Found:

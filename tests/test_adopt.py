@@ -453,7 +453,7 @@ def test_a_name_held_by_other_bytes_gets_a_suffix_and_a_directory_is_read(cli: C
     d = tmp_path / "models"
     d.mkdir()
     write_model(d / "Tiny-Q4_K_M.gguf", tensor_bytes=64 * 1024, seed=21)
-    write_mmproj(d / "projector.gguf", tensor_bytes=16 * 1024, seed=22)  # a projector by its header
+    write_mmproj(d / "Tiny-vision.gguf", tensor_bytes=16 * 1024, seed=22)  # a projector by its header
     write_split(d, "Split", 2, tensor_bytes=16 * 1024, seed=23)
     (d / "Broken-00001-of-00002.gguf").write_bytes((d / "Split-00001-of-00002.gguf").read_bytes())
     (d / "notes.txt").write_text("not a model")
@@ -466,7 +466,14 @@ def test_a_name_held_by_other_bytes_gets_a_suffix_and_a_directory_is_read(cli: C
     r = by_name(cli.run("adopt", "--from", str(d), "--copy", "--json").json())
     assert r["Tiny-Q4_K_M-2"]["status"] == "adopted" and r["Split"]["status"] == "adopted"
     assert sorted((f["role"], f["filename"]) for f in r["Tiny-Q4_K_M-2"]["files"]) == \
-        [("mmproj", "projector.gguf"), ("weights", "Tiny-Q4_K_M.gguf")]
+        [("mmproj", "Tiny-vision.gguf"), ("weights", "Tiny-Q4_K_M.gguf")]
+    assert {f["role"] for f in r["Split"]["files"]} == {"weights", "shard"}  # not another model's projector
+    one = tmp_path / "one"
+    one.mkdir()
+    write_model(one / "chat.gguf", tensor_bytes=4096, seed=24)
+    write_mmproj(one / "vision-encoder.gguf", seed=25)  # no name in common: the only model's all the same
+    [m] = cli.run("adopt", "--from", str(one), "--dry-run", "--json").json()["models"]
+    assert sorted(f["role"] for f in m["files"]) == ["mmproj", "weights"]
     assert cli.run("show", "Tiny-Q4_K_M", "--json").json()["active_version"] == 1  # the import, untouched
     assert len(cli.run("show", "Tiny-Q4_K_M", "--json").json()["versions"]) == 1
     # Files named by no hash are known as present only once hashed: skipped then.
