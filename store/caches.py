@@ -232,7 +232,10 @@ def _layout_of(root: Path) -> str:
 
 # -- descriptors that never follow a link --------------------------------------------------
 def _open_root(root: str) -> int:
-    return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Refusal(root, f"cannot open: {exc.strerror}") from None
 
 
 def _subdir(dfd: int, name: str, shown: str) -> int:

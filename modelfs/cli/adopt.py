@@ -37,7 +37,7 @@ def adopt(c: Ctx, sources: tuple[str, ...], dry_run: bool, copy: bool, as_json: 
     them, else a hard link to the cache's own content-addressed blob (made read-only,
     0444), else a copy only with --copy. Every file is hashed once against the name its
     cache gave it; a mismatch is reported and that model skipped. Nothing in the other
-    tool's cache is changed, renamed or deleted."""
+    tool's cache is rewritten, renamed or deleted (a hard-linked file becomes 0444)."""
     store = c.store
     plan = adopting.plan(store, sources, copy=copy)
     if not as_json:
