@@ -113,6 +113,7 @@ class Outcome:
     records: list[FileRecord] = field(default_factory=list)
     cost_bytes: int = 0
     saved_bytes: int = 0
+    exit_code: int = 0                           # a failure's (the store error's class), else 0
 
 
 # -- the plan ---------------------------------------------------------------------------------
@@ -287,6 +288,7 @@ def _adopt_one(store: Store, entry: PlanEntry, blob_dev: int, owner: int, copy: 
         o.status, o.name, o.records = "adopted", name, records
     except (StoreError, OSError) as exc:
         o.reason = str(exc) if isinstance(exc, StoreError) else f"{exc.strerror or exc}"
+        o.exit_code = exc.exit_code if isinstance(exc, StoreError) else 1
         o.cost_bytes = o.saved_bytes = 0
         log.warning("not adopted: %s: %s", entry.name, o.reason)
         _drop_unreferenced(store, new)

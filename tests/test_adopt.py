@@ -769,3 +769,33 @@ def test_a_newer_commit_of_an_adopted_repository_becomes_a_new_version(cli: CLI,
     write_model(d / "Tiny-Q4_K_M.gguf", tensor_bytes=4096, seed=93)
     r = by_name(cli.run("adopt", "--from", str(d), "--copy", "--json").json())
     assert (r["Tiny-Q4_K_M-2"]["status"], r["Tiny-Q4_K_M-2"]["update"]) == ("adopted", False)
+
+
+def test_a_file_swapped_after_the_plan_is_not_adopted(tmp_path: Path) -> None:
+    """The plan names an inode; the walk is made again at adoption, and another file (or a
+    link) in its place fails that model, not the others."""
+    from modelfs_store import adopt
+
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    hub = tmp_path / "hub"
+    repo = hf_repo(hub, "acme/Tiny-GGUF", {"Tiny-Q4_0.gguf": write_model(gen / "a", tensor_bytes=4096, seed=100),
+                                           "Tiny-Q8_0.gguf": write_model(gen / "b", tensor_bytes=4096, seed=101)})
+    store = Store.open(tmp_path / "store")
+    try:
+        p = adopt.plan(store, ["hf"], env={"HF_HUB_CACHE": str(hub)}, home=tmp_path)
+        q4 = next(e for e in p.entries if e.name == "Tiny-Q4_0").files[0].found.where
+        q8 = next(e for e in p.entries if e.name == "Tiny-Q8_0").files[0].found.where
+        blob = repo / "blobs" / q4.name
+        data = blob.read_bytes()
+        blob.unlink()
+        blob.write_bytes(data)  # the same bytes, another inode: not what was planned
+        (repo / "blobs" / q8.name).unlink()
+        (repo / "blobs" / q8.name).symlink_to(tmp_path / "gen")  # a link planted after the plan
+        out = {o.entry.name: o for o in adopt.execute(store, p)}
+        assert (out["Tiny-Q4_0"].status, out["Tiny-Q4_0"].exit_code) == ("failed", 1)
+        assert out["Tiny-Q4_0"].reason.endswith("replaced since the plan was made")
+        assert out["Tiny-Q8_0"].status == "failed" and "symbolic link" in out["Tiny-Q8_0"].reason
+        assert store.catalog.list_models() == [] and store.blobs.iter_blobs() == []
+    finally:
+        store.close()

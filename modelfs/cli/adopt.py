@@ -52,8 +52,9 @@ def adopt(c: Ctx, sources: tuple[str, ...], dry_run: bool, copy: bool, as_json: 
         done = [o for o in outcomes if o.status == "adopted"]
         click.echo(f"adopted {len(done)} model(s): {human_size(sum(o.cost_bytes for o in done))} copied, "
                    f"{human_size(sum(o.saved_bytes for o in done))} saved")
-    if outcomes and any(o.status == "failed" for o in outcomes):
-        raise SystemExit(5)  # as `verify`: a file failed its check (the others were adopted)
+    failed = [o.exit_code for o in outcomes or [] if o.status == "failed"]
+    if failed:  # the others were adopted; 5 (as `verify`) when a file failed its hash
+        raise SystemExit(5 if 5 in failed else failed[0])
 
 
 def _print_plan(plan: adopting.AdoptPlan, dry_run: bool) -> None:
