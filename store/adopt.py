@@ -17,8 +17,8 @@ How each file comes in, the first way that applies (``BlobStore.commit_existing`
 Every file read is hashed once and must match the name its cache gave it (a Hugging
 Face blob's SHA-256, or git's SHA-1 for a small file; an Ollama layer's digest and
 size). A mismatch is reported, that model is skipped, the others go on. Nothing in
-the other tool's cache is written, renamed or deleted (a hard link's 0444 is the one
-change, and the plan says so).
+the other tool's cache is written, renamed or deleted (a hard-linked inode's 0444 and
+the store's digest xattr on it are the only changes; the plan says so).
 
 Names: each model gets the name its cache suggests (:mod:`.caches`). A model whose files
 already are the active version of a model in the store is skipped ("already adopted as
@@ -137,7 +137,8 @@ def plan(store: Store, sources: Sequence[str] = (), *, copy: bool = False, env: 
     for c in found.candidates:
         files = tuple(PlannedFile(f, "present") if f.where.sha256 in coming
                       else _method(store, f, blob_dev, owner, reflinks, copy) for f in c.files)
-        update = c.name in taken and c.name not in updated and _same_place(store, c.name, c)
+        update = (c.name in taken and c.name not in updated and store.catalog.has_model(c.name)
+                  and _same_place(store, c.name, c))
         name = c.name if update else _free_name(c.name, taken)
         skip = None
         shas = frozenset(f.found.where.sha256 for f in files)

@@ -468,6 +468,13 @@ def test_a_name_held_by_other_bytes_gets_a_suffix_and_a_directory_is_read(cli: C
     assert sorted((f["role"], f["filename"]) for f in r["Tiny-Q4_K_M-2"]["files"]) == \
         [("mmproj", "Tiny-vision.gguf"), ("weights", "Tiny-Q4_K_M.gguf")]
     assert {f["role"] for f in r["Split"]["files"]} == {"weights", "shard"}  # not another model's projector
+    # Two places offering the same name with other bytes, in one plan: the second gets a suffix.
+    a, b = tmp_path / "a", tmp_path / "b"
+    for i, where in enumerate((a, b)):
+        where.mkdir()
+        write_model(where / "same.gguf", tensor_bytes=4096, seed=30 + i)
+    r = cli.run("adopt", "--from", str(a), "--from", str(b), "--copy", "--dry-run", "--json").json()
+    assert [m["name"] for m in r["models"]] == ["same", "same-2"]
     one = tmp_path / "one"
     one.mkdir()
     write_model(one / "chat.gguf", tensor_bytes=4096, seed=24)
