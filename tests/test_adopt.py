@@ -794,9 +794,8 @@ def test_a_file_swapped_after_the_plan_is_not_adopted(tmp_path: Path) -> None:
         q4 = next(e for e in p.entries if e.name == "Tiny-Q4_0").files[0].found.where
         q8 = next(e for e in p.entries if e.name == "Tiny-Q8_0").files[0].found.where
         blob = repo / "blobs" / q4.name
-        data = blob.read_bytes()
-        blob.unlink()
-        blob.write_bytes(data)  # the same bytes, another inode: not what was planned
+        (repo / "blobs" / "swap").write_bytes(blob.read_bytes())  # made while the old inode lives: another one
+        os.replace(repo / "blobs" / "swap", blob)  # the same bytes, another inode: not what was planned
         (repo / "blobs" / q8.name).unlink()
         (repo / "blobs" / q8.name).symlink_to(tmp_path / "gen")  # a link planted after the plan
         out = {o.entry.name: o for o in adopt.execute(store, p)}
