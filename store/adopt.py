@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import gguf
 from .blobs import CHUNK
 from .caches import TOOLS, Candidate, Discovery, Found, Located, Place, Refusal, discover
 from .catalog import Action, FileRecord
@@ -249,6 +250,7 @@ def _adopt_one(store: Store, entry: PlanEntry, blob_dev: int, owner: int, copy: 
     o = Outcome(entry, "failed", name=entry.name)
     new: list[str] = []
     c = entry.candidate
+    weights_info = c.info
     try:
         for pf in entry.files:
             f, w = pf.found, pf.found.where
@@ -267,6 +269,12 @@ def _adopt_one(store: Store, entry: PlanEntry, blob_dev: int, owner: int, copy: 
                 os.close(fd)
             if got.committed.new:
                 new.append(got.committed.sha256)
+            # The header again, of the bytes committed (the plan read the file before they were hashed).
+            info = gguf.parse_gguf(got.committed.path, name=f.filename)
+            if info.is_mmproj != (f.role == "mmproj"):
+                raise StoreError(f"{w.shown}: no longer the {f.role} file the plan found")
+            if f.role == "weights":
+                weights_info = info
             o.methods[f.filename] = got.how
             o.cost_bytes += got.committed.size if got.how == "copy" and got.committed.new else 0
             o.saved_bytes += got.committed.size if got.how in ("reflink", "hardlink") else 0
@@ -284,7 +292,7 @@ def _adopt_one(store: Store, entry: PlanEntry, blob_dev: int, owner: int, copy: 
         records = sorted(o.records, key=lambda r: r.filename)
         new_bytes = sum(r.size for r in records if r.sha256 in new)
         o.version, _ = store.record_unsigned(
-            name, records, c.info, action=Action.ADOPT, source=c.source, license=None, source_url=c.source_url,
+            name, records, weights_info, action=Action.ADOPT, source=c.source, license=None, source_url=c.source_url,
             owner_app=None, new_bytes=new_bytes, hub_repo=c.hub_repo, hub_commit=c.hub_commit)
         o.status, o.name, o.records = "adopted", name, records
     except (StoreError, OSError) as exc:
