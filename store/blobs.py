@@ -18,6 +18,14 @@ Temp files are held under an exclusive ``flock`` for as long as their writer liv
 :meth:`BlobStore.recover` can tell a stale temp (its writer died, e.g. ``kill -9``)
 from one still being written by another process, without trusting pids.
 
+Files another tool already holds (``modelfs adopt``, :mod:`.adopt`) come in through
+:meth:`BlobStore.commit_existing`, without a second copy where the file system allows:
+a reflink (``FICLONE``: a private file sharing the source's extents, hashed after the
+clone, so what is committed is what was hashed), else a hard link to the very inode
+that was opened and hashed (made 0444; :mod:`.seal` never makes a shared inode
+immutable), else a copy. The caller decides which ways are allowed; this module never
+changes a byte of the source, nor renames or deletes it.
+
 This module owns files on disk only; it never touches the catalog.
 """
 
@@ -41,7 +49,7 @@ from typing import Protocol
 from . import seal
 from .crashpoints import crash_point
 from .durable import fsync_dir, fsync_file
-from .errors import IntegrityError, NotFound, SpaceError, StoreError
+from .errors import Conflict, IntegrityError, NotFound, SpaceError, StoreError
 from .layout import Layout, check_sha256
 from .owner import open_dir, open_file
 from .partial import PartialFiles
@@ -49,6 +57,12 @@ from .partial import PartialFiles
 log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20  # 4 MiB: large enough that per-call overhead vanishes beside hashing
+FICLONE = 0x40049409  # _IOW(0x94, 9, int): share a whole file's extents (btrfs, XFS, bcachefs…)
+#: FICLONE's answers where the file systems cannot share extents (ext4: EOPNOTSUPP;
+#: two file systems: EXDEV; some answer EINVAL or ENOTTY).
+_NO_REFLINK = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM)
+#: How a file another tool holds became a blob (:meth:`BlobStore.commit_existing`).
+WAYS = ("reflink", "hardlink", "copy")
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,40 @@ def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> tupl
             if progress:
                 progress(n)
     return h.hexdigest(), size
+
+
+def hash_fd(fd: int, progress: Callable[[int], None] | None = None) -> tuple[str, int]:
+    """SHA-256 and size of an open file, read once from offset 0 (its offset untouched)."""
+    h = hashlib.sha256()
+    size = 0
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    while n := os.preadv(fd, [buf], size):
+        h.update(view[:n])
+        size += n
+        if progress:
+            progress(n)
+    return h.hexdigest(), size
+
+
+def reflink(dst_fd: int, src_fd: int) -> bool:
+    """Make ``dst`` share all of ``src``'s extents (``FICLONE``); False where the file
+    system cannot (nothing is written then)."""
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+    except OSError as exc:
+        if exc.errno in _NO_REFLINK:
+            return False
+        raise
+    return True
+
+
+@dataclass(frozen=True)
+class Adopted:
+    """A file another tool holds, committed: ``how`` is a way of :data:`WAYS`, or
+    'present' when the store already held those bytes (nothing was linked or copied)."""
+    committed: Committed
+    how: str
 
 
 class Readable(Protocol):
@@ -261,6 +309,121 @@ class BlobStore:
             raise
         return self.commit_temp(temp, expected_sha256=expected_sha256, expected_size=need)
 
+    def can_reflink(self) -> bool:
+        """Whether the store's file system shares extents (``FICLONE`` between two temps)."""
+        a, b = self.new_temp(), self.new_temp()
+        try:
+            a.write(b"\0" * 4096)
+            src = open_file(a.path, os.O_RDONLY)  # FICLONE reads its source: EBADF on a write-only one
+            try:
+                return reflink(b.fd, src)
+            finally:
+                os.close(src)
+        finally:
+            self.discard_temp(a)
+            self.discard_temp(b)
+
+    def commit_existing(self, fd: int, ways: tuple[str, ...], *, expected_sha256: str | None = None,
+                        expected_size: int | None = None,
+                        progress: Callable[[int], None] | None = None) -> Adopted:
+        """Commit the regular file open at ``fd`` (another tool's), trying ``ways`` in order
+        (a subset of :data:`WAYS`). Its bytes are hashed once and checked against
+        ``expected_sha256``/``expected_size``: a mismatch raises IntegrityError and
+        leaves nothing behind (no quarantine: the bytes stay where they are, for their
+        tool to deal with). A file whose expected blob is present is not read at all.
+
+        ``hardlink`` links the very inode ``fd`` holds (``/proc/self/fd``, so no path is
+        looked up again) after hashing it, and makes it 0444 (the store's mode: every
+        name of the inode has it then). Only for a file its tool never rewrites, of the
+        store's owner, on the store's file system: the caller's rule. Raises Conflict
+        (``reason='needs-copy'``) when no way of ``ways`` could be taken."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError("not a regular file")
+        if expected_size is not None and st.st_size != expected_size:
+            raise IntegrityError(f"size mismatch: {st.st_size} bytes, its cache says {expected_size}",
+                                 got=st.st_size, expected=expected_size)
+        if expected_sha256 is not None and self.has(expected_sha256):
+            return Adopted(Committed(expected_sha256, st.st_size, self.path(expected_sha256), new=False), "present")
+        for way in ways:
+            if way == "reflink":
+                done = self._adopt_reflink(fd, expected_sha256, progress)
+            elif way == "hardlink":
+                done = self._adopt_hardlink(fd, expected_sha256, progress)
+            elif way == "copy":
+                done = self._adopt_copy(fd, st.st_size, expected_sha256, progress)
+            else:
+                raise ValueError(f"no such way {way!r}")
+            if done is not None:
+                return done
+        raise Conflict("it can be taken in only as a copy (--copy)", reason="needs-copy")
+
+    @staticmethod
+    def _check_adopted(sha256: str, expected: str | None) -> None:
+        if expected is not None and sha256 != expected:
+            raise IntegrityError(f"SHA-256 mismatch: its bytes hash to {sha256[:16]}…, its cache names "
+                                 f"{expected[:16]}…", got=sha256, expected=expected)
+
+    def _adopt_reflink(self, fd: int, expected: str | None, progress: Callable[[int], None] | None) -> Adopted | None:
+        temp = self.new_temp()
+        try:
+            if not reflink(temp.fd, fd):
+                self.discard_temp(temp)
+                return None
+            fsync_file(temp.fd)
+            rfd = open_file(temp.path, os.O_RDONLY)
+            try:
+                sha, size = hash_fd(rfd, progress)  # the clone's bytes: what will be committed
+            finally:
+                os.close(rfd)
+            self._check_adopted(sha, expected)
+        except BaseException:
+            self.discard_temp(temp)
+            raise
+        c = self._commit_path(temp.path, sha, size, None, None, on_done=temp.close)
+        return Adopted(c, "reflink" if c.new else "present")
+
+    def _adopt_hardlink(self, fd: int, expected: str | None, progress: Callable[[int], None] | None) -> Adopted | None:
+        sha, size = hash_fd(fd, progress)
+        self._check_adopted(sha, expected)
+        if self.has(sha):
+            return Adopted(Committed(sha, size, self.path(sha), new=False), "present")
+        path = self.layout.tmp / f"{os.getpid()}.{secrets.token_hex(8)}.link"
+        # The link in tmp/ shares the inode: hold its flock so that the recovery pass of
+        # another process opening the store meanwhile leaves it alone.
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("the adopted file is locked by another process: no hard link to it")
+            return None
+        try:
+            try:
+                _link_fd(fd, path)
+            except OSError as exc:
+                if exc.errno in (errno.EXDEV, errno.EPERM, errno.EACCES, errno.ENOENT, errno.EMLINK):
+                    log.info("no hard link to the adopted file: %s", exc.strerror)
+                    return None
+                raise
+            c = self._commit_path(path, sha, size, None, None)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        return Adopted(c, "hardlink" if c.new else "present")
+
+    def _adopt_copy(self, fd: int, size: int, expected: str | None,
+                    progress: Callable[[int], None] | None) -> Adopted:
+        self.check_space(size)
+        temp = self.new_temp()
+        try:
+            with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+                f.seek(0)
+                temp.copy_from(f, progress)
+            self._check_adopted(temp.sha256, expected)
+        except BaseException:
+            self.discard_temp(temp)
+            raise
+        c = self.commit_temp(temp)
+        return Adopted(c, "copy" if c.new else "present")
+
     def check_space(self, need: int, reserve: int = 64 << 20) -> None:
         st = os.statvfs(self.layout.root)
         free = st.f_bavail * st.f_frsize
@@ -369,6 +532,17 @@ class BlobStore:
             log.warning("removed %d stale temp file(s), %d bytes, left by an interrupted writer",
                         len(report.stale_temps), report.freed_bytes)
         return report
+
+
+def _link_fd(fd: int, dest: Path) -> None:
+    """A new name for the inode open at ``fd``: ``linkat`` of ``/proc/self/fd/N`` with
+    ``AT_SYMLINK_FOLLOW`` (a directory descriptor makes Python call ``linkat``, not
+    ``link``, which would link the magic link itself: EXDEV)."""
+    proc = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(str(fd), dest, src_dir_fd=proc, follow_symlinks=True)
+    finally:
+        os.close(proc)
 
 
 def _quarantined_at(name: str) -> int:

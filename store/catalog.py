@@ -36,6 +36,7 @@ ROLES = ("weights", "mmproj", "shard", "aux")
 class Action(enum.StrEnum):
     """What an audit row records; the ``action`` column holds the value."""
     IMPORT = "import"            # an imported version, or an import of bytes already present
+    ADOPT = "adopt"              # a version taken from another tool's cache (modelfs adopt)
     PULL = "pull"                # an unsigned pull; a failed signed pull
     ACCEPT = "accept"            # a signed pack passed every check and was installed
     REFUSE = "refuse"            # a signed pack refused (signature, floor, content)

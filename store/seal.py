@@ -10,6 +10,9 @@
                           modes root ignores). An immutable file cannot be written,
                           renamed or unlinked by anyone, root included, so it must be
                           cleared (:func:`thaw`) before a blob is removed or quarantined.
+                          Never on a shared inode: a blob with other names (a cache blob
+                          that ``modelfs adopt`` hard-linked, :mod:`.adopt`) stays
+                          without it, so its own tool can still delete its name.
 
 Neither mark is ever trusted for integrity: the SHA-256 check of the commit is what
 makes a blob, and a blob may lack both marks (a store from before them, a file system
@@ -85,10 +88,21 @@ def set_digest(path: Path, sha256: str) -> bool:
     return True
 
 
+def shared(fd: int) -> bool:
+    """Whether the file has names besides the store's: a hard link another tool's cache
+    holds too (``modelfs adopt``). The flag would stop that tool deleting its own name
+    (``ollama rm``), so such an inode is never made immutable."""
+    return os.fstat(fd).st_nlink > 1
+
+
 def freeze(path: Path) -> bool:
-    """Make a committed blob immutable, where the kernel lets this process."""
+    """Make a committed blob immutable, where the kernel lets this process (never a
+    shared inode: False)."""
     fd = _open(path)
     try:
+        if shared(fd):
+            log.info("%s is shared with another tool's cache: not made immutable", path.name)
+            return False
         flags = get_flags(fd)
         if not flags & FS_IMMUTABLE_FL:
             _set_flags(fd, flags | FS_IMMUTABLE_FL)
@@ -150,8 +164,9 @@ def _immutable(fd: int) -> bool:
 
 def seal(path: Path, sha256: str) -> Marks:
     """Give a committed blob the marks it lacks (a blob from before them): the digest,
-    then the immutable flag where allowed. A read-only blob is made owner-writable only
-    for the moment the xattr is written (the owner can write its own files anyway)."""
+    then the immutable flag where allowed (never on a shared inode, see :func:`shared`).
+    A read-only blob is made owner-writable only for the moment the xattr is written
+    (the owner can write its own files anyway)."""
     fd = _open(path)
     try:
         if not _has_digest(fd, sha256):
@@ -167,7 +182,7 @@ def seal(path: Path, sha256: str) -> Marks:
                 if os.geteuid() != 0:
                     os.fchmod(fd, mode)
         immutable = _immutable(fd)
-        if not immutable:
+        if not immutable and not shared(fd):
             with contextlib.suppress(OSError):
                 _set_flags(fd, get_flags(fd) | FS_IMMUTABLE_FL)
             immutable = _immutable(fd)

@@ -87,6 +87,7 @@ def commands(world: dict[str, str]) -> dict[str, list[str]]:
         "import NAME FILE --json": ["import", "m", world["weights"], "--json"],
         "push NAME TARGET --json": ["push", "m", world["registry"], "--json"],
         "pull URL --json": ["pull", world["pack"], "--json"],
+        "adopt --dry-run --json": ["adopt", "--from", str(Path(world["weights"]).parent), "--dry-run", "--json"],
         "list --json": ["list", "--json"],
         "show NAME --json": ["show", "m", "--json"],
         "verify --json": ["verify", "--json"],

@@ -23,6 +23,7 @@ def test_readme_opens_with_demo_and_test_commands():
         assert "curl" in packages  # the control socket's tests
         # a real OCI registry and its htpasswd for the registry tests (issue 15)
         assert {"docker-registry", "apache2-utils"} <= set(packages)
+        assert "xfsprogs" in packages  # an XFS on a loop device: `adopt` by reflink (tests/test_adopt.py)
         assert "pip install -e '.[test]'" in cmd
 
 

@@ -1,6 +1,6 @@
 """The ``modelfs`` command: a click group whose verbs load on first use.
 
-Each verb lives in the module of its family (``models``, ``access``, ``pull``,
+Each verb lives in the module of its family (``models``, ``access``, ``pull``, ``adopt``,
 ``status``, ``mount``, ``trust``, ``doctor``, ``service``, ``config``, ``pulls``) and only
 parses, calls the store (or ``modelfs.mount`` for the daemon), and prints. :func:`main`
 runs the command in this process and returns its exit code, so tests and scripts can
@@ -42,6 +42,8 @@ class Verb(NamedTuple):
 
 #: Every verb: where it lives, and its line in ``modelfs --help`` (which imports no verb).
 VERBS: dict[str, Verb] = {
+    "adopt": Verb("adopt:adopt", "Take the models of other tools' caches (Hugging Face, Ollama, LM Studio, a "
+                  "directory) into the store without a second copy on disk."),
     "activate": Verb("models:activate", "Make VERSION the active version of NAME (atomic)."),
     "apps": Verb("access:apps", "Apps that use the store (for per-app visibility)."),
     "channels": Verb("trust:channels", "Trusted manifest URLs, each bound to the keys allowed to sign it."),
