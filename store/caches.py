@@ -17,7 +17,8 @@
               ``HOME/models``. ``PUBLISHER/REPO/*.gguf``, a projector beside the weights.
     dir       any directory of ``.gguf`` files (not its subdirectories); one that holds
               ``models--*`` folders is read as a Hugging Face cache, one with
-              ``manifests/`` and ``blobs/`` as Ollama's.
+              ``manifests/`` and ``blobs/`` as Ollama's, one with no ``.gguf`` of its
+              own but ``PUBLISHER/REPO/*.gguf`` as LM Studio's.
 
 A projector is a GGUF whose header says so (``is_mmproj``). A repository's goes with each
 of its models (where it offers several, the one with ``f16`` in its name, else the first
@@ -221,13 +222,42 @@ def discover(spec: str, env: Mapping[str, str], home: Path) -> Discovery:
 
 def _layout_of(root: Path) -> str:
     """A directory named with ``--from`` may be a tool's cache moved elsewhere: a Hugging
-    Face cache holds ``models--*`` folders, Ollama's ``manifests/`` and ``blobs/``."""
+    Face cache holds ``models--*`` folders, Ollama's ``manifests/`` and ``blobs/``, LM
+    Studio's ``publisher/repo/*.gguf`` (and no ``.gguf`` of its own)."""
     names = set(os.listdir(root))
     if any(n.startswith("models--") for n in names):
         return "hf"
     if {"manifests", "blobs"} <= names:
         return "ollama"
+    if not any(n.lower().endswith(".gguf") for n in names) and _has_publisher_repo_gguf(root):
+        return "lmstudio"
     return "dir"
+
+
+def _has_publisher_repo_gguf(root: Path, limit: int = 4096) -> bool:
+    """Whether ``root`` is laid out as LM Studio's ``publisher/repo/*.gguf`` (a models
+    folder kept elsewhere): a ``.gguf`` two real directories down. Links are not followed
+    and at most ``limit`` entries are looked at."""
+    seen = 0
+    try:
+        with os.scandir(root) as publishers:
+            for pub in publishers:
+                if not pub.is_dir(follow_symlinks=False):
+                    continue
+                with os.scandir(pub.path) as repos:
+                    for repo in repos:
+                        if not repo.is_dir(follow_symlinks=False):
+                            continue
+                        with os.scandir(repo.path) as files:
+                            for f in files:
+                                seen += 1
+                                if f.name.lower().endswith(".gguf") and f.is_file(follow_symlinks=False):
+                                    return True
+                                if seen > limit:
+                                    return False
+    except OSError:
+        return False
+    return False
 
 
 # -- descriptors that never follow a link --------------------------------------------------
