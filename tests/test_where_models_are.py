@@ -20,10 +20,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_adopt import hf_repo, lmstudio_repo
 
 from conftest import CLI, sha_file
 from ggufgen import write_mmproj, write_model, write_split
+from test_adopt import hf_repo, lmstudio_repo
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
