@@ -89,6 +89,9 @@ def parse_repo_ref(source: str) -> RepoRef:
         if ":" in revision:
             raise UsageError("write the quant before the revision: hf://org/repo:QUANT@REVISION")
     name, _, quant = rest.partition(":")
+    if name.lower().endswith(".gguf"):
+        raise UsageError(f"hf://{org}/{name[:80]} names a file without its repository: write "
+                         "hf://org/repo/FILE.gguf, or hf://org/repo:QUANT for a repository's quant")
     ref = hf.parse_hf_url(f"hf://{org}/{name}@{quote(revision, safe='')}/x.gguf")  # checks repo and revision
     if _ and not _QUANT.fullmatch(quant):
         raise UsageError(f"invalid quant {quant[:40]!r}: letters, digits, '_', '.' and '-' (e.g. Q4_K_M)")

@@ -158,6 +158,8 @@ def test_ambiguous_no_match_and_incomplete_quants_are_refused_before_any_file(
     assert r.returncode == 2 and "lacks tiny-Q4_K_M-00002-of-00003.gguf" in r.stderr
     r = cli.run("pull", "hf://org/broken:Q4_K_M@main:x", check=False, env=env)
     assert r.returncode == 2 and "quant before the revision" in r.stderr
+    r = cli.run("pull", "hf://org/tiny-Q4_K_M.gguf", check=False, env=env)  # the repository left out
+    assert r.returncode == 2 and "names a file without its repository" in r.stderr
     r = cli.run("pull", f"hf://{REPO}:Q4_K_M", "--sha256", "a" * 64, check=False, env=env)
     assert r.returncode == 2 and "--sha256, --size and --mmproj are for a single file" in r.stderr
     # A gated repository without the token: the hub's refusal, said as such.

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
-from modelfs_store import hf
+from modelfs_store import hf, hfrepo
 from modelfs_store.blobs import BlobStore, hash_file
 from modelfs_store.download import Downloader, FetchResult
 from modelfs_store.durable import atomic_write
@@ -117,11 +117,12 @@ def _auth(source: ModelSource, options: ModelLoadOptions) -> Callable[[str], Map
     hub's token (supplied, else the environment's) for the hub's origin."""
     origin = urlsplit(source.resolved_url or "")[:2]
     extra = dict(options.headers)
-    if options.bearer_token and source.kind is not SourceKind.HUGGING_FACE:
+    hub = source.kind in (SourceKind.HUGGING_FACE, SourceKind.HUGGING_FACE_REPO)
+    if options.bearer_token and not hub:
         extra["Authorization"] = f"Bearer {options.bearer_token}"
 
     def auth(url: str) -> Mapping[str, str]:
-        out = dict(hf.auth_headers(url, options.bearer_token if source.kind is SourceKind.HUGGING_FACE else None))
+        out = dict(hf.auth_headers(url, options.bearer_token if hub else None))
         if urlsplit(url)[:2] == origin:
             out.update(extra)
         return out
@@ -168,6 +169,10 @@ class LocalModelDownloadManager:
         if source.kind is SourceKind.PACK:
             raise UsageError("a signed pack needs the shared store (modelfs): the app-local cache takes "
                              "http(s) and hf:// sources")
+        if source.kind is SourceKind.HUGGING_FACE_REPO:
+            if mmproj is not None:
+                raise UsageError("a hub repository's source chooses its own mmproj: pass no mmproj with it")
+            return self._ensure_repo(root, source, options, emit, cancel)
         split = split_name(source.file_name)
         if split is not None and split.count > 1:
             # One file per entry here: a runtime handed one shard would not find the others.
@@ -184,8 +189,56 @@ class LocalModelDownloadManager:
         emit(DownloadEvent(Stage.READY, entry.bytes, entry.bytes))
         return entry
 
-    def _ensure_file(self, root: Path, source: ModelSource, options: ModelLoadOptions,
+    def _ensure_repo(self, root: Path, source: ModelSource, options: ModelLoadOptions,
                      emit: Callable[[DownloadEvent], None], cancel: CancelToken) -> ModelCacheEntry:
+        """A hub repository's quant: the cached entry when the policy allows (no network),
+        else the hub's listing chooses the files (``store.hfrepo``), and the weights are
+        fetched into the repository source's own entry, checked by the hub's LFS SHA-256
+        and pinned to its commit; the mmproj, if any, becomes its companion entry. A split
+        model is refused: this cache keeps one file per entry."""
+        directory = root / source.cache_directory_name
+        cached = self._read(directory)
+        usable = cached is not None and _complete(cached)
+        if options.cache_policy is CachePolicy.CACHE_ONLY or (
+                usable and options.cache_policy is CachePolicy.PREFER_CACHED and options.sha256 is None):
+            if cached is None or not usable:
+                raise NotFound(f"{source.spec} is not in the cache (cache_only)", cache_key=source.cache_key)
+            emit(DownloadEvent(Stage.READY, cached.bytes, cached.bytes))
+            return cached
+        plan = trio.run(self._resolve_repo, root, source, options)
+        if any(f.role == "shard" for f in plan.files):
+            raise UsageError(f"{source.spec}: the chosen weights are split into "
+                             f"{sum(f.role != 'mmproj' for f in plan.files)} files: that needs the shared store "
+                             "(modelfs), which keeps them together; the app-local cache takes single-file models")
+        weights = next(f for f in plan.files if f.role == "weights")
+        revision = plan.commit or plan.ref.revision
+        companion = None
+        for f in plan.files:
+            if f.role == "mmproj":
+                companion = self.ensure_model(ModelSource.hugging_face(plan.ref.repo, f.path, revision),
+                                              replace(options, sha256=f.meta.sha256, size=f.meta.size),
+                                              None, cancel=cancel)
+        pinned = ModelSource.hugging_face(plan.ref.repo, weights.path, revision)
+        entry = self._ensure_file(root, source, replace(options, sha256=weights.meta.sha256, size=weights.meta.size),
+                                  emit, cancel, file_name=weights.filename, spec=pinned.spec)
+        if companion is not None:
+            entry = self._write(directory, replace(entry, mmproj=companion))
+        emit(DownloadEvent(Stage.READY, entry.bytes, entry.bytes))
+        return entry
+
+    async def _resolve_repo(self, root: Path, source: ModelSource, options: ModelLoadOptions) -> hfrepo.RepoPlan:
+        ref = hfrepo.parse_repo_ref(source.spec)
+        async with Downloader(_EntryBlobs(root, root / ".resolve", None), auth=_auth(source, options),
+                              max_retries=options.max_retries, transport=self.transport,
+                              **self.downloader_options) as dl:
+            return await hfrepo.resolve_repo(dl.http, ref)
+
+    def _ensure_file(self, root: Path, source: ModelSource, options: ModelLoadOptions,
+                     emit: Callable[[DownloadEvent], None], cancel: CancelToken, *, file_name: str | None = None,
+                     spec: str | None = None) -> ModelCacheEntry:
+        """``source``'s entry; ``file_name`` and ``spec`` name the file and what to fetch
+        when they are not the source's own (a hub repository's chosen weights)."""
+        file_name = file_name or source.file_name
         directory = root / source.cache_directory_name
         emit(DownloadEvent(Stage.CHECKING_CACHE))
         cached = self._read(directory)
@@ -199,13 +252,13 @@ class LocalModelDownloadManager:
             return cached
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not options.resume:
-            for p in PartialFiles.beside(directory / source.file_name).all():
+            for p in PartialFiles.beside(directory / file_name).all():
                 p.unlink(missing_ok=True)
         src, res = trio.run(self._fetch, root, directory, source, options,
-                            cached.sha256 if usable and cached else None, emit, cancel)
+                            cached.sha256 if usable and cached else None, emit, cancel, file_name, spec or source.spec)
         now = self.clock()
         entry = ModelCacheEntry(
-            source.metadata_source_key, source.cache_key, source.file_name, str(res.path), res.size, res.sha256,
+            source.metadata_source_key, source.cache_key, file_name, str(res.path), res.size, res.sha256,
             res.etag or (cached.etag if cached else None),
             res.last_modified or (cached.last_modified if cached else None),
             cached.created_at if cached and cached.created_at else now, now,
@@ -214,16 +267,16 @@ class LocalModelDownloadManager:
         return self._write(directory, entry)
 
     async def _fetch(self, root: Path, directory: Path, source: ModelSource, options: ModelLoadOptions,
-                     present: str | None, emit: Callable[[DownloadEvent], None], cancel: CancelToken
-                     ) -> tuple[PullSource, FetchResult]:
-        blobs = _EntryBlobs(root, directory / source.file_name, present)
+                     present: str | None, emit: Callable[[DownloadEvent], None], cancel: CancelToken,
+                     file_name: str, spec: str) -> tuple[PullSource, FetchResult]:
+        blobs = _EntryBlobs(root, directory / file_name, present)
         token = trio.lowlevel.current_trio_token()
         with trio.CancelScope() as scope:
             undo = cancel.on_cancel(lambda: token.run_sync_soon(scope.cancel))
             try:
                 async with Downloader(blobs, auth=_auth(source, options), max_retries=options.max_retries,
                                       transport=self.transport, **self.downloader_options) as dl:
-                    src = await resolve(dl, source.spec, role="weights", sha256=options.sha256, size=options.size)
+                    src = await resolve(dl, spec, role="weights", sha256=options.sha256, size=options.size)
                     blobs.sha256 = src.sha256
                     progress = _Bytes(emit, src.size)
                     emit(DownloadEvent(Stage.DOWNLOADING, 0, src.size))
@@ -232,7 +285,7 @@ class LocalModelDownloadManager:
                     return src, res
             finally:
                 undo()
-        raise Cancelled(f"the download of {source.file_name} was cancelled; its partial bytes stay for a resume")
+        raise Cancelled(f"the download of {file_name} was cancelled; its partial bytes stay for a resume")
 
     def _path_entry(self, source: ModelSource, emit: Callable[[DownloadEvent], None]) -> ModelCacheEntry:
         path = Path(source.local_path or "")

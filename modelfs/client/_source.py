@@ -8,6 +8,7 @@ with Python names, so that a cache entry written by either maps one to one:
     ModelSource.url(URL)                 URL, whole (a signed URL's signature included)
     ModelSource.url(URL, file_name=F)    url:URL\\nfileName:F
     ModelSource.hugging_face(R, P, REV)  hf://R@REV/P (hf://R/P?revision=REV when REV has a "/")
+    ModelSource.hugging_face_repo(R, Q)  hf://R:Q[@REV] (beyond llamadart: a quant of a hub repository)
     ModelSource.pack(ENVELOPE_URL)       pack:ENVELOPE_URL (beyond llamadart: a signed pack)
 
 ``cache_key`` is the SHA-256 of ``canonical_key``; ``cache_directory_name`` is
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from modelfs_store import hfrepo
 from modelfs_store.errors import UsageError
 from modelfs_store.redact import redact_url
 
@@ -40,6 +42,7 @@ class SourceKind(enum.StrEnum):
     PATH = "path"
     HTTP = "http"
     HUGGING_FACE = "hugging_face"
+    HUGGING_FACE_REPO = "hugging_face_repo"
     PACK = "pack"
 
 
@@ -55,6 +58,7 @@ class ModelSource:
     repo_id: str | None = None
     revision: str | None = None
     file_path: str | None = None
+    quant: str | None = None          # a hub repository's quant (``hugging_face_repo``); None: the default order
 
     # -- factories -------------------------------------------------------------------------
     @classmethod
@@ -89,6 +93,27 @@ class ModelSource:
                    file_path=file_path)
 
     @classmethod
+    def hugging_face_repo(cls, repo_id: str, quant: str | None = None, revision: str = "main") -> ModelSource:
+        """A whole model from a hub repository, as ``modelfs pull hf://R:QUANT@REV`` takes
+        it (beyond llamadart): the weights of ``quant`` (case-insensitive; None: the
+        default order, Q4_K_M first), a split model's shards and the matching mmproj,
+        chosen from the hub's listing when it is ensured (``store.hfrepo``). Its
+        ``file_name`` stands in until then (``<repo>-<QUANT>.gguf``); the entry names the
+        real one."""
+        _check_repo(repo_id)
+        _check_revision(revision)
+        tail = f":{quant}" if quant else ""
+        rev = "" if revision == "main" else "@" + quote(revision, safe="")
+        try:
+            hfrepo.parse_repo_ref(f"hf://{repo_id}{tail}{rev}")  # the quant's and revision's rules
+        except UsageError as exc:
+            raise UsageError(str(exc)) from None
+        key = f"hf://{repo_id}{tail}{rev}"
+        name = _file_name(f"{repo_id.split('/', 1)[1]}-{quant or 'default'}.gguf")
+        return cls(SourceKind.HUGGING_FACE_REPO, name, key, resolved_url=f"https://huggingface.co/{repo_id}",
+                   repo_id=repo_id, revision=revision, quant=quant)
+
+    @classmethod
     def pack(cls, envelope_url: str) -> ModelSource:
         """A signed pack's envelope (beyond llamadart): the store verifies it and its files."""
         _check_remote(envelope_url)
@@ -97,10 +122,14 @@ class ModelSource:
 
     @classmethod
     def parse(cls, text: str) -> ModelSource:
-        """A local path, an http(s) URL, or ``hf://owner/repo[@rev]/path`` (or
-        ``hf://owner/repo/path?revision=REV`` for a revision with a ``/``)."""
+        """A local path, an http(s) URL, ``hf://owner/repo[@rev]/path`` (or
+        ``hf://owner/repo/path?revision=REV`` for a revision with a ``/``), or a hub
+        repository's quant, ``hf://owner/repo[:QUANT][@rev]``."""
         if not text:
             raise UsageError("a model source must not be empty")
+        if hfrepo.is_repo_ref(text):
+            ref = hfrepo.parse_repo_ref(text)
+            return cls.hugging_face_repo(ref.repo, ref.quant, ref.revision)
         if text.startswith("hf://"):
             return _parse_hf(text)
         scheme = urlsplit(text).scheme.lower() if "://" in text else ""
@@ -144,6 +173,8 @@ class ModelSource:
         if self.kind is SourceKind.HUGGING_FACE:
             rev = "" if self.revision == "main" else "@" + quote(self.revision or "main", safe="")
             return f"hf://{self.repo_id}{rev}/{self.file_path}"
+        if self.kind is SourceKind.HUGGING_FACE_REPO:
+            return self.canonical_key
         if self.kind is SourceKind.PATH:
             return self.local_path or ""
         assert self.resolved_url is not None
