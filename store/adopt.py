@@ -40,12 +40,13 @@ from pathlib import Path
 from typing import Any
 
 from . import gguf
-from .blobs import CHUNK
+from .blobs import CHUNK, hardlink_problem
 from .caches import TOOLS, Candidate, Discovery, Found, Located, Place, Refusal, discover
 from .catalog import Action, FileRecord
 from .core import Store
 from .errors import IntegrityError, StoreError
 from .names import model_name_problem
+from .owner import open_file
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def _no_hardlink(w: Located, blob_dev: int, owner: int) -> str | None:
         return "on another file system than the store"
     if w.uid != owner:
         return f"owned by uid {w.uid}, not by the store's owner (uid {owner})"
-    return None
+    return hardlink_problem(w.mode, w.nlink)
 
 
 def _ways(p: PlannedFile, blob_dev: int, owner: int, copy: bool) -> tuple[str, ...]:
@@ -205,9 +206,15 @@ def _active_sets(store: Store) -> dict[frozenset[str | None], str]:
 
 def _same_place(store: Store, name: str, c: Candidate) -> bool:
     """Whether model ``name``'s active version came from where ``c`` is: the same source
-    and the same weights file name, unsigned (a publisher's signed model is never added to)."""
+    and the same weights file name, unsigned (a publisher's signed model is never added to),
+    and ``c``'s files are the store owner's own: a cache another user keeps may claim any
+    source (its folder names say which) and must never give the store's model a new
+    active version."""
     m = store.catalog.get_model(name)
     if m.active_version is None:
+        return False
+    owner = os.stat(store.layout.root).st_uid
+    if any(f.where.uid != owner for f in c.files):
         return False
     v = store.catalog.get_version(name, m.active_version)
     weights = {f.filename for f in v.files if f.role == "weights"}
@@ -269,6 +276,14 @@ def _adopt_one(store: Store, entry: PlanEntry, blob_dev: int, owner: int, copy: 
                 os.close(fd)
             if got.committed.new:
                 new.append(got.committed.sha256)
+            if w.git_sha1 is not None:  # again, on the bytes committed: the file may have changed since
+                cfd = open_file(got.committed.path, os.O_RDONLY)
+                try:
+                    _check_git_sha1(cfd, w.git_sha1)
+                except IntegrityError as exc:
+                    raise IntegrityError(f"{w.shown}: {exc}", **exc.fields) from None
+                finally:
+                    os.close(cfd)
             # The header again, of the bytes committed (the plan read the file before they were hashed).
             info = gguf.parse_gguf(got.committed.path, name=f.filename)
             if info.is_mmproj != (f.role == "mmproj"):

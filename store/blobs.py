@@ -384,6 +384,11 @@ class BlobStore:
         return Adopted(c, "reflink" if c.new else "present")
 
     def _adopt_hardlink(self, fd: int, expected: str | None, progress: Callable[[int], None] | None) -> Adopted | None:
+        st = os.fstat(fd)  # the inode itself, now: the plan saw it earlier, by a name
+        why = hardlink_problem(stat.S_IMODE(st.st_mode), st.st_nlink)
+        if why is not None:
+            log.info("no hard link to the adopted file: %s", why)
+            return None
         sha, size = hash_fd(fd, progress)
         self._check_adopted(sha, expected)
         if self.has(sha):
@@ -532,6 +537,21 @@ class BlobStore:
             log.warning("removed %d stale temp file(s), %d bytes, left by an interrupted writer",
                         len(report.stale_temps), report.freed_bytes)
         return report
+
+
+def hardlink_problem(mode: int, nlink: int) -> str | None:
+    """Why an inode of these permission bits and link count may not become a blob by a
+    hard link (``commit_existing``), or None. Its mode must let no one but its owner
+    write it (another user could change the store's bytes through it, or through a
+    descriptor opened while they could), carry no setuid, setgid or sticky bit, and its
+    cache's name must be its only one (the 0444 it gets would change every other)."""
+    if mode & 0o022:
+        return f"writable by other users (mode {mode:04o}): they could change the store's bytes through it"
+    if mode & 0o7000:
+        return f"setuid, setgid or sticky (mode {mode:04o}): not an ordinary file of its cache"
+    if nlink != 1:
+        return f"it has {nlink} names: making it read-only (0444) would change the others too"
+    return None
 
 
 def _link_fd(fd: int, dest: Path) -> None:
