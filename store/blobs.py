@@ -39,6 +39,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import stat
 import time
 from collections.abc import Callable
@@ -255,7 +256,8 @@ class BlobStore:
         return self._commit_path(path, sha256, size, expected_sha256, expected_size)
 
     def _commit_path(self, path: Path, sha256: str, size: int, expected_sha256: str | None,
-                     expected_size: int | None, on_done: Callable[[], None] | None = None) -> Committed:
+                     expected_size: int | None, on_done: Callable[[], None] | None = None,
+                     before_rename: Callable[[], None] | None = None) -> Committed:
         try:
             if expected_size is not None and size != expected_size:
                 q = self.quarantine_path(path, f"size-{size}-expected-{expected_size}", sha256)
@@ -274,6 +276,8 @@ class BlobStore:
             self._blob_dir(dest.parent)
             seal.set_digest(path, sha256)  # while the owner may still write it
             os.chmod(path, 0o444)
+            if before_rename is not None:  # the last word before it is a blob (it may raise)
+                before_rename()
             crash_point("commit-before-rename")
             os.rename(path, dest)
             fsync_dir(dest.parent)
@@ -334,8 +338,10 @@ class BlobStore:
 
         ``hardlink`` links the very inode ``fd`` holds (``/proc/self/fd``, so no path is
         looked up again) after hashing it, and makes it 0444 (the store's mode: every
-        name of the inode has it then). Only for a file its tool never rewrites, of the
-        store's owner, on the store's file system: the caller's rule. Raises Conflict
+        name of the inode has it then). Only for a file its tool never rewrites, on the
+        store's file system: the caller's rule; of the store's owner, with no other name
+        and that no one else may write (:func:`hardlink_problem`): checked here again, on
+        the inode, else the way is not taken. Raises Conflict
         (``reason='needs-copy'``) when no way of ``ways`` could be taken."""
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -385,10 +391,28 @@ class BlobStore:
 
     def _adopt_hardlink(self, fd: int, expected: str | None, progress: Callable[[int], None] | None) -> Adopted | None:
         st = os.fstat(fd)  # the inode itself, now: the plan saw it earlier, by a name
-        why = hardlink_problem(stat.S_IMODE(st.st_mode), st.st_nlink)
+        owner = os.stat(self.layout.root).st_uid
+        why = (f"owned by uid {st.st_uid}, not by the store's owner (uid {owner})" if st.st_uid != owner
+               else hardlink_problem(stat.S_IMODE(st.st_mode), st.st_nlink))
         if why is not None:
             log.info("no hard link to the adopted file: %s", why)
             return None
+        # A read lease: granted only while no process has the file open for writing, and
+        # broken by the first that opens it so (it waits until the lease is let go). Held
+        # from before the hash until the inode is 0444 and the store's, it tells whether
+        # anyone could still write the bytes hashed.
+        lease = _read_lease(fd)
+        if lease is False:
+            log.info("no hard link to the adopted file: another process has it open for writing")
+            return None
+        try:
+            return self._link_adopted(fd, stat.S_IMODE(st.st_mode), lease, expected, progress)
+        finally:
+            if lease:
+                _drop_lease(fd)
+
+    def _link_adopted(self, fd: int, mode: int, lease: bool | None, expected: str | None,
+                      progress: Callable[[int], None] | None) -> Adopted | None:
         sha, size = hash_fd(fd, progress)
         self._check_adopted(sha, expected)
         if self.has(sha):
@@ -401,6 +425,11 @@ class BlobStore:
         except BlockingIOError:
             log.info("the adopted file is locked by another process: no hard link to it")
             return None
+
+        def still_alone() -> None:  # 0444 by now: no one may open it for writing any more
+            if lease and not _lease_held(fd):
+                raise _OpenedForWriting
+
         try:
             try:
                 _link_fd(fd, path)
@@ -409,7 +438,14 @@ class BlobStore:
                     log.info("no hard link to the adopted file: %s", exc.strerror)
                     return None
                 raise
-            c = self._commit_path(path, sha, size, None, None)
+            try:
+                c = self._commit_path(path, sha, size, None, None, before_rename=still_alone)
+            except _OpenedForWriting:
+                os.fchmod(fd, mode)  # as it was: the cache's file, not the store's
+                seal.clear_digest(fd)
+                path.unlink()
+                log.info("no hard link to the adopted file: another process opened it for writing meanwhile")
+                return None
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
         return Adopted(c, "hardlink" if c.new else "present")
@@ -537,6 +573,36 @@ class BlobStore:
             log.warning("removed %d stale temp file(s), %d bytes, left by an interrupted writer",
                         len(report.stale_temps), report.freed_bytes)
         return report
+
+
+class _OpenedForWriting(Exception):
+    """The read lease on a file being hard-linked was broken: someone opened it for writing."""
+
+
+def _read_lease(fd: int) -> bool | None:
+    """Take a read lease (``F_SETLEASE``) on the file open read-only at ``fd``: True,
+    held; False, another descriptor has it open for writing now; None, no lease could be
+    taken here (leases off, a file system without them): nothing is known then. A
+    break is signalled with SIGURG, whose default is to be ignored (SIGIO's would kill)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EBUSY):
+            return False
+        log.info("no read lease on the adopted file (%s): whether it is open for writing is unknown", exc.strerror)
+        return None
+    return True
+
+
+def _lease_held(fd: int) -> bool:
+    """Whether the read lease is still held, unbroken (a break pending reads F_UNLCK)."""
+    return int(fcntl.fcntl(fd, fcntl.F_GETLEASE)) == fcntl.F_RDLCK
+
+
+def _drop_lease(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
 
 
 def hardlink_problem(mode: int, nlink: int) -> str | None:

@@ -559,6 +559,7 @@ def _scan_lmstudio(root: str, d: Discovery) -> None:
         publishers = [e.name for e in _entries(rfd, budget) if e.is_dir(follow_symlinks=False)]
     for publisher in publishers:
         try:
+            _check_name(root, publisher)
             with _dirs(root, (publisher,), os.path.join(root, publisher)) as pfd:
                 repos = [e.name for e in _entries(pfd, budget) if e.is_dir(follow_symlinks=False)]
         except Refusal as r:
@@ -566,6 +567,7 @@ def _scan_lmstudio(root: str, d: Discovery) -> None:
             continue
         for repo in repos:
             try:
+                _check_name(os.path.join(root, publisher), repo)  # both kept, as its hub repository
                 files = _gguf_files(root, (publisher, repo), d, budget)
             except Refusal as r:
                 d.refused.append(r)
@@ -602,6 +604,12 @@ def _gguf_files(root: str, parts: tuple[str, ...], d: Discovery, budget: list[in
 
 
 # -- files into models ------------------------------------------------------------------------------
+def _check_name(parent: str, name: str) -> None:
+    problem = filename_problem(name)
+    if problem is not None:
+        raise Refusal(os.path.join(parent, name), f"its name {problem}")
+
+
 def _store_filename(rel: str, shown: str) -> str:
     """The last part of ``rel``; Refusal if any part is not one safe name (it is kept as
     the file's hub path, and shown)."""

@@ -104,6 +104,86 @@ def test_the_hard_link_rule_is_checked_again_on_the_inode_adopted(tmp_path: Path
         store.close()
 
 
+@needs_root
+def test_an_inode_of_another_owner_at_adoption_is_not_hard_linked(tmp_path: Path) -> None:
+    """The plan saw the store owner's blob; at the adoption the inode (the same number:
+    one freed and reused, in a cache folder another user may write) is another user's.
+    Hard-linked, they could chmod it back and write the store's bytes."""
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    ollama = tmp_path / "ollama"
+    ollama_model(ollama, "registry.ollama.ai/library/swap", "latest", write_model(gen / "w", tensor_bytes=MiB, seed=4))
+    store = Store.open(tmp_path / "store")
+    try:
+        p = adopt.plan(store, ["ollama"], env={"OLLAMA_MODELS": str(ollama)}, home=tmp_path)
+        assert [f.method for f in p.entries[0].files] == ["hardlink"]
+        os.chown(one_blob(ollama), NOBODY, NOBODY)
+        [o] = adopt.execute(store, p)
+        assert o.status == "failed" and "--copy" in (o.reason or ""), o.reason
+        assert store.blobs.iter_blobs() == [] and one_blob(ollama).stat().st_nlink == 1
+    finally:
+        store.close()
+
+
+def test_an_inode_open_for_writing_is_not_hard_linked(cli: CLI, tmp_path: Path) -> None:
+    """0644 now, but a process opened it for writing before (another user's, while the mode
+    let them, or a tool of the owner's): it would write the store's bytes after the
+    adoption. The kernel knows (a read lease is refused): no hard link."""
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    ollama = tmp_path / "ollama"
+    ollama_model(ollama, "registry.ollama.ai/library/held", "latest", write_model(gen / "w", tensor_bytes=MiB, seed=5))
+    blob = one_blob(ollama)
+    env = {"OLLAMA_MODELS": str(ollama)}
+    writer = os.open(blob, os.O_WRONLY)
+    try:
+        before = state(ollama)
+        r = cli.run("adopt", "--from", "ollama", "--json", env=env, check=False)
+        [m] = r.json()["models"]
+        assert r.returncode != 0 and m["status"] == "failed" and "--copy" in m["reason"], m
+        assert state(ollama) == before and blob.stat().st_nlink == 1
+        r = cli.run("adopt", "--from", "ollama", "--copy", "--json", env=env)
+        assert [f["method"] for f in r.json()["models"][0]["files"]] == ["copy"]
+        os.pwrite(writer, b"\xff" * 64, MiB // 2)
+    finally:
+        os.close(writer)
+    assert [x["status"] for x in cli.run("verify", "--json").json()] == ["ok"]
+
+
+def test_an_inode_opened_for_writing_during_the_adoption_is_not_hard_linked(tmp_path: Path) -> None:
+    """Someone opens the file for writing while it is hashed: they would get their
+    descriptor once the adoption is done. The lease breaks; the link is undone and the
+    file left as it was (its mode, no digest xattr)."""
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    ollama = tmp_path / "ollama"
+    ollama_model(ollama, "registry.ollama.ai/library/race", "latest", write_model(gen / "w", tensor_bytes=MiB, seed=6))
+    blob = one_blob(ollama)
+    store = Store.open(tmp_path / "store")
+    try:
+        p = adopt.plan(store, ["ollama"], env={"OLLAMA_MODELS": str(ollama)}, home=tmp_path)
+        assert [f.method for f in p.entries[0].files] == ["hardlink"]
+        tried: list[str] = []
+
+        def open_for_writing(n: int) -> None:
+            if not tried:  # O_NONBLOCK: refused at once while the lease is held, the break begun
+                try:
+                    os.close(os.open(blob, os.O_WRONLY | os.O_NONBLOCK))
+                    tried.append("opened")
+                except BlockingIOError:
+                    tried.append("would block")
+
+        [o] = adopt.execute(store, p, progress=open_for_writing)
+        assert tried == ["would block"]
+        assert o.status == "failed" and "--copy" in (o.reason or ""), o.reason
+        st = blob.stat()
+        assert (st.st_nlink, stat.S_IMODE(st.st_mode)) == (1, 0o644)
+        assert "user.modelfs.sha256" not in os.listxattr(blob)
+        assert store.blobs.iter_blobs() == [] and not list((tmp_path / "store" / "tmp").iterdir())
+    finally:
+        store.close()
+
+
 # -- a git-SHA-1-named blob: the bytes committed are the bytes checked ------------------------
 def test_a_git_named_blob_changed_after_its_check_is_not_adopted(tmp_path: Path) -> None:
     """A small hub file is named by git's SHA-1 only. Its bytes were checked, then read a
@@ -125,7 +205,8 @@ def test_a_git_named_blob_changed_after_its_check_is_not_adopted(tmp_path: Path)
     store = Store.open(tmp_path / "store")
     writer = os.open(repo / "blobs" / oid, os.O_WRONLY)
     try:
-        p = adopt.plan(store, ["hf"], env={"HF_HUB_CACHE": str(hub)}, home=tmp_path)
+        # --copy: the open writer keeps it from being hard-linked (the test below), so it is copied
+        p = adopt.plan(store, ["hf"], copy=True, env={"HF_HUB_CACHE": str(hub)}, home=tmp_path)
         tampered: list[int] = []
 
         def tamper(n: int) -> None:  # after the first chunk committed: the tail changes
@@ -212,11 +293,17 @@ def test_cache_names_with_control_characters_are_refused(cli: CLI, tmp_path: Pat
                  write_model(gen / "t", tensor_bytes=4096, seed=11))
     hub = tmp_path / "hub"  # a snapshot folder of that name: kept as the file's hub path
     hf_repo(hub, "acme/Esc-GGUF", {"q\x1b[2J/Esc-Q4_0.gguf": write_model(gen / "h", tensor_bytes=4096, seed=12)})
-    env = {"OLLAMA_MODELS": str(ollama), "HF_HUB_CACHE": str(hub)}
-    r = cli.run("adopt", "--from", "ollama", "--from", "hf", "--json", env=env)
+    lms = tmp_path / "lms"  # LM Studio's publisher folder: kept as the model's hub repository
+    (lms / "pub\x1b[2J" / "Esc-GGUF").mkdir(parents=True)
+    write_model(lms / "pub\x1b[2J" / "Esc-GGUF" / "Lms-Q4_0.gguf", tensor_bytes=4096, seed=13)
+    home = tmp_path / "home"
+    (home / ".lmstudio").mkdir(parents=True)
+    (home / ".lmstudio" / "settings.json").write_text(json.dumps({"downloadsFolder": str(lms)}))
+    env = {"OLLAMA_MODELS": str(ollama), "HF_HUB_CACHE": str(hub), "HOME": str(home)}
+    r = cli.run("adopt", "--from", "ollama", "--from", "hf", "--from", "lmstudio", "--copy", "--json", env=env)
     assert [m["name"] for m in r.json()["models"] if m["status"] == "adopted"] == ["good-latest"]
     shown = json.dumps([[m["source"], m["origin"], m["files"]] for m in r.json()["models"]], ensure_ascii=False)
     assert "\x1b" not in shown and "\x1b" not in json.dumps(r.json()["refused"], ensure_ascii=False)
-    text = cli.run("adopt", "--from", "ollama", "--from", "hf", "--dry-run", env=env).stdout
+    text = cli.run("adopt", "--from", "ollama", "--from", "hf", "--from", "lmstudio", "--dry-run", env=env).stdout
     assert "\x1b" not in text and "\x07" not in text, text
     assert {m["source"] for m in cli.run("list", "--json").json()} <= {"ollama://registry.ollama.ai/library/good:latest"}
