@@ -8,7 +8,10 @@ How each file comes in, the first way that applies (``BlobStore.commit_existing`
     reflink    the store's file system shares extents (``FICLONE``), and the file is on it
     hardlink   a blob its tool names by its hash and never rewrites (the Hugging Face
                cache's ``blobs/``, Ollama's ``blobs/sha256-*``: never an LM Studio file or
-               a plain directory's), of the store's owner, on the store's file system.
+               a plain directory's), of the store's owner, on the store's file system,
+               that no one else may write, with no other name and no setuid bit
+               (``blobs.hardlink_problem``), and no one has open for writing (a read
+               lease, at adoption).
                The shared inode becomes read-only (0444) and carries the store's digest
                xattr; it is never made immutable (its tool must still be able to delete
                its name: ``store.seal``)
@@ -24,8 +27,9 @@ Names: each model gets the name its cache suggests (:mod:`.caches`). A model who
 already are the active version of a model in the store is skipped ("already adopted as
 NAME"). A name held by a model adopted from the same place (the same source and weights
 file name: a Hugging Face repository at a newer commit, an Ollama tag pulled again)
-gets a new version, activated, the old one kept as last-good for ``rollback``. Any other
-model's name is never added to: the model gets the first free ``NAME-2``, ``NAME-3``, ...
+gets a new version, activated, the old one kept as last-good for ``rollback``, when the
+files offered are the store owner's (another user's cache may claim any source). Any
+other model's name is never added to: the model gets the first free ``NAME-2``, ``NAME-3``, ...
 instead.
 """
 

@@ -31,8 +31,12 @@ Every cache is read as if it were hostile: each directory below the cache's root
 opened relative to its parent with ``O_NOFOLLOW`` (a link where a directory should be
 is refused, never followed), a snapshot's link must name a file of its own
 repository's ``blobs/`` (the link is read, never followed), and each file is opened
-``O_NOFOLLOW`` and must be a regular file. What is refused is reported with its
-reason, and the rest goes on. This module only reads: it never writes, renames or
+``O_NOFOLLOW`` and must be a regular file. A folder or file name that becomes part of
+a model's name, source, hub path or hub repository must be one safe path component
+(``names.filename_problem``: no control or escape character). Reading is bounded: at
+most :data:`MAX_ENTRIES` names per cache (a directory is read no further), 1 MiB of
+JSON, nesting the parser can follow. What is refused is reported with its reason
+(escaped, :func:`printable`), and the rest goes on. This module only reads: it never writes, renames or
 deletes anything, and it commits nothing (:mod:`.adopt` does).
 """
 
