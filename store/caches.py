@@ -257,10 +257,16 @@ def _has_publisher_repo_gguf(root: Path, limit: int = 4096) -> bool:
     try:
         with os.scandir(root) as publishers:
             for pub in publishers:
+                seen += 1  # every entry counts: millions of empty folders too
+                if seen > limit:
+                    return False
                 if not pub.is_dir(follow_symlinks=False):
                     continue
                 with os.scandir(pub.path) as repos:
                     for repo in repos:
+                        seen += 1
+                        if seen > limit:
+                            return False
                         if not repo.is_dir(follow_symlinks=False):
                             continue
                         with os.scandir(repo.path) as files:

@@ -307,3 +307,23 @@ def test_cache_names_with_control_characters_are_refused(cli: CLI, tmp_path: Pat
     text = cli.run("adopt", "--from", "ollama", "--from", "hf", "--from", "lmstudio", "--dry-run", env=env).stdout
     assert "\x1b" not in text and "\x07" not in text, text
     assert {m["source"] for m in cli.run("list", "--json").json()} <= {"ollama://registry.ollama.ai/library/good:latest"}
+
+
+def test_guessing_a_directory_s_layout_looks_at_a_bounded_number_of_entries(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Is ``--from DIR`` LM Studio's publisher/repo/*.gguf? Thousands of empty folders must
+    not all be opened and read to find out."""
+    d = tmp_path / "d"
+    for i in range(3000):
+        (d / f"{i:05d}" / "repo").mkdir(parents=True)
+    opened: list[object] = []
+    real = os.scandir
+
+    def scandir(path):  # type: ignore[no-untyped-def]
+        opened.append(path)
+        return real(path)
+
+    monkeypatch.setattr(caches.os, "scandir", scandir)
+    assert caches._has_publisher_repo_gguf(d) is False
+    monkeypatch.undo()
+    assert len(opened) <= 4096 + 1, len(opened)
