@@ -273,7 +273,8 @@ def _adopt_one(store: Store, entry: PlanEntry, blob_dev: int, owner: int, copy: 
                 if w.git_sha1 is not None:
                     _check_git_sha1(fd, w.git_sha1)
                 got = store.blobs.commit_existing(fd, _ways(pf, blob_dev, owner, copy), expected_sha256=w.sha256,
-                                                  expected_size=w.size, progress=progress)
+                                                  expected_size=w.size, progress=progress,
+                                                  trust_name=w.uid == owner)  # another user's: hashed
             except StoreError as exc:
                 raise type(exc)(f"{w.shown}: {exc}", **exc.fields) from None
             finally:

@@ -328,13 +328,15 @@ class BlobStore:
             self.discard_temp(b)
 
     def commit_existing(self, fd: int, ways: tuple[str, ...], *, expected_sha256: str | None = None,
-                        expected_size: int | None = None,
-                        progress: Callable[[int], None] | None = None) -> Adopted:
+                        expected_size: int | None = None, progress: Callable[[int], None] | None = None,
+                        trust_name: bool = True) -> Adopted:
         """Commit the regular file open at ``fd`` (another tool's), trying ``ways`` in order
         (a subset of :data:`WAYS`). Its bytes are hashed once and checked against
         ``expected_sha256``/``expected_size``: a mismatch raises IntegrityError and
         leaves nothing behind (no quarantine: the bytes stay where they are, for their
-        tool to deal with). A file whose expected blob is present is not read at all.
+        tool to deal with). A file whose expected blob is present is not read at all,
+        unless ``trust_name`` is False (another user's file): it is hashed then, since
+        naming a hash it learnt would otherwise give its cache the store's bytes.
 
         ``hardlink`` links the very inode ``fd`` holds (``/proc/self/fd``, so no path is
         looked up again) after hashing it, and makes it 0444 (the store's mode: every
@@ -350,6 +352,8 @@ class BlobStore:
             raise IntegrityError(f"size mismatch: {st.st_size} bytes, its cache says {expected_size}",
                                  got=st.st_size, expected=expected_size)
         if expected_sha256 is not None and self.has(expected_sha256):
+            if not trust_name:
+                self._check_adopted(hash_fd(fd, progress)[0], expected_sha256)
             return Adopted(Committed(expected_sha256, st.st_size, self.path(expected_sha256), new=False), "present")
         for way in ways:
             if way == "reflink":

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CLI
-from ggufgen import write_model
+from ggufgen import write_mmproj, write_model
 from modelfs_store import adopt, caches
 from modelfs_store.core import Store
 from test_adopt import COMMIT, NOBODY, ROOT, MiB, by_name, hf_repo, ollama_model, state
@@ -327,3 +327,30 @@ def test_guessing_a_directory_s_layout_looks_at_a_bounded_number_of_entries(
     assert caches._has_publisher_repo_gguf(d) is False
     monkeypatch.undo()
     assert len(opened) <= 4096 + 1, len(opened)
+
+
+@needs_root
+def test_another_users_cache_cannot_name_its_way_to_a_blob_it_does_not_hold(cli: CLI, tmp_path: Path) -> None:
+    """The store holds a model whose SHA-256 another user learnt (not its bytes). Their cache
+    names a file of theirs by that hash: taken as 'present', their model would be the
+    store's bytes. A name is trusted only in the store owner's own files."""
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    secret = write_model(gen / "secret.gguf", tensor_bytes=64 * 1024, seed=15)
+    cli.run("import", "secret-finetune", str(secret))
+    [f] = cli.run("show", "secret-finetune", "--json").json()["files"]
+    theirs = tmp_path / "theirs"
+    fake = write_model(gen / "fake", tensor_bytes=64 * 1024, seed=16)
+    repo = hf_repo(theirs, "evil/Grab-GGUF", {"Grab-Q4_0.gguf": fake,  # a projector: not the secret's file set
+                                              "mmproj-Grab-f16.gguf": write_mmproj(gen / "mm", seed=17)})
+    real = repo / "blobs" / os.readlink(repo / "snapshots" / COMMIT / "Grab-Q4_0.gguf").split("/")[-1]
+    os.rename(real, repo / "blobs" / f["sha256"])  # their bytes, under the secret's name
+    link = repo / "snapshots" / COMMIT / "Grab-Q4_0.gguf"
+    link.unlink()
+    link.symlink_to(f"../../blobs/{f['sha256']}")
+    for p in [theirs, *theirs.rglob("*")]:
+        os.lchown(p, NOBODY, NOBODY)
+    r = cli.run("adopt", "--from", str(theirs), "--copy", "--json", check=False)
+    [m] = r.json()["models"]
+    assert m["status"] == "failed" and "SHA-256 mismatch" in m["reason"], m
+    assert [x["name"] for x in cli.run("list", "--json").json()] == ["secret-finetune"]
