@@ -352,6 +352,10 @@ class BlobStore:
             raise IntegrityError(f"size mismatch: {st.st_size} bytes, its cache says {expected_size}",
                                  got=st.st_size, expected=expected_size)
         if expected_sha256 is not None and self.has(expected_sha256):
+            held = self.size(expected_sha256)
+            if st.st_size != held:  # not those bytes, whatever its name says
+                raise IntegrityError(f"size mismatch: {st.st_size} bytes, the store's blob {expected_sha256[:12]} "
+                                     f"of that name has {held}", got=st.st_size, expected=held)
             if not trust_name:
                 self._check_adopted(hash_fd(fd, progress)[0], expected_sha256)
             return Adopted(Committed(expected_sha256, st.st_size, self.path(expected_sha256), new=False), "present")

@@ -354,3 +354,25 @@ def test_another_users_cache_cannot_name_its_way_to_a_blob_it_does_not_hold(cli:
     [m] = r.json()["models"]
     assert m["status"] == "failed" and "SHA-256 mismatch" in m["reason"], m
     assert [x["name"] for x in cli.run("list", "--json").json()] == ["secret-finetune"]
+
+
+def test_a_file_named_by_a_blob_the_store_holds_but_of_another_size_is_not_taken_as_it(
+        cli: CLI, tmp_path: Path) -> None:
+    """The owner's own cache, its name trusted: a blob whose size is not the store blob's
+    (a truncated or damaged file) is not that blob, and its size must not go into the
+    catalog as the model's file size (the mount would serve that many bytes)."""
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    cli.run("import", "base", str(write_model(gen / "base.gguf", tensor_bytes=64 * 1024, seed=18)))
+    [f] = cli.run("show", "base", "--json").json()["files"]
+    hub = tmp_path / "hub"
+    repo = hf_repo(hub, "acme/Dup-GGUF", {"Dup-Q4_0.gguf": write_model(gen / "d", tensor_bytes=32 * 1024, seed=19),
+                                          "mmproj-Dup-f16.gguf": write_mmproj(gen / "mm", seed=20)})
+    link = repo / "snapshots" / COMMIT / "Dup-Q4_0.gguf"
+    os.rename(repo / "blobs" / os.readlink(link).split("/")[-1], repo / "blobs" / f["sha256"])
+    link.unlink()
+    link.symlink_to(f"../../blobs/{f['sha256']}")
+    r = cli.run("adopt", "--from", "hf", "--json", check=False, env={"HF_HUB_CACHE": str(hub)})
+    [m] = r.json()["models"]
+    assert m["status"] == "failed" and "size" in m["reason"], m
+    assert [x["name"] for x in cli.run("list", "--json").json()] == ["base"]
