@@ -359,18 +359,25 @@ class BlobStore:
             if not trust_name:
                 self._check_adopted(hash_fd(fd, progress)[0], expected_sha256)
             return Adopted(Committed(expected_sha256, st.st_size, self.path(expected_sha256), new=False), "present")
+        whys: list[str] = []  # why a hard link was not made
         for way in ways:
             if way == "reflink":
                 done = self._adopt_reflink(fd, expected_sha256, progress)
             elif way == "hardlink":
-                done = self._adopt_hardlink(fd, expected_sha256, progress)
+                try:
+                    done = self._adopt_hardlink(fd, expected_sha256, progress)
+                except _NoHardLink as exc:
+                    log.info("no hard link to the adopted file: %s", exc)
+                    whys.append(str(exc))
+                    continue
             elif way == "copy":
                 done = self._adopt_copy(fd, st.st_size, expected_sha256, progress)
             else:
                 raise ValueError(f"no such way {way!r}")
             if done is not None:
                 return done
-        raise Conflict("it can be taken in only as a copy (--copy)", reason="needs-copy")
+        why = f" (no hard link: {'; '.join(whys)})" if whys else ""
+        raise Conflict(f"it can be taken in only as a copy (--copy){why}", reason="needs-copy")
 
     @staticmethod
     def _check_adopted(sha256: str, expected: str | None) -> None:
@@ -397,22 +404,20 @@ class BlobStore:
         c = self._commit_path(temp.path, sha, size, None, None, on_done=temp.close)
         return Adopted(c, "reflink" if c.new else "present")
 
-    def _adopt_hardlink(self, fd: int, expected: str | None, progress: Callable[[int], None] | None) -> Adopted | None:
+    def _adopt_hardlink(self, fd: int, expected: str | None, progress: Callable[[int], None] | None) -> Adopted:
         st = os.fstat(fd)  # the inode itself, now: the plan saw it earlier, by a name
         owner = os.stat(self.layout.root).st_uid
         why = (f"owned by uid {st.st_uid}, not by the store's owner (uid {owner})" if st.st_uid != owner
                else hardlink_problem(stat.S_IMODE(st.st_mode), st.st_nlink))
         if why is not None:
-            log.info("no hard link to the adopted file: %s", why)
-            return None
+            raise _NoHardLink(why)
         # A read lease: granted only while no process has the file open for writing, and
         # broken by the first that opens it so (it waits until the lease is let go). Held
         # from before the hash until the inode is 0444 and the store's, it tells whether
         # anyone could still write the bytes hashed.
         lease = _read_lease(fd)
         if lease is False:
-            log.info("no hard link to the adopted file: another process has it open for writing")
-            return None
+            raise _NoHardLink("another process has it open for writing")
         try:
             return self._link_adopted(fd, stat.S_IMODE(st.st_mode), lease, expected, progress)
         finally:
@@ -420,7 +425,7 @@ class BlobStore:
                 _drop_lease(fd)
 
     def _link_adopted(self, fd: int, mode: int, lease: bool | None, expected: str | None,
-                      progress: Callable[[int], None] | None) -> Adopted | None:
+                      progress: Callable[[int], None] | None) -> Adopted:
         sha, size = hash_fd(fd, progress)
         self._check_adopted(sha, expected)
         if self.has(sha):
@@ -431,8 +436,7 @@ class BlobStore:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("the adopted file is locked by another process: no hard link to it")
-            return None
+            raise _NoHardLink("another process holds a lock on it") from None
 
         def still_alone() -> None:  # 0444 by now: no one may open it for writing any more
             if lease and not _lease_held(fd):
@@ -443,8 +447,7 @@ class BlobStore:
                 _link_fd(fd, path)
             except OSError as exc:
                 if exc.errno in (errno.EXDEV, errno.EPERM, errno.EACCES, errno.ENOENT, errno.EMLINK):
-                    log.info("no hard link to the adopted file: %s", exc.strerror)
-                    return None
+                    raise _NoHardLink(f"the link failed: {exc.strerror}") from None
                 raise
             try:
                 c = self._commit_path(path, sha, size, None, None, before_rename=still_alone)
@@ -452,8 +455,7 @@ class BlobStore:
                 os.fchmod(fd, mode)  # as it was: the cache's file, not the store's
                 seal.clear_digest(fd)
                 path.unlink()
-                log.info("no hard link to the adopted file: another process opened it for writing meanwhile")
-                return None
+                raise _NoHardLink("another process opened it for writing meanwhile") from None
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
         return Adopted(c, "hardlink" if c.new else "present")
@@ -581,6 +583,10 @@ class BlobStore:
             log.warning("removed %d stale temp file(s), %d bytes, left by an interrupted writer",
                         len(report.stale_temps), report.freed_bytes)
         return report
+
+
+class _NoHardLink(Exception):
+    """Why this inode may not be hard-linked after all (the next way is tried)."""
 
 
 class _OpenedForWriting(Exception):
