@@ -8,7 +8,10 @@ How each file comes in, the first way that applies (``BlobStore.commit_existing`
     reflink    the store's file system shares extents (``FICLONE``), and the file is on it
     hardlink   a blob its tool names by its hash and never rewrites (the Hugging Face
                cache's ``blobs/``, Ollama's ``blobs/sha256-*``: never an LM Studio file or
-               a plain directory's), of the store's owner, on the store's file system.
+               a plain directory's), of the store's owner, on the store's file system,
+               that no one else may write, with no other name and no setuid bit
+               (``blobs.hardlink_problem``), and no one has open for writing (a read
+               lease, at adoption).
                The shared inode becomes read-only (0444) and carries the store's digest
                xattr; it is never made immutable (its tool must still be able to delete
                its name: ``store.seal``)
@@ -24,8 +27,9 @@ Names: each model gets the name its cache suggests (:mod:`.caches`). A model who
 already are the active version of a model in the store is skipped ("already adopted as
 NAME"). A name held by a model adopted from the same place (the same source and weights
 file name: a Hugging Face repository at a newer commit, an Ollama tag pulled again)
-gets a new version, activated, the old one kept as last-good for ``rollback``. Any other
-model's name is never added to: the model gets the first free ``NAME-2``, ``NAME-3``, ...
+gets a new version, activated, the old one kept as last-good for ``rollback``, when the
+files offered are the store owner's (another user's cache may claim any source). Any
+other model's name is never added to: the model gets the first free ``NAME-2``, ``NAME-3``, ...
 instead.
 """
 
@@ -40,12 +44,13 @@ from pathlib import Path
 from typing import Any
 
 from . import gguf
-from .blobs import CHUNK
+from .blobs import CHUNK, hardlink_problem
 from .caches import TOOLS, Candidate, Discovery, Found, Located, Place, Refusal, discover
 from .catalog import Action, FileRecord
 from .core import Store
 from .errors import IntegrityError, StoreError
 from .names import model_name_problem
+from .owner import open_file
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +184,7 @@ def _no_hardlink(w: Located, blob_dev: int, owner: int) -> str | None:
         return "on another file system than the store"
     if w.uid != owner:
         return f"owned by uid {w.uid}, not by the store's owner (uid {owner})"
-    return None
+    return hardlink_problem(w.mode, w.nlink)
 
 
 def _ways(p: PlannedFile, blob_dev: int, owner: int, copy: bool) -> tuple[str, ...]:
@@ -205,9 +210,15 @@ def _active_sets(store: Store) -> dict[frozenset[str | None], str]:
 
 def _same_place(store: Store, name: str, c: Candidate) -> bool:
     """Whether model ``name``'s active version came from where ``c`` is: the same source
-    and the same weights file name, unsigned (a publisher's signed model is never added to)."""
+    and the same weights file name, unsigned (a publisher's signed model is never added to),
+    and ``c``'s files are the store owner's own: a cache another user keeps may claim any
+    source (its folder names say which) and must never give the store's model a new
+    active version."""
     m = store.catalog.get_model(name)
     if m.active_version is None:
+        return False
+    owner = os.stat(store.layout.root).st_uid
+    if any(f.where.uid != owner for f in c.files):
         return False
     v = store.catalog.get_version(name, m.active_version)
     weights = {f.filename for f in v.files if f.role == "weights"}
@@ -262,13 +273,22 @@ def _adopt_one(store: Store, entry: PlanEntry, blob_dev: int, owner: int, copy: 
                 if w.git_sha1 is not None:
                     _check_git_sha1(fd, w.git_sha1)
                 got = store.blobs.commit_existing(fd, _ways(pf, blob_dev, owner, copy), expected_sha256=w.sha256,
-                                                  expected_size=w.size, progress=progress)
+                                                  expected_size=w.size, progress=progress,
+                                                  trust_name=w.uid == owner)  # another user's: hashed
             except StoreError as exc:
                 raise type(exc)(f"{w.shown}: {exc}", **exc.fields) from None
             finally:
                 os.close(fd)
             if got.committed.new:
                 new.append(got.committed.sha256)
+            if w.git_sha1 is not None:  # again, on the bytes committed: the file may have changed since
+                cfd = open_file(got.committed.path, os.O_RDONLY)
+                try:
+                    _check_git_sha1(cfd, w.git_sha1)
+                except IntegrityError as exc:
+                    raise IntegrityError(f"{w.shown}: {exc}", **exc.fields) from None
+                finally:
+                    os.close(cfd)
             # The header again, of the bytes committed (the plan read the file before they were hashed).
             info = gguf.parse_gguf(got.committed.path, name=f.filename)
             if info.is_mmproj != (f.role == "mmproj"):

@@ -39,6 +39,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import stat
 import time
 from collections.abc import Callable
@@ -255,7 +256,8 @@ class BlobStore:
         return self._commit_path(path, sha256, size, expected_sha256, expected_size)
 
     def _commit_path(self, path: Path, sha256: str, size: int, expected_sha256: str | None,
-                     expected_size: int | None, on_done: Callable[[], None] | None = None) -> Committed:
+                     expected_size: int | None, on_done: Callable[[], None] | None = None,
+                     before_rename: Callable[[], None] | None = None) -> Committed:
         try:
             if expected_size is not None and size != expected_size:
                 q = self.quarantine_path(path, f"size-{size}-expected-{expected_size}", sha256)
@@ -274,6 +276,8 @@ class BlobStore:
             self._blob_dir(dest.parent)
             seal.set_digest(path, sha256)  # while the owner may still write it
             os.chmod(path, 0o444)
+            if before_rename is not None:  # the last word before it is a blob (it may raise)
+                before_rename()
             crash_point("commit-before-rename")
             os.rename(path, dest)
             fsync_dir(dest.parent)
@@ -324,18 +328,22 @@ class BlobStore:
             self.discard_temp(b)
 
     def commit_existing(self, fd: int, ways: tuple[str, ...], *, expected_sha256: str | None = None,
-                        expected_size: int | None = None,
-                        progress: Callable[[int], None] | None = None) -> Adopted:
+                        expected_size: int | None = None, progress: Callable[[int], None] | None = None,
+                        trust_name: bool = True) -> Adopted:
         """Commit the regular file open at ``fd`` (another tool's), trying ``ways`` in order
         (a subset of :data:`WAYS`). Its bytes are hashed once and checked against
         ``expected_sha256``/``expected_size``: a mismatch raises IntegrityError and
         leaves nothing behind (no quarantine: the bytes stay where they are, for their
-        tool to deal with). A file whose expected blob is present is not read at all.
+        tool to deal with). A file whose expected blob is present is not read at all,
+        unless ``trust_name`` is False (another user's file): it is hashed then, since
+        naming a hash it learnt would otherwise give its cache the store's bytes.
 
         ``hardlink`` links the very inode ``fd`` holds (``/proc/self/fd``, so no path is
         looked up again) after hashing it, and makes it 0444 (the store's mode: every
-        name of the inode has it then). Only for a file its tool never rewrites, of the
-        store's owner, on the store's file system: the caller's rule. Raises Conflict
+        name of the inode has it then). Only for a file its tool never rewrites, on the
+        store's file system: the caller's rule; of the store's owner, with no other name
+        and that no one else may write (:func:`hardlink_problem`): checked here again, on
+        the inode, else the way is not taken. Raises Conflict
         (``reason='needs-copy'``) when no way of ``ways`` could be taken."""
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -344,19 +352,32 @@ class BlobStore:
             raise IntegrityError(f"size mismatch: {st.st_size} bytes, its cache says {expected_size}",
                                  got=st.st_size, expected=expected_size)
         if expected_sha256 is not None and self.has(expected_sha256):
+            held = self.size(expected_sha256)
+            if st.st_size != held:  # not those bytes, whatever its name says
+                raise IntegrityError(f"size mismatch: {st.st_size} bytes, the store's blob {expected_sha256[:12]} "
+                                     f"of that name has {held}", got=st.st_size, expected=held)
+            if not trust_name:
+                self._check_adopted(hash_fd(fd, progress)[0], expected_sha256)
             return Adopted(Committed(expected_sha256, st.st_size, self.path(expected_sha256), new=False), "present")
+        whys: list[str] = []  # why a hard link was not made
         for way in ways:
             if way == "reflink":
                 done = self._adopt_reflink(fd, expected_sha256, progress)
             elif way == "hardlink":
-                done = self._adopt_hardlink(fd, expected_sha256, progress)
+                try:
+                    done = self._adopt_hardlink(fd, expected_sha256, progress)
+                except _NoHardLink as exc:
+                    log.info("no hard link to the adopted file: %s", exc)
+                    whys.append(str(exc))
+                    continue
             elif way == "copy":
                 done = self._adopt_copy(fd, st.st_size, expected_sha256, progress)
             else:
                 raise ValueError(f"no such way {way!r}")
             if done is not None:
                 return done
-        raise Conflict("it can be taken in only as a copy (--copy)", reason="needs-copy")
+        why = f" (no hard link: {'; '.join(whys)})" if whys else ""
+        raise Conflict(f"it can be taken in only as a copy (--copy){why}", reason="needs-copy")
 
     @staticmethod
     def _check_adopted(sha256: str, expected: str | None) -> None:
@@ -383,7 +404,28 @@ class BlobStore:
         c = self._commit_path(temp.path, sha, size, None, None, on_done=temp.close)
         return Adopted(c, "reflink" if c.new else "present")
 
-    def _adopt_hardlink(self, fd: int, expected: str | None, progress: Callable[[int], None] | None) -> Adopted | None:
+    def _adopt_hardlink(self, fd: int, expected: str | None, progress: Callable[[int], None] | None) -> Adopted:
+        st = os.fstat(fd)  # the inode itself, now: the plan saw it earlier, by a name
+        owner = os.stat(self.layout.root).st_uid
+        why = (f"owned by uid {st.st_uid}, not by the store's owner (uid {owner})" if st.st_uid != owner
+               else hardlink_problem(stat.S_IMODE(st.st_mode), st.st_nlink))
+        if why is not None:
+            raise _NoHardLink(why)
+        # A read lease: granted only while no process has the file open for writing, and
+        # broken by the first that opens it so (it waits until the lease is let go). Held
+        # from before the hash until the inode is 0444 and the store's, it tells whether
+        # anyone could still write the bytes hashed.
+        lease = _read_lease(fd)
+        if lease is False:
+            raise _NoHardLink("another process has it open for writing")
+        try:
+            return self._link_adopted(fd, stat.S_IMODE(st.st_mode), lease, expected, progress)
+        finally:
+            if lease:
+                _drop_lease(fd)
+
+    def _link_adopted(self, fd: int, mode: int, lease: bool | None, expected: str | None,
+                      progress: Callable[[int], None] | None) -> Adopted:
         sha, size = hash_fd(fd, progress)
         self._check_adopted(sha, expected)
         if self.has(sha):
@@ -394,17 +436,26 @@ class BlobStore:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("the adopted file is locked by another process: no hard link to it")
-            return None
+            raise _NoHardLink("another process holds a lock on it") from None
+
+        def still_alone() -> None:  # 0444 by now: no one may open it for writing any more
+            if lease and not _lease_held(fd):
+                raise _OpenedForWriting
+
         try:
             try:
                 _link_fd(fd, path)
             except OSError as exc:
                 if exc.errno in (errno.EXDEV, errno.EPERM, errno.EACCES, errno.ENOENT, errno.EMLINK):
-                    log.info("no hard link to the adopted file: %s", exc.strerror)
-                    return None
+                    raise _NoHardLink(f"the link failed: {exc.strerror}") from None
                 raise
-            c = self._commit_path(path, sha, size, None, None)
+            try:
+                c = self._commit_path(path, sha, size, None, None, before_rename=still_alone)
+            except _OpenedForWriting:
+                os.fchmod(fd, mode)  # as it was: the cache's file, not the store's
+                seal.clear_digest(fd)
+                path.unlink()
+                raise _NoHardLink("another process opened it for writing meanwhile") from None
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
         return Adopted(c, "hardlink" if c.new else "present")
@@ -532,6 +583,55 @@ class BlobStore:
             log.warning("removed %d stale temp file(s), %d bytes, left by an interrupted writer",
                         len(report.stale_temps), report.freed_bytes)
         return report
+
+
+class _NoHardLink(Exception):
+    """Why this inode may not be hard-linked after all (the next way is tried)."""
+
+
+class _OpenedForWriting(Exception):
+    """The read lease on a file being hard-linked was broken: someone opened it for writing."""
+
+
+def _read_lease(fd: int) -> bool | None:
+    """Take a read lease (``F_SETLEASE``) on the file open read-only at ``fd``: True,
+    held; False, another descriptor has it open for writing now; None, no lease could be
+    taken here (leases off, a file system without them): nothing is known then. A
+    break is signalled with SIGURG, whose default is to be ignored (SIGIO's would kill)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EBUSY):
+            return False
+        log.info("no read lease on the adopted file (%s): whether it is open for writing is unknown", exc.strerror)
+        return None
+    return True
+
+
+def _lease_held(fd: int) -> bool:
+    """Whether the read lease is still held, unbroken (a break pending reads F_UNLCK)."""
+    return int(fcntl.fcntl(fd, fcntl.F_GETLEASE)) == fcntl.F_RDLCK
+
+
+def _drop_lease(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+
+
+def hardlink_problem(mode: int, nlink: int) -> str | None:
+    """Why an inode of these permission bits and link count may not become a blob by a
+    hard link (``commit_existing``), or None. Its mode must let no one but its owner
+    write it (another user could change the store's bytes through it, or through a
+    descriptor opened while they could), carry no setuid, setgid or sticky bit, and its
+    cache's name must be its only one (the 0444 it gets would change every other)."""
+    if mode & 0o022:
+        return f"writable by other users (mode {mode:04o}): they could change the store's bytes through it"
+    if mode & 0o7000:
+        return f"setuid, setgid or sticky (mode {mode:04o}): not an ordinary file of its cache"
+    if nlink != 1:
+        return f"it has {nlink} names: making it read-only (0444) would change the others too"
+    return None
 
 
 def _link_fd(fd: int, dest: Path) -> None:

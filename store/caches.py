@@ -31,8 +31,12 @@ Every cache is read as if it were hostile: each directory below the cache's root
 opened relative to its parent with ``O_NOFOLLOW`` (a link where a directory should be
 is refused, never followed), a snapshot's link must name a file of its own
 repository's ``blobs/`` (the link is read, never followed), and each file is opened
-``O_NOFOLLOW`` and must be a regular file. What is refused is reported with its
-reason, and the rest goes on. This module only reads: it never writes, renames or
+``O_NOFOLLOW`` and must be a regular file. A folder or file name that becomes part of
+a model's name, source, hub path or hub repository must be one safe path component
+(``names.filename_problem``: no control or escape character). Reading is bounded: at
+most :data:`MAX_ENTRIES` names per cache (a directory is read no further), 1 MiB of
+JSON, nesting the parser can follow. What is refused is reported with its reason
+(escaped, :func:`printable`), and the rest goes on. This module only reads: it never writes, renames or
 deletes anything, and it commits nothing (:mod:`.adopt` does).
 """
 
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import posixpath
@@ -70,9 +75,16 @@ class Refusal(Exception):
     """A path of a cache this module will not use, and why."""
 
     def __init__(self, path: str, reason: str) -> None:
+        path, reason = printable(path), printable(reason)  # a hostile name is shown, never acted out
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+def printable(text: str) -> str:
+    """``text`` with what a terminal would act on (controls, escapes, invisible and
+    unassigned characters) written as Python escapes."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,8 @@ class Located:
     sha256: str | None = None           # the SHA-256 its cache names it by
     git_sha1: str | None = None         # hf: git's SHA-1 of a small (non-LFS) file
     content_addressed: bool = False     # a blob its tool names by content and never rewrites
+    mode: int = 0o644                   # its permission bits (st_mode & 0o7777)
+    nlink: int = 1                      # its names (a hard link elsewhere: more than one)
 
     def open(self) -> int:
         """A read-only descriptor of the file, reached as at discovery; Refusal if
@@ -187,7 +201,7 @@ def _downloads_folder(settings: Path) -> str | None:
     try:
         with open(settings, "rb") as f:
             doc = json.loads(f.read(MAX_MANIFEST))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # nested deeper than the parser's stack
         return None
     value = doc.get("downloadsFolder") if isinstance(doc, dict) else None
     return value if isinstance(value, str) and value.strip() else None
@@ -224,7 +238,8 @@ def _layout_of(root: Path) -> str:
     """A directory named with ``--from`` may be a tool's cache moved elsewhere: a Hugging
     Face cache holds ``models--*`` folders, Ollama's ``manifests/`` and ``blobs/``, LM
     Studio's ``publisher/repo/*.gguf`` (and no ``.gguf`` of its own)."""
-    names = set(os.listdir(root))
+    with os.scandir(root) as it:  # at most the budget of names of a whole cache
+        names = {e.name for e in itertools.islice(it, MAX_ENTRIES + 1)}
     if any(n.startswith("models--") for n in names):
         return "hf"
     if {"manifests", "blobs"} <= names:
@@ -242,10 +257,16 @@ def _has_publisher_repo_gguf(root: Path, limit: int = 4096) -> bool:
     try:
         with os.scandir(root) as publishers:
             for pub in publishers:
+                seen += 1  # every entry counts: millions of empty folders too
+                if seen > limit:
+                    return False
                 if not pub.is_dir(follow_symlinks=False):
                     continue
                 with os.scandir(pub.path) as repos:
                     for repo in repos:
+                        seen += 1
+                        if seen > limit:
+                            return False
                         if not repo.is_dir(follow_symlinks=False):
                             continue
                         with os.scandir(repo.path) as files:
@@ -315,11 +336,14 @@ def _dirs(root: str, parts: tuple[str, ...], shown: str) -> Iterator[int]:
 
 
 def _entries(dfd: int, budget: list[int]) -> list[os.DirEntry[str]]:
-    out = sorted(os.scandir(dfd), key=lambda e: e.name)
+    """The entries of a directory, sorted; Refusal once the cache's budget of names is
+    spent (the reading stops there: a directory of millions is never held whole)."""
+    with os.scandir(dfd) as it:
+        out = list(itertools.islice(it, max(budget[0], 0) + 1))
     budget[0] -= len(out)
     if budget[0] < 0:
         raise Refusal("(cache)", f"more than {MAX_ENTRIES} names: not read further")
-    return out
+    return sorted(out, key=lambda e: e.name)
 
 
 def _locate(root: str, parts: tuple[str, ...], name: str, shown: str, *, sha256: str | None = None,
@@ -336,7 +360,7 @@ def _locate(root: str, parts: tuple[str, ...], name: str, shown: str, *, sha256:
         except OSError as exc:
             raise Refusal(shown, f"read failed: {exc.strerror}") from None
     return Located(root, parts, name, shown, st.st_size, st.st_dev, st.st_ino, st.st_uid, sha256, git_sha1,
-                   content_addressed), info
+                   content_addressed, stat.S_IMODE(st.st_mode), st.st_nlink), info
 
 
 # -- Hugging Face --------------------------------------------------------------------------
@@ -463,7 +487,10 @@ def _scan_ollama(root: str, d: Discovery) -> None:
             try:
                 with _dirs(root, ("manifests", *parts), shown) as dfd:
                     for e in _entries(dfd, budget):
-                        if e.is_dir(follow_symlinks=False):
+                        problem = filename_problem(e.name)
+                        if problem is not None:
+                            d.refused.append(Refusal(os.path.join(shown, e.name), f"its name {problem}"))
+                        elif e.is_dir(follow_symlinks=False):
                             nxt.append((*parts, e.name))
                         elif e.is_symlink():
                             d.refused.append(Refusal(os.path.join(shown, e.name), "a symbolic link: not followed"))
@@ -491,6 +518,9 @@ def _scan_ollama(root: str, d: Discovery) -> None:
 def _ollama_model(root: str, parts: tuple[str, ...], tag: str) -> Candidate | None:
     registry, namespace, model = parts
     shown = os.path.join(root, "manifests", *parts, tag)
+    problem = filename_problem(tag)
+    if problem is not None:
+        raise Refusal(shown, f"its name {problem}")
     with _dirs(root, ("manifests", *parts), shown) as dfd:
         fd = _file(dfd, tag, shown)
     with os.fdopen(fd, "rb") as f:
@@ -501,7 +531,7 @@ def _ollama_model(root: str, parts: tuple[str, ...], tag: str) -> Candidate | No
         doc = json.loads(raw)
         layers = doc["layers"]
         assert isinstance(layers, list)
-    except (ValueError, KeyError, TypeError, AssertionError):
+    except (ValueError, KeyError, TypeError, AssertionError, RecursionError):
         raise Refusal(shown, "not an Ollama manifest (JSON with layers)") from None
     weights = [la for la in layers if isinstance(la, dict) and la.get("mediaType") == WEIGHTS_MEDIA]
     projectors = [la for la in layers if isinstance(la, dict) and la.get("mediaType") == PROJECTOR_MEDIA]
@@ -539,6 +569,7 @@ def _scan_lmstudio(root: str, d: Discovery) -> None:
         publishers = [e.name for e in _entries(rfd, budget) if e.is_dir(follow_symlinks=False)]
     for publisher in publishers:
         try:
+            _check_name(root, publisher)
             with _dirs(root, (publisher,), os.path.join(root, publisher)) as pfd:
                 repos = [e.name for e in _entries(pfd, budget) if e.is_dir(follow_symlinks=False)]
         except Refusal as r:
@@ -546,6 +577,7 @@ def _scan_lmstudio(root: str, d: Discovery) -> None:
             continue
         for repo in repos:
             try:
+                _check_name(os.path.join(root, publisher), repo)  # both kept, as its hub repository
                 files = _gguf_files(root, (publisher, repo), d, budget)
             except Refusal as r:
                 d.refused.append(r)
@@ -582,12 +614,20 @@ def _gguf_files(root: str, parts: tuple[str, ...], d: Discovery, budget: list[in
 
 
 # -- files into models ------------------------------------------------------------------------------
-def _store_filename(rel: str, shown: str) -> str:
-    name = rel.split("/")[-1]
+def _check_name(parent: str, name: str) -> None:
     problem = filename_problem(name)
     if problem is not None:
-        raise Refusal(shown, f"its name {problem}")
-    return name
+        raise Refusal(os.path.join(parent, name), f"its name {problem}")
+
+
+def _store_filename(rel: str, shown: str) -> str:
+    """The last part of ``rel``; Refusal if any part is not one safe name (it is kept as
+    the file's hub path, and shown)."""
+    for part in rel.split("/"):
+        problem = filename_problem(part)
+        if problem is not None:
+            raise Refusal(shown, f"its name {problem}")
+    return rel.split("/")[-1]
 
 
 def _models(files: list[tuple[Found, GGUFInfo]], d: Discovery, stem: str | None,

@@ -88,6 +88,13 @@ def set_digest(path: Path, sha256: str) -> bool:
     return True
 
 
+def clear_digest(fd: int) -> None:
+    """Take the digest xattr off a file that did not become a blob after all (a cache's
+    file ``modelfs adopt`` gave up hard-linking): its bytes may change now."""
+    with contextlib.suppress(OSError):
+        os.removexattr(fd, DIGEST_XATTR)
+
+
 def shared(fd: int) -> bool:
     """Whether the file has names besides the store's: a hard link another tool's cache
     holds too (``modelfs adopt``). The flag would stop that tool deleting its own name
