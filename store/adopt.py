@@ -262,6 +262,10 @@ def _adopt_one(store: Store, entry: PlanEntry, blob_dev: int, owner: int, copy: 
     new: list[str] = []
     c = entry.candidate
     weights_info = c.info
+    # A cache's folder names say which hub repository a file is from; only the store
+    # owner's own cache is believed. Another user's could claim `acme/X`, and the mount's
+    # .hf view would then hand its bytes to every library asking the hub cache for acme/X.
+    mine = all(f.where.uid == owner for f in c.files)
     try:
         for pf in entry.files:
             f, w = pf.found, pf.found.where
@@ -299,7 +303,7 @@ def _adopt_one(store: Store, entry: PlanEntry, blob_dev: int, owner: int, copy: 
             o.cost_bytes += got.committed.size if got.how == "copy" and got.committed.new else 0
             o.saved_bytes += got.committed.size if got.how in ("reflink", "hardlink") else 0
             o.records.append(FileRecord(f.filename, f.role, got.committed.size, got.committed.sha256,
-                                        hub_path=f.hub_path))
+                                        hub_path=f.hub_path if mine else None))
         shas = frozenset(r.sha256 for r in o.records)
         already = _active_sets(store).get(shas)  # LM Studio's and a directory's files: known only now
         if already is not None:
@@ -313,7 +317,8 @@ def _adopt_one(store: Store, entry: PlanEntry, blob_dev: int, owner: int, copy: 
         new_bytes = sum(r.size for r in records if r.sha256 in new)
         o.version, _ = store.record_unsigned(
             name, records, weights_info, action=Action.ADOPT, source=c.source, license=None, source_url=c.source_url,
-            owner_app=None, new_bytes=new_bytes, hub_repo=c.hub_repo, hub_commit=c.hub_commit)
+            owner_app=None, new_bytes=new_bytes, hub_repo=c.hub_repo if mine else None,
+            hub_commit=c.hub_commit if mine else None)
         o.status, o.name, o.records = "adopted", name, records
     except (StoreError, OSError) as exc:
         o.reason = str(exc) if isinstance(exc, StoreError) else f"{exc.strerror or exc}"

@@ -282,11 +282,55 @@ def _has_publisher_repo_gguf(root: Path, limit: int = 4096) -> bool:
 
 
 # -- descriptors that never follow a link --------------------------------------------------
+MAX_LINK_HOPS = 40
+
+
 def _open_root(root: str) -> int:
+    """A cache's root directory, walked from ``/`` one component at a time without
+    following a link the kernel would resolve on its own: a symbolic link on the way is
+    followed only when it is this process's user's or root's. A link another user owns
+    (``/home/eve/cache -> /root/models``) is refused: that user could point it at any
+    file this process may read, root's own included (the kernel's protected_symlinks
+    rule, for every directory, not just sticky ones). The walk holds each directory open,
+    so a component renamed or swapped meanwhile is a refusal or the old directory, never
+    a detour."""
+    trusted = {0, os.geteuid()}
+    parts = [p for p in root.split("/") if p not in ("", ".")]
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    where, hops = "/", 0
     try:
-        return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        while parts:
+            name = parts.pop(0)
+            if name == "..":
+                parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+                fd = _swap(fd, parent)
+                where = posixpath.dirname(where) or "/"
+                continue
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                hops += 1
+                shown = posixpath.join(where, name)
+                if st.st_uid not in trusted:
+                    raise Refusal(shown, f"a symbolic link owned by uid {st.st_uid}, another user: not followed "
+                                  "(adopt as that user, or name the directory it points to)")
+                if hops > MAX_LINK_HOPS:
+                    raise Refusal(shown, "too many symbolic links")
+                target = os.readlink(name, dir_fd=fd)
+                parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+                if target.startswith("/"):
+                    fd = _swap(fd, os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+                    where = "/"
+                continue
+            nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            fd = _swap(fd, nxt)
+            where = posixpath.join(where, name)
+        return fd
     except OSError as exc:
+        os.close(fd)
         raise Refusal(root, f"cannot open: {exc.strerror}") from None
+    except Refusal:
+        os.close(fd)
+        raise
 
 
 def _subdir(dfd: int, name: str, shown: str) -> int:

@@ -377,3 +377,53 @@ def test_a_file_named_by_a_blob_the_store_holds_but_of_another_size_is_not_taken
     [m] = r.json()["models"]
     assert m["status"] == "failed" and "size" in m["reason"], m
     assert [x["name"] for x in cli.run("list", "--json").json()] == ["base"]
+
+
+# -- whose word is taken: the path to a cache, and the hub repository it claims ---------------
+@needs_root
+def test_a_link_another_user_owns_on_the_way_to_a_cache_is_not_followed(cli: CLI, tmp_path: Path) -> None:
+    """Root adopting from a directory of another user: that user's symbolic link to a
+    directory only root may read (``/root/…``) must not make root's private model a model
+    of the store; root's own link, and a real directory, are followed."""
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    write_model(private / "secret-Q4_0.gguf", tensor_bytes=64 << 10, seed=71)
+    theirs = tmp_path / "home-eve"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    (theirs / "models").symlink_to(private)
+    os.chown(theirs / "models", NOBODY, NOBODY, follow_symlinks=False)
+    r = cli.run("adopt", "--from", str(theirs / "models"), "--copy", "--json", check=False)
+    assert r.returncode != 0 or r.json()["models"] == [], r.stdout
+    assert "owned by uid 65534, another user: not followed" in r.stdout + r.stderr
+    assert cli.run("list", "--json").json() == []
+    # Root's own link to the same directory is followed.
+    (tmp_path / "mine").symlink_to(private)
+    done = cli.run("adopt", "--from", str(tmp_path / "mine"), "--copy", "--json").json()
+    assert [m["status"] for m in done["models"]] == ["adopted"]
+
+
+@needs_root
+def test_another_users_cache_gets_no_hub_repository_in_the_catalog(cli: CLI, tmp_path: Path) -> None:
+    """A cache another user keeps may name its folders for any hub repository: its models
+    come in, but not as that repository (the mount's .hf view shows only the owner's word)."""
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    hub = tmp_path / "hub"
+    hf_repo(hub, "acme/Famous-GGUF", {"famous-Q4_K_M.gguf": write_model(gen / "w", tensor_bytes=64 << 10, seed=72)})
+    for dirpath, dirs, files in os.walk(hub):
+        for n in dirs + files:
+            os.chown(os.path.join(dirpath, n), NOBODY, NOBODY, follow_symlinks=False)
+    os.chown(hub, NOBODY, NOBODY)
+    cli.run("adopt", "--from", "hf", "--copy", env={"HF_HUB_CACHE": str(hub)})
+    [m] = cli.run("list", "--json").json()
+    assert (m["hub_repo"], m["hub_commit"]) == (None, None) and m["source"] == "hf://acme/Famous-GGUF"
+    # The owner's own cache is believed.
+    own = tmp_path / "own"
+    hf_repo(own, "acme/Mine-GGUF", {"mine-Q4_K_M.gguf": write_model(gen / "v", tensor_bytes=64 << 10, seed=73)},
+            commit=COMMIT)
+    cli.run("adopt", "--from", "hf", env={"HF_HUB_CACHE": str(own)})
+    mine = next(x for x in cli.run("list", "--json").json() if x["source"] == "hf://acme/Mine-GGUF")
+    assert (mine["hub_repo"], mine["hub_commit"]) == ("acme/Mine-GGUF", COMMIT)
