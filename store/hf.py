@@ -268,6 +268,8 @@ def _tree_entries(body: bytes, shown: str) -> list[TreeFile]:
         doc = json.loads(body)
     except ValueError:
         raise bad("not JSON") from None
+    except RecursionError:
+        raise bad("nested too deeply") from None
     if not isinstance(doc, list):
         raise bad("not a list")
     out = []

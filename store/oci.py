@@ -340,10 +340,14 @@ class RegistryAuth:
         if self.has(ref.base, ref.repo, actions):
             return
         shown = redact_url(probe)
-        response = await _send(http, method, probe, shown, headers)
+        # The probe stays on the registry's origin: a redirect elsewhere (a blob's storage)
+        # means the registry let it through, and a challenge from that other origin would
+        # send the registry's credentials to whatever token realm it names.
+        response = await _send(http, method, probe, shown, headers, cross_origin=False)
         origin = _origin(ref.base)
         if response.status == 401 and self._grants.pop((origin, ref.repo), None) is not None:
-            response = await _send(http, method, probe, shown, headers)  # a grant of fewer actions, or expired
+            # a grant of fewer actions, or expired
+            response = await _send(http, method, probe, shown, headers, cross_origin=False)
         if response.status != 401:
             self._authorised[(origin, ref.repo, actions)] = float("inf")
             return
@@ -361,7 +365,7 @@ class RegistryAuth:
         else:
             raise FetchError(f"{ref.display()}: the registry asks for an authentication scheme modelfs does not "
                              f"speak ({scheme or 'none named'})", status=401)
-        response = await _send(http, method, probe, shown, headers)
+        response = await _send(http, method, probe, shown, headers, cross_origin=False)
         if response.status == 401:
             self._grants.pop((origin, ref.repo), None)
             who = "these credentials" if creds is not None else "an anonymous token"
@@ -390,6 +394,20 @@ class RegistryAuth:
         if creds is not None:
             headers["Authorization"] = creds.basic()
         shown = redact_url(realm)
+        with http.small_deadline(shown):
+            body = await self._token_body(http, ref, url, headers, shown, creds)
+        try:
+            doc = json.loads(body)
+            token = doc.get("token") or doc.get("access_token")
+            lifetime = float(doc.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError, RecursionError):
+            token, lifetime = None, 0.0
+        if not isinstance(token, str) or not token or any(c in token for c in "\r\n "):
+            raise FetchError(f"{ref.display()}: the token server's answer holds no token")
+        return token, max(lifetime, 1.0)
+
+    async def _token_body(self, http: Http, ref: OciRef, url: str, headers: Mapping[str, str], shown: str,
+                          creds: Credentials | None) -> bytes:
         response = await http.open("GET", url, headers, shown, follow_cross_origin=False)
         try:
             if response.status_code in (401, 403):
@@ -402,18 +420,9 @@ class RegistryAuth:
                 raise status_error(response, shown) or FetchError(
                     f"{ref.display()}: the token server answered HTTP {response.status_code}",
                     status=response.status_code)
-            body = await _read(http, response, shown, MAX_TOKEN_BODY)
+            return await _read(http, response, shown, MAX_TOKEN_BODY)
         finally:
             await response.aclose()
-        try:
-            doc = json.loads(body)
-            token = doc.get("token") or doc.get("access_token")
-            lifetime = float(doc.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError):
-            token, lifetime = None, 0.0
-        if not isinstance(token, str) or not token or any(c in token for c in "\r\n "):
-            raise FetchError(f"{ref.display()}: the token server's answer holds no token")
-        return token, max(lifetime, 1.0)
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -458,15 +467,20 @@ class _Answer:
 
 
 async def _send(http: Http, method: str, url: str, shown: str, headers: Mapping[str, str] | None = None,
-                content: bytes | None = None) -> _Answer:
-    """One small request, its body read (never more than a manifest's worth). A request
-    with a body never follows a redirect to another origin."""
-    response = await http.open(method, url, {"Accept-Encoding": "identity", **(headers or {})}, shown,
-                               follow_cross_origin=content is None, content=content)
-    try:
-        body = b"" if method == "HEAD" else await _read(http, response, shown, MAX_MANIFEST)
-    finally:
-        await response.aclose()
+                content: bytes | None = None, cross_origin: bool | None = None) -> _Answer:
+    """One small request, its body read (never more than a manifest's worth), the whole
+    exchange within the HTTP layer's deadline for small documents. A request with a body
+    (or with ``cross_origin`` False) never follows a redirect to another origin."""
+    follow = content is None if cross_origin is None else cross_origin
+    with http.small_deadline(shown):
+        response = await http.open(method, url, {"Accept-Encoding": "identity", **(headers or {})}, shown,
+                                   follow_cross_origin=follow, content=content)
+        try:
+            # (a redirect to another origin not followed comes back closed: no body to read)
+            body = b"" if method == "HEAD" or response.is_closed else await _read(http, response, shown,
+                                                                                   MAX_MANIFEST)
+        finally:
+            await response.aclose()
     return _Answer(response.status_code, response.headers, body, response)
 
 
@@ -489,8 +503,11 @@ def _fail(answer: _Answer, what: str) -> FetchError | NotFound:
     try:
         errors = json.loads(answer.body).get("errors") or []
         detail = "; ".join(str(e.get("message") or e.get("code"))[:120] for e in errors[:2] if isinstance(e, dict))
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         pass
+    if 300 <= status <= 399 and "location" in answer.headers:
+        return FetchError(f"{what}: the registry redirected this request to another origin; not followed "
+                          "(it would carry the request's body and credentials there)", status=status)
     if status == 404:
         return NotFound(f"{what}: not found in the registry" + (f" ({detail})" if detail else ""), status=status)
     if status == 403:
@@ -555,6 +572,8 @@ async def resolve(http: Http, ref: OciRef) -> Artifact:
         doc = json.loads(body)
     except ValueError:
         raise FormatError(f"{ref.display()}: the manifest is not JSON") from None
+    except RecursionError:
+        raise FormatError(f"{ref.display()}: the manifest is nested too deeply") from None
     if not isinstance(doc, dict):
         raise FormatError(f"{ref.display()}: the manifest is not a JSON object")
     kind = doc.get("mediaType") or response.headers.get("content-type", "").split(";")[0].strip()

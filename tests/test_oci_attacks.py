@@ -1,0 +1,447 @@
+"""An attacker's registry and hub: the new network paths of ``pull oci://``, ``push`` and
+repo-level hub pulls, each attack replayed against a real server on 127.0.0.1.
+
+:class:`Hostile` is a small HTTP server each test scripts route by route (what a hostile
+registry, token server, storage origin or hub sends); the real ``docker-registry``
+(``tests/registry.py``) is used where a well-behaved registry is the point. The store's
+side runs for real: the CLI in process, or ``store.oci`` / ``store.hf`` on trio with
+the store's one HTTP layer.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import trio
+
+from conftest import CLI
+from ggufgen import write_model
+from modelfs_store import hf, oci
+from modelfs_store.core import Store
+from modelfs_store.download import Downloader
+from modelfs_store.errors import FetchError, FormatError, IntegrityError, StoreError, UsageError
+from modelfs_store.http import Http
+
+USER, PASSWORD = "mallory-victim", "s3cret-Registry-Pa55"
+CREDS = {"MODELFS_REGISTRY_USER": USER, "MODELFS_REGISTRY_PASSWORD": PASSWORD}
+BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+
+
+# -- a scripted server --------------------------------------------------------------------
+@dataclass
+class Seen:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]   # lower-cased names
+
+
+Route = Callable[[BaseHTTPRequestHandler], None]
+
+
+@dataclass
+class Hostile:
+    """An HTTP origin on 127.0.0.1 whose answers the test scripts: ``on(method, path,
+    route)``; every request is recorded. Unscripted paths get 404."""
+    routes: dict[tuple[str, str], Route] = field(default_factory=dict)
+    seen: list[Seen] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _any(self) -> None:
+                parts = urlsplit(self.path)
+                server.seen.append(Seen(self.command, parts.path, parts.query,
+                                        {k.lower(): v for k, v in self.headers.items()}))
+                n = int(self.headers.get("Content-Length") or 0)
+                if n:
+                    self.rfile.read(n)
+                route = server.routes.get((self.command, parts.path))
+                try:
+                    if route is None:
+                        reply(self, 404, b'{"errors":[{"code":"NOT_FOUND","message":"no"}]}')
+                    else:
+                        route(self)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = _any  # noqa: N815 - http.server's names
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @property
+    def netloc(self) -> str:
+        return f"127.0.0.1:{self.httpd.server_address[1]}"
+
+    def url(self, path: str) -> str:
+        return f"http://{self.netloc}{path}"
+
+    def on(self, method: str, path: str, route: Route) -> None:
+        self.routes[(method, path)] = route
+
+    def asked(self, path: str) -> list[Seen]:
+        return [s for s in self.seen if s.path == path]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def reply(h: BaseHTTPRequestHandler, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+    h.send_response(status)
+    for k, v in (headers or {}).items():
+        h.send_header(k, v)
+    h.send_header("Content-Length", str(len(body)))
+    h.end_headers()
+    if h.command != "HEAD":
+        h.wfile.write(body)
+
+
+def answer(status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> Route:
+    return lambda h: reply(h, status, body, headers)
+
+
+def trickle(total: int, every: float) -> Route:
+    """200 with a Content-Length of ``total``, one byte per ``every`` seconds: each wait
+    is shorter than any timeout, the whole would take ``total * every``."""
+    def route(h: BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(total))
+        h.end_headers()
+        for _ in range(total):
+            h.wfile.write(b" ")
+            h.wfile.flush()
+            time.sleep(every)
+    return route
+
+
+@pytest.fixture
+def hostile() -> Iterator[Callable[[], Hostile]]:
+    made: list[Hostile] = []
+
+    def make() -> Hostile:
+        made.append(Hostile())
+        return made[-1]
+
+    yield make
+    for h in made:
+        h.close()
+
+
+@pytest.fixture(autouse=True)
+def isolated_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for var in ("MODELFS_REGISTRY_USER", "MODELFS_REGISTRY_PASSWORD", "MODELFS_REGISTRY_HOST", "DOCKER_CONFIG",
+                "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MODELFS_REGISTRY_AUTH_FILE", str(tmp_path / "docker" / "config.json"))
+    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setenv("MODELFS_MAX_RETRIES", "0")
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def run(fn: Callable[[], Any], limit: float = 20.0) -> Any:
+    """``fn()`` on trio, failing the test (TooSlowError) if it takes more than ``limit`` s."""
+    async def main() -> Any:
+        with trio.fail_after(limit):
+            return await fn()
+    return trio.run(main)
+
+
+def manifest(layers: list[dict[str, Any]], **extra: Any) -> bytes:
+    return json.dumps({"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
+                       "config": {"mediaType": oci.DMR_CONFIG, "digest": "sha256:" + "0" * 64, "size": 2},
+                       "layers": layers, **extra}).encode()
+
+
+def layer(data: bytes, title: str | None = None, **over: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"mediaType": oci.DMR_GGUF, "digest": f"sha256:{sha(data)}", "size": len(data)}
+    if title is not None:
+        out["annotations"] = {oci.TITLE: title}
+    return {**out, **over}
+
+
+def serve_manifest(reg: Hostile, repo: str, ref: str, body: bytes) -> None:
+    reg.on("GET", f"/v2/{repo}/manifests/{ref}",
+           answer(200, body, {"Content-Type": oci.OCI_MANIFEST, "Docker-Content-Digest": f"sha256:{sha(body)}"}))
+
+
+async def resolve(reference: str, timeout: float = 5.0) -> oci.Artifact:
+    http = Http(timeout=timeout)
+    try:
+        return await oci.resolve(http, oci.parse_reference(reference))
+    finally:
+        await http.aclose()
+
+
+# -- credentials --------------------------------------------------------------------------
+def test_a_challenge_from_where_the_registry_redirects_gets_no_credentials(
+        tmp_path: Path, hostile: Callable[[], Hostile], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry (anonymous) redirects a blob and a manifest to storage on another
+    origin, which answers 401 with a Bearer realm of its own: following that challenge
+    would hand the registry's Basic credentials to the storage's realm."""
+    reg, storage = hostile(), hostile()
+    data = b"GGUF" + os.urandom(4096)
+    digest = sha(data)
+    for path in (f"/v2/r/x/blobs/sha256:{digest}", "/v2/r/x/manifests/t"):
+        route = answer(307, headers={"Location": storage.url("/bucket" + path)})
+        reg.on("HEAD", path, route)
+        reg.on("GET", path, route)
+        challenge = answer(401, headers={"WWW-Authenticate": f'Bearer realm="{storage.url("/token")}",service="s3"'})
+        storage.on("HEAD", "/bucket" + path, challenge)
+        storage.on("GET", "/bucket" + path, challenge)
+    storage.on("GET", "/token", answer(200, b'{"token": "harvested"}'))
+    for var, value in CREDS.items():
+        monkeypatch.setenv(var, value)
+
+    store = Store.open(tmp_path / "store")
+    try:
+        async def blob() -> None:
+            async with Downloader(store.blobs, max_retries=0) as dl:
+                await dl.fetch(f"oci+http://{reg.netloc}/r/x@sha256:{digest}", sha256=digest, size=len(data))
+
+        with pytest.raises(FetchError):
+            run(blob)
+        with pytest.raises(StoreError):
+            run(lambda: resolve(f"oci+http://{reg.netloc}/r/x:t"))
+        assert not store.blobs.has(digest)
+    finally:
+        store.close()
+    assert storage.asked("/token") == []   # the storage's realm was never asked, with or without them
+    assert all(BASIC not in s.headers.values() for s in storage.seen)
+    assert any(s.headers.get("authorization") is None for s in storage.seen)
+
+
+def test_an_upload_sent_to_another_origin_is_refused_before_a_byte_goes(
+        cli: CLI, tmp_path: Path, hostile: Callable[[], Hostile]) -> None:
+    """push: the registry's upload ``Location`` (and a redirect of a chunk) pointing at
+    another origin is not followed; the other origin sees nothing, credentials or bytes."""
+    w = write_model(tmp_path / "w-Q4_K_M.gguf", tensor_bytes=4096, seed=3)
+    cli.run("import", "w", str(w))
+    reg, elsewhere = hostile(), hostile()
+    reg.on("GET", "/v2/fleet/w/blobs/uploads/", answer(404))  # (not asked: uploads start with POST)
+    reg.on("POST", "/v2/fleet/w/blobs/uploads/",
+           answer(202, headers={"Location": elsewhere.url("/v2/fleet/w/blobs/uploads/steal")}))
+    r = cli.run("push", "w", f"oci+http://{reg.netloc}/fleet/w:t", check=False, env=CREDS)
+    assert r.returncode == 9 and "another origin" in r.stderr, r.stderr
+    # A registry whose upload location is its own but whose PATCH redirects elsewhere.
+    reg.on("POST", "/v2/fleet/w/blobs/uploads/", answer(202, headers={"Location": "/v2/fleet/w/blobs/uploads/u1"}))
+    reg.on("PATCH", "/v2/fleet/w/blobs/uploads/u1",
+           answer(307, headers={"Location": elsewhere.url("/v2/fleet/w/blobs/uploads/steal")}))
+    r = cli.run("push", "w", f"oci+http://{reg.netloc}/fleet/w:t", check=False, env=CREDS)
+    assert r.returncode == 9, r.stderr
+    assert elsewhere.seen == []
+    assert PASSWORD not in r.stderr + r.stdout
+
+
+def test_a_bearer_realm_over_plain_http_for_an_https_registry_is_refused() -> None:
+    """Only the HTTPS rule is checked here (no TLS server is needed): ``_token`` refuses
+    before any request, so the http:// realm would get nothing."""
+    async def ask() -> None:
+        http = Http(timeout=2)
+        try:
+            auth = oci.registry_auth(http)
+            await auth._token(http, oci.parse_reference("oci://registry.invalid/a/b:t"),
+                              {"realm": "http://127.0.0.1:9/token"}, "pull", oci.Credentials(USER, PASSWORD))
+        finally:
+            await http.aclose()
+
+    with pytest.raises(FetchError, match="plain http"):
+        run(ask)
+
+
+# -- resource use -------------------------------------------------------------------------
+def test_a_registry_token_server_or_hub_that_trickles_a_small_answer_is_cut_off(
+        hostile: Callable[[], Hostile], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slow-loris: a byte just before every read timeout would hold a pull forever; a
+    manifest, a token and a hub listing page must arrive whole within 4 timeouts."""
+    reg = hostile()
+    reg.on("GET", "/v2/slow/m/manifests/t", trickle(10_000, 0.05))
+    reg.on("HEAD", "/v2/slow/tok/manifests/t",
+           answer(401, headers={"WWW-Authenticate": f'Bearer realm="{reg.url("/token")}",service="s"'}))
+    reg.on("GET", "/token", trickle(10_000, 0.05))
+    reg.on("GET", "/api/models/org/slow/tree/main", trickle(10_000, 0.05))
+    for reference in (f"oci+http://{reg.netloc}/slow/m:t", f"oci+http://{reg.netloc}/slow/tok:t"):
+        started = time.monotonic()
+        with pytest.raises(FetchError, match="within 2s"):
+            run(lambda reference=reference: resolve(reference, timeout=0.5), limit=15)
+        assert time.monotonic() - started < 6
+
+    monkeypatch.setenv("MODELFS_HF_ENDPOINT", f"http://{reg.netloc}")
+
+    async def listing() -> None:
+        http = Http(timeout=0.5)
+        http.retry.max_retries = 0
+        try:
+            await hf.list_tree(http, "org/slow", "main")
+        finally:
+            await http.aclose()
+
+    with pytest.raises(FetchError, match="within 2s"):
+        run(listing, limit=15)
+
+
+def test_huge_manifests_and_token_answers_are_refused_at_the_cap(hostile: Callable[[], Hostile]) -> None:
+    """A manifest over 4 MiB (declared or not) and a token answer over 1 MiB are refused
+    without being read past the cap; nothing is parsed."""
+    reg = hostile()
+    big = b"{" + b" " * (oci.MAX_MANIFEST + 10) + b"}"
+    reg.on("GET", "/v2/huge/m/manifests/t", answer(200, big, {"Content-Type": oci.OCI_MANIFEST}))
+    reg.on("HEAD", "/v2/huge/tok/manifests/t",
+           answer(401, headers={"WWW-Authenticate": f'Bearer realm="{reg.url("/token")}"'}))
+    reg.on("GET", "/token", answer(200, b'{"token": "' + b"t" * (oci.MAX_TOKEN_BODY + 10) + b'"}'))
+    with pytest.raises(FormatError, match="larger than"):
+        run(lambda: resolve(f"oci+http://{reg.netloc}/huge/m:t"))
+    with pytest.raises(FormatError, match="larger than"):
+        run(lambda: resolve(f"oci+http://{reg.netloc}/huge/tok:t"))
+
+
+# -- manifests ----------------------------------------------------------------------------
+W = b"GGUF" + b"\x03\x00\x00\x00" + bytes(64)
+P = b"GGUF" + b"\x03\x00\x00\x00" + bytes(65)
+
+
+@pytest.mark.parametrize(("what", "body", "error", "match"), [
+    ("nested 100,000 deep", b"[" * 100_000 + b"]" * 100_000, FormatError, "nested too deeply"),
+    ("a sha512 digest", manifest([layer(W, digest="sha512:" + "a" * 128)]), FormatError, "valid sha256"),
+    ("upper-case hex", manifest([layer(W, digest="sha256:" + sha(W).upper())]), FormatError, "valid sha256"),
+    ("a digest with path characters", manifest([layer(W, digest="sha256:../../../../etc/passwd")]), FormatError,
+     "valid sha256"),
+    ("a negative size", manifest([layer(W, size=-1)]), FormatError, "valid sha256 digest and size"),
+    ("a size that is a bool", manifest([layer(W, size=True)]), FormatError, "valid sha256 digest and size"),
+    ("a size that is a float", manifest([layer(W, size=1.5)]), FormatError, "valid sha256 digest and size"),
+    ("two layers titled alike", manifest([layer(W, "a.gguf"), {**layer(P, "a.gguf"), "mediaType": oci.DMR_MMPROJ}]),
+     UsageError, "same file name"),
+    ("two projectors", manifest([layer(W), {**layer(P), "mediaType": oci.DMR_MMPROJ},
+                                 {**layer(W + b"x"), "mediaType": oci.OLLAMA_PROJECTOR}]), UsageError,
+     "projector layers"),
+    ("a container image", manifest([{**layer(W), "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip"}]),
+     UsageError, "not a GGUF model artifact"),
+])
+def test_a_hostile_manifest_is_refused_with_a_clear_error(hostile: Callable[[], Hostile], what: str, body: bytes,
+                                                          error: type[Exception], match: str) -> None:
+    reg = hostile()
+    serve_manifest(reg, "evil/m", "t", body)
+    with pytest.raises(error, match=match):
+        run(lambda: resolve(f"oci+http://{reg.netloc}/evil/m:t"))
+    assert [s.path for s in reg.seen] == ["/v2/evil/m/manifests/t"] * len(reg.seen)  # no blob was asked for
+
+
+def test_layer_titles_never_name_a_path_or_a_reserved_name(hostile: Callable[[], Hostile]) -> None:
+    """Titles are file names from the registry: a path keeps its last part only; a
+    title with NUL, ``..``, or not a ``.gguf`` (``model.json``, ``.versions``) is not
+    taken, and the file gets a derived name."""
+    reg = hostile()
+    cases = {
+        "../../../../root/.ssh/authorized_keys.gguf": "authorized_keys.gguf",
+        "a/b/../c.gguf": "c.gguf",
+        "..": "model.gguf",
+        "model.json": "model.gguf",
+        ".versions": "model.gguf",
+        "x\x00.gguf": "model.gguf",
+        "evil\x1b[2J.gguf": "model.gguf",
+        "-rf.gguf": "model.gguf",
+        "C:\\windows\\x.gguf": "model.gguf",
+    }
+    for i, (title, expected) in enumerate(cases.items()):
+        serve_manifest(reg, "evil/t", f"t{i}", manifest([layer(W, title)]))
+        art = run(lambda i=i: resolve(f"oci+http://{reg.netloc}/evil/t:t{i}"))
+        assert [la.filename for la in art.layers] == [expected], title
+
+
+def test_a_manifest_is_held_to_the_digest_asked_for_and_the_one_the_registry_gave(
+        hostile: Callable[[], Hostile]) -> None:
+    reg = hostile()
+    body = manifest([layer(W, "w.gguf")])
+    other = f"sha256:{'1' * 64}"
+    reg.on("GET", f"/v2/evil/d/manifests/{other}", answer(200, body, {"Content-Type": oci.OCI_MANIFEST}))
+    with pytest.raises(IntegrityError, match="digest"):
+        run(lambda: resolve(f"oci+http://{reg.netloc}/evil/d@{other}"))
+    reg.on("GET", "/v2/evil/d/manifests/t",
+           answer(200, body, {"Content-Type": oci.OCI_MANIFEST, "Docker-Content-Digest": other}))
+    with pytest.raises(IntegrityError, match="does not match"):
+        run(lambda: resolve(f"oci+http://{reg.netloc}/evil/d:t"))
+
+
+def test_a_layer_larger_than_its_declared_size_is_refused_and_never_read_far_past_it(
+        cli: CLI, tmp_path: Path, hostile: Callable[[], Hostile]) -> None:
+    """The manifest declares a size (and a digest) and the registry then sends more:
+    the download stops at the declared size plus what one read brings, nothing is
+    visible, and a tag that now names other bytes changes nothing: layers go by digest."""
+    w = write_model(tmp_path / "lie-Q4_K_M.gguf", tensor_bytes=8192, seed=5).read_bytes()
+    reg = hostile()
+    declared = len(w) - 1000
+    serve_manifest(reg, "evil/lie", "t", manifest([layer(w, "lie.gguf", size=declared)]))
+    reg.on("GET", f"/v2/evil/lie/blobs/sha256:{sha(w)}", answer(200, w + bytes(8 << 20)))
+    r = cli.run("pull", f"oci+http://{reg.netloc}/evil/lie:t", "--no-daemon", check=False)
+    assert r.returncode != 0 and "lie.gguf" not in cli.run("list").stdout, r.stderr
+    assert not (cli.root / "blobs" / "sha256" / sha(w)[:2] / sha(w)).exists()
+    partials = [p for p in (cli.root / "partial").rglob("*") if p.is_file()]
+    assert all(p.stat().st_size <= declared + (2 << 20) for p in partials)
+
+
+# -- the terminal -------------------------------------------------------------------------
+def test_text_from_the_registry_or_the_hub_reaches_the_terminal_without_control_characters(
+        cli: CLI, hostile: Callable[[], Hostile]) -> None:
+    """A registry's error message and a hub listing's file names are quoted in errors; an
+    escape sequence in them (retitle the terminal, clear the screen, move the cursor to
+    overwrite a line) comes out as visible ``\\x1b`` text."""
+    reg = hostile()
+    evil = "\x1b]0;pwned\x07\x1b[2J\x1b[1A\rmodelfs: pulled ok\x9b31m"
+    reg.on("GET", "/v2/evil/e/manifests/t",
+           answer(403, json.dumps({"errors": [{"code": "DENIED", "message": evil}]}).encode()))
+    r = cli.run("pull", f"oci+http://{reg.netloc}/evil/e:t", "--no-daemon", check=False)
+    assert r.returncode == 9 and "\\x1b]0;pwned" in r.stderr, r.stderr
+    tree = [{"type": "file", "path": f"model-{evil}.gguf", "size": 10, "lfs": {"oid": "a" * 64, "size": 10}}]
+    reg.on("GET", "/api/models/org/evil/tree/main", answer(200, json.dumps(tree).encode()))
+    r = cli.run("pull", "hf://org/evil:Q9", "--no-daemon", check=False, env={"MODELFS_HF_ENDPOINT": reg.url("")})
+    assert r.returncode == 2 and "\\x1b[2J" in r.stderr, r.stderr
+    for out in (r.stderr,):
+        assert "\x1b" not in out and "\r" not in out and "\x07" not in out and "\x9b" not in out
+
+
+# -- the hub ------------------------------------------------------------------------------
+def test_hub_listings_that_name_escaping_paths_or_never_end_are_refused(
+        cli: CLI, hostile: Callable[[], Hostile], monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = hostile()
+    env = {"MODELFS_HF_ENDPOINT": hub.url("")}
+    oid = "b" * 64
+    tree = [{"type": "file", "path": "../../../etc/m-Q4_K_M.gguf", "size": 10, "lfs": {"oid": oid, "size": 10}}]
+    hub.on("GET", "/api/models/org/esc/tree/main", answer(200, json.dumps(tree).encode()))
+    r = cli.run("pull", "hf://org/esc:Q4_K_M", "--no-daemon", check=False, env=env)
+    assert r.returncode == 2 and "relative path component" in r.stderr, r.stderr
+    assert not any("/resolve/" in s.path for s in hub.seen)  # refused before any file was asked about
+    # A listing whose every page links to itself: capped, not followed forever.
+    monkeypatch.setattr(hf, "LISTING_MAX_PAGES", 25)
+    page = answer(200, b"[]", {"Link": f'<{hub.url("/api/models/org/loop/tree/main")}?cursor=x>; rel="next"'})
+    hub.on("GET", "/api/models/org/loop/tree/main", page)
+    r = cli.run("pull", "hf://org/loop", "--no-daemon", check=False, env=env)
+    assert r.returncode == 9 and "more than 25 pages" in r.stderr, r.stderr
+    assert len(hub.asked("/api/models/org/loop/tree/main")) == 25
+    # A listing nested too deeply is a malformed listing, not a crash.
+    hub.on("GET", "/api/models/org/deep/tree/main", answer(200, b"[" * 100_000 + b"]" * 100_000))
+    r = cli.run("pull", "hf://org/deep", "--no-daemon", check=False, env=env)
+    assert r.returncode == 9 and "nested too deeply" in r.stderr, r.stderr
