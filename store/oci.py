@@ -23,13 +23,16 @@ digests, range requests, mirrors and auth. This module speaks its HTTP API:
   and ``scope``; the token is asked for with the Basic credentials when there are any).
   :class:`RegistryAuth` is the HTTP layer's per-request credential hook: it adds the
   registry's header only to requests to that registry's origin, so a blob redirect to
-  storage carries none. Credentials (:func:`credentials`) come from
-  ``$MODELFS_REGISTRY_USER``/``$MODELFS_REGISTRY_PASSWORD`` (for the registry
-  ``$MODELFS_REGISTRY_HOST`` only, when it is set), else the ``auths`` of
+  storage carries none, and it answers a 401 challenge only from the registry's own
+  origin (the probe follows no redirect elsewhere). Credentials (:func:`credentials`)
+  come from ``$MODELFS_REGISTRY_USER``/``$MODELFS_REGISTRY_PASSWORD`` (for the registry
+  ``$MODELFS_REGISTRY_HOST`` only, when it is set; else for the registry the command
+  names, :meth:`RegistryAuth.name`, not one a pack or a recorded URL names), else the ``auths`` of
   Docker's ``config.json`` (``$MODELFS_REGISTRY_AUTH_FILE``, else
   ``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``), which must not be
   readable by group or other. They are read at request time, held in memory only for
-  the transfer, and never stored, logged or put in an exception. A Downloader bound by
+  the transfer, and never stored, logged or put in an exception. Over plain HTTP they
+  go only to a registry the command names, or on the loopback. A Downloader bound by
   an address rule (a pull for another caller, the daemon's apps) sends none of the
   owner's credentials: only anonymous tokens.
 * **Push** (:func:`push`): a model's active version as Docker Model Runner lays it out:
@@ -49,6 +52,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -231,15 +235,18 @@ def auth_file() -> Path:
     return Path(docker) / "config.json" if docker else Path.home() / ".docker" / "config.json"
 
 
-def credentials(netloc: str) -> Credentials | None:
+def credentials(netloc: str, *, named: bool = True) -> Credentials | None:
     """The user's credentials for the registry ``netloc``, read now: the environment, else
-    the credentials file (refused when group or other may read it)."""
+    the credentials file (refused when group or other may read it). The environment's
+    go to ``$MODELFS_REGISTRY_HOST`` when it is set, else only to a registry the command
+    itself ``named`` (not one a signed pack or a recorded URL names: a publisher is
+    trusted for bytes, not with the user's password)."""
     user = os.environ.get("MODELFS_REGISTRY_USER")
     password = os.environ.get("MODELFS_REGISTRY_PASSWORD")
     if bool(user) != (password is not None):
         raise UsageError("set both MODELFS_REGISTRY_USER and MODELFS_REGISTRY_PASSWORD, or neither")
     only = os.environ.get("MODELFS_REGISTRY_HOST", "").strip().lower()
-    if user and password is not None and (not only or only == netloc):
+    if user and password is not None and (only == netloc if only else named):
         return Credentials(user, password)
     path = auth_file()
     try:
@@ -289,6 +296,18 @@ def _auth_host(key: str) -> str:
     return key.split("/", 1)[0].lower()
 
 
+def _loopback(netloc: str) -> bool:
+    """Whether the registry ``host[:port]`` is this machine's loopback (plain HTTP to it
+    crosses no network)."""
+    host = urlsplit(f"http://{netloc}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
@@ -310,6 +329,9 @@ class RegistryAuth:
     def __init__(self, inner: Auth, *, user_credentials: bool) -> None:
         self.inner = inner
         self.user_credentials = user_credentials
+        #: (scheme, netloc) of the registries the command itself names (``pull oci://…``,
+        #: ``push``), as against those a signed pack or a recorded URL names
+        self.named: set[tuple[str, str]] = set()
         self._grants: dict[tuple[tuple[str, str], str], _Grant] = {}   # (origin, repo) -> grant
         self._authorised: dict[tuple[tuple[str, str], str, str], float] = {}  # (origin, repo, actions) -> until
 
@@ -328,8 +350,21 @@ class RegistryAuth:
         until = self._authorised.get((_origin(base), repo, actions))
         return until is not None and until > time.monotonic() + 30
 
-    def credentials(self, netloc: str) -> Credentials | None:
-        return credentials(netloc) if self.user_credentials else None
+    def name(self, ref: OciRef) -> None:
+        """``ref``'s registry is the one the command names (module docstring, Auth)."""
+        self.named.add((ref.scheme, ref.netloc))
+
+    def credentials(self, ref: OciRef) -> Credentials | None:
+        """The user's credentials for ``ref``'s registry, if they may go there: never for a
+        Downloader bound by an address rule; over plain HTTP only to a registry the
+        command names or on the loopback (a pack's ``oci+http://`` for a registry the
+        user logs into over HTTPS would put the password on the network in clear)."""
+        if not self.user_credentials:
+            return None
+        named = (ref.scheme, ref.netloc) in self.named
+        if SCHEMES[ref.scheme] == "http" and not named and not _loopback(ref.netloc):
+            return None
+        return credentials(ref.netloc, named=named)
 
     async def authorize(self, http: Http, ref: OciRef, actions: str, probe: str, method: str = "HEAD",
                         headers: Mapping[str, str] | None = None) -> None:
@@ -352,12 +387,11 @@ class RegistryAuth:
             self._authorised[(origin, ref.repo, actions)] = float("inf")
             return
         scheme, params = parse_challenge(response.headers.get("www-authenticate", ""))
-        creds = self.credentials(ref.netloc)
+        creds = self.credentials(ref)
         if scheme == "basic":
             if creds is None:
-                raise FetchError(f"{ref.display()}: the registry asks for a user name and password: set "
-                                 "MODELFS_REGISTRY_USER and MODELFS_REGISTRY_PASSWORD, or add the registry to "
-                                 f"{auth_file()} (docs/fleet.md)", status=401, reason="credentials")
+                raise FetchError(f"{ref.display()}: the registry asks for a user name and password: "
+                                 f"{self._missing(ref)} (docs/fleet.md)", status=401, reason="credentials")
             self._grants[(origin, ref.repo)] = _Grant(creds.basic())
         elif scheme == "bearer":
             token, lifetime = await self._token(http, ref, params, actions, creds)
@@ -368,11 +402,27 @@ class RegistryAuth:
         response = await _send(http, method, probe, shown, headers, cross_origin=False)
         if response.status == 401:
             self._grants.pop((origin, ref.repo), None)
-            who = "these credentials" if creds is not None else "an anonymous token"
-            raise FetchError(f"{ref.display()}: the registry refused {who} (HTTP 401): check the user name and "
-                             "password (MODELFS_REGISTRY_USER / MODELFS_REGISTRY_PASSWORD or "
+            if creds is None:
+                raise FetchError(f"{ref.display()}: the registry refused an anonymous token (HTTP 401): "
+                                 f"{self._missing(ref)}", status=401, reason="credentials")
+            raise FetchError(f"{ref.display()}: the registry refused these credentials (HTTP 401): check the user "
+                             "name and password (MODELFS_REGISTRY_USER / MODELFS_REGISTRY_PASSWORD or "
                              f"{auth_file()})", status=401, reason="credentials")
         self._authorised[(origin, ref.repo, actions)] = self._grants[(origin, ref.repo)].expires
+
+    def _missing(self, ref: OciRef) -> str:
+        """What to do about credentials that were not sent to ``ref``'s registry."""
+        if not self.user_credentials:
+            return "a pull for an app uses none of the owner's registry credentials"
+        if (ref.scheme, ref.netloc) not in self.named:
+            if SCHEMES[ref.scheme] == "http" and not _loopback(ref.netloc):
+                return ("credentials never go over plain HTTP to a registry this command does not name "
+                        "(a signed pack or a recorded URL names it)")
+            if os.environ.get("MODELFS_REGISTRY_USER") and not os.environ.get("MODELFS_REGISTRY_HOST"):
+                return (f"this command does not name {ref.netloc} (a signed pack or a recorded URL does), so "
+                        f"MODELFS_REGISTRY_USER's credentials go there only with MODELFS_REGISTRY_HOST={ref.netloc}, "
+                        f"or add the registry to {auth_file()}")
+        return f"set MODELFS_REGISTRY_USER and MODELFS_REGISTRY_PASSWORD, or add the registry to {auth_file()}"
 
     async def _token(self, http: Http, ref: OciRef, params: dict[str, str], actions: str,
                      creds: Credentials | None) -> tuple[str, float]:
@@ -411,10 +461,11 @@ class RegistryAuth:
         response = await http.open("GET", url, headers, shown, follow_cross_origin=False)
         try:
             if response.status_code in (401, 403):
+                hint = (f"check MODELFS_REGISTRY_USER / MODELFS_REGISTRY_PASSWORD or {auth_file()}" if creds
+                        else self._missing(ref))
                 raise FetchError(f"{ref.display()}: the registry's token server refused "
                                  f"{'these credentials' if creds else 'an anonymous token'} "
-                                 f"(HTTP {response.status_code}): check MODELFS_REGISTRY_USER / "
-                                 f"MODELFS_REGISTRY_PASSWORD or {auth_file()}", status=response.status_code,
+                                 f"(HTTP {response.status_code}): {hint}", status=response.status_code,
                                  reason="credentials")
             if response.status_code != 200:
                 raise status_error(response, shown) or FetchError(
@@ -554,8 +605,10 @@ async def resolve(http: Http, ref: OciRef) -> Artifact:
     """Read ``ref``'s manifest and tell its GGUF files (module docstring)."""
     url = ref.manifest_url()
     accept = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
+    auth = registry_auth(http)
+    auth.name(ref)
     with _tls_hint(ref):
-        await registry_auth(http).authorize(http, ref, "pull", url, headers={"Accept": accept})
+        await auth.authorize(http, ref, "pull", url, headers={"Accept": accept})
     response = await _send(http, "GET", url, redact_url(url), {"Accept": accept})
     if response.status != 200:
         raise _fail(response, ref.display())
@@ -734,8 +787,10 @@ async def push(catalog: Catalog, blobs: BlobStore, http: Http, name: str, target
     config_blob = _Blob("sha256:" + hashlib.sha256(config).hexdigest(), len(config), data=config)
     uploads = [config_blob, *(_Blob(f"sha256:{f.sha256}", f.size, path=blobs.path(f.sha256)) for f in files)]
 
+    auth = registry_auth(http)
+    auth.name(ref)
     with _tls_hint(ref):
-        await registry_auth(http).authorize(http, ref, "pull,push", ref.blob_url(config_blob.digest))
+        await auth.authorize(http, ref, "pull,push", ref.blob_url(config_blob.digest))
     if set_total is not None:
         set_total(sum(b.size for b in uploads))
     skipped = uploaded = 0

@@ -214,7 +214,7 @@ def test_a_challenge_from_where_the_registry_redirects_gets_no_credentials(
         storage.on("HEAD", "/bucket" + path, challenge)
         storage.on("GET", "/bucket" + path, challenge)
     storage.on("GET", "/token", answer(200, b'{"token": "harvested"}'))
-    for var, value in CREDS.items():
+    for var, value in {**CREDS, "MODELFS_REGISTRY_HOST": reg.netloc}.items():
         monkeypatch.setenv(var, value)
 
     store = Store.open(tmp_path / "store")
@@ -233,6 +233,73 @@ def test_a_challenge_from_where_the_registry_redirects_gets_no_credentials(
     assert storage.asked("/token") == []   # the storage's realm was never asked, with or without them
     assert all(BASIC not in s.headers.values() for s in storage.seen)
     assert any(s.headers.get("authorization") is None for s in storage.seen)
+
+
+def test_a_registry_the_command_does_not_name_gets_the_environments_credentials_only_if_asked(
+        tmp_path: Path, hostile: Callable[[], Hostile], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signed pack's file URL, or a recorded one, names a registry: the publisher is
+    trusted for bytes, not with the password in MODELFS_REGISTRY_USER/PASSWORD (meant
+    for the user's own registry). Without MODELFS_REGISTRY_HOST naming that registry,
+    they are not sent there; the error says how to send them."""
+    reg = hostile()
+    data = b"GGUF" + os.urandom(2048)
+    digest = sha(data)
+    path = f"/v2/packs/x/blobs/sha256:{digest}"
+
+    def route(h: BaseHTTPRequestHandler) -> None:
+        if h.headers.get("Authorization") == BASIC:
+            reply(h, 200, data)
+        else:
+            reply(h, 401, headers={"WWW-Authenticate": 'Basic realm="harvest"'})
+
+    reg.on("HEAD", path, route)
+    reg.on("GET", path, route)
+    for var, value in CREDS.items():
+        monkeypatch.setenv(var, value)
+    store = Store.open(tmp_path / "store")
+    try:
+        async def fetch() -> None:  # what a pack install or a lazy open does with the file's URL
+            async with Downloader(store.blobs, max_retries=0) as dl:
+                await dl.fetch(f"oci+http://{reg.netloc}/packs/x@sha256:{digest}", sha256=digest, size=len(data))
+
+        with pytest.raises(FetchError, match=f"MODELFS_REGISTRY_HOST={reg.netloc}"):
+            run(fetch)
+        assert reg.seen and all(s.headers.get("authorization") != BASIC for s in reg.seen)
+        monkeypatch.setenv("MODELFS_REGISTRY_HOST", "elsewhere.example:5000")
+        with pytest.raises(FetchError):
+            run(fetch)
+        assert all(s.headers.get("authorization") != BASIC for s in reg.seen)
+        monkeypatch.setenv("MODELFS_REGISTRY_HOST", reg.netloc)   # named by the user: sent
+        run(fetch)
+        assert store.blobs.path(digest).read_bytes() == data
+    finally:
+        store.close()
+
+
+def test_credentials_never_go_over_plain_http_to_a_registry_the_command_does_not_name(
+        tmp_path: Path) -> None:
+    """A pack naming ``oci+http://`` (or ``http://…/v2/…/blobs/…``) for a registry the user
+    logs into over HTTPS would put the password on the network in clear. The decision
+    alone (no request is needed to see it): plain HTTP carries credentials only to a
+    registry the command names, or on the loopback."""
+    config = tmp_path / "docker" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps({"auths": {"registry.lan:5000": {"username": USER, "password": PASSWORD},
+                                            "127.0.0.1:5000": {"username": USER, "password": PASSWORD}}}))
+    config.chmod(0o600)
+    auth = oci.RegistryAuth(lambda url: {}, user_credentials=True)
+    https = oci.parse_reference("oci://registry.lan:5000/a@sha256:" + "a" * 64)
+    plain = oci.blob_reference("http://registry.lan:5000/v2/a/blobs/sha256:" + "a" * 64)
+    assert plain is not None
+    assert auth.credentials(https) is not None     # over HTTPS, from the file: as docker does
+    assert auth.credentials(plain[0]) is None      # the same registry in clear: never, unless named
+    assert "plain HTTP" in auth._missing(plain[0])
+    assert auth.credentials(oci.parse_reference("oci+http://127.0.0.1:5000/a:t")) is not None  # no network
+    auth.name(oci.parse_reference("oci+http://registry.lan:5000/a:t"))   # `modelfs pull oci+http://…`
+    assert auth.credentials(plain[0]) is not None
+    bound = oci.RegistryAuth(lambda url: {}, user_credentials=False)      # a pull for an app
+    bound.name(https)
+    assert bound.credentials(https) is None
 
 
 def test_an_upload_sent_to_another_origin_is_refused_before_a_byte_goes(
