@@ -374,17 +374,21 @@ class RegistryAuth:
         scope ``repository:REPO:ACTIONS``) and the probe is sent again."""
         if self.has(ref.base, ref.repo, actions):
             return
+        origin = _origin(ref.base)
+        grant = self._grants.get((origin, ref.repo))
+        if grant is not None and grant.expires <= time.monotonic() + 30:
+            del self._grants[(origin, ref.repo)]  # a token about to expire: ask for a new one now
         shown = redact_url(probe)
         # The probe stays on the registry's origin: a redirect elsewhere (a blob's storage)
         # means the registry let it through, and a challenge from that other origin would
         # send the registry's credentials to whatever token realm it names.
         response = await _send(http, method, probe, shown, headers, cross_origin=False)
-        origin = _origin(ref.base)
         if response.status == 401 and self._grants.pop((origin, ref.repo), None) is not None:
             # a grant of fewer actions, or expired
             response = await _send(http, method, probe, shown, headers, cross_origin=False)
-        if response.status != 401:
-            self._authorised[(origin, ref.repo, actions)] = float("inf")
+        if response.status != 401:  # let in: anonymously, or by a grant until it expires
+            grant = self._grants.get((origin, ref.repo))
+            self._authorised[(origin, ref.repo, actions)] = grant.expires if grant is not None else float("inf")
             return
         scheme, params = parse_challenge(response.headers.get("www-authenticate", ""))
         creds = self.credentials(ref)
@@ -505,6 +509,16 @@ async def prepare_blob(http: Http, url: str, sha256: str) -> str | None:
     target = ref.blob_url(f"sha256:{digest}")
     await registry_auth(http).authorize(http, ref, "pull", target)
     return target
+
+
+async def renew_blob_auth(http: Http, url: str) -> None:
+    """Before another request for a registry blob URL that :func:`prepare_blob` authorised:
+    a new token if the one it had expires within 30 s (:meth:`RegistryAuth.has`)."""
+    if not isinstance(http.auth, RegistryAuth):
+        return  # nothing was authorised: not a registry blob
+    found = blob_reference(url)
+    if found is not None:
+        await http.auth.authorize(http, found[0], "pull", url)
 
 
 # -- requests -----------------------------------------------------------------------------
@@ -794,7 +808,9 @@ async def push(catalog: Catalog, blobs: BlobStore, http: Http, name: str, target
     if set_total is not None:
         set_total(sum(b.size for b in uploads))
     skipped = uploaded = 0
+    renew = _Renew(http, auth, ref, ref.blob_url(config_blob.digest))
     for blob in uploads:
+        await renew()
         url = ref.blob_url(blob.digest)
         head = await _send(http, "HEAD", url, redact_url(url))
         if head.status == 200:
@@ -804,7 +820,7 @@ async def push(catalog: Catalog, blobs: BlobStore, http: Http, name: str, target
             continue
         if head.status != 404:
             raise _fail(head, f"{ref.display()}: blob {blob.digest[:19]}…")
-        uploaded += await _upload(http, ref, blob, progress)
+        uploaded += await _upload(http, ref, blob, progress, renew)
 
     manifest = {
         "schemaVersion": 2,
@@ -816,6 +832,7 @@ async def push(catalog: Catalog, blobs: BlobStore, http: Http, name: str, target
     body = json.dumps(manifest, separators=(",", ":")).encode()
     digest = "sha256:" + hashlib.sha256(body).hexdigest()
     url = ref.manifest_url()
+    await renew()
     response = await _send(http, "PUT", url, redact_url(url), {"Content-Type": OCI_MANIFEST}, content=body)
     if response.status not in (200, 201):
         raise _fail(response, f"{ref.display()}: the manifest")
@@ -825,7 +842,21 @@ async def push(catalog: Catalog, blobs: BlobStore, http: Http, name: str, target
     return PushResult(name, version.version, ref.display(), digest, len(uploads), skipped, uploaded)
 
 
-async def _upload(http: Http, ref: OciRef, blob: _Blob, progress: Callable[[int], None] | None) -> int:
+@dataclass(frozen=True)
+class _Renew:
+    """Before each request of a push: a new token when the one it has is near expiry (a
+    long upload outlives a registry's token)."""
+    http: Http
+    auth: RegistryAuth
+    ref: OciRef
+    probe: str
+
+    async def __call__(self) -> None:
+        await self.auth.authorize(self.http, self.ref, "pull,push", self.probe)
+
+
+async def _upload(http: Http, ref: OciRef, blob: _Blob, progress: Callable[[int], None] | None,
+                  renew: _Renew) -> int:
     """One blob: POST an upload, PATCH it in chunks, PUT ``?digest=``. Returns its size."""
     what = f"{ref.display()}: upload of {blob.digest[:19]}…"
     start = f"{ref.base}/v2/{ref.repo}/blobs/uploads/"
@@ -841,6 +872,7 @@ async def _upload(http: Http, ref: OciRef, blob: _Blob, progress: Callable[[int]
                 f.read(UPLOAD_CHUNK) if f is not None else b""
             if not chunk:
                 raise IntegrityError(f"{what}: the local blob is shorter than its recorded size")
+            await renew()
             headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(chunk)),
                        "Content-Range": f"{offset}-{offset + len(chunk) - 1}"}
             response = await _send(http, "PATCH", location, redact_url(location), headers, content=chunk)
@@ -853,6 +885,7 @@ async def _upload(http: Http, ref: OciRef, blob: _Blob, progress: Callable[[int]
     finally:
         if f is not None:
             f.close()
+    await renew()
     sep = "&" if "?" in location else "?"
     final = f"{location}{sep}{urlencode({'digest': blob.digest})}"
     response = await _send(http, "PUT", final, redact_url(location), {"Content-Length": "0"}, content=b"")

@@ -54,9 +54,10 @@ Route = Callable[[BaseHTTPRequestHandler], None]
 @dataclass
 class Hostile:
     """An HTTP origin on 127.0.0.1 whose answers the test scripts: ``on(method, path,
-    route)``; every request is recorded. Unscripted paths get 404."""
+    route)``; every request is recorded. Unscripted paths get ``default``, else 404."""
     routes: dict[tuple[str, str], Route] = field(default_factory=dict)
     seen: list[Seen] = field(default_factory=list)
+    default: Route | None = None  # for unscripted paths (else 404)
 
     def __post_init__(self) -> None:
         server = self
@@ -71,7 +72,7 @@ class Hostile:
                 n = int(self.headers.get("Content-Length") or 0)
                 if n:
                     self.rfile.read(n)
-                route = server.routes.get((self.command, parts.path))
+                route = server.routes.get((self.command, parts.path), server.default)
                 try:
                     if route is None:
                         reply(self, 404, b'{"errors":[{"code":"NOT_FOUND","message":"no"}]}')
@@ -338,6 +339,114 @@ def test_a_bearer_realm_over_plain_http_for_an_https_registry_is_refused() -> No
 
     with pytest.raises(FetchError, match="plain http"):
         run(ask)
+
+
+def test_a_bearer_token_that_expires_mid_transfer_is_asked_for_again_on_the_retry(
+        tmp_path: Path, hostile: Callable[[], Hostile]) -> None:
+    """A registry's token lives ``expires_in`` seconds (Docker Hub: 300); a 40 GB layer
+    outlives it. A connection lost after that is resumed with a fresh token, not with
+    none (a 401 that would end the pull)."""
+    reg = hostile()
+    data = b"GGUF" + os.urandom(256 << 10)
+    digest = sha(data)
+    path = f"/v2/big/x/blobs/sha256:{digest}"
+    issued: dict[str, float] = {}
+    gets: list[str | None] = []
+
+    def live(h: BaseHTTPRequestHandler) -> bool:
+        token = (h.headers.get("Authorization") or "").removeprefix("Bearer ")
+        return token in issued and time.monotonic() - issued[token] < 1.0
+
+    def token(h: BaseHTTPRequestHandler) -> None:
+        name = f"tok{len(issued)}"
+        issued[name] = time.monotonic()
+        reply(h, 200, json.dumps({"token": name, "expires_in": 1}).encode())
+
+    challenge = {"WWW-Authenticate": f'Bearer realm="{reg.url("/token")}",service="s"'}
+
+    def head(h: BaseHTTPRequestHandler) -> None:
+        reply(h, 200 if live(h) else 401, headers={} if live(h) else challenge)
+
+    def get(h: BaseHTTPRequestHandler) -> None:
+        gets.append(h.headers.get("Authorization"))
+        if not live(h):
+            reply(h, 401, headers=challenge)
+            return
+        start = int((h.headers.get("Range") or "bytes=0-")[6:].split("-")[0])
+        if start == 0:  # half the layer, then the connection drops once the token has expired
+            h.send_response(200)
+            h.send_header("Content-Length", str(len(data)))
+            h.send_header("ETag", f'"{digest}"')
+            h.end_headers()
+            h.wfile.write(data[:len(data) // 2])
+            h.wfile.flush()
+            time.sleep(1.2)
+            h.close_connection = True
+            return
+        h.send_response(206)
+        h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        h.send_header("ETag", f'"{digest}"')
+        h.send_header("Content-Length", str(len(data) - start))
+        h.end_headers()
+        h.wfile.write(data[start:])
+
+    reg.on("GET", "/token", token)
+    reg.on("HEAD", path, head)
+    reg.on("GET", path, get)
+    store = Store.open(tmp_path / "store")
+    try:
+        async def fetch() -> None:
+            async with Downloader(store.blobs, max_retries=2, backoff=(0, 0), stall_timeout=5) as dl:
+                await dl.fetch(f"oci+http://{reg.netloc}/big/x@sha256:{digest}", sha256=digest, size=len(data))
+
+        run(fetch)
+        assert store.blobs.path(digest).read_bytes() == data
+    finally:
+        store.close()
+    assert len(gets) == 2 and gets[0] != gets[1] and gets[1] is not None  # resumed with a fresh token
+
+
+def test_a_push_that_outlives_its_token_asks_for_another(cli: CLI, tmp_path: Path,
+                                                         hostile: Callable[[], Hostile]) -> None:
+    """The same for a push: an upload chunk slower than the token's lifetime, and the
+    requests after it carry a fresh token, not the expired one."""
+    w = write_model(tmp_path / "slow-Q4_K_M.gguf", tensor_bytes=4096, seed=9)
+    cli.run("import", "slow", str(w))
+    reg = hostile()
+    issued: dict[str, float] = {}
+    refused: list[str] = []
+    challenge = {"WWW-Authenticate": f'Bearer realm="{reg.url("/token")}",service="s"'}
+
+    def token(h: BaseHTTPRequestHandler) -> None:
+        name = f"tok{len(issued)}"
+        issued[name] = time.monotonic()
+        reply(h, 200, json.dumps({"token": name, "expires_in": 1}).encode())
+
+    def guarded(route: Route) -> Route:
+        def inner(h: BaseHTTPRequestHandler) -> None:
+            tok = (h.headers.get("Authorization") or "").removeprefix("Bearer ")
+            if tok not in issued or time.monotonic() - issued[tok] >= 1.0:
+                refused.append(f"{h.command} {h.path}")
+                reply(h, 401, headers=challenge)
+            else:
+                route(h)
+        return inner
+
+    def patch(h: BaseHTTPRequestHandler) -> None:
+        time.sleep(1.2)  # a slow link: the token the chunk went with has expired by now
+        reply(h, 202, headers={"Location": "/v2/fleet/slow/blobs/uploads/u1"})
+
+    reg.on("GET", "/token", token)
+    upload = "/v2/fleet/slow/blobs/uploads/"
+    reg.on("POST", upload, guarded(answer(202, headers={"Location": upload + "u1"})))
+    reg.on("PATCH", upload + "u1", guarded(patch))
+    reg.on("PUT", upload + "u1", guarded(answer(201)))
+    reg.on("PUT", "/v2/fleet/slow/manifests/t", guarded(answer(201)))
+    reg.default = guarded(answer(404))  # every blob HEAD: not in the registry (asked with a live token)
+    r = cli.run("push", "slow", f"oci+http://{reg.netloc}/fleet/slow:t", "--json", check=False)
+    assert r.returncode == 0, (r.stderr, refused)
+    puts = [s for s in reg.seen if s.method == "PUT"]
+    assert puts and all(s.headers.get("authorization", "").startswith("Bearer tok") for s in puts)
 
 
 # -- resource use -------------------------------------------------------------------------
