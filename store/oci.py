@@ -114,6 +114,7 @@ _REPO = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _NETLOC = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+_TOKEN = re.compile(r"[\x21-\x7e]+")
 _V2_PATH = re.compile(r"/v2/(?P<repo>.+?)/(?:blobs|manifests|tags)(?:/|$)")
 _BLOB_PATH = re.compile(rf"/v2/(?P<repo>{_COMPONENT}(?:/{_COMPONENT})*)/blobs/sha256:(?P<hex>[0-9a-f]{{64}})")
 
@@ -250,7 +251,8 @@ def credentials(netloc: str, *, named: bool = True) -> Credentials | None:
         return Credentials(user, password)
     path = auth_file()
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        # O_NONBLOCK: a FIFO in its place must not hang the command (it is refused below).
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -456,7 +458,9 @@ class RegistryAuth:
             lifetime = float(doc.get("expires_in") or 60)
         except (ValueError, AttributeError, TypeError, RecursionError):
             token, lifetime = None, 0.0
-        if not isinstance(token, str) or not token or any(c in token for c in "\r\n "):
+        # A header value: visible ASCII only (a JWT, base64): anything else would break the
+        # request line, or make httpx fail to encode the header (an internal error).
+        if not isinstance(token, str) or not _TOKEN.fullmatch(token):
             raise FetchError(f"{ref.display()}: the token server's answer holds no token")
         return token, max(lifetime, 1.0)
 

@@ -303,6 +303,43 @@ def test_credentials_never_go_over_plain_http_to_a_registry_the_command_does_not
     assert bound.credentials(https) is None
 
 
+def test_the_credentials_file_must_be_the_users_own_regular_private_file(tmp_path: Path) -> None:
+    """Mode and owner are checked on the file opened (a link is followed, as docker does:
+    its target must pass); a FIFO in its place is refused, not waited on forever."""
+    path = tmp_path / "docker" / "config.json"
+    path.parent.mkdir()
+    theirs = tmp_path / "theirs.json"
+    theirs.write_text(json.dumps({"auths": {"h:1": {"username": USER, "password": PASSWORD}}}))
+    theirs.chmod(0o600)
+    os.chown(theirs, 65534, 65534)
+    path.symlink_to(theirs)
+    with pytest.raises(UsageError, match="belongs to another user"):
+        oci.credentials("h:1")
+    os.chown(theirs, os.getuid(), os.getgid())
+    assert oci.credentials("h:1") == oci.Credentials(USER, PASSWORD)   # a link to the user's own file
+    theirs.chmod(0o640)
+    with pytest.raises(UsageError, match="chmod 600"):
+        oci.credentials("h:1")
+    path.unlink()
+    os.mkfifo(path, 0o600)
+    outcome: list[BaseException | object] = []
+    t = threading.Thread(target=lambda: outcome.append(_catch(lambda: oci.credentials("h:1"))), daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():  # unblock it, then fail
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5)
+        pytest.fail("reading a FIFO in place of the credentials file hung")
+    assert isinstance(outcome[0], UsageError) and "not a regular file" in str(outcome[0])
+
+
+def _catch(fn: Callable[[], object]) -> BaseException | object:
+    try:
+        return fn()
+    except BaseException as exc:  # noqa: BLE001 - handed to the test
+        return exc
+
+
 def test_an_upload_sent_to_another_origin_is_refused_before_a_byte_goes(
         cli: CLI, tmp_path: Path, hostile: Callable[[], Hostile]) -> None:
     """push: the registry's upload ``Location`` (and a redirect of a chunk) pointing at
@@ -493,6 +530,20 @@ def test_huge_manifests_and_token_answers_are_refused_at_the_cap(hostile: Callab
         run(lambda: resolve(f"oci+http://{reg.netloc}/huge/m:t"))
     with pytest.raises(FormatError, match="larger than"):
         run(lambda: resolve(f"oci+http://{reg.netloc}/huge/tok:t"))
+
+
+@pytest.mark.parametrize("token", ["caf\u00e9", "a\x00b", "a\r\nX-Injected: 1", "", "a b", 7])
+def test_a_token_that_is_no_header_value_is_refused_cleanly(hostile: Callable[[], Hostile], token: object) -> None:
+    """Non-ASCII made httpx fail to encode the header (an internal error, exit 70); CR LF
+    would inject a header. The token must be visible ASCII."""
+    reg = hostile()
+    reg.on("HEAD", "/v2/t/x/manifests/t",
+           answer(401, headers={"WWW-Authenticate": f'Bearer realm="{reg.url("/token")}"'}))
+    reg.on("GET", "/token", answer(200, json.dumps({"token": token}).encode()))
+    with pytest.raises(FetchError, match="holds no token"):
+        run(lambda: resolve(f"oci+http://{reg.netloc}/t/x:t"))
+    assert reg.asked("/v2/t/x/manifests/t") and all(
+        s.headers.get("authorization") is None for s in reg.asked("/v2/t/x/manifests/t"))
 
 
 # -- manifests ----------------------------------------------------------------------------
