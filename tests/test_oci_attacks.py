@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import pytest
 import trio
 
-from conftest import CLI
+from conftest import CLI, wait_for
 from ggufgen import write_model
 from modelfs_store import hf, oci
 from modelfs_store.core import Store
@@ -88,7 +88,7 @@ class Hostile:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
 
     @property
     def netloc(self) -> str:
@@ -624,7 +624,27 @@ def test_a_layer_larger_than_its_declared_size_is_refused_and_never_read_far_pas
     serve_manifest(reg, "evil/lie", "t", manifest([layer(w, "lie.gguf", size=declared)]))
     reg.on("GET", f"/v2/evil/lie/blobs/sha256:{sha(w)}", answer(200, w + bytes(8 << 20)))
     r = cli.run("pull", f"oci+http://{reg.netloc}/evil/lie:t", "--no-daemon", check=False)
+    assert r.returncode == 9 and f"expected {declared}" in r.stderr, r.stderr   # from its Content-Length
+    sent: list[int] = []
+
+    def unbounded(h: BaseHTTPRequestHandler) -> None:  # no length: the body says when it ends
+        h.send_response(200)
+        h.send_header("Connection", "close")
+        h.end_headers()
+        h.close_connection = True
+        n = 0
+        body = w + bytes(64 << 20)
+        try:
+            for i in range(0, len(body), 64 << 10):
+                h.wfile.write(body[i:i + (64 << 10)])
+                n += 64 << 10
+        finally:
+            sent.append(n)
+
+    reg.on("GET", f"/v2/evil/lie/blobs/sha256:{sha(w)}", unbounded)
+    r = cli.run("pull", f"oci+http://{reg.netloc}/evil/lie:t", "--no-daemon", check=False)
     assert r.returncode != 0 and "lie.gguf" not in cli.run("list").stdout, r.stderr
+    assert wait_for(lambda: sent) and sent[0] < (32 << 20)   # the client stopped reading early
     assert not (cli.root / "blobs" / "sha256" / sha(w)[:2] / sha(w)).exists()
     partials = [p for p in (cli.root / "partial").rglob("*") if p.is_file()]
     assert all(p.stat().st_size <= declared + (2 << 20) for p in partials)
@@ -672,3 +692,36 @@ def test_hub_listings_that_name_escaping_paths_or_never_end_are_refused(
     hub.on("GET", "/api/models/org/deep/tree/main", answer(200, b"[" * 100_000 + b"]" * 100_000))
     r = cli.run("pull", "hf://org/deep", "--no-daemon", check=False, env=env)
     assert r.returncode == 9 and "nested too deeply" in r.stderr, r.stderr
+
+
+def test_a_hub_whose_commit_changes_between_files_or_whose_resolve_loops_is_refused(
+        cli: CLI, hostile: Callable[[], Hostile]) -> None:
+    """Every file of a repository pull comes from the commit the first one resolved to: a
+    later HEAD naming another commit is refused before a byte moves, and a resolve URL
+    that redirects to itself ends at the redirect cap."""
+    hub = hostile()
+    env = {"MODELFS_HF_ENDPOINT": hub.url(""), "HF_TOKEN": "hf_attackerwantsthis0123"}
+    names = [f"m-Q4_K_M-0000{i}-of-00002.gguf" for i in (1, 2)]
+    oid = {n: sha(n.encode()) for n in names}
+    tree = [{"type": "file", "path": n, "size": 100, "lfs": {"oid": oid[n], "size": 100}} for n in names]
+    hub.on("GET", "/api/models/org/moving/tree/main", answer(200, json.dumps(tree).encode()))
+    c1, c2 = "1" * 40, "2" * 40
+
+    def meta(name: str, commit: str) -> Route:
+        return answer(200, headers={"X-Linked-Etag": f'"{oid[name]}"', "X-Linked-Size": "100",
+                                    "X-Repo-Commit": commit})
+
+    hub.on("HEAD", f"/org/moving/resolve/main/{names[0]}", meta(names[0], c1))
+    hub.on("HEAD", f"/org/moving/resolve/{c1}/{names[1]}", meta(names[1], c2))
+    r = cli.run("pull", "hf://org/moving:Q4_K_M", "--no-daemon", check=False, env=env)
+    assert r.returncode == 9 and "changed while its files were resolved" in r.stderr, r.stderr
+    assert not any(s.method == "GET" and "/resolve/" in s.path for s in hub.seen)
+
+    tree = [{"type": "file", "path": "loop-Q4_K_M.gguf", "size": 100, "lfs": {"oid": "c" * 64, "size": 100}}]
+    hub.on("GET", "/api/models/org/loop/tree/main", answer(200, json.dumps(tree).encode()))
+    hub.on("HEAD", "/org/loop/resolve/main/loop-Q4_K_M.gguf",
+           answer(302, headers={"Location": "/org/loop/resolve/main/loop-Q4_K_M.gguf"}))
+    r = cli.run("pull", "hf://org/loop", "--no-daemon", check=False, env=env)
+    assert r.returncode == 9 and "too many redirects" in r.stderr, r.stderr
+    assert len(hub.asked("/org/loop/resolve/main/loop-Q4_K_M.gguf")) == 11
+    assert "hf_attackerwantsthis0123" not in r.stderr + r.stdout
