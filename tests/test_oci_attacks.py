@@ -688,6 +688,14 @@ def test_hub_listings_that_name_escaping_paths_or_never_end_are_refused(
     r = cli.run("pull", "hf://org/loop", "--no-daemon", check=False, env=env)
     assert r.returncode == 9 and "more than 25 pages" in r.stderr, r.stderr
     assert len(hub.asked("/api/models/org/loop/tree/main")) == 25
+    # Pages that are each under the page cap but together too much to hold.
+    monkeypatch.setattr(hf, "LISTING_MAX_BYTES", 3 << 20)
+    fat = json.dumps([{"type": "directory", "path": "d" * 1000}] * 1000).encode()  # 1 MB a page
+    hub.on("GET", "/api/models/org/fat/tree/main",
+           answer(200, fat, {"Link": f'<{hub.url("/api/models/org/fat/tree/main")}?cursor=y>; rel="next"'}))
+    r = cli.run("pull", "hf://org/fat", "--no-daemon", check=False, env=env)
+    assert r.returncode == 9 and "larger than 3 MiB" in r.stderr, r.stderr
+    assert len(hub.asked("/api/models/org/fat/tree/main")) == 4
     # A listing nested too deeply is a malformed listing, not a crash.
     hub.on("GET", "/api/models/org/deep/tree/main", answer(200, b"[" * 100_000 + b"]" * 100_000))
     r = cli.run("pull", "hf://org/deep", "--no-daemon", check=False, env=env)
