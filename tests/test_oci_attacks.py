@@ -7,6 +7,7 @@ registry, token server, storage origin or hub sends); the real ``docker-registry
 side runs for real: the CLI in process, or ``store.oci`` / ``store.hf`` on trio with
 the store's one HTTP layer.
 """
+# ruff: noqa: F811 - the real registry's fixtures are imported by name
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +35,8 @@ from modelfs_store.core import Store
 from modelfs_store.download import Downloader
 from modelfs_store.errors import FetchError, FormatError, IntegrityError, StoreError, UsageError
 from modelfs_store.http import Http
+from registry import Registry, TokenServer
+from test_oci import token_registry, tokens  # noqa: F401 - the real registry with Bearer auth
 
 USER, PASSWORD = "mallory-victim", "s3cret-Registry-Pa55"
 CREDS = {"MODELFS_REGISTRY_USER": USER, "MODELFS_REGISTRY_PASSWORD": PASSWORD}
@@ -733,3 +737,24 @@ def test_a_hub_whose_commit_changes_between_files_or_whose_resolve_loops_is_refu
     assert r.returncode == 9 and "too many redirects" in r.stderr, r.stderr
     assert len(hub.asked("/org/loop/resolve/main/loop-Q4_K_M.gguf")) == 11
     assert "hf_attackerwantsthis0123" not in r.stderr + r.stdout
+
+
+# -- logs ---------------------------------------------------------------------------------
+@pytest.mark.skipif(not os.path.exists("/usr/bin/docker-registry"), reason="LOUD SKIP: docker-registry is missing")
+def test_debug_logs_of_a_bearer_push_and_pull_hold_no_secret(cli: CLI, tmp_path: Path,
+                                                             tokens: TokenServer, token_registry: Registry) -> None:
+    """``-vv`` (debug, every module's log) against the real registry with real tokens:
+    no password, Basic header, token or upload state in any line."""
+    w = write_model(tmp_path / "dbg-Q4_K_M.gguf", tensor_bytes=4096, seed=11)
+    cli.run("import", "dbg", str(w))
+    env = {"MODELFS_REGISTRY_USER": "alice", "MODELFS_REGISTRY_PASSWORD": "wonderland-Pa55"}
+    target = token_registry.ref("fleet/dbg:v")
+    pushed = cli.run("-vv", "push", "dbg", target, "--json", env=env)
+    other = CLI(tmp_path / "second")
+    pulled = other.run("-vv", "pull", target, "--json", env=env)
+    logs = pushed.stderr + pulled.stderr
+    assert "DEBUG" in logs or "INFO" in logs, logs[:500]
+    basic = base64.b64encode(b"alice:wonderland-Pa55").decode()
+    for secret in ("wonderland-Pa55", basic, "eyJ"):
+        assert secret not in logs + pushed.stdout + pulled.stdout, secret
+    assert re.search(r"_state=(?!REDACTED)", logs) is None  # an upload's signed state
