@@ -513,8 +513,9 @@ class Http:
         failures = 0
         while True:
             try:
-                response = await self.open("HEAD", url, {"Accept-Encoding": "identity"}, shown,
-                                           follow_cross_origin=follow_cross_origin)
+                with self.small_deadline(shown):  # headers only: a trickle of them is cut off too
+                    response = await self.open("HEAD", url, {"Accept-Encoding": "identity"}, shown,
+                                               follow_cross_origin=follow_cross_origin)
                 await response.aclose()
                 error = status_error(response, shown)
                 if error is not None:

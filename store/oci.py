@@ -108,6 +108,7 @@ DMR_FILEPATH = "org.cncf.model.filepath"
 MAX_MANIFEST = 4 << 20       # the distribution spec's suggested manifest limit
 MAX_TOKEN_BODY = 1 << 20
 UPLOAD_CHUNK = 16 << 20      # PATCH size of a blob upload
+SMALL_BODY = 1 << 20         # a request body sent within the small-document deadline
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _REPO = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
@@ -541,15 +542,18 @@ async def _send(http: Http, method: str, url: str, shown: str, headers: Mapping[
     exchange within the HTTP layer's deadline for small documents. A request with a body
     (or with ``cross_origin`` False) never follows a redirect to another origin."""
     follow = content is None if cross_origin is None else cross_origin
-    with http.small_deadline(shown):
+    # An upload chunk takes what the uplink takes: only its answer is held to the deadline.
+    sending = contextlib.nullcontext() if content and len(content) > SMALL_BODY else http.small_deadline(shown)
+    with sending:
         response = await http.open(method, url, {"Accept-Encoding": "identity", **(headers or {})}, shown,
                                    follow_cross_origin=follow, content=content)
-        try:
+    try:
+        with http.small_deadline(shown):
             # (a redirect to another origin not followed comes back closed: no body to read)
             body = b"" if method == "HEAD" or response.is_closed else await _read(http, response, shown,
                                                                                    MAX_MANIFEST)
-        finally:
-            await response.aclose()
+    finally:
+        await response.aclose()
     return _Answer(response.status_code, response.headers, body, response)
 
 
