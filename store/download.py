@@ -598,8 +598,11 @@ class Downloader:
         return 0
 
     async def _open(self, url: str, headers: dict[str, str], shown: str) -> httpx.Response:
-        """Send the GET through the HTTP layer; returns the final (streaming) response."""
+        """Send the GET through the HTTP layer; returns the final (streaming) response. A
+        registry blob's auth is renewed first when its token is near expiry (a long
+        transfer resumed after the token's lifetime; a no-op otherwise)."""
         try:
+            await oci.renew_blob_auth(self.http, url)
             return await self.http.open("GET", url, headers, shown)
         except FetchError as exc:
             if is_transient(exc):

@@ -195,6 +195,9 @@ class TreeFile:
 LISTING_PAGE_BYTES = 16 << 20   # one page of the tree listing (the hub sends about 1,000 entries)
 LISTING_MAX_PAGES = 1000
 LISTING_MAX_FILES = 100_000
+#: All pages together (100,000 entries of the hub's are about 30 MB): without it a hub
+#: could make a pull download, and keep in memory, 1,000 pages of 16 MiB.
+LISTING_MAX_BYTES = 128 << 20
 
 
 def tree_url(repo: str, revision: str, base: str | None = None) -> str:
@@ -211,7 +214,7 @@ async def list_tree(http: Http, repo: str, revision: str) -> list[TreeFile]:
     url: str | None = tree_url(repo, revision)
     hub = httpx.URL(endpoint())
     files: list[TreeFile] = []
-    pages = 0
+    pages = received = 0
     while url is not None:
         pages += 1
         if pages > LISTING_MAX_PAGES:
@@ -226,6 +229,9 @@ async def list_tree(http: Http, repo: str, revision: str) -> list[TreeFile]:
             if status == 404:
                 raise FetchError(f"{shown}: no such repository or revision on the hub", status=status) from None
             raise
+        received += len(body)
+        if received > LISTING_MAX_BYTES:
+            raise FetchError(f"{shown}: the hub's file listing is larger than {LISTING_MAX_BYTES >> 20} MiB")
         files += _tree_entries(body, shown)
         if len(files) > LISTING_MAX_FILES:
             raise FetchError(f"{shown}: the repository has more than {LISTING_MAX_FILES} files")
@@ -268,6 +274,8 @@ def _tree_entries(body: bytes, shown: str) -> list[TreeFile]:
         doc = json.loads(body)
     except ValueError:
         raise bad("not JSON") from None
+    except RecursionError:
+        raise bad("nested too deeply") from None
     if not isinstance(doc, list):
         raise bad("not a list")
     out = []

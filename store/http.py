@@ -10,7 +10,8 @@
     │   │                        here with the downloader's backoff (RetryPolicy)
     │   └── get_small(url)       a small document (a signed envelope, a hub listing):
     │                            identity encoding only, refused
-    │                            over ``limit`` bytes without reading past the limit
+    │                            over ``limit`` bytes without reading past the limit,
+    │                            whole within ``small_deadline`` (4 x the timeout)
     ├── offline                  an offline store sends nothing: every request is
     │                            refused before it is built
     └── addresses                an :class:`AddressRule` (for URLs an app submitted):
@@ -76,6 +77,10 @@ __all__ = ["CROSS_ORIGIN_SAFE_HEADERS", "MAX_REDIRECTS", "AddressRule", "Auth", 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 10
+#: A small document (an envelope, a hub listing page, a registry manifest or token) must
+#: arrive whole within this many ``timeout``s: the timeout alone bounds each wait, so a
+#: server that sends a byte just before every one of them would hold the caller forever.
+SMALL_DEADLINE_TIMEOUTS = 4
 READ_BYTES = 1 << 20  # socket read size; httpcore's 64 KiB default halves throughput
 LOWAT_BYTES = 256 << 10  # wake the event loop per 256 KiB of body, not per segment
 # Headers that may follow a redirect to another origin. Everything else (Authorization,
@@ -456,6 +461,18 @@ class Http:
             raise OfflineError(f"{shown}: the store is offline")
 
     @contextlib.contextmanager
+    def small_deadline(self, shown: str) -> Iterator[None]:
+        """The whole of one small exchange (:data:`SMALL_DEADLINE_TIMEOUTS` x ``timeout``):
+        a server that trickles it is cut off with a transient FetchError."""
+        limit = SMALL_DEADLINE_TIMEOUTS * self.timeout
+        try:
+            with trio.fail_after(limit):
+                yield
+        except trio.TooSlowError:
+            raise FetchError(f"{shown}: the server did not send this small document within {limit:g}s",
+                             transient=True) from None
+
+    @contextlib.contextmanager
     def body_errors(self, response: httpx.Response, shown: str, received: Callable[[], int]) -> Iterator[None]:
         """:func:`map_errors` for reading ``response``'s body."""
         with map_errors(shown, response.url.host, timeout=self.timeout, received=received):
@@ -496,8 +513,9 @@ class Http:
         failures = 0
         while True:
             try:
-                response = await self.open("HEAD", url, {"Accept-Encoding": "identity"}, shown,
-                                           follow_cross_origin=follow_cross_origin)
+                with self.small_deadline(shown):  # headers only: a trickle of them is cut off too
+                    response = await self.open("HEAD", url, {"Accept-Encoding": "identity"}, shown,
+                                               follow_cross_origin=follow_cross_origin)
                 await response.aclose()
                 error = status_error(response, shown)
                 if error is not None:
@@ -520,11 +538,16 @@ class Http:
         """GET a small document (an envelope, a hub listing) whole: HTTP 200 only, identity
         encoding only, ``too_large()`` raised for a body over ``limit`` bytes, never read
         past the limit. Returns the body and the (closed) response, whose headers are
-        left to read. Not retried."""
+        left to read, within :meth:`small_deadline`. Not retried."""
         shown = redact_url(url)
         self.check_online(shown)
         if _parse_url(url, shown).scheme not in ("http", "https"):
             raise UsageError(f"{shown}: not an http(s) URL")
+        with self.small_deadline(shown):
+            return await self._get_small(url, shown, limit, too_large, follow_cross_origin)
+
+    async def _get_small(self, url: str, shown: str, limit: int, too_large: Callable[[], StoreError],
+                         follow_cross_origin: bool) -> tuple[bytes, httpx.Response]:
         response = await self.open("GET", url, {"Accept": "application/json", "Accept-Encoding": "identity"},
                                    shown, follow_cross_origin=follow_cross_origin)
         try:

@@ -23,13 +23,16 @@ digests, range requests, mirrors and auth. This module speaks its HTTP API:
   and ``scope``; the token is asked for with the Basic credentials when there are any).
   :class:`RegistryAuth` is the HTTP layer's per-request credential hook: it adds the
   registry's header only to requests to that registry's origin, so a blob redirect to
-  storage carries none. Credentials (:func:`credentials`) come from
-  ``$MODELFS_REGISTRY_USER``/``$MODELFS_REGISTRY_PASSWORD`` (for the registry
-  ``$MODELFS_REGISTRY_HOST`` only, when it is set), else the ``auths`` of
+  storage carries none, and it answers a 401 challenge only from the registry's own
+  origin (the probe follows no redirect elsewhere). Credentials (:func:`credentials`)
+  come from ``$MODELFS_REGISTRY_USER``/``$MODELFS_REGISTRY_PASSWORD`` (for the registry
+  ``$MODELFS_REGISTRY_HOST`` only, when it is set; else for the registry the command
+  names, :meth:`RegistryAuth.name`, not one a pack or a recorded URL names), else the ``auths`` of
   Docker's ``config.json`` (``$MODELFS_REGISTRY_AUTH_FILE``, else
   ``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``), which must not be
   readable by group or other. They are read at request time, held in memory only for
-  the transfer, and never stored, logged or put in an exception. A Downloader bound by
+  the transfer, and never stored, logged or put in an exception. Over plain HTTP they
+  go only to a registry the command names, or on the loopback. A Downloader bound by
   an address rule (a pull for another caller, the daemon's apps) sends none of the
   owner's credentials: only anonymous tokens.
 * **Push** (:func:`push`): a model's active version as Docker Model Runner lays it out:
@@ -49,6 +52,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -104,12 +108,14 @@ DMR_FILEPATH = "org.cncf.model.filepath"
 MAX_MANIFEST = 4 << 20       # the distribution spec's suggested manifest limit
 MAX_TOKEN_BODY = 1 << 20
 UPLOAD_CHUNK = 16 << 20      # PATCH size of a blob upload
+SMALL_BODY = 1 << 20         # a request body sent within the small-document deadline
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _REPO = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _NETLOC = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+_TOKEN = re.compile(r"[\x21-\x7e]+")
 _V2_PATH = re.compile(r"/v2/(?P<repo>.+?)/(?:blobs|manifests|tags)(?:/|$)")
 _BLOB_PATH = re.compile(rf"/v2/(?P<repo>{_COMPONENT}(?:/{_COMPONENT})*)/blobs/sha256:(?P<hex>[0-9a-f]{{64}})")
 
@@ -231,19 +237,23 @@ def auth_file() -> Path:
     return Path(docker) / "config.json" if docker else Path.home() / ".docker" / "config.json"
 
 
-def credentials(netloc: str) -> Credentials | None:
+def credentials(netloc: str, *, named: bool = True) -> Credentials | None:
     """The user's credentials for the registry ``netloc``, read now: the environment, else
-    the credentials file (refused when group or other may read it)."""
+    the credentials file (refused when group or other may read it). The environment's
+    go to ``$MODELFS_REGISTRY_HOST`` when it is set, else only to a registry the command
+    itself ``named`` (not one a signed pack or a recorded URL names: a publisher is
+    trusted for bytes, not with the user's password)."""
     user = os.environ.get("MODELFS_REGISTRY_USER")
     password = os.environ.get("MODELFS_REGISTRY_PASSWORD")
     if bool(user) != (password is not None):
         raise UsageError("set both MODELFS_REGISTRY_USER and MODELFS_REGISTRY_PASSWORD, or neither")
     only = os.environ.get("MODELFS_REGISTRY_HOST", "").strip().lower()
-    if user and password is not None and (not only or only == netloc):
+    if user and password is not None and (only == netloc if only else named):
         return Credentials(user, password)
     path = auth_file()
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        # O_NONBLOCK: a FIFO in its place must not hang the command (it is refused below).
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -289,6 +299,18 @@ def _auth_host(key: str) -> str:
     return key.split("/", 1)[0].lower()
 
 
+def _loopback(netloc: str) -> bool:
+    """Whether the registry ``host[:port]`` is this machine's loopback (plain HTTP to it
+    crosses no network)."""
+    host = urlsplit(f"http://{netloc}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
@@ -310,6 +332,9 @@ class RegistryAuth:
     def __init__(self, inner: Auth, *, user_credentials: bool) -> None:
         self.inner = inner
         self.user_credentials = user_credentials
+        #: (scheme, netloc) of the registries the command itself names (``pull oci://…``,
+        #: ``push``), as against those a signed pack or a recorded URL names
+        self.named: set[tuple[str, str]] = set()
         self._grants: dict[tuple[tuple[str, str], str], _Grant] = {}   # (origin, repo) -> grant
         self._authorised: dict[tuple[tuple[str, str], str, str], float] = {}  # (origin, repo, actions) -> until
 
@@ -328,8 +353,21 @@ class RegistryAuth:
         until = self._authorised.get((_origin(base), repo, actions))
         return until is not None and until > time.monotonic() + 30
 
-    def credentials(self, netloc: str) -> Credentials | None:
-        return credentials(netloc) if self.user_credentials else None
+    def name(self, ref: OciRef) -> None:
+        """``ref``'s registry is the one the command names (module docstring, Auth)."""
+        self.named.add((ref.scheme, ref.netloc))
+
+    def credentials(self, ref: OciRef) -> Credentials | None:
+        """The user's credentials for ``ref``'s registry, if they may go there: never for a
+        Downloader bound by an address rule; over plain HTTP only to a registry the
+        command names or on the loopback (a pack's ``oci+http://`` for a registry the
+        user logs into over HTTPS would put the password on the network in clear)."""
+        if not self.user_credentials:
+            return None
+        named = (ref.scheme, ref.netloc) in self.named
+        if SCHEMES[ref.scheme] == "http" and not named and not _loopback(ref.netloc):
+            return None
+        return credentials(ref.netloc, named=named)
 
     async def authorize(self, http: Http, ref: OciRef, actions: str, probe: str, method: str = "HEAD",
                         headers: Mapping[str, str] | None = None) -> None:
@@ -339,21 +377,28 @@ class RegistryAuth:
         scope ``repository:REPO:ACTIONS``) and the probe is sent again."""
         if self.has(ref.base, ref.repo, actions):
             return
-        shown = redact_url(probe)
-        response = await _send(http, method, probe, shown, headers)
         origin = _origin(ref.base)
+        grant = self._grants.get((origin, ref.repo))
+        if grant is not None and grant.expires <= time.monotonic() + 30:
+            del self._grants[(origin, ref.repo)]  # a token about to expire: ask for a new one now
+        shown = redact_url(probe)
+        # The probe stays on the registry's origin: a redirect elsewhere (a blob's storage)
+        # means the registry let it through, and a challenge from that other origin would
+        # send the registry's credentials to whatever token realm it names.
+        response = await _send(http, method, probe, shown, headers, cross_origin=False)
         if response.status == 401 and self._grants.pop((origin, ref.repo), None) is not None:
-            response = await _send(http, method, probe, shown, headers)  # a grant of fewer actions, or expired
-        if response.status != 401:
-            self._authorised[(origin, ref.repo, actions)] = float("inf")
+            # a grant of fewer actions, or expired
+            response = await _send(http, method, probe, shown, headers, cross_origin=False)
+        if response.status != 401:  # let in: anonymously, or by a grant until it expires
+            grant = self._grants.get((origin, ref.repo))
+            self._authorised[(origin, ref.repo, actions)] = grant.expires if grant is not None else float("inf")
             return
         scheme, params = parse_challenge(response.headers.get("www-authenticate", ""))
-        creds = self.credentials(ref.netloc)
+        creds = self.credentials(ref)
         if scheme == "basic":
             if creds is None:
-                raise FetchError(f"{ref.display()}: the registry asks for a user name and password: set "
-                                 "MODELFS_REGISTRY_USER and MODELFS_REGISTRY_PASSWORD, or add the registry to "
-                                 f"{auth_file()} (docs/fleet.md)", status=401, reason="credentials")
+                raise FetchError(f"{ref.display()}: the registry asks for a user name and password: "
+                                 f"{self._missing(ref)} (docs/fleet.md)", status=401, reason="credentials")
             self._grants[(origin, ref.repo)] = _Grant(creds.basic())
         elif scheme == "bearer":
             token, lifetime = await self._token(http, ref, params, actions, creds)
@@ -361,14 +406,30 @@ class RegistryAuth:
         else:
             raise FetchError(f"{ref.display()}: the registry asks for an authentication scheme modelfs does not "
                              f"speak ({scheme or 'none named'})", status=401)
-        response = await _send(http, method, probe, shown, headers)
+        response = await _send(http, method, probe, shown, headers, cross_origin=False)
         if response.status == 401:
             self._grants.pop((origin, ref.repo), None)
-            who = "these credentials" if creds is not None else "an anonymous token"
-            raise FetchError(f"{ref.display()}: the registry refused {who} (HTTP 401): check the user name and "
-                             "password (MODELFS_REGISTRY_USER / MODELFS_REGISTRY_PASSWORD or "
+            if creds is None:
+                raise FetchError(f"{ref.display()}: the registry refused an anonymous token (HTTP 401): "
+                                 f"{self._missing(ref)}", status=401, reason="credentials")
+            raise FetchError(f"{ref.display()}: the registry refused these credentials (HTTP 401): check the user "
+                             "name and password (MODELFS_REGISTRY_USER / MODELFS_REGISTRY_PASSWORD or "
                              f"{auth_file()})", status=401, reason="credentials")
         self._authorised[(origin, ref.repo, actions)] = self._grants[(origin, ref.repo)].expires
+
+    def _missing(self, ref: OciRef) -> str:
+        """What to do about credentials that were not sent to ``ref``'s registry."""
+        if not self.user_credentials:
+            return "a pull for an app uses none of the owner's registry credentials"
+        if (ref.scheme, ref.netloc) not in self.named:
+            if SCHEMES[ref.scheme] == "http" and not _loopback(ref.netloc):
+                return ("credentials never go over plain HTTP to a registry this command does not name "
+                        "(a signed pack or a recorded URL names it)")
+            if os.environ.get("MODELFS_REGISTRY_USER") and not os.environ.get("MODELFS_REGISTRY_HOST"):
+                return (f"this command does not name {ref.netloc} (a signed pack or a recorded URL does), so "
+                        f"MODELFS_REGISTRY_USER's credentials go there only with MODELFS_REGISTRY_HOST={ref.netloc}, "
+                        f"or add the registry to {auth_file()}")
+        return f"set MODELFS_REGISTRY_USER and MODELFS_REGISTRY_PASSWORD, or add the registry to {auth_file()}"
 
     async def _token(self, http: Http, ref: OciRef, params: dict[str, str], actions: str,
                      creds: Credentials | None) -> tuple[str, float]:
@@ -390,30 +451,38 @@ class RegistryAuth:
         if creds is not None:
             headers["Authorization"] = creds.basic()
         shown = redact_url(realm)
+        with http.small_deadline(shown):
+            body = await self._token_body(http, ref, url, headers, shown, creds)
+        try:
+            doc = json.loads(body)
+            token = doc.get("token") or doc.get("access_token")
+            lifetime = float(doc.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError, RecursionError):
+            token, lifetime = None, 0.0
+        # A header value: visible ASCII only (a JWT, base64): anything else would break the
+        # request line, or make httpx fail to encode the header (an internal error).
+        if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+            raise FetchError(f"{ref.display()}: the token server's answer holds no token")
+        return token, max(lifetime, 1.0)
+
+    async def _token_body(self, http: Http, ref: OciRef, url: str, headers: Mapping[str, str], shown: str,
+                          creds: Credentials | None) -> bytes:
         response = await http.open("GET", url, headers, shown, follow_cross_origin=False)
         try:
             if response.status_code in (401, 403):
+                hint = (f"check MODELFS_REGISTRY_USER / MODELFS_REGISTRY_PASSWORD or {auth_file()}" if creds
+                        else self._missing(ref))
                 raise FetchError(f"{ref.display()}: the registry's token server refused "
                                  f"{'these credentials' if creds else 'an anonymous token'} "
-                                 f"(HTTP {response.status_code}): check MODELFS_REGISTRY_USER / "
-                                 f"MODELFS_REGISTRY_PASSWORD or {auth_file()}", status=response.status_code,
+                                 f"(HTTP {response.status_code}): {hint}", status=response.status_code,
                                  reason="credentials")
             if response.status_code != 200:
                 raise status_error(response, shown) or FetchError(
                     f"{ref.display()}: the token server answered HTTP {response.status_code}",
                     status=response.status_code)
-            body = await _read(http, response, shown, MAX_TOKEN_BODY)
+            return await _read(http, response, shown, MAX_TOKEN_BODY)
         finally:
             await response.aclose()
-        try:
-            doc = json.loads(body)
-            token = doc.get("token") or doc.get("access_token")
-            lifetime = float(doc.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError):
-            token, lifetime = None, 0.0
-        if not isinstance(token, str) or not token or any(c in token for c in "\r\n "):
-            raise FetchError(f"{ref.display()}: the token server's answer holds no token")
-        return token, max(lifetime, 1.0)
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -447,6 +516,16 @@ async def prepare_blob(http: Http, url: str, sha256: str) -> str | None:
     return target
 
 
+async def renew_blob_auth(http: Http, url: str) -> None:
+    """Before another request for a registry blob URL that :func:`prepare_blob` authorised:
+    a new token if the one it had expires within 30 s (:meth:`RegistryAuth.has`)."""
+    if not isinstance(http.auth, RegistryAuth):
+        return  # nothing was authorised: not a registry blob
+    found = blob_reference(url)
+    if found is not None:
+        await http.auth.authorize(http, found[0], "pull", url)
+
+
 # -- requests -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Answer:
@@ -458,13 +537,21 @@ class _Answer:
 
 
 async def _send(http: Http, method: str, url: str, shown: str, headers: Mapping[str, str] | None = None,
-                content: bytes | None = None) -> _Answer:
-    """One small request, its body read (never more than a manifest's worth). A request
-    with a body never follows a redirect to another origin."""
-    response = await http.open(method, url, {"Accept-Encoding": "identity", **(headers or {})}, shown,
-                               follow_cross_origin=content is None, content=content)
+                content: bytes | None = None, cross_origin: bool | None = None) -> _Answer:
+    """One small request, its body read (never more than a manifest's worth), the whole
+    exchange within the HTTP layer's deadline for small documents. A request with a body
+    (or with ``cross_origin`` False) never follows a redirect to another origin."""
+    follow = content is None if cross_origin is None else cross_origin
+    # An upload chunk takes what the uplink takes: only its answer is held to the deadline.
+    sending = contextlib.nullcontext() if content and len(content) > SMALL_BODY else http.small_deadline(shown)
+    with sending:
+        response = await http.open(method, url, {"Accept-Encoding": "identity", **(headers or {})}, shown,
+                                   follow_cross_origin=follow, content=content)
     try:
-        body = b"" if method == "HEAD" else await _read(http, response, shown, MAX_MANIFEST)
+        with http.small_deadline(shown):
+            # (a redirect to another origin not followed comes back closed: no body to read)
+            body = b"" if method == "HEAD" or response.is_closed else await _read(http, response, shown,
+                                                                                   MAX_MANIFEST)
     finally:
         await response.aclose()
     return _Answer(response.status_code, response.headers, body, response)
@@ -489,8 +576,11 @@ def _fail(answer: _Answer, what: str) -> FetchError | NotFound:
     try:
         errors = json.loads(answer.body).get("errors") or []
         detail = "; ".join(str(e.get("message") or e.get("code"))[:120] for e in errors[:2] if isinstance(e, dict))
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         pass
+    if 300 <= status <= 399 and "location" in answer.headers:
+        return FetchError(f"{what}: the registry redirected this request to another origin; not followed "
+                          "(it would carry the request's body and credentials there)", status=status)
     if status == 404:
         return NotFound(f"{what}: not found in the registry" + (f" ({detail})" if detail else ""), status=status)
     if status == 403:
@@ -537,8 +627,10 @@ async def resolve(http: Http, ref: OciRef) -> Artifact:
     """Read ``ref``'s manifest and tell its GGUF files (module docstring)."""
     url = ref.manifest_url()
     accept = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
+    auth = registry_auth(http)
+    auth.name(ref)
     with _tls_hint(ref):
-        await registry_auth(http).authorize(http, ref, "pull", url, headers={"Accept": accept})
+        await auth.authorize(http, ref, "pull", url, headers={"Accept": accept})
     response = await _send(http, "GET", url, redact_url(url), {"Accept": accept})
     if response.status != 200:
         raise _fail(response, ref.display())
@@ -555,6 +647,8 @@ async def resolve(http: Http, ref: OciRef) -> Artifact:
         doc = json.loads(body)
     except ValueError:
         raise FormatError(f"{ref.display()}: the manifest is not JSON") from None
+    except RecursionError:
+        raise FormatError(f"{ref.display()}: the manifest is nested too deeply") from None
     if not isinstance(doc, dict):
         raise FormatError(f"{ref.display()}: the manifest is not a JSON object")
     kind = doc.get("mediaType") or response.headers.get("content-type", "").split(";")[0].strip()
@@ -715,12 +809,16 @@ async def push(catalog: Catalog, blobs: BlobStore, http: Http, name: str, target
     config_blob = _Blob("sha256:" + hashlib.sha256(config).hexdigest(), len(config), data=config)
     uploads = [config_blob, *(_Blob(f"sha256:{f.sha256}", f.size, path=blobs.path(f.sha256)) for f in files)]
 
+    auth = registry_auth(http)
+    auth.name(ref)
     with _tls_hint(ref):
-        await registry_auth(http).authorize(http, ref, "pull,push", ref.blob_url(config_blob.digest))
+        await auth.authorize(http, ref, "pull,push", ref.blob_url(config_blob.digest))
     if set_total is not None:
         set_total(sum(b.size for b in uploads))
     skipped = uploaded = 0
+    renew = _Renew(http, auth, ref, ref.blob_url(config_blob.digest))
     for blob in uploads:
+        await renew()
         url = ref.blob_url(blob.digest)
         head = await _send(http, "HEAD", url, redact_url(url))
         if head.status == 200:
@@ -730,7 +828,7 @@ async def push(catalog: Catalog, blobs: BlobStore, http: Http, name: str, target
             continue
         if head.status != 404:
             raise _fail(head, f"{ref.display()}: blob {blob.digest[:19]}…")
-        uploaded += await _upload(http, ref, blob, progress)
+        uploaded += await _upload(http, ref, blob, progress, renew)
 
     manifest = {
         "schemaVersion": 2,
@@ -742,6 +840,7 @@ async def push(catalog: Catalog, blobs: BlobStore, http: Http, name: str, target
     body = json.dumps(manifest, separators=(",", ":")).encode()
     digest = "sha256:" + hashlib.sha256(body).hexdigest()
     url = ref.manifest_url()
+    await renew()
     response = await _send(http, "PUT", url, redact_url(url), {"Content-Type": OCI_MANIFEST}, content=body)
     if response.status not in (200, 201):
         raise _fail(response, f"{ref.display()}: the manifest")
@@ -751,7 +850,21 @@ async def push(catalog: Catalog, blobs: BlobStore, http: Http, name: str, target
     return PushResult(name, version.version, ref.display(), digest, len(uploads), skipped, uploaded)
 
 
-async def _upload(http: Http, ref: OciRef, blob: _Blob, progress: Callable[[int], None] | None) -> int:
+@dataclass(frozen=True)
+class _Renew:
+    """Before each request of a push: a new token when the one it has is near expiry (a
+    long upload outlives a registry's token)."""
+    http: Http
+    auth: RegistryAuth
+    ref: OciRef
+    probe: str
+
+    async def __call__(self) -> None:
+        await self.auth.authorize(self.http, self.ref, "pull,push", self.probe)
+
+
+async def _upload(http: Http, ref: OciRef, blob: _Blob, progress: Callable[[int], None] | None,
+                  renew: _Renew) -> int:
     """One blob: POST an upload, PATCH it in chunks, PUT ``?digest=``. Returns its size."""
     what = f"{ref.display()}: upload of {blob.digest[:19]}…"
     start = f"{ref.base}/v2/{ref.repo}/blobs/uploads/"
@@ -767,6 +880,7 @@ async def _upload(http: Http, ref: OciRef, blob: _Blob, progress: Callable[[int]
                 f.read(UPLOAD_CHUNK) if f is not None else b""
             if not chunk:
                 raise IntegrityError(f"{what}: the local blob is shorter than its recorded size")
+            await renew()
             headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(chunk)),
                        "Content-Range": f"{offset}-{offset + len(chunk) - 1}"}
             response = await _send(http, "PATCH", location, redact_url(location), headers, content=chunk)
@@ -779,6 +893,7 @@ async def _upload(http: Http, ref: OciRef, blob: _Blob, progress: Callable[[int]
     finally:
         if f is not None:
             f.close()
+    await renew()
     sep = "&" if "?" in location else "?"
     final = f"{location}{sep}{urlencode({'digest': blob.digest})}"
     response = await _send(http, "PUT", final, redact_url(location), {"Content-Length": "0"}, content=b"")

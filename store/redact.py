@@ -4,6 +4,11 @@ Keeps scheme, host, port and path. Drops userinfo, the fragment, and the value o
 every query parameter not on ``SAFE_QUERY_KEYS`` (names are kept so a reader can
 tell a signed URL from a plain one). Anything that reaches the catalog, the metadata
 card, a log line or an exception message goes through here first.
+
+Free text (:func:`redact_text`) also loses its control characters other than tab and
+newline, written as ``\\xNN``: a message may quote what a server sent (a registry's
+error text, a hub listing's file name), and an escape sequence in it must not reach
+the terminal that prints it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ _TOKEN_PATTERNS = [
     re.compile(r"(?i)bearer\s+[A-Za-z0-9._~+/=-]+"),
 ]
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
+# C0 controls but tab and newline, DEL, and the C1 controls (U+009B is a CSI on its own).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def redact_url(url: str) -> str:
@@ -66,4 +73,4 @@ def redact_text(text: str) -> str:
     text = _TOKEN_PATTERNS[0].sub("hf_" + REDACTED, text)
     text = _TOKEN_PATTERNS[1].sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
     text = _TOKEN_PATTERNS[2].sub("Bearer " + REDACTED, text)
-    return text
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)

@@ -340,7 +340,10 @@ def test_a_signed_pack_whose_file_url_is_a_registry_blob(cli: CLI, tmp_path: Pat
 
     r = cli.run("pull", url, "--no-daemon", check=False)
     assert r.returncode == 9 and "MODELFS_REGISTRY_USER" in r.stderr, r.stderr
-    r = cli.run("pull", url, "--no-daemon", "--json", env=CREDS)
+    # The pack names the registry, not the command: the environment's credentials go to it
+    # only when MODELFS_REGISTRY_HOST names it.
+    creds = {**CREDS, "MODELFS_REGISTRY_HOST": basic_registry.netloc}
+    r = cli.run("pull", url, "--no-daemon", "--json", env=creds)
     result = last_json(r)
     assert result["signed"] is True and result["name"] == "demo"
     assert blob(cli.root, sha256_hex(data)).read_bytes() == data
@@ -348,7 +351,7 @@ def test_a_signed_pack_whose_file_url_is_a_registry_blob(cli: CLI, tmp_path: Pat
     # before any byte moves.
     other = {**art, "url": f"oci+http://{basic_registry.netloc}/packs/demo@sha256:{'0' * 64}"}
     bad = pub.serve("bad.json", pub.envelope(pub.payload(2, [other])))
-    r = cli.run("pull", bad, "--no-daemon", check=False, env=CREDS)
+    r = cli.run("pull", bad, "--no-daemon", check=False, env=creds)
     assert r.returncode == 6 and "registry blob" in r.stderr, r.stderr
     secrets_absent([cli.root], [r.stdout, r.stderr], PASSWORD)
 
@@ -371,7 +374,7 @@ def test_a_recorded_registry_blob_is_fetched_again_with_the_owners_credentials_o
     digest = upload_blob(basic_registry, "lazy/blob", data, (USER, PASSWORD))
     rec = FileRecord("x.gguf", "weights", len(data), digest[7:],
                      url=f"oci+http://{basic_registry.netloc}/lazy/blob@{digest}")
-    for var, value in CREDS.items():
+    for var, value in {**CREDS, "MODELFS_REGISTRY_HOST": basic_registry.netloc}.items():
         monkeypatch.setenv(var, value)
     store = Store.open(tmp_path / "store")
     try:
@@ -431,7 +434,7 @@ def test_a_blob_redirected_to_storage_carries_no_credentials(tmp_path: Path, ori
 
     front = ThreadingHTTPServer(("127.0.0.1", 0), Front)
     threading.Thread(target=front.serve_forever, daemon=True).start()
-    for var, value in CREDS.items():
+    for var, value in {**CREDS, "MODELFS_REGISTRY_HOST": f"127.0.0.1:{front.server_address[1]}"}.items():
         monkeypatch.setenv(var, value)
     store = Store.open(tmp_path / "store")
     try:
