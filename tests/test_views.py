@@ -477,3 +477,29 @@ def test_the_owner_gets_the_fast_path_through_the_hub_view(world: World) -> None
             print(json.dumps([os.path.islink(sys.argv[1]), hashlib.sha256(f.read()).hexdigest()]))
     """, str(blob), as_nobody=True)
     assert seen == [False, q4]
+
+
+# -- attacks (review of the views) -----------------------------------------------------------------
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="!!! /dev/fuse is missing: CANNOT run !!!")
+@pytest.mark.skipif(os.geteuid() != 0, reason="!!! needs root to act as two users (setpriv) !!!")
+def test_one_callers_answer_for_a_name_is_never_served_from_the_kernels_cache_to_another(world: World) -> None:
+    """refs/main names a different commit for nobody (the private quant's newer commit is
+    hidden from it). nobody's answer used to be cached by the kernel for an hour, and the
+    owner's hf_hub_download then found main at the old commit, without the newer quant."""
+    repo = world.mnt / ".hf" / "hub" / "models--org--tiny-GGUF"
+    for _ in range(2):
+        assert world.py(LOOK, str(repo / "refs" / "main"), as_nobody=True) == {
+            str(repo / "refs" / "main"): A_COMMIT.encode().hex()}
+        assert (repo / "refs" / "main").read_bytes() == C_COMMIT.encode()
+        assert world.hf(("org/tiny-GGUF", "tiny-Q8_0.gguf", None))[0][1] == sha(world.files["tiny-Q8_0.gguf"])
+
+
+def test_every_candidate_of_a_name_that_differs_by_caller_has_a_zero_entry_timeout(ns):
+    # refs/main means one commit for ME and another for OTHER: OTHER's answer is as
+    # uncacheable as ME's, or the kernel serves it to ME for an hour.
+    for path in (f"{REPO_DIR}/refs/main",):
+        mine, theirs = walk(ns, path), walk(ns, path, OTHER)
+        assert mine.ino != theirs.ino, path
+        assert attr(mine).entry_timeout == attr(theirs).entry_timeout == 0, path
+    assert attr(walk(ns, ".lmstudio/org/tiny-GGUF/tiny-Q4_K_M.gguf", OTHER)).entry_timeout > 0  # one answer

@@ -589,7 +589,7 @@ def diff(old: Tree, new: Tree) -> Invalidation:
             if after.per_caller != before.per_caller:  # the kernel may hold it with a long timeout
                 parent = old.node(before.parent)
                 name = next((n for n, c in parent.children.items() if c == ino), None) if parent else None
-                if name is not None:  # else a view's later candidate: the first one's entry is never cached
+                if name is not None:  # else a later candidate of a view's name: a chain is never cached
                     entries.append((before.parent, name, Inode(0)))
             if before.is_dir:
                 for name, child in before.children.items():

@@ -346,16 +346,17 @@ class _Maker:
                 break
         alt = Inode(0)
         node: Node | None = None
+        chained = len(leaves) > 1  # the name's answer depends on the caller: never cached, any of them
         for lf in reversed(leaves):
-            node = self.leaf(lf, parent, alt)
+            node = self.leaf(lf, parent, alt, chained)
             alt = node.ino
         assert node is not None
         return node
 
-    def leaf(self, lf: _Leaf, parent: Inode, alt: Inode) -> Node:
+    def leaf(self, lf: _Leaf, parent: Inode, alt: Inode, chained: bool = False) -> Node:
         ino = self.ino("view", lf.kind, *lf.key)
         seen_by = frozenset(lf.seen_by)
-        per_caller = not self.everyone(seen_by)
+        per_caller = chained or not self.everyone(seen_by)
         twin = Inode(0)
         common: dict[str, Any] = dict(model=lf.model, version=lf.version, source=lf.source, seen_by=seen_by,
                                       per_caller=per_caller)
