@@ -29,7 +29,7 @@ import pytest
 
 from conftest import CLI, remove_tree, sha, thaw_tree, wait_for
 from ggufgen import write_mmproj, write_model
-from modelfs.mount.tree import Caller, ModelEntry, Namespace, Node, attr, diff
+from modelfs.mount.tree import Caller, ModelEntry, Namespace, Node, attr, diff, xattrs
 from modelfs.mount.views import HF_DIR, LMSTUDIO_DIR, VIEW_DIRS, Views, standin_commit
 from modelfs_store.catalog import FileRecord, ModelRecord, VersionRecord
 from modelfs_store.errors import NotFound, UsageError
@@ -51,8 +51,8 @@ def rec(name: str, n: int, hub_path: str | None = None, role: str = "weights") -
 
 
 def model(name: str, files: list[FileRecord], *, repo: str | None = None, commit: str | None = None,
-          installed: float = 1000.0, private: bool = False) -> ModelEntry:
-    card = {"source": f"hf://{repo}" if repo else f"import:{name}", "installed_at": installed,
+          installed: float = 1000.0, private: bool = False, source: str | None = None) -> ModelEntry:
+    card = {"source": source or (f"hf://{repo}" if repo else f"import:{name}"), "installed_at": installed,
             "created_at": installed, "hub_repo": repo, "hub_commit": commit}
     v = VersionRecord(name, 1, "installed", False, card, tuple(sorted(files, key=lambda f: f.filename)))
     m = ModelRecord(name, 1, None, "app.A" if private else None, "private" if private else "shared", 999.0, None)
@@ -496,10 +496,31 @@ def test_one_callers_answer_for_a_name_is_never_served_from_the_kernels_cache_to
 
 
 def test_every_candidate_of_a_name_that_differs_by_caller_has_a_zero_entry_timeout(ns):
-    # refs/main means one commit for ME and another for OTHER: OTHER's answer is as
-    # uncacheable as ME's, or the kernel serves it to ME for an hour.
-    for path in (f"{REPO_DIR}/refs/main",):
+    # refs/main means one commit for ME and another for OTHER, the shared LM Studio mmproj
+    # another model's file: OTHER's answer is as uncacheable as ME's, or the kernel serves
+    # it to ME for an hour.
+    for path in (f"{REPO_DIR}/refs/main", ".lmstudio/org/tiny-GGUF/mmproj-tiny-f16.gguf"):
         mine, theirs = walk(ns, path), walk(ns, path, OTHER)
         assert mine.ino != theirs.ino, path
         assert attr(mine).entry_timeout == attr(theirs).entry_timeout == 0, path
     assert attr(walk(ns, ".lmstudio/org/tiny-GGUF/tiny-Q4_K_M.gguf", OTHER)).entry_timeout > 0  # one answer
+
+
+def test_a_name_shared_with_a_hidden_model_tells_nothing_of_it(ns):
+    """A blob, a commit's refs/main or an LM Studio file that a hidden model shares with a
+    visible one is answered from the visible model: its xattrs (source, version) and the
+    model its opens and uses are counted for never name the hidden one."""
+    secret = model("a-secret", [PROJ, rec("secret-Q2_K.gguf", 7, "secret-Q2_K.gguf")], repo="org/tiny-GGUF",
+                   commit=A_COMMIT, installed=3000.0, private=True,
+                   source="hf://org/tiny-GGUF/secret-Q2_K.gguf")
+    secret = ModelEntry(replace(secret.model, active_version=7), (replace(secret.versions[0], version=7),))
+    ns.replace((*ns.tree.entries.values(), secret))
+    for path in (f"{REPO_DIR}/blobs/{h(3)}", f"{REPO_DIR}/refs/main", ".lmstudio/org/tiny-GGUF/mmproj-tiny-f16.gguf",
+                 f"{REPO_DIR}/snapshots/{A_COMMIT}/mmproj-tiny-f16.gguf"):
+        node = walk(ns, path, OTHER)
+        assert node.model == "tiny-q4" and node.version == 1, path
+        got = xattrs(node, lambda sha: "local")
+        assert b"secret" not in b"".join(got.values()) and got.get("user.modelfs.version", b"1") == b"1", path
+        assert node.seen_by == {"tiny-q4"}, path  # only the model it shows
+    assert walk(ns, f"{REPO_DIR}/blobs/{h(3)}").model == "a-secret"  # the owner's preferred one (by name)
+    assert ls(ns, f"{REPO_DIR}/snapshots/{A_COMMIT}", OTHER) == ["mmproj-tiny-f16.gguf", "tiny-Q4_K_M.gguf"]

@@ -22,12 +22,15 @@ the caller may see.
 Visibility. Every node of a view carries the models it shows (``Node.seen_by``); the
 caller sees it if it may see any of them (``tree.Namespace`` asks on lookup, listing,
 open and readlink). A node some caller may not see has a zero entry timeout, like a
-private model's directory. When one name means different bytes for different models (two
-commits of one LM Studio file, ``refs/main`` of a repository whose models were pinned at
-different commits), the name's candidates are chained (``Node.alt``), best first, and the
-caller gets the first it may see: a hidden model's bytes, commit or name never show.
+private model's directory. A file, link or ``refs/main`` is one model's: when several
+models offer one name (two commits of one LM Studio file, ``refs/main`` of a repository
+whose models were pinned at different commits, a blob two quants share), each model's
+node is a candidate, the candidates are chained (``Node.alt``), best first, and the
+caller gets the first it may see: a hidden model's bytes, commit, name, version or
+source (``user.modelfs.*``) never show. A chain stops at the first candidate everyone
+sees; every node of a longer chain has a zero entry timeout (its answer is per caller).
 
-Files here are inodes of their own (keyed by view, place and SHA-256), with the model's
+Files here are inodes of their own (keyed by view, place, SHA-256 and model), with the model's
 file record: opening one materialises it exactly as the model's own file does, and with
 the fast path the owner gets it as a link to the blob. The two dot-directories are found
 by lookup only; the root's listing stays the list of models.
@@ -272,17 +275,17 @@ def _add_hf(repo: _Dir, folder: str, name: str, v: VersionRecord, hub: HubFiles)
     leaf = _leaf_maker(name, v)
     refs, blobs, snaps = repo.sub("refs"), repo.sub("blobs"), repo.sub("snapshots")
     assert refs is not None and blobs is not None and snaps is not None  # only directories at this level
-    refs.leaf("main", leaf(("ref", folder, hub.commit), "card", _newest(name, v), data=hub.commit.encode()))
+    refs.leaf("main", leaf(("ref", folder, hub.commit, name), "card", _newest(name, v), data=hub.commit.encode()))
     snap = snaps.sub(hub.commit)
     for parts, f in hub.files:
         # the first model with a source URL serves the fetch
-        blobs.leaf(f.sha256, leaf(("blob", folder, f.sha256), "file", (f.url is None, name), file=f))
+        blobs.leaf(f.sha256, leaf(("blob", folder, f.sha256, name), "file", (f.url is None, name), file=f))
         d = snap
         for part in parts[:-1]:
             d = d.sub(part) if d is not None else None
         if d is not None:
             target = posixpath.join(*([".."] * (len(parts) + 1)), "blobs", f.sha256)
-            d.leaf(parts[-1], leaf(("snap", folder, hub.commit, parts, f.sha256), "symlink", (name,), target=target))
+            d.leaf(parts[-1], leaf(("snap", folder, hub.commit, parts, f.sha256, name), "symlink", (name,), target=target))
 
 
 def _add_lms(d: _Dir, place: tuple[str, ...], name: str, v: VersionRecord) -> None:
@@ -294,7 +297,7 @@ def _add_lms(d: _Dir, place: tuple[str, ...], name: str, v: VersionRecord) -> No
         for part in dirs:
             here = here.sub(part) if here is not None else None
         if here is not None:
-            here.leaf(base, leaf(("lms", *place, f.filename, f.sha256), "file", _newest(name, v), file=f))
+            here.leaf(base, leaf(("lms", *place, f.filename, f.sha256, name), "file", _newest(name, v), file=f))
 
 
 class _Maker:
