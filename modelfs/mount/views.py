@@ -313,30 +313,48 @@ class _Maker:
 
     def dir(self, d: _Dir, key: tuple[Any, ...], parent: Inode, ino: Inode, *, public: bool = False,
             extra: Mapping[str, Node] | None = None) -> Node:
+        """A directory's attributes are one inode's, the same for every caller, so they
+        count only what every caller sees: its mtime is the newest of those children, its
+        nlink 2 + subdirectories, or 1 ("not counted", as btrfs and find understand it)
+        when a subdirectory is not everyone's. Hidden commits, repositories or install
+        times never show in a ``stat``."""
         children: dict[str, Inode] = {}
         seen: set[str] = set()
-        mtimes = [0]
+        mtimes, shown = [0], [0]  # of every child; of those every caller sees
         subdirs = 0
+        counted = True
         for name, child in (extra or {}).items():
             children[name] = child.ino
             subdirs += 1
+            counted &= not child.per_caller
             seen |= child.seen_by
             mtimes.append(child.mtime_ns)
+            if not child.per_caller:
+                shown.append(child.mtime_ns)
         for name, value in d.items():
             if isinstance(value, _Dir):
                 c = self.dir(value, (*key, name), ino, self.ino("view-dir", *key, name))
                 subdirs += 1
+                counted &= not c.per_caller
+                if not c.per_caller:
+                    shown.append(c.mtime_ns)
             else:
                 c = self.candidates(sorted(value.values(), key=lambda x: x.rank), ino)
                 for lf in value.values():
                     seen |= lf.seen_by
+                    if self.everyone(lf.seen_by):
+                        shown.append(lf.mtime)
             children[name] = c.ino
             seen |= c.seen_by
             mtimes.append(c.mtime_ns)
         seen_by = frozenset() if public else frozenset(seen)
-        node = Node(ino, parent, "dir", 0, max(mtimes) or self.mtime, nlink=2 + subdirs,
+        everyones = len(shown) > 1  # a child every caller sees: so does everyone see this directory
+        # A directory only some callers see shows its newest child to them (two private
+        # models of different apps in one repository share it: docs/security.md).
+        mtime = max(shown if everyones or public else mtimes) or self.mtime
+        node = Node(ino, parent, "dir", 0, mtime, nlink=2 + subdirs if counted else 1,
                     children=dict(sorted(children.items())), seen_by=seen_by,
-                    per_caller=bool(seen_by) and not self.everyone(seen_by))
+                    per_caller=bool(seen_by) and not everyones)
         self.out.append(node)
         return node
 
