@@ -16,6 +16,7 @@ import errno
 import hashlib
 import json
 import os
+import posixpath
 import subprocess
 import sys
 import tempfile
@@ -545,3 +546,56 @@ def test_a_directorys_stat_counts_only_what_every_caller_sees(ns):
     assert attr(walk(ns, ".lmstudio/org", OTHER)).entry_timeout > 0  # every caller sees it alike
     secret = attr(walk(ns, ".hf/hub/models--org--secret-GGUF"))
     assert secret.entry_timeout == 0 and secret.mtime_ns == int(3000.0 * 1e9)  # only for whoever sees it
+
+
+def _every_name(ns: Namespace, ino: int, path: str, depth: int = 0) -> Iterator[tuple[str, str, Node]]:
+    assert depth < 16, path
+    for name, node in ns.listing(ino, ME):
+        yield path, name, node
+        if node.is_dir:
+            yield from _every_name(ns, node.ino, f"{path}/{name}", depth + 1)
+
+
+def test_a_hand_written_catalog_never_puts_a_bad_name_or_an_escaping_link_in_a_view():
+    """The catalog is the owner's, but one written by hand or by an old version must not
+    make a view offer '..', '' or a '/' in a name (the kernel fails a whole readdir on
+    some), a snapshot link that climbs out of its repository, or break the build (the
+    daemon would keep an old tree): such files are left out of the views."""
+    repos = ["../../etc", "org/../x", "a--b/c", "org/re\0po", "o" * 200 + "/r", "orgé/repo", "a/b/c", 123, None,
+             "org/", "/repo", ".hf/x", "-org/x"]
+    paths = ["../x.gguf", "/abs.gguf", "a//b.gguf", "", "x\0.gguf", ".", "a/./b.gguf", "p" * 300 + ".gguf",
+             "a\\b.gguf", None, 5]
+    models = [model(f"m{i}-{j}", [rec(f"f{i}-{j}.gguf", 100 * i + j, p)], repo=r, commit="../" * 13 + "x")
+              for i, r in enumerate(repos) for j, p in enumerate(paths)]
+    for j, fn in enumerate(["../up.gguf", "a//b.gguf", "/abs.gguf", "x/../../y.gguf", ".", "", "a/", "x\0y"]):
+        models.append(model(f"weird{j}", [rec(fn, 5000 + j, "ok.gguf")], repo="org/weird"))
+    for j, digest in enumerate(["/../../../../etc/passwd", "../" * 30, "A" * 64, "", "g" * 64]):
+        models.append(model(f"badsha{j}", [replace(rec("w.gguf", 6000 + j, "w.gguf"), sha256=digest)],
+                            repo="org/badsha", commit=A_COMMIT))
+    models.append(model("empty-secret", [], private=True))  # an installed version with no file
+    n = Namespace(HideFromOther(), Linker(), Views())
+    n.replace(tuple(models))
+    seen = [*_every_name(n, walk(n, ".hf").ino, ".hf"), *_every_name(n, walk(n, ".lmstudio").ino, ".lmstudio")]
+    assert len(seen) > 20
+    for path, name, node in seen:
+        assert name not in ("", ".", "..") and "/" not in name and "\0" not in name, (path, name)
+        if node.kind == "symlink":
+            repo = "/".join(path.split("/")[:3])
+            assert posixpath.normpath(f"{path}/{node.target}").startswith(f"{repo}/blobs/"), (path, node.target)
+    assert ls(n, ".hf/hub") == ["models--org--weird"]  # the one valid repository id with valid paths and digests
+    assert ls(n, ".lmstudio") == ["modelfs"] and "empty-secret" not in ls(n, ".lmstudio/modelfs")
+    assert ls(n, ".lmstudio/modelfs", OTHER) == sorted(m.model.name for m in models if m.model.name.startswith("m"))
+    assert ls(n, ".lmstudio/modelfs/m0-0") == ["f0-0.gguf"]  # its filename is fine: shown there
+    assert "a" in ls(n, "weird1")  # the model's own directory is the tree's business (unchanged)
+
+
+class Linker:
+    """A link chooser that offers no link: only its target (the store's check of a digest) matters."""
+    enabled = True
+
+    def target(self, f: FileRecord) -> str:
+        from modelfs_store.layout import check_sha256
+        return "/store/" + check_sha256(f.sha256)
+
+    def for_caller(self, caller: Caller) -> Callable[[Node], bool]:
+        return lambda node: False

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -81,6 +82,8 @@ CARD_NAME = "model.json"
 VERSIONS_DIR = ".versions"
 XATTR_PREFIX = "user.modelfs."
 XATTRS = ("sha256", "state", "version", "source")
+
+DIGEST = re.compile(r"[0-9a-f]{64}")
 
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
@@ -506,7 +509,7 @@ class _Subtree:
         mtime = _ns(v.card.get("installed_at") or v.card.get("created_at"))
         source = redacted(v.card.get("source"))
         twin = Inode(0)
-        if self.link_target is not None:
+        if self.link_target is not None and is_digest(rec.sha256):  # a hand-written row: no link, no failed build
             twin = self.ino("link", self.name, v.version, rec.filename, rec.sha256)
             target = self.link_target(rec)
             self.out.append(Node(twin, self.parents[i], "link", len(target.encode()), mtime, nlink=self.links[i],
@@ -514,6 +517,11 @@ class _Subtree:
                                  target=target))
         self.out.append(Node(i, self.parents[i], "file", rec.size, mtime, nlink=self.links[i], model=self.name,
                              version=v.version, file=rec, source=source, twin=twin))
+
+
+def is_digest(text: object) -> bool:
+    """A SHA-256 as the store names blobs (64 lowercase hex digits)."""
+    return isinstance(text, str) and DIGEST.fullmatch(text) is not None
 
 
 def redacted(text: Any) -> str | None:

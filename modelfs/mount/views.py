@@ -50,7 +50,7 @@ from typing import Any
 from modelfs_store.catalog import FileRecord, ModelRecord, VersionRecord
 from modelfs_store.names import RESERVED_MODEL_NAMES, filename_problem
 
-from .tree import ROOT_INODE, Inode, InodeMap, ModelEntry, Node, redacted
+from .tree import ROOT_INODE, Inode, InodeMap, ModelEntry, Node, is_digest, redacted
 
 HF_DIR = ".hf"
 HUB_DIR = "hub"
@@ -113,7 +113,7 @@ def hub_files(v: VersionRecord) -> HubFiles | None:
     parts = repo_parts(v.card.get("hub_repo"))
     if parts is None:
         return None
-    files = [(tuple(p), f) for f in v.files if (p := hub_path_parts(f.hub_path)) is not None]
+    files = [(tuple(p), f) for f in v.files if (p := hub_path_parts(f.hub_path)) is not None and is_digest(f.sha256)]
     if not files:
         return None
     commit = v.card.get("hub_commit")
@@ -226,6 +226,8 @@ class Views:
                         _add_hf(d, gid[1], n, v, hub)
                     else:
                         _add_lms(d, gid[1:], n, v)
+                if not d:
+                    continue  # no file passed: no directory (an empty one would show to every caller)
                 parent = hub_ino if gid[0] == "hf" else inodes("view-dir", "lms", gid[1])
                 root = maker.dir(d, gid, parent, inodes("view-dir", *gid))
                 hit = (key, root, tuple(maker.out))
@@ -292,7 +294,10 @@ def _add_lms(d: _Dir, place: tuple[str, ...], name: str, v: VersionRecord) -> No
     """One model's files in its LM Studio ``publisher/repo`` directory."""
     leaf = _leaf_maker(name, v)
     for f in v.files:
-        *dirs, base = f.filename.split("/")
+        parts = hub_path_parts(f.filename)
+        if parts is None or not is_digest(f.sha256):
+            continue  # a catalog written by hand: never a '..', '' or '/' in a name
+        *dirs, base = parts
         here: _Dir | None = d
         for part in dirs:
             here = here.sub(part) if here is not None else None
