@@ -287,7 +287,8 @@ def _add_hf(repo: _Dir, folder: str, name: str, v: VersionRecord, hub: HubFiles)
             d = d.sub(part) if d is not None else None
         if d is not None:
             target = posixpath.join(*([".."] * (len(parts) + 1)), "blobs", f.sha256)
-            d.leaf(parts[-1], leaf(("snap", folder, hub.commit, parts, f.sha256, name), "symlink", (name,), target=target))
+            d.leaf(parts[-1], leaf(("snap", folder, hub.commit, parts, f.sha256, name), "symlink", (name,),
+                                   target=target))
 
 
 def _add_lms(d: _Dir, place: tuple[str, ...], name: str, v: VersionRecord) -> None:
