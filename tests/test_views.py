@@ -599,3 +599,63 @@ class Linker:
 
     def for_caller(self, caller: Caller) -> Callable[[Node], bool]:
         return lambda node: False
+
+
+CHURN = """
+    import errno, json, os, sys, time
+    paths, held = sys.argv[2:], open(sys.argv[1], "rb")
+    first = held.read(4)
+    def look():
+        out = {}
+        for p in paths:
+            try:
+                os.lstat(p)  # existence alone: answered from the kernel's cache if it holds the entry
+                out[p] = sorted(os.listdir(p)) if os.path.isdir(p) else len(open(p, "rb").read())
+            except OSError as exc:
+                out[p] = errno.errorcode[exc.errno]
+        return out
+    before = look()  # cached by the kernel now: these entries are the same for every caller
+    print(json.dumps(before), flush=True)
+    sys.stdin.readline()  # the owner makes the model private
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(v != "ENOENT" for v in look().values()):
+        time.sleep(0.05)
+    after = {}
+    for p in paths:
+        try:
+            os.lstat(p)
+            after[p] = "exists"
+        except OSError as exc:
+            after[p] = errno.errorcode[exc.errno]
+    print(json.dumps([after, first.hex(), len(first + held.read())]), flush=True)
+"""
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="!!! /dev/fuse is missing: CANNOT run !!!")
+@pytest.mark.skipif(os.geteuid() != 0, reason="!!! needs root to act as two users (setpriv) !!!")
+def test_a_model_made_private_leaves_every_view_of_another_uid_that_had_it_cached(world: World) -> None:
+    """nobody reads the shared quant through every view (the kernel caches those entries for
+    an hour), then it becomes private: every name is ENOENT for nobody within the poll,
+    and a file nobody already had open keeps reading, as in the model's own directory."""
+    hub = world.mnt / ".hf" / "hub" / "models--org--tiny-GGUF"
+    q4, proj = (sha(world.files[n]) for n in ("tiny-Q4_K_M.gguf", "mmproj-tiny-f16.gguf"))
+    gone = [hub / "blobs" / q4, hub / "snapshots" / A_COMMIT / "tiny-Q4_K_M.gguf", hub / "refs" / "main",
+            hub / "snapshots" / A_COMMIT, hub, world.mnt / ".lmstudio" / "org" / "tiny-GGUF",
+            world.mnt / ".lmstudio" / "org" / "tiny-GGUF" / "tiny-Q4_K_M.gguf", world.mnt / "tiny-q4"]
+    argv = [*SETPRIV, sys.executable, "-c", textwrap.dedent(CHURN), str(hub / "blobs" / proj), *map(str, gone)]
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert p.stdout is not None and p.stdin is not None
+        before = json.loads(p.stdout.readline())
+        assert before[str(hub / "blobs" / q4)] == len(world.files["tiny-Q4_K_M.gguf"])
+        assert before[str(hub / "refs" / "main")] == 40 and "ENOENT" not in before.values()
+        world.cli.run("visibility", "tiny-q4", "private", "--app", APP)
+        p.stdin.write("\n")
+        p.stdin.flush()
+        after, first, total = json.loads(p.stdout.readline())
+    finally:
+        p.kill()
+        p.wait()
+    assert after == {str(path): "ENOENT" for path in gone}
+    assert (bytes.fromhex(first), total) == (b"GGUF", len(world.files["mmproj-tiny-f16.gguf"]))  # held open: reads on
