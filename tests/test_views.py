@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import os
 import posixpath
 import subprocess
@@ -441,6 +442,11 @@ def test_a_dehydrated_file_opened_through_a_view_is_fetched_and_verified(tmp_pat
             blob = mnt / ".hf" / "hub" / "models--org--lazy-GGUF" / "blobs" / sha(good)
             assert os.stat(blob).st_size == len(good)  # exact before any byte is local
             assert os.getxattr(blob, "user.modelfs.state") == b"dehydrated"
+            # An mmap of a dehydrated file through a view: open returns once it is verified.
+            with open(mnt / ".lmstudio" / "org" / "lazy-GGUF" / "lazy-Q4_K_M.gguf", "rb") as f, \
+                    mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+                assert hashlib.sha256(mapped).hexdigest() == sha(good)
+            assert os.getxattr(blob, "user.modelfs.state") == b"local"
             got = World(tmp_path, origin, None)
             got.mount = mount
             [[path, digest]] = got.hf(("org/lazy-GGUF", "lazy-Q4_K_M.gguf", None))
