@@ -665,3 +665,17 @@ def test_a_model_made_private_leaves_every_view_of_another_uid_that_had_it_cache
         p.wait()
     assert after == {str(path): "ENOENT" for path in gone}
     assert (bytes.fromhex(first), total) == (b"GGUF", len(world.files["mmproj-tiny-f16.gguf"]))  # held open: reads on
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="!!! /dev/fuse is missing: CANNOT run !!!")
+@pytest.mark.skipif(os.geteuid() != 0, reason="!!! needs root to act as two users (setpriv) !!!")
+def test_statfs_counts_only_the_models_the_caller_sees(world: World) -> None:
+    """df of the mount used to count every model and every view node: nobody learnt the
+    size of the private models, and saw a private pull grow it."""
+    size = {n: len(b) for n, b in world.files.items()}
+    probe = "import json, os, sys; s = os.statvfs(sys.argv[1]); print(json.dumps([s.f_blocks, s.f_files]))"
+    mine, theirs = world.py(probe, str(world.mnt)), world.py(probe, str(world.mnt), as_nobody=True)
+    assert mine[0] == -(-sum(size.values()) // 4096)  # every model's files, once
+    assert theirs[0] == -(-(size["tiny-Q4_K_M.gguf"] + size["mmproj-tiny-f16.gguf"]) // 4096)
+    assert 0 < theirs[1] < mine[1]

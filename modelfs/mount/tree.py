@@ -717,6 +717,20 @@ class Namespace:
             raise NotFound("no such link for this caller", inode=ino)  # it was never answered to it
         return node.target
 
+    def usage(self, caller: Caller) -> tuple[int, int]:
+        """The bytes and inodes ``statfs`` reports to ``caller``: those of the models it
+        may see (a private pull's size must not show in another caller's ``df``). The
+        views show the same files again and are not counted."""
+        t = self.tree
+        size, count = t.total_bytes, len(t.nodes)
+        allows = self.visibility.for_caller(caller)
+        for name, e in t.entries.items():
+            if not allows(e.model):
+                sub = t.subtrees.get(name, ())
+                size -= sum(n.size for n in sub if n.kind == "file")
+                count -= len(sub)
+        return size, count
+
     def names_of(self, ino: int) -> list[tuple[Inode, str]]:
         """Every (directory, name) under which the current tree shows ``ino``."""
         node = self.tree.node(Inode(ino))
