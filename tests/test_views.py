@@ -679,3 +679,14 @@ def test_statfs_counts_only_the_models_the_caller_sees(world: World) -> None:
     assert mine[0] == -(-sum(size.values()) // 4096)  # every model's files, once
     assert theirs[0] == -(-(size["tiny-Q4_K_M.gguf"] + size["mmproj-tiny-f16.gguf"]) // 4096)
     assert 0 < theirs[1] < mine[1]
+
+
+def test_the_roots_stat_tells_nothing_of_private_models(ns):
+    """The root's nlink counted every model (6 for OTHER, who sees three) and its mtime was
+    the private quant's install time."""
+    for who in (ME, OTHER):
+        root = attr(walk(ns, "", who))
+        assert (root.nlink, root.mtime_ns) == (1, int(1000.0 * 1e9))
+    shared = Namespace(HideFromOther(), views=Views())
+    shared.replace(tuple(e for e in ns.tree.entries.values() if e.model.visibility != "private"))
+    assert attr(shared.tree.root).nlink == 2 + 3  # every model everyone's: counted exactly

@@ -381,6 +381,7 @@ def build(snapshot: Snapshot, inodes: InodeMap, previous: Tree = EMPTY, *,
     subtrees: dict[str, tuple[Node, ...]] = {}
     top: dict[str, Inode] = {}
     mtime = 0
+    counted = True
     total = 0
     for entry in sorted(snapshot, key=lambda e: e.model.name):
         name = entry.model.name
@@ -394,12 +395,19 @@ def build(snapshot: Snapshot, inodes: InodeMap, previous: Tree = EMPTY, *,
         for n in sub:
             nodes[n.ino] = n
         top[name] = sub[0].ino
-        mtime = max(mtime, sub[0].mtime_ns)
+        if per_caller:
+            counted = False
+        else:
+            mtime = max(mtime, sub[0].mtime_ns)
         total += sum(n.size for n in sub if n.kind == "file")
-    if not snapshot:
+    # The root's attributes are the same for every caller: only the models every caller
+    # sees count (nlink 1, "not counted", when some model is not everyone's), so a stat
+    # of the root tells no one how many private models there are, or when one came.
+    if not mtime:
         mtime = int((now if now is not None else time.time()) * 1e9) if previous is EMPTY \
             else previous.root.mtime_ns
-    nodes[ROOT_INODE] = Node(ROOT_INODE, ROOT_INODE, "dir", 0, mtime, nlink=2 + len(top), children=top)
+    nodes[ROOT_INODE] = Node(ROOT_INODE, ROOT_INODE, "dir", 0, mtime, nlink=2 + len(top) if counted else 1,
+                             children=top)
     hidden: Mapping[str, Inode] = {}
     view_nodes: Mapping[Inode, Node] = {}
     view_key = None
