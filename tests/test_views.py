@@ -646,9 +646,9 @@ def test_a_model_made_private_leaves_every_view_of_another_uid_that_had_it_cache
     and a file nobody already had open keeps reading, as in the model's own directory."""
     hub = world.mnt / ".hf" / "hub" / "models--org--tiny-GGUF"
     q4, proj = (sha(world.files[n]) for n in ("tiny-Q4_K_M.gguf", "mmproj-tiny-f16.gguf"))
+    lms = world.mnt / ".lmstudio" / "org"
     gone = [hub / "blobs" / q4, hub / "snapshots" / A_COMMIT / "tiny-Q4_K_M.gguf", hub / "refs" / "main",
-            hub / "snapshots" / A_COMMIT, hub, world.mnt / ".lmstudio" / "org",
-            world.mnt / ".lmstudio" / "org" / "tiny-GGUF", world.mnt / ".lmstudio" / "org" / "tiny-GGUF" / "tiny-Q4_K_M.gguf",
+            hub / "snapshots" / A_COMMIT, hub, lms, lms / "tiny-GGUF", lms / "tiny-GGUF" / "tiny-Q4_K_M.gguf",
             world.mnt / "tiny-q4"]
     argv = [*SETPRIV, sys.executable, "-c", textwrap.dedent(CHURN), str(hub / "blobs" / proj), *map(str, gone)]
     p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
