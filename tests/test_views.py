@@ -222,6 +222,9 @@ def test_view_names_are_reserved_and_win_over_an_old_model_of_that_name():
     n.replace((model(".hf", [rec("x.gguf", 1)]),))  # a catalog from before the rule
     assert walk(n, ".hf").ino != n.tree.root.children[".hf"]
     assert ls(n, ".hf") == ["hub"]
+    # ...in listings too: readdirplus would hand the kernel the model's directory under the
+    # view's name, and the next path walk through that cached entry would miss the view.
+    assert ls(n, "") == []
 
 
 # -- through a real mount --------------------------------------------------------------------------

@@ -701,8 +701,9 @@ class Namespace:
         out = [(name, self.tree.nodes.get(c) or self.get(c)) for name, c in d.children.items()]
         if d.ino == ROOT_INODE:
             allows = self.visibility.for_caller(caller)
-            entries = self.tree.entries
-            out = [(n, c) for n, c in out if (e := entries.get(c.model or "")) is None or allows(e.model)]
+            entries, hidden = self.tree.entries, self.tree.hidden
+            out = [(n, c) for n, c in out if n not in hidden  # a view shadows an old model of its name
+                   and ((e := entries.get(c.model or "")) is None or allows(e.model))]
         elif any(c.seen_by for _, c in out):
             allows = self.visibility.for_caller(caller)
             out = [(n, chosen) for n, c in out
