@@ -400,9 +400,10 @@ def build(snapshot: Snapshot, inodes: InodeMap, previous: Tree = EMPTY, *,
         else:
             mtime = max(mtime, sub[0].mtime_ns)
         total += sum(n.size for n in sub if n.kind == "file")
-    # The root's attributes are the same for every caller: only the models every caller
-    # sees count (nlink 1, "not counted", when some model is not everyone's), so a stat
-    # of the root tells no one how many private models there are, or when one came.
+    # The root's attributes are the same for every caller, so only the models every
+    # caller sees count: its mtime is the newest of them, and its nlink 1 ("not counted",
+    # as on btrfs: find then looks at every entry) unless every model is everyone's, so a
+    # stat of the root tells no one how many private models there are, or when one came.
     if not mtime:
         mtime = int((now if now is not None else time.time()) * 1e9) if previous is EMPTY \
             else previous.root.mtime_ns

@@ -320,19 +320,15 @@ class _Maker:
     def dir(self, d: _Dir, key: tuple[Any, ...], parent: Inode, ino: Inode, *, public: bool = False,
             extra: Mapping[str, Node] | None = None) -> Node:
         """A directory's attributes are one inode's, the same for every caller, so they
-        count only what every caller sees: its mtime is the newest of those children, its
-        nlink 2 + subdirectories, or 1 ("not counted", as btrfs and find understand it)
-        when a subdirectory is not everyone's. Hidden commits, repositories or install
-        times never show in a ``stat``."""
+        tell nothing of what some caller may not see: its mtime is the newest of the
+        children every caller sees, and its nlink always 1 ("not counted", as on btrfs:
+        find then looks at every entry; a count, or whether it is exact, would say that
+        a repository has a commit or a file hidden from the caller)."""
         children: dict[str, Inode] = {}
         seen: set[str] = set()
         mtimes, shown = [0], [0]  # of every child; of those every caller sees
-        subdirs = 0
-        counted = True
         for name, child in (extra or {}).items():
             children[name] = child.ino
-            subdirs += 1
-            counted &= not child.per_caller
             seen |= child.seen_by
             mtimes.append(child.mtime_ns)
             if not child.per_caller:
@@ -340,8 +336,6 @@ class _Maker:
         for name, value in d.items():
             if isinstance(value, _Dir):
                 c = self.dir(value, (*key, name), ino, self.ino("view-dir", *key, name))
-                subdirs += 1
-                counted &= not c.per_caller
                 if not c.per_caller:
                     shown.append(c.mtime_ns)
             else:
@@ -358,7 +352,7 @@ class _Maker:
         # A directory only some callers see shows its newest child to them (two private
         # models of different apps in one repository share it: docs/security.md).
         mtime = max(shown if everyones or public else mtimes) or self.mtime
-        node = Node(ino, parent, "dir", 0, mtime, nlink=2 + subdirs if counted else 1,
+        node = Node(ino, parent, "dir", 0, mtime, nlink=1,
                     children=dict(sorted(children.items())), seen_by=seen_by,
                     per_caller=bool(seen_by) and not everyones)
         self.out.append(node)
