@@ -692,3 +692,36 @@ def test_the_roots_stat_tells_nothing_of_private_models(ns):
     shared = Namespace(HideFromOther(), views=Views())
     shared.replace(tuple(e for e in ns.tree.entries.values() if e.model.visibility != "private"))
     assert attr(shared.tree.root).nlink == 2 + 3  # every model everyone's: counted exactly
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="!!! /dev/fuse is missing: CANNOT run !!!")
+def test_a_hand_edited_catalog_row_neither_stops_the_mount_nor_reaches_a_view(tmp_path: Path, cli: CLI) -> None:
+    """A file row whose sha256 is not a digest (a catalog edited by hand): the fast path's
+    link target refused it, so the whole tree failed to build and `mount --links auto`
+    exited. Now that file has no link and is in no view; everything else is served."""
+    import sqlite3
+
+    from test_mount import Mount
+
+    good = write_model(tmp_path / "good.gguf", name="good", tensor_bytes=8 << 10, seed=11)
+    bad = write_model(tmp_path / "bad.gguf", name="bad", tensor_bytes=8 << 10, seed=12)
+    cli.run("import", "good", str(good))
+    cli.run("import", "bad", str(bad))
+    with sqlite3.connect(cli.root / "catalog.db") as db:
+        db.execute("UPDATE versions SET hub_repo = 'org/bad-GGUF', hub_commit = ? WHERE model = 'bad'", (A_COMMIT,))
+        db.execute("UPDATE files SET sha256 = '/../../../../etc/passwd', hub_path = 'bad.gguf', "
+                   "filename = '../bad.gguf' WHERE model = 'bad'")
+        db.execute("UPDATE versions SET hub_repo = 'org/good-GGUF' WHERE model = 'good'")
+        db.execute("UPDATE files SET hub_path = 'good.gguf' WHERE model = 'good'")
+    mount = Mount(cli, tmp_path / "mnt", "--links", "auto")
+    try:
+        mnt = mount.path
+        assert sorted(os.listdir(mnt)) == ["bad", "good"]
+        assert os.listdir(mnt / ".hf" / "hub") == ["models--org--good-GGUF"]
+        assert os.listdir(mnt / ".lmstudio" / "org") == ["good-GGUF"]
+        assert not (mnt / ".lmstudio" / "modelfs").exists()
+        assert (mnt / ".lmstudio" / "org" / "good-GGUF" / "good.gguf").read_bytes() == good.read_bytes()
+        assert mount.proc.poll() is None
+    finally:
+        mount.stop()
