@@ -506,14 +506,16 @@ def test_one_callers_answer_for_a_name_is_never_served_from_the_kernels_cache_to
 
 
 def test_every_candidate_of_a_name_that_differs_by_caller_has_a_zero_entry_timeout(ns):
-    # refs/main means one commit for ME and another for OTHER, the shared LM Studio mmproj
-    # another model's file: OTHER's answer is as uncacheable as ME's, or the kernel serves
-    # it to ME for an hour.
-    for path in (f"{REPO_DIR}/refs/main", ".lmstudio/org/tiny-GGUF/mmproj-tiny-f16.gguf"):
-        mine, theirs = walk(ns, path), walk(ns, path, OTHER)
-        assert mine.ino != theirs.ino, path
-        assert attr(mine).entry_timeout == attr(theirs).entry_timeout == 0, path
+    # refs/main means one commit for ME and another for OTHER: OTHER's answer is as
+    # uncacheable as ME's, or the kernel serves it to ME for an hour.
+    mine, theirs = walk(ns, f"{REPO_DIR}/refs/main"), walk(ns, f"{REPO_DIR}/refs/main", OTHER)
+    assert mine.data != theirs.data
+    assert attr(mine).entry_timeout == attr(theirs).entry_timeout == 0
     assert attr(walk(ns, ".lmstudio/org/tiny-GGUF/tiny-Q4_K_M.gguf", OTHER)).entry_timeout > 0  # one answer
+    # The same bytes offered by a private and a shared model: one node, the shared one's, cached.
+    for path in (".lmstudio/org/tiny-GGUF/mmproj-tiny-f16.gguf", f"{REPO_DIR}/blobs/{h(3)}"):
+        mine, theirs = walk(ns, path), walk(ns, path, OTHER)
+        assert mine is theirs and mine.model == "tiny-q4" and not mine.alt and attr(mine).entry_timeout > 0, path
 
 
 def test_a_name_shared_with_a_hidden_model_tells_nothing_of_it(ns):
@@ -532,7 +534,7 @@ def test_a_name_shared_with_a_hidden_model_tells_nothing_of_it(ns):
         got = xattrs(node, lambda sha: "local")
         assert b"secret" not in b"".join(got.values()) and got.get("user.modelfs.version", b"1") == b"1", path
         assert node.seen_by == {"tiny-q4"}, path  # only the model it shows
-    assert walk(ns, f"{REPO_DIR}/blobs/{h(3)}").model == "a-secret"  # the owner's preferred one (by name)
+    assert walk(ns, f"{REPO_DIR}/blobs/{h(3)}").model == "tiny-q4"  # the same bytes: everyone's node first
     assert ls(ns, f"{REPO_DIR}/snapshots/{A_COMMIT}", OTHER) == ["mmproj-tiny-f16.gguf", "tiny-Q4_K_M.gguf"]
 
 

@@ -306,6 +306,10 @@ def _add_lms(d: _Dir, place: tuple[str, ...], name: str, v: VersionRecord) -> No
             here.leaf(base, leaf(("lms", *place, f.filename, f.sha256, name), "file", _newest(name, v), file=f))
 
 
+def _content(lf: _Leaf) -> tuple[Any, ...]:
+    return (lf.kind, lf.file.sha256 if lf.file is not None else None, lf.data, lf.target)
+
+
 class _Maker:
     """Turns the described directories into nodes, children before their parents."""
 
@@ -360,7 +364,14 @@ class _Maker:
 
     def candidates(self, leaves: list[_Leaf], parent: Inode) -> Node:
         """The nodes of one name, best first, each pointing to the next (``alt``); a
-        candidate every caller sees ends the chain. Returns the first."""
+        candidate every caller sees ends the chain. Returns the first.
+
+        When every candidate shows the same bytes (a blob or a file several quants
+        share), one every caller sees goes first (a fetchable one before one with no
+        URL): the name then has one node, cached by the kernel and in one page cache."""
+        if len({_content(lf) for lf in leaves}) == 1:
+            leaves = sorted(leaves, key=lambda lf: (lf.file is not None and lf.file.url is None,
+                                                    not self.everyone(lf.seen_by), lf.rank))
         for i, lf in enumerate(leaves):
             if self.everyone(lf.seen_by):
                 leaves = leaves[:i + 1]
