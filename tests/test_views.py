@@ -15,7 +15,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import os
+import posixpath
 import subprocess
 import sys
 import tempfile
@@ -29,7 +31,7 @@ import pytest
 
 from conftest import CLI, remove_tree, sha, thaw_tree, wait_for
 from ggufgen import write_mmproj, write_model
-from modelfs.mount.tree import Caller, ModelEntry, Namespace, Node, attr, diff
+from modelfs.mount.tree import Caller, ModelEntry, Namespace, Node, attr, diff, xattrs
 from modelfs.mount.views import HF_DIR, LMSTUDIO_DIR, VIEW_DIRS, Views, standin_commit
 from modelfs_store.catalog import FileRecord, ModelRecord, VersionRecord
 from modelfs_store.errors import NotFound, UsageError
@@ -51,8 +53,8 @@ def rec(name: str, n: int, hub_path: str | None = None, role: str = "weights") -
 
 
 def model(name: str, files: list[FileRecord], *, repo: str | None = None, commit: str | None = None,
-          installed: float = 1000.0, private: bool = False) -> ModelEntry:
-    card = {"source": f"hf://{repo}" if repo else f"import:{name}", "installed_at": installed,
+          installed: float = 1000.0, private: bool = False, source: str | None = None) -> ModelEntry:
+    card = {"source": source or (f"hf://{repo}" if repo else f"import:{name}"), "installed_at": installed,
             "created_at": installed, "hub_repo": repo, "hub_commit": commit}
     v = VersionRecord(name, 1, "installed", False, card, tuple(sorted(files, key=lambda f: f.filename)))
     m = ModelRecord(name, 1, None, "app.A" if private else None, "private" if private else "shared", 999.0, None)
@@ -220,6 +222,9 @@ def test_view_names_are_reserved_and_win_over_an_old_model_of_that_name():
     n.replace((model(".hf", [rec("x.gguf", 1)]),))  # a catalog from before the rule
     assert walk(n, ".hf").ino != n.tree.root.children[".hf"]
     assert ls(n, ".hf") == ["hub"]
+    # ...in listings too: readdirplus would hand the kernel the model's directory under the
+    # view's name, and the next path walk through that cached entry would miss the view.
+    assert ls(n, "") == []
 
 
 # -- through a real mount --------------------------------------------------------------------------
@@ -440,6 +445,11 @@ def test_a_dehydrated_file_opened_through_a_view_is_fetched_and_verified(tmp_pat
             blob = mnt / ".hf" / "hub" / "models--org--lazy-GGUF" / "blobs" / sha(good)
             assert os.stat(blob).st_size == len(good)  # exact before any byte is local
             assert os.getxattr(blob, "user.modelfs.state") == b"dehydrated"
+            # An mmap of a dehydrated file through a view: open returns once it is verified.
+            with open(mnt / ".lmstudio" / "org" / "lazy-GGUF" / "lazy-Q4_K_M.gguf", "rb") as f, \
+                    mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+                assert hashlib.sha256(mapped).hexdigest() == sha(good)
+            assert os.getxattr(blob, "user.modelfs.state") == b"local"
             got = World(tmp_path, origin, None)
             got.mount = mount
             [[path, digest]] = got.hf(("org/lazy-GGUF", "lazy-Q4_K_M.gguf", None))
@@ -477,3 +487,243 @@ def test_the_owner_gets_the_fast_path_through_the_hub_view(world: World) -> None
             print(json.dumps([os.path.islink(sys.argv[1]), hashlib.sha256(f.read()).hexdigest()]))
     """, str(blob), as_nobody=True)
     assert seen == [False, q4]
+
+
+# -- attacks (review of the views) -----------------------------------------------------------------
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="!!! /dev/fuse is missing: CANNOT run !!!")
+@pytest.mark.skipif(os.geteuid() != 0, reason="!!! needs root to act as two users (setpriv) !!!")
+def test_one_callers_answer_for_a_name_is_never_served_from_the_kernels_cache_to_another(world: World) -> None:
+    """refs/main names a different commit for nobody (the private quant's newer commit is
+    hidden from it). nobody's answer used to be cached by the kernel for an hour, and the
+    owner's hf_hub_download then found main at the old commit, without the newer quant."""
+    repo = world.mnt / ".hf" / "hub" / "models--org--tiny-GGUF"
+    for _ in range(2):
+        assert world.py(LOOK, str(repo / "refs" / "main"), as_nobody=True) == {
+            str(repo / "refs" / "main"): A_COMMIT.encode().hex()}
+        assert (repo / "refs" / "main").read_bytes() == C_COMMIT.encode()
+        assert world.hf(("org/tiny-GGUF", "tiny-Q8_0.gguf", None))[0][1] == sha(world.files["tiny-Q8_0.gguf"])
+
+
+def test_every_candidate_of_a_name_that_differs_by_caller_has_a_zero_entry_timeout(ns):
+    # refs/main means one commit for ME and another for OTHER: OTHER's answer is as
+    # uncacheable as ME's, or the kernel serves it to ME for an hour.
+    mine, theirs = walk(ns, f"{REPO_DIR}/refs/main"), walk(ns, f"{REPO_DIR}/refs/main", OTHER)
+    assert mine.data != theirs.data
+    assert attr(mine).entry_timeout == attr(theirs).entry_timeout == 0
+    assert attr(walk(ns, ".lmstudio/org/tiny-GGUF/tiny-Q4_K_M.gguf", OTHER)).entry_timeout > 0  # one answer
+    # The same bytes offered by a private and a shared model: one node, the shared one's, cached.
+    for path in (".lmstudio/org/tiny-GGUF/mmproj-tiny-f16.gguf", f"{REPO_DIR}/blobs/{h(3)}"):
+        mine, theirs = walk(ns, path), walk(ns, path, OTHER)
+        assert mine is theirs and mine.model == "tiny-q4" and not mine.alt and attr(mine).entry_timeout > 0, path
+
+
+def test_a_name_shared_with_a_hidden_model_tells_nothing_of_it(ns):
+    """A blob, a commit's refs/main or an LM Studio file that a hidden model shares with a
+    visible one is answered from the visible model: its xattrs (source, version) and the
+    model its opens and uses are counted for never name the hidden one."""
+    secret = model("a-secret", [PROJ, rec("secret-Q2_K.gguf", 7, "secret-Q2_K.gguf")], repo="org/tiny-GGUF",
+                   commit=A_COMMIT, installed=3000.0, private=True,
+                   source="hf://org/tiny-GGUF/secret-Q2_K.gguf")
+    secret = ModelEntry(replace(secret.model, active_version=7), (replace(secret.versions[0], version=7),))
+    ns.replace((*ns.tree.entries.values(), secret))
+    for path in (f"{REPO_DIR}/blobs/{h(3)}", f"{REPO_DIR}/refs/main", ".lmstudio/org/tiny-GGUF/mmproj-tiny-f16.gguf",
+                 f"{REPO_DIR}/snapshots/{A_COMMIT}/mmproj-tiny-f16.gguf"):
+        node = walk(ns, path, OTHER)
+        assert node.model == "tiny-q4" and node.version == 1, path
+        got = xattrs(node, lambda sha: "local")
+        assert b"secret" not in b"".join(got.values()) and got.get("user.modelfs.version", b"1") == b"1", path
+        assert node.seen_by == {"tiny-q4"}, path  # only the model it shows
+    assert walk(ns, f"{REPO_DIR}/blobs/{h(3)}").model == "tiny-q4"  # the same bytes: everyone's node first
+    assert ls(ns, f"{REPO_DIR}/snapshots/{A_COMMIT}", OTHER) == ["mmproj-tiny-f16.gguf", "tiny-Q4_K_M.gguf"]
+
+
+def test_a_directorys_stat_counts_only_what_every_caller_sees(ns):
+    """A view directory is one inode for everyone: its nlink and mtime used to count the
+    hidden quant's commit (nlink 4 for OTHER's one snapshot, mtime its install time) and
+    a hidden repository. nlink is now always 1: whether a count were exact would tell too."""
+    ns.replace((*ns.tree.entries.values(), model("secret", [rec("s.gguf", 9, "s.gguf")], repo="org/secret-GGUF",
+                                                 commit=A_COMMIT, installed=3000.0, private=True)))
+    shared = int(1000.0 * 1e9)  # when every model OTHER sees was installed
+    for who in (ME, OTHER):
+        snaps = attr(walk(ns, f"{REPO_DIR}/snapshots", who))
+        assert (snaps.nlink, snaps.mtime_ns) == (1, shared)  # 1: not counted (find then looks at each)
+        for path in (".hf", ".hf/hub", REPO_DIR, f"{REPO_DIR}/blobs", f"{REPO_DIR}/refs", ".lmstudio", ".lmstudio/org",
+                     ".lmstudio/org/tiny-GGUF"):
+            assert attr(walk(ns, path, who)).mtime_ns == shared, path
+        assert {attr(node).nlink for node in ns.tree.views.values() if node.is_dir} == {1}
+    assert attr(walk(ns, ".lmstudio/org", OTHER)).entry_timeout > 0  # every caller sees it alike
+    secret = attr(walk(ns, ".hf/hub/models--org--secret-GGUF"))
+    assert secret.entry_timeout == 0 and secret.mtime_ns == int(3000.0 * 1e9)  # only for whoever sees it
+
+
+def _every_name(ns: Namespace, ino: int, path: str, depth: int = 0) -> Iterator[tuple[str, str, Node]]:
+    assert depth < 16, path
+    for name, node in ns.listing(ino, ME):
+        yield path, name, node
+        if node.is_dir:
+            yield from _every_name(ns, node.ino, f"{path}/{name}", depth + 1)
+
+
+def test_a_hand_written_catalog_never_puts_a_bad_name_or_an_escaping_link_in_a_view():
+    """The catalog is the owner's, but one written by hand or by an old version must not
+    make a view offer '..', '' or a '/' in a name (the kernel fails a whole readdir on
+    some), a snapshot link that climbs out of its repository, or break the build (the
+    daemon would keep an old tree): such files are left out of the views."""
+    repos = ["../../etc", "org/../x", "a--b/c", "org/re\0po", "o" * 200 + "/r", "orgé/repo", "a/b/c", 123, None,
+             "org/", "/repo", ".hf/x", "-org/x"]
+    paths = ["../x.gguf", "/abs.gguf", "a//b.gguf", "", "x\0.gguf", ".", "a/./b.gguf", "p" * 300 + ".gguf",
+             "a\\b.gguf", None, 5]
+    models = [model(f"m{i}-{j}", [rec(f"f{i}-{j}.gguf", 100 * i + j, p)], repo=r, commit="../" * 13 + "x")
+              for i, r in enumerate(repos) for j, p in enumerate(paths)]
+    for j, fn in enumerate(["../up.gguf", "a//b.gguf", "/abs.gguf", "x/../../y.gguf", ".", "", "a/", "x\0y"]):
+        models.append(model(f"weird{j}", [rec(fn, 5000 + j, "ok.gguf")], repo="org/weird"))
+    for j, digest in enumerate(["/../../../../etc/passwd", "../" * 30, "A" * 64, "", "g" * 64]):
+        models.append(model(f"badsha{j}", [replace(rec("w.gguf", 6000 + j, "w.gguf"), sha256=digest)],
+                            repo="org/badsha", commit=A_COMMIT))
+    models.append(model("empty-secret", [], private=True))  # an installed version with no file
+    n = Namespace(HideFromOther(), Linker(), Views())
+    n.replace(tuple(models))
+    seen = [*_every_name(n, walk(n, ".hf").ino, ".hf"), *_every_name(n, walk(n, ".lmstudio").ino, ".lmstudio")]
+    assert len(seen) > 20
+    for path, name, node in seen:
+        assert name not in ("", ".", "..") and "/" not in name and "\0" not in name, (path, name)
+        if node.kind == "symlink":
+            repo = "/".join(path.split("/")[:3])
+            assert posixpath.normpath(f"{path}/{node.target}").startswith(f"{repo}/blobs/"), (path, node.target)
+    assert ls(n, ".hf/hub") == ["models--org--weird"]  # the one valid repository id with valid paths and digests
+    assert ls(n, ".lmstudio") == ["modelfs"] and "empty-secret" not in ls(n, ".lmstudio/modelfs")
+    assert ls(n, ".lmstudio/modelfs", OTHER) == sorted(m.model.name for m in models if m.model.name.startswith("m"))
+    assert ls(n, ".lmstudio/modelfs/m0-0") == ["f0-0.gguf"]  # its filename is fine: shown there
+    assert "a" in ls(n, "weird1")  # the model's own directory is the tree's business (unchanged)
+
+
+class Linker:
+    """A link chooser that offers no link: only its target (the store's check of a digest) matters."""
+    enabled = True
+
+    def target(self, f: FileRecord) -> str:
+        from modelfs_store.layout import check_sha256
+        return "/store/" + check_sha256(f.sha256)
+
+    def for_caller(self, caller: Caller) -> Callable[[Node], bool]:
+        return lambda node: False
+
+
+CHURN = """
+    import errno, json, os, sys, time
+    paths, held = sys.argv[2:], open(sys.argv[1], "rb")
+    first = held.read(4)
+    def look():
+        out = {}
+        for p in paths:
+            try:
+                os.lstat(p)  # existence alone: answered from the kernel's cache if it holds the entry
+                out[p] = sorted(os.listdir(p)) if os.path.isdir(p) else len(open(p, "rb").read())
+            except OSError as exc:
+                out[p] = errno.errorcode[exc.errno]
+        return out
+    before = look()  # cached by the kernel now: these entries are the same for every caller
+    print(json.dumps(before), flush=True)
+    sys.stdin.readline()  # the owner makes the model private
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(v != "ENOENT" for v in look().values()):
+        time.sleep(0.05)
+    after = {}
+    for p in paths:
+        try:
+            os.lstat(p)
+            after[p] = "exists"
+        except OSError as exc:
+            after[p] = errno.errorcode[exc.errno]
+    print(json.dumps([after, first.hex(), len(first + held.read())]), flush=True)
+"""
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="!!! /dev/fuse is missing: CANNOT run !!!")
+@pytest.mark.skipif(os.geteuid() != 0, reason="!!! needs root to act as two users (setpriv) !!!")
+def test_a_model_made_private_leaves_every_view_of_another_uid_that_had_it_cached(world: World) -> None:
+    """nobody reads the shared quant through every view (the kernel caches those entries for
+    an hour), then it becomes private: every name is ENOENT for nobody within the poll,
+    and a file nobody already had open keeps reading, as in the model's own directory."""
+    hub = world.mnt / ".hf" / "hub" / "models--org--tiny-GGUF"
+    q4, proj = (sha(world.files[n]) for n in ("tiny-Q4_K_M.gguf", "mmproj-tiny-f16.gguf"))
+    lms = world.mnt / ".lmstudio" / "org"
+    gone = [hub / "blobs" / q4, hub / "snapshots" / A_COMMIT / "tiny-Q4_K_M.gguf", hub / "refs" / "main",
+            hub / "snapshots" / A_COMMIT, hub, lms, lms / "tiny-GGUF", lms / "tiny-GGUF" / "tiny-Q4_K_M.gguf",
+            world.mnt / "tiny-q4"]
+    argv = [*SETPRIV, sys.executable, "-c", textwrap.dedent(CHURN), str(hub / "blobs" / proj), *map(str, gone)]
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert p.stdout is not None and p.stdin is not None
+        before = json.loads(p.stdout.readline())
+        assert before[str(hub / "blobs" / q4)] == len(world.files["tiny-Q4_K_M.gguf"])
+        assert before[str(hub / "refs" / "main")] == 40 and "ENOENT" not in before.values()
+        world.cli.run("visibility", "tiny-q4", "private", "--app", APP)
+        p.stdin.write("\n")
+        p.stdin.flush()
+        after, first, total = json.loads(p.stdout.readline())
+    finally:
+        p.kill()
+        p.wait()
+    assert after == {str(path): "ENOENT" for path in gone}
+    assert (bytes.fromhex(first), total) == (b"GGUF", len(world.files["mmproj-tiny-f16.gguf"]))  # held open: reads on
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="!!! /dev/fuse is missing: CANNOT run !!!")
+@pytest.mark.skipif(os.geteuid() != 0, reason="!!! needs root to act as two users (setpriv) !!!")
+def test_statfs_counts_only_the_models_the_caller_sees(world: World) -> None:
+    """df of the mount used to count every model and every view node: nobody learnt the
+    size of the private models, and saw a private pull grow it."""
+    size = {n: len(b) for n, b in world.files.items()}
+    probe = "import json, os, sys; s = os.statvfs(sys.argv[1]); print(json.dumps([s.f_blocks, s.f_files]))"
+    mine, theirs = world.py(probe, str(world.mnt)), world.py(probe, str(world.mnt), as_nobody=True)
+    assert mine[0] == -(-sum(size.values()) // 4096)  # every model's files, once
+    assert theirs[0] == -(-(size["tiny-Q4_K_M.gguf"] + size["mmproj-tiny-f16.gguf"]) // 4096)
+    assert 0 < theirs[1] < mine[1]
+
+
+def test_the_roots_stat_tells_nothing_of_private_models(ns):
+    """The root's nlink counted every model (6 for OTHER, who sees three) and its mtime was
+    the private quant's install time."""
+    for who in (ME, OTHER):
+        root = attr(walk(ns, "", who))
+        assert (root.nlink, root.mtime_ns) == (1, int(1000.0 * 1e9))
+    shared = Namespace(HideFromOther(), views=Views())
+    shared.replace(tuple(e for e in ns.tree.entries.values() if e.model.visibility != "private"))
+    assert attr(shared.tree.root).nlink == 2 + 3  # every model everyone's: counted exactly
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="!!! /dev/fuse is missing: CANNOT run !!!")
+def test_a_hand_edited_catalog_row_neither_stops_the_mount_nor_reaches_a_view(tmp_path: Path, cli: CLI) -> None:
+    """A file row whose sha256 is not a digest (a catalog edited by hand): the fast path's
+    link target refused it, so the whole tree failed to build and `mount --links auto`
+    exited. Now that file has no link and is in no view; everything else is served."""
+    import sqlite3
+
+    from test_mount import Mount
+
+    good = write_model(tmp_path / "good.gguf", name="good", tensor_bytes=8 << 10, seed=11)
+    bad = write_model(tmp_path / "bad.gguf", name="bad", tensor_bytes=8 << 10, seed=12)
+    cli.run("import", "good", str(good))
+    cli.run("import", "bad", str(bad))
+    with sqlite3.connect(cli.root / "catalog.db") as db:
+        db.execute("UPDATE versions SET hub_repo = 'org/bad-GGUF', hub_commit = ? WHERE model = 'bad'", (A_COMMIT,))
+        db.execute("UPDATE files SET sha256 = '/../../../../etc/passwd', hub_path = 'bad.gguf', "
+                   "filename = '../bad.gguf' WHERE model = 'bad'")
+        db.execute("UPDATE versions SET hub_repo = 'org/good-GGUF' WHERE model = 'good'")
+        db.execute("UPDATE files SET hub_path = 'good.gguf' WHERE model = 'good'")
+    mount = Mount(cli, tmp_path / "mnt", "--links", "auto")
+    try:
+        mnt = mount.path
+        assert sorted(os.listdir(mnt)) == ["bad", "good"]
+        assert os.listdir(mnt / ".hf" / "hub") == ["models--org--good-GGUF"]
+        assert os.listdir(mnt / ".lmstudio" / "org") == ["good-GGUF"]
+        assert not (mnt / ".lmstudio" / "modelfs").exists()
+        assert (mnt / ".lmstudio" / "org" / "good-GGUF" / "good.gguf").read_bytes() == good.read_bytes()
+        assert mount.proc.poll() is None
+    finally:
+        mount.stop()

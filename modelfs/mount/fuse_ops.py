@@ -156,11 +156,12 @@ class ModelOps(pyfuse3.Operations):
 
     @handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        size, files = self.ns.usage(caller(ctx))
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
-        s.f_blocks = (self.ns.tree.total_bytes + 4095) // 4096
+        s.f_blocks = (size + 4095) // 4096
         s.f_bfree = s.f_bavail = s.f_ffree = s.f_favail = 0
-        s.f_files = len(self.ns.tree.nodes) + len(self.ns.tree.views)
+        s.f_files = files
         s.f_namemax = 255
         return s
 

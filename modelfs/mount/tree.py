@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -81,6 +82,8 @@ CARD_NAME = "model.json"
 VERSIONS_DIR = ".versions"
 XATTR_PREFIX = "user.modelfs."
 XATTRS = ("sha256", "state", "version", "source")
+
+DIGEST = re.compile(r"[0-9a-f]{64}")
 
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
@@ -378,6 +381,7 @@ def build(snapshot: Snapshot, inodes: InodeMap, previous: Tree = EMPTY, *,
     subtrees: dict[str, tuple[Node, ...]] = {}
     top: dict[str, Inode] = {}
     mtime = 0
+    counted = True
     total = 0
     for entry in sorted(snapshot, key=lambda e: e.model.name):
         name = entry.model.name
@@ -391,12 +395,20 @@ def build(snapshot: Snapshot, inodes: InodeMap, previous: Tree = EMPTY, *,
         for n in sub:
             nodes[n.ino] = n
         top[name] = sub[0].ino
-        mtime = max(mtime, sub[0].mtime_ns)
+        if per_caller:
+            counted = False
+        else:
+            mtime = max(mtime, sub[0].mtime_ns)
         total += sum(n.size for n in sub if n.kind == "file")
-    if not snapshot:
+    # The root's attributes are the same for every caller, so only the models every
+    # caller sees count: its mtime is the newest of them, and its nlink 1 ("not counted",
+    # as on btrfs: find then looks at every entry) unless every model is everyone's, so a
+    # stat of the root tells no one how many private models there are, or when one came.
+    if not mtime:
         mtime = int((now if now is not None else time.time()) * 1e9) if previous is EMPTY \
             else previous.root.mtime_ns
-    nodes[ROOT_INODE] = Node(ROOT_INODE, ROOT_INODE, "dir", 0, mtime, nlink=2 + len(top), children=top)
+    nodes[ROOT_INODE] = Node(ROOT_INODE, ROOT_INODE, "dir", 0, mtime, nlink=2 + len(top) if counted else 1,
+                             children=top)
     hidden: Mapping[str, Inode] = {}
     view_nodes: Mapping[Inode, Node] = {}
     view_key = None
@@ -506,7 +518,7 @@ class _Subtree:
         mtime = _ns(v.card.get("installed_at") or v.card.get("created_at"))
         source = redacted(v.card.get("source"))
         twin = Inode(0)
-        if self.link_target is not None:
+        if self.link_target is not None and is_digest(rec.sha256):  # a hand-written row: no link, no failed build
             twin = self.ino("link", self.name, v.version, rec.filename, rec.sha256)
             target = self.link_target(rec)
             self.out.append(Node(twin, self.parents[i], "link", len(target.encode()), mtime, nlink=self.links[i],
@@ -514,6 +526,11 @@ class _Subtree:
                                  target=target))
         self.out.append(Node(i, self.parents[i], "file", rec.size, mtime, nlink=self.links[i], model=self.name,
                              version=v.version, file=rec, source=source, twin=twin))
+
+
+def is_digest(text: object) -> bool:
+    """A SHA-256 as the store names blobs (64 lowercase hex digits)."""
+    return isinstance(text, str) and DIGEST.fullmatch(text) is not None
 
 
 def redacted(text: Any) -> str | None:
@@ -589,7 +606,7 @@ def diff(old: Tree, new: Tree) -> Invalidation:
             if after.per_caller != before.per_caller:  # the kernel may hold it with a long timeout
                 parent = old.node(before.parent)
                 name = next((n for n, c in parent.children.items() if c == ino), None) if parent else None
-                if name is not None:  # else a view's later candidate: the first one's entry is never cached
+                if name is not None:  # else a later candidate of a view's name: a chain is never cached
                     entries.append((before.parent, name, Inode(0)))
             if before.is_dir:
                 for name, child in before.children.items():
@@ -685,8 +702,9 @@ class Namespace:
         out = [(name, self.tree.nodes.get(c) or self.get(c)) for name, c in d.children.items()]
         if d.ino == ROOT_INODE:
             allows = self.visibility.for_caller(caller)
-            entries = self.tree.entries
-            out = [(n, c) for n, c in out if (e := entries.get(c.model or "")) is None or allows(e.model)]
+            entries, hidden = self.tree.entries, self.tree.hidden
+            out = [(n, c) for n, c in out if n not in hidden  # a view shadows an old model of its name
+                   and ((e := entries.get(c.model or "")) is None or allows(e.model))]
         elif any(c.seen_by for _, c in out):
             allows = self.visibility.for_caller(caller)
             out = [(n, chosen) for n, c in out
@@ -708,6 +726,20 @@ class Namespace:
         if self.links is None or not self.links.for_caller(caller)(self.get(node.twin)):
             raise NotFound("no such link for this caller", inode=ino)  # it was never answered to it
         return node.target
+
+    def usage(self, caller: Caller) -> tuple[int, int]:
+        """The bytes and inodes ``statfs`` reports to ``caller``: those of the models it
+        may see (a private pull's size must not show in another caller's ``df``). The
+        views show the same files again and are not counted."""
+        t = self.tree
+        size, count = t.total_bytes, len(t.nodes)
+        allows = self.visibility.for_caller(caller)
+        for name, e in t.entries.items():
+            if not allows(e.model):
+                sub = t.subtrees.get(name, ())
+                size -= sum(n.size for n in sub if n.kind == "file")
+                count -= len(sub)
+        return size, count
 
     def names_of(self, ino: int) -> list[tuple[Inode, str]]:
         """Every (directory, name) under which the current tree shows ``ino``."""

@@ -22,12 +22,15 @@ the caller may see.
 Visibility. Every node of a view carries the models it shows (``Node.seen_by``); the
 caller sees it if it may see any of them (``tree.Namespace`` asks on lookup, listing,
 open and readlink). A node some caller may not see has a zero entry timeout, like a
-private model's directory. When one name means different bytes for different models (two
-commits of one LM Studio file, ``refs/main`` of a repository whose models were pinned at
-different commits), the name's candidates are chained (``Node.alt``), best first, and the
-caller gets the first it may see: a hidden model's bytes, commit or name never show.
+private model's directory. A file, link or ``refs/main`` is one model's: when several
+models offer one name (two commits of one LM Studio file, ``refs/main`` of a repository
+whose models were pinned at different commits, a blob two quants share), each model's
+node is a candidate, the candidates are chained (``Node.alt``), best first, and the
+caller gets the first it may see: a hidden model's bytes, commit, name, version or
+source (``user.modelfs.*``) never show. A chain stops at the first candidate everyone
+sees; every node of a longer chain has a zero entry timeout (its answer is per caller).
 
-Files here are inodes of their own (keyed by view, place and SHA-256), with the model's
+Files here are inodes of their own (keyed by view, place, SHA-256 and model), with the model's
 file record: opening one materialises it exactly as the model's own file does, and with
 the fast path the owner gets it as a link to the blob. The two dot-directories are found
 by lookup only; the root's listing stays the list of models.
@@ -47,7 +50,7 @@ from typing import Any
 from modelfs_store.catalog import FileRecord, ModelRecord, VersionRecord
 from modelfs_store.names import RESERVED_MODEL_NAMES, filename_problem
 
-from .tree import ROOT_INODE, Inode, InodeMap, ModelEntry, Node, redacted
+from .tree import ROOT_INODE, Inode, InodeMap, ModelEntry, Node, is_digest, redacted
 
 HF_DIR = ".hf"
 HUB_DIR = "hub"
@@ -110,7 +113,7 @@ def hub_files(v: VersionRecord) -> HubFiles | None:
     parts = repo_parts(v.card.get("hub_repo"))
     if parts is None:
         return None
-    files = [(tuple(p), f) for f in v.files if (p := hub_path_parts(f.hub_path)) is not None]
+    files = [(tuple(p), f) for f in v.files if (p := hub_path_parts(f.hub_path)) is not None and is_digest(f.sha256)]
     if not files:
         return None
     commit = v.card.get("hub_commit")
@@ -223,6 +226,8 @@ class Views:
                         _add_hf(d, gid[1], n, v, hub)
                     else:
                         _add_lms(d, gid[1:], n, v)
+                if not d:
+                    continue  # no file passed: no directory (an empty one would show to every caller)
                 parent = hub_ino if gid[0] == "hf" else inodes("view-dir", "lms", gid[1])
                 root = maker.dir(d, gid, parent, inodes("view-dir", *gid))
                 hit = (key, root, tuple(maker.out))
@@ -272,29 +277,37 @@ def _add_hf(repo: _Dir, folder: str, name: str, v: VersionRecord, hub: HubFiles)
     leaf = _leaf_maker(name, v)
     refs, blobs, snaps = repo.sub("refs"), repo.sub("blobs"), repo.sub("snapshots")
     assert refs is not None and blobs is not None and snaps is not None  # only directories at this level
-    refs.leaf("main", leaf(("ref", folder, hub.commit), "card", _newest(name, v), data=hub.commit.encode()))
+    refs.leaf("main", leaf(("ref", folder, hub.commit, name), "card", _newest(name, v), data=hub.commit.encode()))
     snap = snaps.sub(hub.commit)
     for parts, f in hub.files:
         # the first model with a source URL serves the fetch
-        blobs.leaf(f.sha256, leaf(("blob", folder, f.sha256), "file", (f.url is None, name), file=f))
+        blobs.leaf(f.sha256, leaf(("blob", folder, f.sha256, name), "file", (f.url is None, name), file=f))
         d = snap
         for part in parts[:-1]:
             d = d.sub(part) if d is not None else None
         if d is not None:
             target = posixpath.join(*([".."] * (len(parts) + 1)), "blobs", f.sha256)
-            d.leaf(parts[-1], leaf(("snap", folder, hub.commit, parts, f.sha256), "symlink", (name,), target=target))
+            d.leaf(parts[-1], leaf(("snap", folder, hub.commit, parts, f.sha256, name), "symlink", (name,),
+                                   target=target))
 
 
 def _add_lms(d: _Dir, place: tuple[str, ...], name: str, v: VersionRecord) -> None:
     """One model's files in its LM Studio ``publisher/repo`` directory."""
     leaf = _leaf_maker(name, v)
     for f in v.files:
-        *dirs, base = f.filename.split("/")
+        parts = hub_path_parts(f.filename)
+        if parts is None or not is_digest(f.sha256):
+            continue  # a catalog written by hand: never a '..', '' or '/' in a name
+        *dirs, base = parts
         here: _Dir | None = d
         for part in dirs:
             here = here.sub(part) if here is not None else None
         if here is not None:
-            here.leaf(base, leaf(("lms", *place, f.filename, f.sha256), "file", _newest(name, v), file=f))
+            here.leaf(base, leaf(("lms", *place, f.filename, f.sha256, name), "file", _newest(name, v), file=f))
+
+
+def _content(lf: _Leaf) -> tuple[Any, ...]:
+    return (lf.kind, lf.file.sha256 if lf.file is not None else None, lf.data, lf.target)
 
 
 class _Maker:
@@ -310,52 +323,72 @@ class _Maker:
 
     def dir(self, d: _Dir, key: tuple[Any, ...], parent: Inode, ino: Inode, *, public: bool = False,
             extra: Mapping[str, Node] | None = None) -> Node:
+        """A directory's attributes are one inode's, the same for every caller, so they
+        tell nothing of what some caller may not see: its mtime is the newest of the
+        children every caller sees, and its nlink always 1 ("not counted", as on btrfs:
+        find then looks at every entry; a count, or whether it is exact, would say that
+        a repository has a commit or a file hidden from the caller)."""
         children: dict[str, Inode] = {}
         seen: set[str] = set()
-        mtimes = [0]
-        subdirs = 0
+        mtimes, shown = [0], [0]  # of every child; of those every caller sees
         for name, child in (extra or {}).items():
             children[name] = child.ino
-            subdirs += 1
             seen |= child.seen_by
             mtimes.append(child.mtime_ns)
+            if not child.per_caller:
+                shown.append(child.mtime_ns)
         for name, value in d.items():
             if isinstance(value, _Dir):
                 c = self.dir(value, (*key, name), ino, self.ino("view-dir", *key, name))
-                subdirs += 1
+                if not c.per_caller:
+                    shown.append(c.mtime_ns)
             else:
                 c = self.candidates(sorted(value.values(), key=lambda x: x.rank), ino)
                 for lf in value.values():
                     seen |= lf.seen_by
+                    if self.everyone(lf.seen_by):
+                        shown.append(lf.mtime)
             children[name] = c.ino
             seen |= c.seen_by
             mtimes.append(c.mtime_ns)
         seen_by = frozenset() if public else frozenset(seen)
-        node = Node(ino, parent, "dir", 0, max(mtimes) or self.mtime, nlink=2 + subdirs,
+        everyones = len(shown) > 1  # a child every caller sees: so does everyone see this directory
+        # A directory only some callers see shows its newest child to them (two private
+        # models of different apps in one repository share it: docs/security.md).
+        mtime = max(shown if everyones or public else mtimes) or self.mtime
+        node = Node(ino, parent, "dir", 0, mtime, nlink=1,
                     children=dict(sorted(children.items())), seen_by=seen_by,
-                    per_caller=bool(seen_by) and not self.everyone(seen_by))
+                    per_caller=bool(seen_by) and not everyones)
         self.out.append(node)
         return node
 
     def candidates(self, leaves: list[_Leaf], parent: Inode) -> Node:
         """The nodes of one name, best first, each pointing to the next (``alt``); a
-        candidate every caller sees ends the chain. Returns the first."""
+        candidate every caller sees ends the chain. Returns the first.
+
+        When every candidate shows the same bytes (a blob or a file several quants
+        share), one every caller sees goes first (a fetchable one before one with no
+        URL): the name then has one node, cached by the kernel and in one page cache."""
+        if len({_content(lf) for lf in leaves}) == 1:
+            leaves = sorted(leaves, key=lambda lf: (lf.file is not None and lf.file.url is None,
+                                                    not self.everyone(lf.seen_by), lf.rank))
         for i, lf in enumerate(leaves):
             if self.everyone(lf.seen_by):
                 leaves = leaves[:i + 1]
                 break
         alt = Inode(0)
         node: Node | None = None
+        chained = len(leaves) > 1  # the name's answer depends on the caller: never cached, any of them
         for lf in reversed(leaves):
-            node = self.leaf(lf, parent, alt)
+            node = self.leaf(lf, parent, alt, chained)
             alt = node.ino
         assert node is not None
         return node
 
-    def leaf(self, lf: _Leaf, parent: Inode, alt: Inode) -> Node:
+    def leaf(self, lf: _Leaf, parent: Inode, alt: Inode, chained: bool = False) -> Node:
         ino = self.ino("view", lf.kind, *lf.key)
         seen_by = frozenset(lf.seen_by)
-        per_caller = not self.everyone(seen_by)
+        per_caller = chained or not self.everyone(seen_by)
         twin = Inode(0)
         common: dict[str, Any] = dict(model=lf.model, version=lf.version, source=lf.source, seen_by=seen_by,
                                       per_caller=per_caller)
