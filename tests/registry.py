@@ -163,6 +163,18 @@ class Registry:
         return self.storage / "docker/registry/v2/blobs/sha256" / digest_hex[:2] / digest_hex / "data"
 
     def start(self, auth: dict[str, Any] | None = None) -> Registry:
+        """Start the registry on a free port; a port taken meanwhile (another test's server
+        bound it between ``free_port`` and the registry's own bind) is tried again."""
+        for attempt in range(3):
+            try:
+                return self._start(auth)
+            except RuntimeError:
+                if attempt == 2 or "address already in use" not in \
+                        (self.directory / "registry.log").read_text(errors="replace"):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start(self, auth: dict[str, Any] | None) -> Registry:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         config = {
