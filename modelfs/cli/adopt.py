@@ -25,7 +25,8 @@ HOW = {
 @click.command()
 @click.option("--from", "sources", multiple=True, metavar="hf|ollama|lmstudio|DIR",
               help="Where to look (repeatable): a tool's own place, or a directory (of GGUF files, or a Hugging "
-                   "Face or Ollama cache kept elsewhere). Default: the Hugging Face cache, Ollama and LM Studio.")
+                   "Face, Ollama or LM Studio cache kept elsewhere). Default: the Hugging Face cache, Ollama and "
+                   "LM Studio.")
 @click.option("--dry-run", is_flag=True, help="Print the plan, change nothing.")
 @click.option("--copy", is_flag=True, help="Copy what cannot be linked (another file system, another owner, "
                                            "a file its tool may rewrite) instead of skipping it.")
