@@ -314,3 +314,16 @@ def test_cancel_by_one_of_two_waiters_detaches_it_and_the_other_completes(
     (job,) = daemon.call("GET", "/v1/pulls")  # one job, two waiters, one transfer
     assert job["state"] == "done"
     assert origin.bytes_sent("/two.gguf") == w.stat().st_size
+
+
+def test_an_entry_the_socket_names_is_already_in_the_mount(daemon: Daemon, tmp_path: Path) -> None:
+    """A model recorded a moment ago (here by `modelfs import`; in an app's case, its pull
+    job): the socket's answer names its path in the mount, and that path is there at once,
+    not at the mount's next look at the catalog (every 0.2 s). Ten in a row, each asked
+    right after it was recorded."""
+    daemon.start()
+    w = write_model(tmp_path / "w.gguf", tensor_bytes=4096, seed=9)
+    for i in range(10):
+        daemon.cli.run("import", f"m{i}", str(w))
+        entry = daemon.call("GET", f"/v1/entries/m{i}")
+        assert os.path.exists(entry["file_path"]), (i, entry["file_path"])

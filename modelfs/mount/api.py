@@ -48,7 +48,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -115,6 +115,9 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [(m, re.compile(p), h) for m, p
     ("POST", r"/v1/prune", "prune_own"),
     ("POST", r"/v1/pulls/(?P<job>\d+)/detach", "detach"),
 )]
+#: Routes whose answers name paths in the mount (entries, models): the tree is brought up
+#: to date with the catalog first.
+MOUNT_PATHS = frozenset({"models", "model", "ensure", "entries", "entry", "use"})
 ENSURE_FIELDS: dict[str, type | tuple[type, ...]] = {
     "source": str, "sha256": str, "size": int, "mmproj": str, "mmproj_sha256": str, "token": str, "pack": bool,
     "refresh": bool, "name": str, "keep_awake": bool, "background": bool}
@@ -183,12 +186,14 @@ class Api:
     after every catalog change); ``daemon()`` what the daemon publishes about itself."""
 
     def __init__(self, store: Store, jobs: JobQueue, policy: Callable[[], Policy],
-                 daemon: Callable[[], dict[str, Any]], *, gate: Gate) -> None:
+                 daemon: Callable[[], dict[str, Any]], *, gate: Gate,
+                 fresh: Callable[[], Awaitable[object]] | None = None) -> None:
         self.store = store
         self.jobs = jobs
         self.policy = policy
         self.daemon = daemon
         self.gate = gate
+        self.fresh = fresh
 
     async def handle(self, req: Request) -> Response:
         who = Who(req.caller, self.policy().is_admin(Caller(req.caller.uid, req.caller.app, req.caller.sure)), req.peer)
@@ -202,6 +207,14 @@ class Api:
             return Response(405, {"error": {"message": f"{req.method} {req.path}: use {allowed}", "exit_code": 2}},
                             headers={"allow": allowed})
         name, match = route
+        if name in MOUNT_PATHS and self.fresh is not None:
+            # An answer naming a path in the mount names one that is there: the mount takes
+            # in a catalog change (a job's model just recorded) before it is answered, not
+            # at its next poll.
+            try:
+                await self.fresh()
+            except Exception:  # noqa: BLE001 - the answer goes out; the poller retries the tree
+                log.exception("catalog refresh before %s %s failed", req.method, req.path)
         try:
             if name in OWNER_ONLY and not who.admin:
                 raise Forbidden(f"only the store's owner may {req.method} {req.path}", reason="owner-only")

@@ -125,6 +125,7 @@ class Daemon:
         self.poll_catalog = Catalog(self.layout.catalog)  # used only in worker threads, one at a time
         self.snapshots = SnapshotReader(self.poll_catalog)
         self.db_limiter = trio.CapacityLimiter(1)
+        self._refresh_lock = trio.Lock()
         self.materialiser = Materialiser(self.store, None, offline=cfg.offline,
                                          fetch_timeout=cfg.fetch_timeout, on_failure=self.publish_status,
                                          on_local=self._became_local)
@@ -233,6 +234,13 @@ class Daemon:
         return tree
 
     async def refresh(self) -> bool:
+        """Take in the catalog's changes, if any (the poller, and the control socket before
+        an answer that names paths in the mount). One at a time: a caller that found
+        nothing new returns only once a rebuild another started is in place."""
+        async with self._refresh_lock:
+            return await self._refresh()
+
+    async def _refresh(self) -> bool:
         t0 = time.perf_counter()
         new = await trio.to_thread.run_sync(self._load, limiter=self.db_limiter)
         if new is None:
@@ -346,7 +354,7 @@ class Daemon:
             self.updates = UpdateTimer(self.store, lambda: Downloader(self.store.blobs, transfers=fetcher.transfers,
                                                                       **options),
                                        self._gates_hold, interval=lambda: int(settings.get(cat, "update.interval")))
-        api = Api(self.store, self.jobs, policy, self.status, gate=gate)
+        api = Api(self.store, self.jobs, policy, self.status, gate=gate, fresh=self.refresh)
         self.control = self._bind_control(api.handle)
 
     async def _services_task(self) -> None:
