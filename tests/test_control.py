@@ -212,6 +212,17 @@ def test_a_pull_started_by_the_cli_finishes_after_the_cli_was_killed(daemon: Dae
     assert [m["name"] for m in daemon.call("GET", "/v1/models")] == ["k"]
 
 
+def test_a_model_pulled_through_the_daemon_is_in_the_mount_when_pull_returns(daemon: Daemon, origin: FaultServer,
+                                                                             tmp_path: Path) -> None:
+    """`modelfs pull` ends when its job is done; the mount takes in the job's model before
+    that, not at its next look at the catalog (every 0.2 s): `ls` right after finds it."""
+    mount = daemon.start()
+    for i in range(6):
+        url, digest = gguf_at(origin, tmp_path, f"n{i}.gguf", 64 << 10, 40 + i)
+        daemon.cli.run("pull", url, "--sha256", digest, "--name", f"n{i}")
+        assert (mount.path / f"n{i}" / f"n{i}.gguf").exists(), i
+
+
 def test_interrupting_pull_leaves_the_job_running_and_says_how_to_cancel(daemon: Daemon, origin: FaultServer,
                                                                          tmp_path: Path) -> None:
     daemon.start()

@@ -348,7 +348,7 @@ class Daemon:
         gate = Gate(self.store, policy, fetcher.transfers, downloader_options=options)
         cat = self.store.catalog
         self.jobs = JobQueue(self.store, gate.prepare, gates=self._gates_hold, keep_awake=self._keep_awake,
-                             concurrency=lambda: int(settings.get(cat, "pulls.concurrency")))
+                             concurrency=lambda: int(settings.get(cat, "pulls.concurrency")), landed=self.refresh)
         self.jobs.load()
         if not self.cfg.offline:
             self.updates = UpdateTimer(self.store, lambda: Downloader(self.store.blobs, transfers=fetcher.transfers,

@@ -236,9 +236,11 @@ class JobQueue:
 
     def __init__(self, store: Store, prepare: Prepare, *, concurrency: Callable[[], int] = lambda: 2,
                  clock: Callable[[], float] = time.time, gates: GateCheck = _no_gate,
-                 keep_awake: KeepAwake = lambda requested: nullcontext()) -> None:
+                 keep_awake: KeepAwake = lambda requested: nullcontext(),
+                 landed: Callable[[], Awaitable[object]] | None = None) -> None:
         self.store = store
         self.prepare = prepare
+        self.landed = landed  # the mount takes in a job's model before the job says it is done
         self.concurrency = concurrency
         self.clock = clock
         self.gates = gates
@@ -411,11 +413,22 @@ class JobQueue:
             nursery.start_soon(self._run_job, job, scope, name=f"pull-job-{job.id}")
             running += 1
 
+    async def _land(self) -> None:
+        """Before a job is done: the mount's tree holds what it recorded, so whoever follows
+        the job (``modelfs pull``, an app's ensure) finds the model in the mount at once."""
+        if self.landed is None:
+            return
+        try:
+            await self.landed()
+        except Exception:  # noqa: BLE001 - the job is done all the same; the poller retries the tree
+            log.exception("the mount did not take in a finished job's model; its poller will")
+
     async def _run_job(self, job: Job, scope: trio.CancelScope) -> None:
         try:
             with scope:
                 result = await self._pull(job)
             if not scope.cancelled_caught:
+                await self._land()
                 self._finish(job, State.DONE, result=result, exit_code=0, model=result.get("name"), reason=None)
         except Exception as exc:  # noqa: BLE001 - a failed job never takes the daemon down
             if job.state is not State.RUNNING:
