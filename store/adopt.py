@@ -50,7 +50,7 @@ from .catalog import Action, FileRecord
 from .core import Store
 from .errors import IntegrityError, StoreError
 from .names import model_name_problem
-from .owner import open_file
+from .owner import open_file, owner_of
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,7 @@ def plan(store: Store, sources: Sequence[str] = (), *, copy: bool = False, env: 
     found = Discovery()
     for spec in dict.fromkeys(sources or TOOLS):
         found.extend(discover(spec, env, home))
-    blob_dev = os.stat(store.layout.blobs).st_dev
-    owner = os.stat(store.layout.root).st_uid
+    blob_dev, owner = _store_ids(store)
     reflinks = store.blobs.can_reflink()
     active = _active_sets(store)
     taken = {m.name for m in store.catalog.list_models()}
@@ -162,6 +161,12 @@ def plan(store: Store, sources: Sequence[str] = (), *, copy: bool = False, env: 
                 active[shas] = name  # the same bytes twice in one plan: once
         entries.append(PlanEntry(c, name, files, skip, update and skip is None))
     return AdoptPlan(tuple(found.places), tuple(entries), tuple(found.refused), copy)
+
+
+def _store_ids(store: Store) -> tuple[int, int]:
+    """The blobs directory's file system (a hard link or reflink needs the same one) and the
+    store's owner, both read without following a link (the store holds none)."""
+    return os.lstat(store.layout.blobs).st_dev, owner_of(store.layout.root)
 
 
 def _method(store: Store, f: Found, blob_dev: int, owner: int, reflinks: bool, copy: bool) -> PlannedFile:
@@ -217,8 +222,7 @@ def _same_place(store: Store, name: str, c: Candidate) -> bool:
     m = store.catalog.get_model(name)
     if m.active_version is None:
         return False
-    owner = os.stat(store.layout.root).st_uid
-    if any(f.where.uid != owner for f in c.files):
+    if any(f.where.uid != owner_of(store.layout.root) for f in c.files):
         return False
     v = store.catalog.get_version(name, m.active_version)
     weights = {f.filename for f in v.files if f.role == "weights"}
@@ -242,8 +246,7 @@ def execute(store: Store, p: AdoptPlan, progress: Progress | None = None,
             on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
     """Adopt every entry of ``p`` not skipped. A file that fails its check (or vanished,
     or changed since the plan) fails its model only; the others go on."""
-    blob_dev = os.stat(store.layout.blobs).st_dev
-    owner = os.stat(store.layout.root).st_uid
+    blob_dev, owner = _store_ids(store)
     out = []
     for entry in p.entries:
         if entry.skip:

@@ -52,7 +52,7 @@ from .crashpoints import crash_point
 from .durable import fsync_dir, fsync_file
 from .errors import Conflict, IntegrityError, NotFound, SpaceError, StoreError
 from .layout import Layout, check_sha256
-from .owner import open_dir, open_file
+from .owner import open_dir, open_file, owner_of
 from .partial import PartialFiles
 
 log = logging.getLogger(__name__)
@@ -406,7 +406,7 @@ class BlobStore:
 
     def _adopt_hardlink(self, fd: int, expected: str | None, progress: Callable[[int], None] | None) -> Adopted:
         st = os.fstat(fd)  # the inode itself, now: the plan saw it earlier, by a name
-        owner = os.stat(self.layout.root).st_uid
+        owner = owner_of(self.layout.root)
         why = (f"owned by uid {st.st_uid}, not by the store's owner (uid {owner})" if st.st_uid != owner
                else hardlink_problem(stat.S_IMODE(st.st_mode), st.st_nlink))
         if why is not None:

@@ -251,32 +251,24 @@ def _layout_of(root: Path) -> str:
 
 def _has_publisher_repo_gguf(root: Path, limit: int = 4096) -> bool:
     """Whether ``root`` is laid out as LM Studio's ``publisher/repo/*.gguf`` (a models
-    folder kept elsewhere): a ``.gguf`` two real directories down. Links are not followed
-    and at most ``limit`` entries are looked at."""
-    seen = 0
+    folder kept elsewhere): a ``.gguf`` two real directories down, found with the scans'
+    descriptors (no link followed), looking at ``limit`` names at most."""
+    budget, top = [limit], str(root)
+
+    def subdirs(dfd: int) -> Iterator[int]:
+        for e in _entries(dfd, budget):
+            if e.is_dir(follow_symlinks=False):
+                sub = _subdir(dfd, e.name, top)
+                try:
+                    yield sub
+                finally:
+                    os.close(sub)
+
     try:
-        with os.scandir(root) as publishers:
-            for pub in publishers:
-                seen += 1  # every entry counts: millions of empty folders too
-                if seen > limit:
-                    return False
-                if not pub.is_dir(follow_symlinks=False):
-                    continue
-                with os.scandir(pub.path) as repos:
-                    for repo in repos:
-                        seen += 1
-                        if seen > limit:
-                            return False
-                        if not repo.is_dir(follow_symlinks=False):
-                            continue
-                        with os.scandir(repo.path) as files:
-                            for f in files:
-                                seen += 1
-                                if f.name.lower().endswith(".gguf") and f.is_file(follow_symlinks=False):
-                                    return True
-                                if seen > limit:
-                                    return False
-    except OSError:
+        with _dirs(top, (), top) as rfd:
+            return any(e.name.lower().endswith(".gguf") and e.is_file(follow_symlinks=False)
+                       for pfd in subdirs(rfd) for rpfd in subdirs(pfd) for e in _entries(rpfd, budget))
+    except (OSError, Refusal):  # the budget spent, or a folder that would not open: not that layout
         return False
     return False
 

@@ -73,6 +73,7 @@ from .errors import FetchError, FormatError, IntegrityError, NotFound, UsageErro
 from .http import Auth, Http, status_error
 from .layout import Sha256, check_sha256
 from .names import filename_problem
+from .owner import open_file
 from .redact import redact_url
 from .shards import group
 
@@ -873,7 +874,8 @@ async def _upload(http: Http, ref: OciRef, blob: _Blob, progress: Callable[[int]
         raise _fail(response, what)
     location = _location(ref, start, response.headers["location"], what)
     offset = 0
-    f = open(blob.path, "rb") if blob.path is not None else None  # noqa: SIM115 - closed below
+    # A store blob, never through a link planted in its place.
+    f = os.fdopen(open_file(blob.path, os.O_RDONLY), "rb") if blob.path is not None else None
     try:
         while offset < blob.size:
             chunk = blob.data[offset:offset + UPLOAD_CHUNK] if blob.data is not None else \

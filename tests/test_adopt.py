@@ -56,6 +56,21 @@ def hf_repo(cache: Path, repo_id: str, files: dict[str, Path], commit: str = COM
     return repo
 
 
+def git_blob_repo(cache: Path, src: Path) -> tuple[Path, str]:
+    """``acme/Git-GGUF`` holding ``src`` (moved in) as the hub keeps a small file in git,
+    not LFS: its blob named by git's SHA-1. Returns the repo folder and that name."""
+    data = src.read_bytes()
+    oid = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    repo = cache / "models--acme--Git-GGUF"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    os.replace(src, repo / "blobs" / oid)
+    (repo / "snapshots" / COMMIT).mkdir(parents=True)
+    (repo / "snapshots" / COMMIT / "Git-Q4_0.gguf").symlink_to(f"../../blobs/{oid}")
+    return repo, oid
+
+
 def ollama_model(models: Path, ref: str, tag: str, weights: Path, projector: Path | None = None) -> Path:
     """``ref`` (registry/namespace/name) at ``tag`` as ``ollama pull`` leaves it: blobs
     named sha256-<hex>, and a manifest with template and params layers too."""
@@ -523,14 +538,7 @@ def test_git_sha1_named_blob_is_checked(cli: CLI, tmp_path: Path) -> None:
     gen.mkdir()
     w = write_model(gen / "w", tensor_bytes=4096, seed=30)
     data = w.read_bytes()
-    oid = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-    repo = hub / "models--acme--Git-GGUF"
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    os.replace(w, repo / "blobs" / oid)
-    (repo / "snapshots" / COMMIT).mkdir(parents=True)
-    (repo / "snapshots" / COMMIT / "Git-Q4_0.gguf").symlink_to(f"../../blobs/{oid}")
+    repo, oid = git_blob_repo(hub, w)
     wrong = "0" * 40
     (repo / "blobs" / wrong).write_bytes(data)
     (repo / "snapshots" / COMMIT / "Wrong-Q4_0.gguf").symlink_to(f"../../blobs/{wrong}")

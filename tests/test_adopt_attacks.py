@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -23,7 +22,7 @@ from conftest import CLI
 from ggufgen import write_mmproj, write_model
 from modelfs_store import adopt, caches
 from modelfs_store.core import Store
-from test_adopt import COMMIT, NOBODY, ROOT, MiB, by_name, hf_repo, ollama_model, state
+from test_adopt import COMMIT, NOBODY, ROOT, MiB, by_name, git_blob_repo, hf_repo, ollama_model, state
 
 needs_root = pytest.mark.skipif(not ROOT, reason="!!! needs root (chown to another uid) !!!")
 
@@ -195,14 +194,7 @@ def test_a_git_named_blob_changed_after_its_check_is_not_adopted(tmp_path: Path)
     gen.mkdir()
     w = write_model(gen / "w", tensor_bytes=5 * MiB, seed=5)  # more than one 4 MiB chunk
     data = w.read_bytes()
-    oid = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-    repo = hub / "models--acme--Git-GGUF"
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    os.replace(w, repo / "blobs" / oid)
-    (repo / "snapshots" / COMMIT).mkdir(parents=True)
-    (repo / "snapshots" / COMMIT / "Git-Q4_0.gguf").symlink_to(f"../../blobs/{oid}")
+    repo, oid = git_blob_repo(hub, w)
     store = Store.open(tmp_path / "store")
     writer = os.open(repo / "blobs" / oid, os.O_WRONLY)
     try:
